@@ -1,0 +1,14 @@
+# The two entry points of README.md. Both set up .venv first (fast when already set up).
+.PHONY: setup demo test bench
+
+setup:
+	@./scripts/setup.sh
+
+demo: setup
+	.venv/bin/autoprec profile models/digits_cnn.py --json out/digits_cnn.profile.json
+
+test: setup
+	.venv/bin/python -m pytest -q -n 2
+
+bench: setup
+	.venv/bin/python benchmarks/profile_bench.py

@@ -1,0 +1,31 @@
+"""Errors a user can act on.
+
+Every :class:`AutoprecError` carries a one-line message saying what is wrong and how to fix it;
+the CLI prints that line and exits non-zero instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+
+class AutoprecError(Exception):
+    """Base of all user-facing errors. ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class UsageError(AutoprecError):
+    """Bad command-line input or bad arguments to the library API."""
+
+    exit_code = 2
+
+
+class ModelSpecError(AutoprecError):
+    """A model file does not follow the contract in models/README.md."""
+
+
+class CaptureError(AutoprecError):
+    """Neither torch.fx nor torch.export could capture the model."""
+
+
+class PlanError(AutoprecError):
+    """A plan does not fit the model it is applied to, or is malformed."""

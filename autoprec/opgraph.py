@@ -1,0 +1,207 @@
+"""The op graph: a torch-free, JSON-serialisable view of a captured model.
+
+Capture (:mod:`autoprec.capture`) builds it from a torch.fx graph; the ONNX analyser can build the
+same structure from an ONNX graph. Profiling, the cost model and the search read only this.
+
+Each node is an :class:`OpNode`. The decision units ("layers") are the nodes whose policy is
+ALWAYS: linear, conv, matmul/bmm (attention's two matmuls included).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import networkx as nx
+
+
+class Policy(enum.Enum):
+    """How an op takes part in mixed precision (DESIGN.md, numerical semantics)."""
+
+    ALWAYS = "always"  # a compute layer: the search chooses its format
+    FOLLOW = "follow"  # runs in the (widest) format of its floating inputs
+    NEVER = "never"  # stays fp32 by default (softmax, norms, reductions, exp/log, losses)
+    NONE = "none"  # placeholders, outputs, parameters: not an op
+
+
+@dataclass(frozen=True)
+class OpNode:
+    """One op of the model, with what the cost model and the report need to know about it."""
+
+    name: str  # stable: the fx node name (or ONNX node name)
+    kind: str  # normalised op kind: "linear", "conv2d", "matmul", "relu", "add", "softmax", ...
+    scope: str  # module path, e.g. "blocks.1.attn.q"; "" for the top level
+    policy: Policy
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+    output_shape: tuple[int, ...] = ()
+    flops: int = 0  # multiply-adds count twice
+    weight_elems: int = 0  # parameter elements the op reads (weights and bias)
+    act_in_elems: int = 0  # floating activation elements read
+    act_out_elems: int = 0  # elements written
+    weight: str | None = None  # parameter name of the weight, for layers that have one
+
+    @property
+    def is_layer(self) -> bool:
+        return self.policy is Policy.ALWAYS
+
+    @property
+    def weight_bytes(self) -> int:
+        """fp32 bytes of the parameters (the master weights)."""
+        return 4 * self.weight_elems
+
+    @property
+    def act_bytes(self) -> int:
+        """fp32 bytes of activations read and written."""
+        return 4 * (self.act_in_elems + self.act_out_elems)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["policy"] = self.policy.value
+        d["input_shapes"] = [list(s) for s in self.input_shapes]
+        d["output_shape"] = list(self.output_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "OpNode":
+        d = dict(d)
+        d["policy"] = Policy(d["policy"])
+        d["input_shapes"] = tuple(tuple(s) for s in d.get("input_shapes", ()))
+        d["output_shape"] = tuple(d.get("output_shape", ()))
+        return cls(**d)
+
+
+@dataclass
+class OpGraph:
+    """Ops in execution order plus data-flow edges (producer -> consumer, with element counts).
+
+    ``ties`` lists groups of layers that must share one format (e.g. the q/k/v projections of one
+    attention, which read the same input and feed the same product).
+    """
+
+    nodes: list[OpNode]
+    edges: list[tuple[str, str]]
+    model_name: str = ""
+    ties: list[list[str]] = field(default_factory=list)
+    graph: nx.DiGraph = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        g = nx.DiGraph()
+        for n in self.nodes:
+            g.add_node(n.name, op=n)
+        for u, v in self.edges:
+            g.add_edge(u, v)
+        self.graph = g
+        self._by_name = {n.name: n for n in self.nodes}
+
+    # --- queries ---------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> OpNode:
+        return self._by_name[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __iter__(self) -> Iterator[OpNode]:
+        return iter(self.nodes)
+
+    def layers(self) -> list[OpNode]:
+        """The decision units, in execution order."""
+        return [n for n in self.nodes if n.is_layer]
+
+    def layer_names(self) -> list[str]:
+        return [n.name for n in self.layers()]
+
+    def predecessors(self, name: str) -> list[str]:
+        return list(self.graph.predecessors(name))
+
+    def successors(self, name: str) -> list[str]:
+        return list(self.graph.successors(name))
+
+    def downstream(self, name: str) -> set[str]:
+        """Every node whose value depends on ``name`` (not including ``name``)."""
+        return nx.descendants(self.graph, name)
+
+    def layer_edges(self) -> list[tuple[str, str, int]]:
+        """(producer layer, consumer layer, elements) pairs linked through FOLLOW ops only.
+
+        These are the edges where a format boundary between two layers may need a cast. A FOLLOW
+        op between them runs in the producer's output format, so a cast sits right before the
+        consumer. ``elements`` is the size of the tensor the consumer reads. The producer may also
+        be a graph input or a NEVER op ("" as producer name): then the consumer always casts.
+        """
+        out: list[tuple[str, str, int]] = []
+        for layer in self.layers():
+            for src in sorted(self._layer_sources(layer.name)):
+                out.append((src, layer.name, layer.act_in_elems))
+        return out
+
+    def _layer_sources(self, name: str) -> set[str]:
+        """Nearest upstream layers (or "" for an fp32 source) reached through FOLLOW ops."""
+        found: set[str] = set()
+        stack = self.predecessors(name)
+        seen: set[str] = set()
+        while stack:
+            p = stack.pop()
+            if p in seen:
+                continue
+            seen.add(p)
+            op = self._by_name[p]
+            if op.policy is Policy.ALWAYS:
+                found.add(p)
+            elif op.policy is Policy.FOLLOW:
+                stack.extend(self.predecessors(p))
+            elif op.policy is Policy.NEVER or (op.policy is Policy.NONE and op.act_out_elems):
+                found.add("")
+        return found
+
+    def follow_owner(self) -> dict[str, str]:
+        """Map each FOLLOW op to the layer whose output format it runs in ("" for fp32 inputs).
+
+        Used by the cost model to charge elementwise work to the layer that decides its format.
+        When a FOLLOW op has several upstream layers the first in execution order is its owner.
+        """
+        order = {n.name: i for i, n in enumerate(self.nodes)}
+        owner: dict[str, str] = {}
+        for n in self.nodes:
+            if n.policy is not Policy.FOLLOW:
+                continue
+            srcs = sorted(self._layer_sources(n.name), key=lambda s: order.get(s, -1))
+            owner[n.name] = srcs[-1] if srcs else ""
+        return owner
+
+    def total_flops(self) -> int:
+        return sum(n.flops for n in self.nodes)
+
+    def fingerprint(self) -> str:
+        """Hash of the layers (names, kinds, shapes): plans record it to detect a different model."""
+        h = hashlib.sha256()
+        for n in self.layers():
+            h.update(f"{n.name}|{n.kind}|{n.input_shapes}|{n.output_shape};".encode())
+        return h.hexdigest()[:16]
+
+    # --- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "nodes": [n.to_dict() for n in self.nodes],
+            "edges": [list(e) for e in self.edges],
+            "ties": [list(t) for t in self.ties],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "OpGraph":
+        return cls(
+            nodes=[OpNode.from_dict(n) for n in d["nodes"]],
+            edges=[(u, v) for u, v in d["edges"]],
+            model_name=d.get("model_name", ""),
+            ties=[list(t) for t in d.get("ties", [])],
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "OpGraph":
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,81 @@
+"""The numerics of one compute layer in a given format: the single definition every part shares.
+
+A layer (linear, conv, matmul/bmm) in format P (DESIGN.md):
+- its activation inputs are rounded to P (fp8: per-tensor static scale from calibration amax),
+- its weight is rounded to P (fp8: per-output-channel scale from the weight's own amax),
+- the product is computed and accumulated in fp32 (bias added in fp32),
+- the output is rounded to P for 16-bit formats, to bf16 for fp8 (an fp8 GEMM writes bf16).
+
+The profiler calls :func:`emulate_layer` on single layers; the fx apply pass builds the same
+computation into the rewritten graph, and oracle tests hold the two to the same bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from autoprec.capture import layer_function
+from autoprec.formats import Precision
+from autoprec.quantize import channel_amax, fp8_scale, quantize
+
+# argument positions of the activation inputs and the weight, per layer kind
+_ACT_ARGS = {"linear": (0,), "conv1d": (0,), "conv2d": (0,), "conv3d": (0,), "matmul": (0, 1), "bmm": (0, 1)}
+_WEIGHT_ARG = {"linear": 1, "conv1d": 1, "conv2d": 1, "conv3d": 1}
+
+
+@dataclass(frozen=True)
+class LayerFormat:
+    """How one layer runs: its format and, for fp8, the calibrated amax of each activation input.
+
+    The amax (not the scale) is stored so one calibration serves both fp8 formats.
+    """
+
+    fmt: Precision
+    act_amax: tuple[float, ...] = ()  # one per activation input; used only for fp8
+
+    def amax_for(self, i: int) -> float | None:
+        if not self.fmt.needs_scale:
+            return None
+        return self.act_amax[i] if i < len(self.act_amax) else None
+
+
+def act_arg_positions(kind: str) -> tuple[int, ...]:
+    return _ACT_ARGS[kind]
+
+
+def weight_arg_position(kind: str) -> int | None:
+    return _WEIGHT_ARG.get(kind)
+
+
+def quantize_weight(w: torch.Tensor, fmt: Precision) -> torch.Tensor:
+    """Round a weight to ``fmt``; fp8 uses one scale per output channel (dim 0)."""
+    if fmt.needs_scale:
+        return quantize(w, fmt, fp8_scale(channel_amax(w), fmt))
+    return quantize(w, fmt)
+
+
+def quantize_activation(x: torch.Tensor, fmt: Precision, amax: float | None) -> torch.Tensor:
+    """Round an activation to ``fmt``; fp8 without a calibrated amax uses the tensor's own (dynamic)."""
+    if fmt.needs_scale:
+        a = x.detach().abs().amax() if amax is None else amax
+        return quantize(x, fmt, fp8_scale(a, fmt).to(x.device))
+    return quantize(x, fmt)
+
+
+def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: LayerFormat) -> torch.Tensor:
+    """Compute a layer from its fp32 arguments with the rounding of ``lf`` (fp32 arithmetic)."""
+    fn = layer_function(kind)
+    if lf.fmt is Precision.FP32:
+        return fn(*args, **kwargs)
+    a = list(args)
+    for j, pos in enumerate(act_arg_positions(kind)):
+        if torch.is_tensor(a[pos]):
+            a[pos] = quantize_activation(a[pos], lf.fmt, lf.amax_for(j))
+    wpos = weight_arg_position(kind)
+    if wpos is not None and torch.is_tensor(a[wpos]):
+        a[wpos] = quantize_weight(a[wpos], lf.fmt)
+    out = fn(*a, **kwargs)
+    return quantize(out, lf.fmt.compute_output)

@@ -1,0 +1,57 @@
+"""Shared fixtures: small hand-written models that exercise capture and profiling quickly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+
+class TinyAttention(nn.Module):
+    """A pre-LN attention block with separate q/k/v projections and an MLP, then a vocab head."""
+
+    def __init__(self, d: int = 32, heads: int = 2, vocab: int = 20) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln = nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        y = self.ln(x)
+        q = self.q(y).view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        k = self.k(y).view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        v = self.v(y).view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        att = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(dim=-1)
+        x = x + self.o((att @ v).transpose(1, 2).reshape(b, t, c))
+        x = x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+        return self.head(x)
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv1(x)))
+        y = y + torch.relu(self.conv2(y))  # residual add
+        y = nn.functional.max_pool2d(y, 2)
+        return self.fc(y.flatten(1))
+
+
+@pytest.fixture
+def tiny_attention() -> TinyAttention:
+    torch.manual_seed(0)
+    return TinyAttention().eval()
+
+
+@pytest.fixture
+def tiny_cnn() -> TinyCNN:
+    torch.manual_seed(0)
+    return TinyCNN().eval()

@@ -1,0 +1,93 @@
+"""Capture: fx first, torch.export where fx cannot see the layers; the op graph's contents."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from autoprec.capture import capture
+from autoprec.errors import CaptureError
+from autoprec.opgraph import OpGraph, Policy
+
+
+def test_fx_capture_of_attention_block(tiny_attention: nn.Module) -> None:
+    x = torch.randn(2, 8, 32)
+    c = capture(tiny_attention, (x,), name="tiny")
+    assert c.method == "fx"
+    layers = c.graph.layers()
+    assert [op.kind for op in layers] == ["linear"] * 3 + ["matmul", "matmul"] + ["linear"] * 4
+    assert [op.scope for op in layers if op.kind == "linear"] == ["q", "k", "v", "o", "fc1", "fc2", "head"]
+    # the normalised module computes exactly what the model does
+    torch.testing.assert_close(c.gm(x), tiny_attention(x), rtol=0, atol=0)
+    q = c.graph["q"]
+    assert q.flops == 2 * 2 * 8 * 32 * 32 and q.weight_elems == 32 * 32 + 32 and q.weight == "q.weight"
+    assert q.input_shapes[0] == (2, 8, 32) and q.output_shape == (2, 8, 32)
+    assert c.graph["softmax"].policy is Policy.NEVER
+    assert c.graph["ln"].policy is Policy.NEVER
+    assert c.graph["gelu"].policy is Policy.FOLLOW
+    assert c.graph.ties == [["q", "k", "v"]]  # same input, same shape: one fused GEMM when deployed
+
+
+def test_layer_edges_pass_through_follow_ops(tiny_attention: nn.Module) -> None:
+    c = capture(tiny_attention, (torch.randn(2, 8, 32),))
+    edges = {(u, v) for u, v, _ in c.graph.layer_edges()}
+    assert ("q", "matmul") in edges and ("k", "matmul") in edges  # through view/transpose
+    assert ("", "q") in edges  # LayerNorm (NEVER) output is an fp32 source
+    assert ("fc1", "fc2") in edges  # through GELU
+
+
+def test_cnn_capture_batchnorm_residual(tiny_cnn: nn.Module) -> None:
+    c = capture(tiny_cnn, (torch.randn(3, 1, 8, 8),))
+    assert [op.name for op in c.graph.layers()] == ["conv1", "conv2", "fc"]
+    assert c.graph["conv2"].flops == 2 * (3 * 8 * 8 * 8) * (8 * 3 * 3)
+    assert c.graph["bn"].policy is Policy.NEVER
+    assert c.graph["add"].policy is Policy.FOLLOW
+    # runs at another batch size than the example
+    torch.testing.assert_close(c.gm(torch.ones(5, 1, 8, 8)), tiny_cnn(torch.ones(5, 1, 8, 8)))
+
+
+def test_export_fallback_for_opaque_torch_modules() -> None:
+    class Enc(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.enc(x))
+
+    torch.manual_seed(0)
+    m = Enc().eval()
+    x = torch.randn(2, 5, 16)
+    c = capture(m, (x,))
+    assert c.method == "export"
+    scopes = [op.scope for op in c.graph.layers()]
+    assert "enc.linear1" in scopes and "enc.linear2" in scopes and "head" in scopes
+    torch.testing.assert_close(c.gm(torch.randn(3, 5, 16)).shape, torch.Size([3, 5, 4]))
+    with pytest.raises(CaptureError, match="fx stops at enc"):
+        capture(m, (x,), method="fx")
+
+
+def test_uncapturable_model_gives_one_line_error() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum().item() > 0:  # data-dependent: neither fx nor export can capture it
+                return self.l(x)
+            return x
+
+    with pytest.raises(CaptureError) as info:
+        capture(Branchy(), (torch.ones(2, 4),))
+    assert "\n" not in str(info.value) and "fx:" in str(info.value) and "export:" in str(info.value)
+
+
+def test_opgraph_json_round_trip(tiny_attention: nn.Module) -> None:
+    g = capture(tiny_attention, (torch.randn(2, 8, 32),)).graph
+    back = OpGraph.from_json(g.to_json())
+    assert back.to_json() == g.to_json()
+    assert back.fingerprint() == g.fingerprint()
+    assert back.layer_names() == g.layer_names()

@@ -1,0 +1,124 @@
+"""Sensitivity profiling: exact trials against full re-runs, fast against exact, flags, JSON."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from scipy.stats import spearmanr
+
+from autoprec.capture import capture
+from autoprec.formats import Precision
+from autoprec.profile import GraphRunner, first_tensor, profile
+from autoprec.semantics import LayerFormat, emulate_layer
+from autoprec.sensitivity import SensitivityProfile
+
+BF16, FP16, E4M3 = Precision.BF16, Precision.FP16, Precision.FP8_E4M3
+
+
+def _batches(shape: tuple[int, ...], n: int = 3, scale: float = 1.0, seed: int = 0) -> list[tuple[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=g) * scale,) for _ in range(n)]
+
+
+def test_downstream_rerun_equals_full_emulated_run(tiny_attention: nn.Module) -> None:
+    """The exact mode's shortcut must give the same output as running the whole graph."""
+    c = capture(tiny_attention, (torch.randn(2, 8, 32),))
+    runner = GraphRunner(c.gm)
+    (x,) = _batches((4, 8, 32), n=1)[0]
+    for name in ("q", "matmul", "fc1"):
+        node = c.node(name)
+        node.meta["autoprec_layer"] = True
+        kind = c.graph[name].kind
+        env = runner.run((x,))
+        args = torch.fx.node.map_arg(node.args, lambda a: env[a.name])
+        val = emulate_layer(kind, args, {}, LayerFormat(E4M3))
+        short, _ = runner.rerun(env, name, val)
+
+        def hook(n, a, k):
+            return emulate_layer(kind, a, k, LayerFormat(E4M3 if n.name == name else Precision.FP32))
+
+        full = runner.run((x,), hook)[runner.nodes[-1].name]
+        assert torch.equal(first_tensor(short), first_tensor(full))
+        node.meta.pop("autoprec_layer")
+
+
+def test_exact_profile_orders_formats_and_round_trips(tiny_attention: nn.Module) -> None:
+    c = capture(tiny_attention, (torch.randn(2, 8, 32),), name="tiny")
+    prof = profile(c, _batches((8, 8, 32)), mode="exact")
+    assert prof.measure == "kl" and prof.samples == 24 and set(prof.errors) == set(c.graph.layer_names())
+    for name, errs in prof.errors.items():
+        assert 0 <= errs[FP16] < errs[BF16] < errs[E4M3], name
+        assert prof.local_errors[name][FP16] < prof.local_errors[name][E4M3]
+    assert 0 < prof.rerun_fraction < 1
+    back = SensitivityProfile.from_json(prof.to_json())
+    assert back.to_json() == prof.to_json()
+    assert back.error("q", Precision.FP32) == 0.0
+
+
+def test_fast_mode_ranks_like_exact(tiny_attention: nn.Module) -> None:
+    c = capture(tiny_attention, (torch.randn(2, 8, 32),))
+    batches = _batches((16, 8, 32), n=4, scale=2.0)
+    ex = profile(c, batches, mode="exact")
+    fa = profile(c, batches, mode="fast")
+    a = [ex.errors[n][f] for n in ex.errors for f in ex.formats]
+    b = [fa.errors[n][f] for n in ex.errors for f in ex.formats]
+    assert spearmanr(a, b).statistic >= 0.9
+    # first-order estimates land within a factor of 3 of the measured error for most trials
+    close = sum(1 for u, v in zip(a, b) if u > 0 and 1 / 3 <= v / u <= 3)
+    assert close >= 0.8 * len(a)
+
+
+def test_fast_mode_values_output_uses_rel_mse(tiny_cnn: nn.Module) -> None:
+    c = capture(tiny_cnn, (torch.randn(2, 1, 8, 8),))
+    batches = _batches((16, 1, 8, 8))
+    ex = profile(c, batches, mode="exact", output_kind="values")
+    fa = profile(c, batches, mode="fast", output_kind="values")
+    assert ex.measure == fa.measure == "rel_mse"
+    for n in ex.errors:
+        assert 0.2 <= fa.errors[n][E4M3] / ex.errors[n][E4M3] <= 5
+
+
+def test_fp16_overflow_is_infinite_error_and_explained() -> None:
+    class Big(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)) * 1e-3)
+
+    torch.manual_seed(0)
+    m = Big().eval()
+    with torch.no_grad():
+        m.a.weight.mul_(3e4)  # activations around 1e5: beyond fp16's 65504
+    c = capture(m, (torch.randn(2, 8),))
+    for mode in ("exact", "fast"):
+        prof = profile(c, _batches((32, 8), scale=1e4), mode=mode)
+        assert math.isinf(prof.errors["a"][FP16]), mode
+        assert math.isfinite(prof.errors["a"][BF16]), mode
+        assert prof.ranges["a"].output.frac_over_fp16 > 0
+        text = " ".join(prof.flags["a"])
+        assert "fp16 overflow: output amax" in text and "fp16 makes the output non-finite" in text
+
+
+def test_fp8_flush_statistics() -> None:
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.l(x)
+
+    c = capture(Tiny(), (torch.randn(2, 4),))
+    x = torch.full((64, 4), 1e-5)
+    x[0, 0] = 448.0  # one outlier sets the scale to 1: every 1e-5 flushes to zero in E4M3
+    prof = profile(c, [(x,)], mode="exact", output_kind="values")
+    s = prof.ranges["l"].inputs[0]
+    assert s.amax == 448.0 and s.fp8_scale == 1.0
+    assert abs(s.frac_fp8_flushed - 255 / 256) < 1e-9
+    assert s.frac_fp8_saturated == 0.0
+    assert any("fp8 flushes" in f for f in prof.flags["l"])
