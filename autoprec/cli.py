@@ -7,7 +7,6 @@ line to stderr and exits with its code; tracebacks are for bugs only (or ``--deb
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys

@@ -25,19 +25,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from autoprec.capture import Captured
 from autoprec.errors import UsageError
 from autoprec.formats import DEFAULT_CANDIDATES, Precision
-from autoprec.quantize import fp8_scale, quantize, round_to
+from autoprec.quantize import fp8_scale, quantize
 from autoprec.semantics import (LayerFormat, act_arg_positions, emulate_layer, quantize_activation,
                                 quantize_weight, weight_arg_position)
 from autoprec.sensitivity import LayerRanges, RangeStats, SensitivityProfile
+from passes.fx_assign_formats import follow_roundings
 
 Progress = Callable[[int, int, str], None]  # (done, total, what) -> None
 
@@ -111,12 +112,16 @@ class GraphRunner:
                                             key=lambda n: self.index[n.name])
         return self._downstream[name]
 
-    def rerun(self, env: dict[str, Any], name: str, value: Any) -> tuple[Any, int]:
+    def rerun(self, env: dict[str, Any], name: str, value: Any,
+              round_after: Mapping[str, Precision] | None = None) -> tuple[Any, int]:
         """Model output when node ``name`` takes ``value``; only downstream nodes are recomputed.
 
+        ``round_after`` maps FOLLOW ops that the plan runs in a 16-bit format to that format:
+        their results are rounded, exactly as the applied plan computes them.
         Returns (output, number of nodes recomputed). Stops early once no value differs from the
         cached fp32 run: the output is then the cached one.
         """
+        rounding = round_after or {}
         changed: dict[str, Any] = {name: value}
         lookup = lambda a: changed[a.name] if a.name in changed else env[a.name]  # noqa: E731
         count = 0
@@ -124,6 +129,8 @@ class GraphRunner:
             if not any(a.name in changed for a in n.all_input_nodes):
                 continue
             v = self.value_of(n, env, lookup)
+            if n.name in rounding:
+                v = tree_map(lambda t: quantize(t, rounding[n.name]) if torch.is_tensor(t) else t, v)
             count += 1
             if n.op != "output" and torch.is_tensor(v) and torch.equal(v, env[n.name]):
                 continue  # this path absorbed the perturbation
@@ -166,18 +173,21 @@ class _ErrorSum:
     den: float = 0.0
 
     def add(self, ref: torch.Tensor, new: torch.Tensor) -> None:
-        ref, new = ref.double(), new.double()
-        if not torch.isfinite(new).all() and torch.isfinite(ref).all():
-            self.num = math.inf
+        if not math.isfinite(self.num):
+            return
+        if not bool(torch.isfinite(new).all()):
+            self.num = math.inf  # the reference is finite (checked once per profile): overflow
+            return
         if self.kind == "logits":
-            logp = torch.log_softmax(ref, dim=-1)
-            logq = torch.log_softmax(new, dim=-1)
+            # float64: the KL of fp16-sized perturbations (~1e-9) is below fp32's cancellation noise
+            logp = torch.log_softmax(ref.double(), dim=-1)
+            logq = torch.log_softmax(new.double(), dim=-1)
             kl = (logp.exp() * (logp - logq)).sum(dim=-1)
-            self.num += float(kl.sum()) if math.isfinite(self.num) else 0.0
+            self.num += float(kl.sum(dtype=torch.float64))
             self.den += kl.numel()
         else:
-            self.num += float(((new - ref) ** 2).sum()) if math.isfinite(self.num) else 0.0
-            self.den += float((ref ** 2).sum())
+            self.num += float(((new - ref) ** 2).sum(dtype=torch.float64))
+            self.den += float((ref * ref).sum(dtype=torch.float64))
 
     def value(self) -> float:
         if not math.isfinite(self.num) or math.isnan(self.num):
@@ -199,26 +209,29 @@ class _RangeAcc:
     under16: int = 0
     values: list[torch.Tensor] = field(default_factory=list)  # kept for fp8 stats at the final amax
 
-    def add(self, x: torch.Tensor, keep: bool = True) -> None:
+    def add(self, x: torch.Tensor) -> None:
         a = x.detach().abs().float()
-        finite = a[torch.isfinite(a)]
-        self.amax = max(self.amax, float(finite.max()) if finite.numel() else 0.0)
-        self.sumsq += float((finite.double() ** 2).sum())
+        amax = float(a.amax()) if a.numel() else 0.0
+        if not math.isfinite(amax):  # rare: ignore non-finite values for the statistics
+            a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+            amax = float(a.amax())
+        self.amax = max(self.amax, amax)
+        self.sumsq += float((a * a).sum(dtype=torch.float64))
         self.count += a.numel()
         self.over16 += int((a > FP16.max).sum())
         self.under16 += int(((a > 0) & (a < FP16.min_normal)).sum())
-        if keep:
-            self.values.append(a)
+        self.values.append(a)
 
     def finish(self) -> RangeStats:
         scale = float(fp8_scale(self.amax, E4M3))
+        # |x|/scale at or below half of E4M3's smallest subnormal (2^-9) rounds to zero (ties to even)
+        flush_at = E4M3.min_subnormal / 2
         sat = flushed = nonzero = 0
         for a in self.values:
             s = a / scale
             sat += int((s > E4M3.max).sum())
-            nz = a > 0
-            nonzero += int(nz.sum())
-            flushed += int((nz & (round_to(s, E4M3) == 0)).sum())
+            nonzero += int((a > 0).sum())
+            flushed += int(((a > 0) & (s <= flush_at)).sum())
         n = max(self.count, 1)
         self.values = []
         return RangeStats(
@@ -291,13 +304,18 @@ def profile(
         raise UsageError("no calibration batches to profile on")
     infos = _layers(captured, layers)
     runner = GraphRunner(captured.gm)
+    # FOLLOW ops the plan {layer: fmt} runs in 16-bit (e.g. a GELU after a bf16 linear): each trial
+    # rounds their results too, so a trial computes exactly what the applied plan computes.
+    roundings = {(i.node.name, f): follow_roundings(captured.gm, captured.graph, {i.node.name: f})
+                 for i in infos for f in fmts}
     t_ref = _time_reference(captured.gm, batches)
     t0 = time.perf_counter()
     if mode == "exact":
         errors, local, ranges, kind, samples, rerun_frac = _profile_exact(
-            runner, infos, batches, fmts, output_kind, progress)
+            runner, infos, batches, fmts, output_kind, progress, roundings)
     else:
-        errors, ranges, kind, samples = _profile_fast(runner, infos, batches, fmts, output_kind, progress, seed)
+        errors, ranges, kind, samples = _profile_fast(runner, infos, batches, fmts, output_kind, progress, seed,
+                                                      roundings)
         local, rerun_frac = {}, 0.0
     seconds = time.perf_counter() - t0
     prof = SensitivityProfile(
@@ -342,8 +360,12 @@ def _finish_ranges(infos: list[_LayerInfo], accs: dict[str, list[_RangeAcc]]) ->
     return out
 
 
+_Roundings = dict[tuple[str, Precision], dict[str, Precision]]
+
+
 def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tuple[Any, ...]],
-                   fmts: tuple[Precision, ...], declared: str | None, progress: Progress | None):
+                   fmts: tuple[Precision, ...], declared: str | None, progress: Progress | None,
+                   roundings: _Roundings):
     accs: dict[str, list[_RangeAcc]] = {}
     envs: list[dict[str, Any]] = []
     with torch.no_grad():
@@ -370,12 +392,15 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], batches: list[t
                 lf = LayerFormat(fmt, tuple(r.amax for r in ranges[info.node.name].inputs))
                 acc = _ErrorSum(kind)
                 own = _ErrorSum("values")
+                wq = None
                 for env in envs:
                     args = fx.node.map_arg(info.node.args, lambda a: env[a.name])
                     kwargs = fx.node.map_arg(info.node.kwargs, lambda a: env[a.name])
-                    val = emulate_layer(info.kind, args, kwargs, lf)
+                    if wq is None and info.weight_pos is not None and torch.is_tensor(args[info.weight_pos]):
+                        wq = quantize_weight(args[info.weight_pos], fmt)
+                    val = emulate_layer(info.kind, args, kwargs, lf, weight_q=wq)
                     own.add(env[info.node.name], val)
-                    out, count = runner.rerun(env, info.node.name, val)
+                    out, count = runner.rerun(env, info.node.name, val, roundings[(info.node.name, fmt)])
                     recomputed += count + 1
                     acc.add(first_tensor(env[runner.nodes[-1].name]), first_tensor(out))
                 errors[info.node.name][fmt] = acc.value()
@@ -413,23 +438,27 @@ def _per_sample_dot(g: torch.Tensor, d: torch.Tensor, batch: int) -> torch.Tenso
     Either is unbiased for sum_s (g_s . d_s)^2 under the probe (cross terms have zero mean); the
     per-sample split only lowers the variance.
     """
-    prod = (g.double() * d.double())
+    prod = g * d
     if prod.dim() >= 1 and prod.shape[0] == batch:
-        return prod.reshape(batch, -1).sum(dim=1)
-    return prod.sum().reshape(1)
+        return prod.reshape(batch, -1).sum(dim=1, dtype=torch.float64)
+    return prod.sum(dtype=torch.float64).reshape(1)
 
 
 def _rounding_delta(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    d = q - x
-    return torch.where(torch.isfinite(x) & ~torch.isfinite(q), torch.full_like(d, math.inf), d)
+    """q - x; x is finite (fp32 activations), so any non-finite entry is an overflow of q and
+    makes the whole estimate infinite downstream."""
+    return q - x
 
 
 def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tuple[Any, ...]],
-                  fmts: tuple[Precision, ...], declared: str | None, progress: Progress | None, seed: int):
+                  fmts: tuple[Precision, ...], declared: str | None, progress: Progress | None, seed: int,
+                  roundings: _Roundings):
     gen = torch.Generator().manual_seed(seed)
     accs: dict[str, list[_RangeAcc]] = {}
     saved: list[dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]]] = []
     wgrads: list[dict[str, torch.Tensor]] = []
+    followed = sorted({n for r in roundings.values() for n in r})
+    fsaved: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
     kind = declared
     positions = 0
     denom = 0.0
@@ -464,6 +493,9 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tu
             for p in params.values():
                 p.grad = None
             env = runner.run(b, hook)
+            for n in followed:  # the rounding of a FOLLOW result reaches every consumer of it
+                if torch.is_tensor(env[n]) and env[n].requires_grad:
+                    env[n].retain_grad()
             y = first_tensor(env[runner.nodes[-1].name])
             kind = output_kind_of(y, declared)
             if kind == "logits":
@@ -483,6 +515,8 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tu
                           for name, (ins, out) in taps.items()})
             wgrads.append({info.node.name: _weight_grad(runner, info) for info in infos
                            if info.weight_pos is not None})
+            fsaved.append({n: (env[n].detach(), env[n].grad if env[n].grad is not None else torch.zeros_like(env[n]))
+                           for n in followed if torch.is_tensor(env[n]) and env[n].requires_grad})
             if progress:
                 progress(bi + 1, len(batches) + len(infos), f"forward/backward batch {bi + 1}")
     finally:
@@ -499,6 +533,7 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tu
             errors[name] = {}
             for fmt in fmts:
                 total = 0.0
+                dw = _rounding_delta(w, quantize_weight(w, fmt)) if w is not None else None
                 for bi, per in enumerate(saved):
                     ins, gins, out, gout = per[name]
                     batch = _batch_size(batches[bi])
@@ -507,10 +542,14 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tu
                         dx = _rounding_delta(x, quantize_activation(x, fmt, amaxes[j] if fmt.needs_scale else None))
                         d = _per_sample_dot(g, dx, batch)
                         term = term + d if d.shape == term.shape else term.sum() + d.sum()
+                    for n, rf in roundings[(name, fmt)].items():
+                        if n in fsaved[bi]:
+                            v, g = fsaved[bi][n]
+                            d = _per_sample_dot(g, _rounding_delta(v, quantize(v, rf)), batch)
+                            term = term + d if d.shape == term.shape else term.sum() + d.sum()
                     total += float((term ** 2).sum())
-                    if w is not None:
-                        dw = _rounding_delta(w, quantize_weight(w, fmt))
-                        total += float((wgrads[bi][name].double() * dw.double()).sum()) ** 2
+                    if dw is not None:
+                        total += float((wgrads[bi][name] * dw).sum(dtype=torch.float64)) ** 2
                 if math.isnan(total) or math.isinf(total):
                     errors[name][fmt] = math.inf
                 elif kind == "logits":

@@ -65,8 +65,13 @@ def quantize_activation(x: torch.Tensor, fmt: Precision, amax: float | None) -> 
     return quantize(x, fmt)
 
 
-def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: LayerFormat) -> torch.Tensor:
-    """Compute a layer from its fp32 arguments with the rounding of ``lf`` (fp32 arithmetic)."""
+def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: LayerFormat,
+                  weight_q: torch.Tensor | None = None) -> torch.Tensor:
+    """Compute a layer from its fp32 arguments with the rounding of ``lf`` (fp32 arithmetic).
+
+    ``weight_q``: the weight already rounded by :func:`quantize_weight` (callers that run one
+    layer on many batches round it once).
+    """
     fn = layer_function(kind)
     if lf.fmt is Precision.FP32:
         return fn(*args, **kwargs)
@@ -76,6 +81,6 @@ def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: 
             a[pos] = quantize_activation(a[pos], lf.fmt, lf.amax_for(j))
     wpos = weight_arg_position(kind)
     if wpos is not None and torch.is_tensor(a[wpos]):
-        a[wpos] = quantize_weight(a[wpos], lf.fmt)
+        a[wpos] = weight_q if weight_q is not None else quantize_weight(a[wpos], lf.fmt)
     out = fn(*a, **kwargs)
     return quantize(out, lf.fmt.compute_output)

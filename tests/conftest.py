@@ -7,6 +7,12 @@ import torch
 import torch.nn as nn
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One intra-op thread per test process: the test models are tiny, and with pytest-xdist's two
+    workers on two cores, extra threads only add synchronisation."""
+    torch.set_num_threads(1)
+
+
 class TinyAttention(nn.Module):
     """A pre-LN attention block with separate q/k/v projections and an MLP, then a vocab head."""
 

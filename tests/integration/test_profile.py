@@ -122,3 +122,22 @@ def test_fp8_flush_statistics() -> None:
     assert abs(s.frac_fp8_flushed - 255 / 256) < 1e-9
     assert s.frac_fp8_saturated == 0.0
     assert any("fp8 flushes" in f for f in prof.flags["l"])
+
+
+def test_profile_error_is_the_error_of_the_applied_single_layer_plan(tiny_attention: nn.Module) -> None:
+    """Oracle: exact mode's number for (L, P) is the output error of apply_plan({L: P}), to the bit."""
+    from autoprec.profile import _ErrorSum
+    from passes import act_amax_from_profile, apply_plan
+
+    c = capture(tiny_attention, (torch.randn(2, 8, 32),))
+    batches = _batches((4, 8, 32), n=2)
+    prof = profile(c, batches, mode="exact")
+    amax = act_amax_from_profile(prof)
+    for layer in ("q", "matmul", "fc1", "head"):
+        for fmt in (BF16, E4M3):
+            gm = apply_plan(c, {layer: fmt}, amax)
+            acc = _ErrorSum("logits")
+            with torch.no_grad():
+                for (x,) in batches:
+                    acc.add(c.gm(x), gm(x))
+            assert acc.value() == prof.errors[layer][fmt], (layer, fmt)

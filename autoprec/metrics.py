@@ -1,0 +1,102 @@
+"""Budgets and the metrics a tuned model is judged by.
+
+A budget is the largest allowed *drop* of a metric, in the metric's own direction: absolute
+("0.005") or relative to the fp32 value ("0.5%"). Models with ``evaluate()`` use their own metric on
+held-out data; models without it are judged on fidelity to the fp32 model over the calibration data:
+top-1 agreement (classifier-like outputs; KL reported beside it) or relative L2 error (values).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from autoprec.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Largest allowed metric drop; ``relative`` means a fraction of |fp32 metric|."""
+
+    value: float
+    relative: bool
+
+    @classmethod
+    def parse(cls, text: str | float) -> "Budget":
+        """"0.5%" -> relative 0.005; "0.005" -> absolute 0.005. One-line UsageError otherwise."""
+        s = str(text).strip()
+        rel = s.endswith("%")
+        try:
+            v = float(s[:-1] if rel else s)
+        except ValueError:
+            raise UsageError(f"bad budget {text!r}: use an absolute drop like 0.005 or a relative one like 0.5%") from None
+        if not math.isfinite(v) or v < 0:
+            raise UsageError(f"bad budget {text!r}: it must be a finite, non-negative number")
+        return cls(v / 100 if rel else v, rel)
+
+    def allowed_drop(self, reference: float) -> float:
+        """The budget in metric units for a model whose fp32 metric is ``reference``."""
+        return self.value * abs(reference) if self.relative else self.value
+
+    def __str__(self) -> str:
+        return f"{100 * self.value:g}%" if self.relative else f"{self.value:g}"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named metric with a direction and the function that measures a module."""
+
+    name: str
+    higher_is_better: bool
+    measure: Callable[[Any], float]
+
+    def drop(self, reference: float, value: float) -> float:
+        """How much worse ``value`` is than ``reference`` (positive = worse)."""
+        if math.isnan(value):
+            return math.inf
+        return reference - value if self.higher_is_better else value - reference
+
+
+def _outputs(module: Any, batches: list[tuple[Any, ...]]) -> list[torch.Tensor]:
+    from autoprec.profile import first_tensor  # the one definition of "the model's output"
+
+    with torch.no_grad():
+        return [first_tensor(module(*b)).float() for b in batches]
+
+
+def fidelity_metric(reference_module: Any, batches: list[tuple[Any, ...]], output_kind: str) -> Metric:
+    """Fidelity to the fp32 model: top-1 agreement (logits, higher is better) or relative L2
+    error (values, lower is better), measured on ``batches``."""
+    refs = _outputs(reference_module, batches)
+    if output_kind == "logits":
+        ref_top = [r.argmax(dim=-1) for r in refs]
+
+        def agreement(module: Any) -> float:
+            outs = _outputs(module, batches)
+            same = sum(int((o.argmax(dim=-1) == t).sum()) for o, t in zip(outs, ref_top))
+            return same / sum(t.numel() for t in ref_top)
+
+        return Metric("top1_agreement", True, agreement)
+
+    def rel_l2(module: Any) -> float:
+        outs = _outputs(module, batches)
+        num = sum(float(((o - r) ** 2).sum(dtype=torch.float64)) for o, r in zip(outs, refs))
+        den = sum(float((r ** 2).sum(dtype=torch.float64)) for r in refs)
+        return math.sqrt(num / den) if den > 0 else 0.0
+
+    return Metric("rel_l2_error", False, rel_l2)
+
+
+def kl_to_reference(reference_module: Any, module: Any, batches: list[tuple[Any, ...]]) -> float:
+    """Mean KL(p_fp32 || p_module) per output position: reported beside top-1 agreement."""
+    refs, outs = _outputs(reference_module, batches), _outputs(module, batches)
+    total, count = 0.0, 0
+    for r, o in zip(refs, outs):
+        lp, lq = torch.log_softmax(r.double(), -1), torch.log_softmax(o.double(), -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)
+        total += float(kl.sum())
+        count += kl.numel()
+    return total / max(count, 1)

@@ -1,0 +1,76 @@
+"""The runtime functions of rewritten graphs: idempotent casts, native fp8 GEMM vs emulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autoprec.formats import Precision
+from autoprec.quantize import quantize
+from autoprec.semantics import LayerFormat, emulate_layer, quantize_activation
+from passes import fx_ops
+
+FP32, BF16, FP16, E4M3, E5M2 = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8_E4M3,
+                                Precision.FP8_E5M2)
+
+
+def _wide_tensor(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.exp2(torch.randint(-30, 30, (4096,), generator=g).float())
+    x = torch.randn(4096, generator=g) * mag
+    x[:8] = torch.tensor([0.0, -0.0, 1e30, -1e30, float("inf"), float("-inf"), 1e-40, -3e-39])
+    return x
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=str)
+def test_static_fp8_quantize_is_idempotent(fmt) -> None:
+    """A layer may re-round an input its cast already rounded: q(q(x)) must equal q(x) exactly."""
+    for seed in range(4):
+        x = _wide_tensor(seed)
+        for amax in (1e-6, 3.7e-3, 0.9, 1.0, 7.31, 448.0, 6.1e4, 2.5e7):
+            once = quantize_activation(x, fmt, amax)
+            twice = quantize_activation(once, fmt, amax)
+            assert torch.equal(torch.nan_to_num(once), torch.nan_to_num(twice)), (seed, amax)
+
+
+def test_16_bit_casts_and_rounding(oracles) -> None:
+    x = _wide_tensor(5)
+    for fmt in (BF16, FP16):
+        q = fx_ops.cast(x, fmt=fmt)
+        assert torch.equal(q, quantize(x, fmt)) and torch.equal(fx_ops.cast(q, fmt=fmt), q)
+        assert fx_ops.cast(x, fmt=fmt, native=True).dtype == fmt.torch_dtype
+        assert torch.equal(fx_ops.round_output(x, fmt=fmt), q)
+    assert fx_ops.cast(x, fmt=FP32) is x  # widening is the identity in emulate mode
+    assert fx_ops.cast(x.bfloat16(), fmt=FP32, native=True).dtype == torch.float32
+    pair = fx_ops.cast((x, torch.arange(3)), fmt=BF16, native=True)  # tuples: floats cast, ints kept
+    assert pair[0].dtype == torch.bfloat16 and pair[1].dtype == torch.int64
+    with pytest.raises(ValueError, match="never a storage format"):
+        fx_ops.round_output(x, fmt=E4M3)
+
+
+def test_native_fp8_linear_matches_emulation(oracles) -> None:
+    x = oracles.randn((3, 5, 48)).requires_grad_(True)
+    w = (oracles.randn((40, 48), seed=7) * 0.2).requires_grad_(True)
+    b = oracles.randn((40,), seed=8).requires_grad_(True)
+    amax = 3.0
+    xq = fx_ops.cast(x, fmt=E4M3, amax=amax)  # the cast node before the layer
+    y_nat = fx_ops.lowp_linear(xq, w, b, fmt=E4M3, amax=(amax,), native=True)
+    assert y_nat.dtype == torch.bfloat16 and y_nat.shape == (3, 5, 40)
+    y_emu = emulate_layer("linear", (x, w, b), {}, LayerFormat(E4M3, (amax,)))
+    # the same products summed in another order, then one bf16 rounding
+    assert ((y_nat.float() - y_emu).abs() <= 2 ** -7 * y_emu.abs() + 1e-6).all()
+    assert (y_nat.float() == y_emu).float().mean() > 0.95
+
+    g = quantize(oracles.randn((3, 5, 40), seed=9), BF16)  # the gradient of a bf16 tensor is bf16
+    grads_nat = torch.autograd.grad((y_nat.float() * g).sum(), (x, w, b))
+    grads_emu = torch.autograd.grad((y_emu * g).sum(), (x, w, b))
+    for a, e in zip(grads_nat, grads_emu):  # straight-through: the emulated layer's gradients
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_native_fp8_without_a_kernel_is_emulated_in_bf16(oracles) -> None:
+    a, b = oracles.randn((2, 4, 8)), oracles.randn((2, 8, 3), seed=3)
+    y = fx_ops.lowp_bmm(fx_ops.cast(a, fmt=E4M3, amax=3.0), fx_ops.cast(b, fmt=E4M3, amax=2.0),
+                        fmt=E4M3, amax=(3.0, 2.0), native=True)
+    want = emulate_layer("bmm", (a, b), {}, LayerFormat(E4M3, (3.0, 2.0)))
+    assert y.dtype == torch.bfloat16 and torch.equal(y.float(), want)

@@ -1,0 +1,51 @@
+"""The pass framework: sequencing, the modified flag, postconditions."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+
+from passes import Pass, PassError, PassManager, PassResult
+
+
+class _AddOne(Pass):
+    """Appends "+ 1" to the graph output."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            new = gm.graph.call_function(operator.add, (out.args[0], 1))
+        out.args = (new,)
+        return PassResult(gm, True)
+
+
+class _Nothing(Pass):
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        return PassResult(gm, False)
+
+
+class _Broken(_Nothing):
+    def check(self, gm: fx.GraphModule) -> None:
+        super().check(gm)
+        raise PassError(f"{self.name}: postcondition violated")
+
+
+def _gm() -> fx.GraphModule:
+    return fx.symbolic_trace(torch.nn.ReLU())
+
+
+def test_passes_run_in_order_and_recompile() -> None:
+    result = PassManager([_AddOne(), _Nothing(), _AddOne()]).run(_gm())
+    assert result.modified
+    assert torch.equal(result.gm(torch.tensor([-1.0, 2.0])), torch.tensor([2.0, 4.0]))
+    assert [n.op for n in result.gm.graph.nodes] == ["placeholder", "call_function", "call_function",
+                                                     "call_function", "output"]
+    assert not PassManager([_Nothing()]).run(_gm()).modified
+
+
+def test_postcondition_failure_stops_the_sequence() -> None:
+    with pytest.raises(PassError, match="_Broken"):
+        PassManager([_Broken(), _AddOne()]).run(_gm())
