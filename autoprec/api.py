@@ -3,20 +3,40 @@
     spec = load_model_spec("models/digits_cnn.py")
     captured = capture(spec.model(), spec.example_inputs(), name=spec.name)
     prof = profile(captured, spec.calibration_data(), mode="fast")
+    problem = SearchProblem.build(captured.graph, prof, RooflineCostModel("h100"))
+    plan = solve(problem, "milp", budget=1e-3)
+    tuned = apply_plan(captured, plan.assignment, act_amax_from_profile(prof))
+
+:func:`tune` chains them with a real evaluation of every plan it accepts.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from autoprec.capture import Captured, capture
-from autoprec.formats import DEFAULT_CANDIDATES, Precision
-from autoprec.profile import Progress, profile
+from autoprec.cost import CostModel, RooflineCostModel
+from autoprec.errors import AutoprecError, UsageError
+from autoprec.formats import DEFAULT_CANDIDATES, Precision, parse_precisions
+from autoprec.metrics import DropBudget, Metric, fidelity_metric
+from autoprec.plan import PrecisionPlan, parse_pins
+from autoprec.profile import Progress, output_kind_of, first_tensor, profile
+from autoprec.report import TuneSummary, UniformResult
+from autoprec.search import ParetoPoint, SearchProblem, Strategy, get_strategy, pareto_sweep, solve, tune_loop
 from autoprec.sensitivity import SensitivityProfile
 from autoprec.spec import ModelSpec, load_model_spec
+from passes import act_amax_from_profile, apply_plan
 
-__all__ = ["capture", "profile", "load_model_spec", "profile_model"]
+#: Samples per inference call the cost model prices by default: throughput serving. At small
+#: batches the zoo's models are launch-bound on an H100 and no format beats fp32's zero casts.
+DEPLOY_BATCH = 1024
+
+__all__ = ["capture", "profile", "load_model_spec", "profile_model", "SearchProblem", "solve", "apply_plan",
+           "act_amax_from_profile", "tune", "TuneResult", "RooflineCostModel", "Metric"]
 
 
 def profile_model(model: str | Path | ModelSpec, mode: str = "exact",
@@ -28,3 +48,149 @@ def profile_model(model: str | Path | ModelSpec, mode: str = "exact",
     prof = profile(captured, spec.calibration_data(), formats=formats, mode=mode,
                    output_kind=spec.output_kind, progress=progress)
     return prof, captured
+
+
+@dataclass
+class TuneResult:
+    """Everything `tune` found: the verified plan, the data behind it and the tuned module."""
+
+    plan: PrecisionPlan
+    profile: SensitivityProfile
+    captured: Captured
+    metric: Metric
+    summary: TuneSummary
+    uniforms: list[UniformResult]
+    pareto: list[ParetoPoint]
+    module: Any  # the emulated tuned torch module (trains; runs on CPU)
+
+
+def model_metric(spec: ModelSpec, captured: Captured, batches: list[tuple[Any, ...]]) -> Metric:
+    """The model's own metric when it has evaluate(), else fidelity to its fp32 outputs."""
+    if spec.evaluate is not None:
+        return Metric(spec.metric or "metric", spec.higher_is_better, spec.evaluate)
+    y = first_tensor(captured.gm(*batches[0]))
+    return fidelity_metric(captured.gm, batches, output_kind_of(y, spec.output_kind))
+
+
+def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fidelity_budget: str | float | None = None,
+         target: str = "h100", objective: str = "latency", formats: Iterable[str | Precision] | None = None,
+         strategy: str | Strategy = "milp", keep: Iterable[str] = (), force: Iterable[str] = (),
+         profile_mode: str = "fast", cost_model: CostModel | None = None, metric: Metric | None = None,
+         batch: int = DEPLOY_BATCH, progress: Progress | None = None) -> TuneResult:
+    """Find the fastest per-layer plan whose *measured* metric drop stays within the budget.
+
+    ``budget`` (models with evaluate()) or ``fidelity_budget`` (models without): "0.5%" relative
+    to the fp32 metric, or an absolute drop such as 0.005. ``metric`` overrides the model's.
+    ``batch``: the deployment batch the cost model prices (samples per inference call).
+    """
+    if batch <= 0:
+        raise UsageError(f"--batch must be a positive number of samples, not {batch}")
+    t0 = time.perf_counter()
+    spec = model if isinstance(model, ModelSpec) else load_model_spec(model)
+    drop_budget = _choose_budget(spec, budget, fidelity_budget, metric)
+    fmts = parse_precisions(formats) if formats is not None else DEFAULT_CANDIDATES
+    captured = capture(spec.model(), spec.example_inputs(), name=spec.name)
+    batches = spec.calibration_data()
+    metric = metric or model_metric(spec, captured, batches)
+    reference, t_eval = _evaluate_fp32(metric, captured)
+    allowed = drop_budget.allowed_drop(reference)
+    prof = profile(captured, batches, formats=fmts, mode=profile_mode, output_kind=spec.output_kind, progress=progress)
+    cost = cost_model or RooflineCostModel(target, objective)
+    pins = parse_pins(keep, "keep") + parse_pins(force, "force")
+    deploy_graph = captured.graph.at_batch(batch) if captured.graph.batch else captured.graph
+    problem = SearchProblem.build(deploy_graph, prof, cost, formats=fmts, pins=pins)
+    amax = act_amax_from_profile(prof)
+    measured: dict[tuple, float] = {}
+
+    def evaluate(assignment: dict[str, Precision]) -> float:
+        key = tuple(sorted((k, v.value) for k, v in assignment.items()))
+        if key not in measured:
+            measured[key] = float(metric.measure(apply_plan(captured, assignment, amax)))
+        return measured[key]
+
+    plan = tune_loop(problem, strategy, lambda p: metric.drop(reference, evaluate(p.assignment)), allowed)
+    search_evals = len(measured)
+    plan, uniforms = _against_uniform(problem, plan, lambda a: metric.drop(reference, evaluate(a)), allowed)
+    tuned_value = evaluate(plan.assignment)
+    plan = plan.with_measured(metric=metric.name, metric_fp32=reference, metric_tuned=tuned_value,
+                              drop=metric.drop(reference, tuned_value), allowed_drop=allowed,
+                              budget=str(drop_budget), evaluations=search_evals,
+                              baseline_evaluations=len(measured) - search_evals)
+    pareto = pareto_sweep(problem, strategy, _sweep_budgets(prof, plan))
+    seconds = time.perf_counter() - t0
+    best_u = max((u for u in uniforms if u.within_budget), key=lambda u: u.speedup, default=None)
+    summary = TuneSummary(spec.name, metric.name, metric.higher_is_better, reference, tuned_value, str(drop_budget),
+                          allowed, plan.speedup, _ratio(plan.memory_bytes, plan.fp32_memory_bytes), best_u,
+                          len(measured) + 1, seconds, seconds / t_eval if t_eval > 0 else 0.0)
+    module = apply_plan(captured, plan.assignment, amax)
+    return TuneResult(plan, prof, captured, metric, summary, uniforms, pareto, module)
+
+
+def _choose_budget(spec: ModelSpec, budget: str | float | None, fidelity_budget: str | float | None,
+                   metric: Metric | None) -> DropBudget:
+    if spec.evaluate is None and metric is None:
+        if budget is not None:
+            raise UsageError(f"{spec.name} has no evaluate(): it is tuned on fidelity to its fp32 outputs; "
+                             "give --fidelity-budget (e.g. 1%) instead of --budget")
+        return DropBudget.parse(fidelity_budget if fidelity_budget is not None else "1%")
+    if fidelity_budget is not None:
+        raise UsageError(f"{spec.name} has evaluate(): give --budget (a drop of its {spec.metric}), "
+                         "not --fidelity-budget")
+    return DropBudget.parse(budget if budget is not None else "0.5%")
+
+
+def _evaluate_fp32(metric: Metric, captured: Captured) -> tuple[float, float]:
+    """The fp32 metric and the seconds one evaluation takes; stop early if it cannot be had."""
+    t = time.perf_counter()
+    try:
+        value = float(metric.measure(captured.gm))
+    except AutoprecError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"the fp32 model cannot be evaluated, so there is nothing to keep within a budget: "
+                         f"{metric.name} raised {type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from exc
+    if not math.isfinite(value):
+        raise UsageError(f"the fp32 model's {metric.name} is {value}: fix evaluate() before tuning")
+    return value, time.perf_counter() - t
+
+
+def _against_uniform(problem: SearchProblem, plan: PrecisionPlan, drop_of: Callable[[dict[str, Precision]], float],
+                     allowed: float) -> tuple[PrecisionPlan, list[UniformResult]]:
+    """Uniform plans (every layer in one format where it is allowed), fastest first, measured until
+    one meets the budget. If that one is faster than the searched plan (and breaks no pin or tie),
+    it becomes the plan: the additive error model can be pessimistic, and a measured faster plan
+    wins."""
+    uniform = get_strategy("uniform")
+    results: list[UniformResult] = []
+    found = False
+    cands = sorted({f for fs in problem.candidates.values() for f in fs}, key=lambda f: f.rank)
+    plans = []
+    for f in cands:
+        assignment = {op.name: (f if f in problem.candidates[op.name] else Precision.FP32)
+                      for op in problem.graph.layers()}
+        plans.append((f, problem.make_plan(assignment, math.inf, uniform.name)))
+    for f, up in sorted(plans, key=lambda x: -x[1].speedup):
+        drop = None
+        if not found:
+            drop = drop_of(up.assignment)
+            found = drop <= allowed
+        results.append(UniformResult(f, up.speedup, _ratio(up.memory_bytes, up.fp32_memory_bytes),
+                                     up.predicted_error, drop, drop is not None and drop <= allowed))
+        ties = problem.ties if problem.ties is not None else problem.graph.ties
+        ties_hold = all(len({up.assignment[n] for n in group}) == 1 for group in ties)
+        if drop is not None and drop <= allowed and up.speedup > plan.speedup and not problem.pins and ties_hold:
+            plan = replace(problem.make_plan(up.assignment, math.inf, f"{plan.strategy}+uniform"),
+                           budget=plan.budget, steps=plan.steps, measured=plan.measured)
+    return plan, results
+
+
+def _sweep_budgets(prof: SensitivityProfile, plan: PrecisionPlan, n: int = 24) -> list[float]:
+    errs = sorted(v for e in prof.errors.values() for v in e.values() if math.isfinite(v) and v > 0)
+    if not errs:
+        return [0.0]
+    lo, hi = errs[0], sum(errs)
+    return [0.0] + [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else 1.0

@@ -192,6 +192,7 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...], name: str = "", m
     normalise(gm, used)
     _propagate_shapes(gm, example_inputs)
     graph = build_opgraph(gm, name or type(model).__name__)
+    graph.batch = next((int(x.shape[0]) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
     return Captured(gm=gm, graph=graph, method=used, example_inputs=tuple(example_inputs))
 
 

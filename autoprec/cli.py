@@ -7,9 +7,12 @@ line to stderr and exits with its code; tracebacks are for bugs only (or ``--deb
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
+from dataclasses import asdict
+from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
@@ -20,6 +23,12 @@ from autoprec.errors import AutoprecError
 from autoprec.formats import DEFAULT_CANDIDATES, parse_precisions
 
 err_console = Console(stderr=True)
+
+
+def _console() -> Console:
+    """stdout console; wide enough for the tables when output goes to a file or a pipe."""
+    c = Console()
+    return c if c.is_terminal else Console(width=160)
 
 
 def _progress() -> Progress:
@@ -54,7 +63,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                            capture_method=args.capture, progress=progress)
     if args.json:
         atomic_write_text(args.json, prof.to_json())
-    out = Console()
+    out = _console()
     table = Table(title=f"{prof.model_name}: {prof.mode} sensitivity ({prof.measure} of the output, "
                         f"{prof.samples} calibration samples, captured by {captured.method})")
     table.add_column("layer")
@@ -88,6 +97,44 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from autoprec import api
+    from autoprec.io import atomic_write_text
+    from autoprec.report import write_report
+
+    out_dir = Path(args.out) if args.out else Path("out") / Path(args.model).stem
+    with _progress() as bar:
+        task = bar.add_task("profile", total=None, what="")
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, what=what)
+
+        result = api.tune(args.model, args.budget, fidelity_budget=args.fidelity_budget, target=args.target,
+                          objective=args.objective, formats=args.formats, strategy=args.strategy,
+                          keep=args.keep, force=args.force, profile_mode=args.profile_mode, batch=args.batch,
+                          progress=progress)
+    plan = result.plan
+    files = [plan.save(out_dir / "plan.json"), atomic_write_text(out_dir / "profile.json", result.profile.to_json())]
+    files += write_report(out_dir, plan, result.profile, result.captured.graph, result.summary, result.uniforms,
+                          result.pareto)
+    if args.json:
+        print(json.dumps({"plan": plan.to_dict(), "summary": asdict(result.summary),
+                          "files": [str(f) for f in files]}, sort_keys=True, default=str))
+        return 0
+    out = _console()
+    table = Table(title=f"{plan.model_name}: plan for {plan.target} ({plan.objective})")
+    for col in ("layer", "kind", "format", "reason"):
+        table.add_column(col)
+    for d in plan.decisions:
+        table.add_row(d.layer, d.kind, str(d.format), d.reason)
+    out.print(table)
+    for line in result.summary.lines():
+        out.print(line, highlight=False)
+    out.print(f"formats: {', '.join(f'{k} x{v}' for k, v in plan.format_counts().items())}; wrote "
+              + ", ".join(str(f) for f in files), highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoprec", description="Per-layer mixed precision (fp32/bf16/fp16/fp8) "
                                 "for PyTorch models under an accuracy budget.")
@@ -105,6 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="capture method (default: fx, falling back to torch.export)")
     pr.add_argument("--json", metavar="FILE", help="also write the profile as JSON")
     pr.set_defaults(func=cmd_profile)
+
+    tu = sub.add_parser("tune", help="search the fastest per-layer plan within an accuracy budget, verified")
+    tu.add_argument("model", help="model file following models/README.md")
+    tu.add_argument("--budget", help="largest allowed drop of the model's metric: relative (0.5%%) or "
+                                     "absolute (0.005); default 0.5%%")
+    tu.add_argument("--fidelity-budget", help="for models without evaluate(): largest drop of top-1 agreement "
+                                              "with fp32 (logits) or relative L2 error (values); default 1%%")
+    tu.add_argument("--target", default="h100", help="hardware target for the cost model: h100, a100, l4, generic")
+    tu.add_argument("--objective", choices=("latency", "memory"), default="latency")
+    tu.add_argument("--batch", type=int, default=1024,
+                    help="deployment batch (samples per call) the cost model prices (default 1024)")
+    tu.add_argument("--formats", default=None, help="candidate formats (default: bf16,fp16,fp8_e4m3)")
+    tu.add_argument("--strategy", default="milp", help="milp (default), greedy, bisection[:FORMAT] or uniform")
+    tu.add_argument("--keep", action="append", default=[], metavar="FMT:REGEX",
+                    help="keep layers whose scope, name or kind matches REGEX at FMT or wider, e.g. fp32:'head|embed'")
+    tu.add_argument("--force", action="append", default=[], metavar="FMT:REGEX",
+                    help="force matching layers to FMT, e.g. bf16:'blocks\\.0\\.'")
+    tu.add_argument("--profile-mode", choices=("fast", "exact"), default="fast",
+                    help="sensitivity estimate used by the search (default: fast)")
+    tu.add_argument("--out", metavar="DIR", help="output folder (default: out/<model name>)")
+    tu.add_argument("--json", action="store_true", help="print the plan and summary as JSON on stdout")
+    tu.set_defaults(func=cmd_tune)
     return p
 
 

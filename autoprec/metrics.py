@@ -18,14 +18,14 @@ from autoprec.errors import UsageError
 
 
 @dataclass(frozen=True)
-class Budget:
+class DropBudget:
     """Largest allowed metric drop; ``relative`` means a fraction of |fp32 metric|."""
 
     value: float
     relative: bool
 
     @classmethod
-    def parse(cls, text: str | float) -> "Budget":
+    def parse(cls, text: str | float) -> "DropBudget":
         """"0.5%" -> relative 0.005; "0.005" -> absolute 0.005. One-line UsageError otherwise."""
         s = str(text).strip()
         rel = s.endswith("%")
@@ -38,8 +38,14 @@ class Budget:
         return cls(v / 100 if rel else v, rel)
 
     def allowed_drop(self, reference: float) -> float:
-        """The budget in metric units for a model whose fp32 metric is ``reference``."""
-        return self.value * abs(reference) if self.relative else self.value
+        """The budget in metric units for a model whose fp32 metric is ``reference``.
+
+        A relative budget is a fraction of |reference|, or of 1 when the reference is 0 (the
+        relative L2 error of the fp32 model against itself): "1%" then means an error of 0.01.
+        """
+        if not self.relative:
+            return self.value
+        return self.value * (abs(reference) if reference != 0 else 1.0)
 
     def __str__(self) -> str:
         return f"{100 * self.value:g}%" if self.relative else f"{self.value:g}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
 import networkx as nx
@@ -85,6 +85,7 @@ class OpGraph:
     edges: list[tuple[str, str]]
     model_name: str = ""
     ties: list[list[str]] = field(default_factory=list)
+    batch: int = 0  # batch size of the example inputs the counts were taken at (0: unknown)
     graph: nx.DiGraph = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,14 +129,33 @@ class OpGraph:
 
         These are the edges where a format boundary between two layers may need a cast. A FOLLOW
         op between them runs in the producer's output format, so a cast sits right before the
-        consumer. ``elements`` is the size of the tensor the consumer reads. The producer may also
-        be a graph input or a NEVER op ("" as producer name): then the consumer always casts.
+        consumer. ``elements`` is the size of the consumer's input that comes from that producer
+        (the whole input for a single-input layer; the operand's size for the two operands of a
+        matmul). The producer may also be a graph input or a NEVER op ("" as producer name): then
+        the consumer always casts.
         """
         out: list[tuple[str, str, int]] = []
         for layer in self.layers():
-            for src in sorted(self._layer_sources(layer.name)):
-                out.append((src, layer.name, layer.act_in_elems))
+            per_source: dict[str, int] = {}
+            preds = self.predecessors(layer.name)
+            for p in preds:
+                size = self._by_name[p].act_out_elems or layer.act_in_elems // max(len(preds), 1)
+                for src in self._layer_sources_of(p):
+                    per_source[src] = per_source.get(src, 0) + size
+            for src in sorted(per_source):
+                out.append((src, layer.name, min(per_source[src], layer.act_in_elems)))
         return out
+
+    def _layer_sources_of(self, pred: str) -> set[str]:
+        """Sources (as in :meth:`_layer_sources`) of the value a consumer reads from ``pred``."""
+        op = self._by_name[pred]
+        if op.policy is Policy.ALWAYS:
+            return {pred}
+        if op.policy is Policy.FOLLOW:
+            return self._layer_sources(pred)
+        if op.policy is Policy.NEVER or (op.policy is Policy.NONE and op.act_out_elems):
+            return {""}
+        return set()
 
     def _layer_sources(self, name: str) -> set[str]:
         """Nearest upstream layers (or "" for an fp32 source) reached through FOLLOW ops."""
@@ -160,7 +180,8 @@ class OpGraph:
         """Map each FOLLOW op to the layer whose output format it runs in ("" for fp32 inputs).
 
         Used by the cost model to charge elementwise work to the layer that decides its format.
-        When a FOLLOW op has several upstream layers the first in execution order is its owner.
+        When a FOLLOW op has several upstream layers, the latest in execution order owns it (the
+        value that arrives last is the one the op waits for; the cost model charges it there).
         """
         order = {n.name: i for i, n in enumerate(self.nodes)}
         owner: dict[str, str] = {}
@@ -170,6 +191,23 @@ class OpGraph:
             srcs = sorted(self._layer_sources(n.name), key=lambda s: order.get(s, -1))
             owner[n.name] = srcs[-1] if srcs else ""
         return owner
+
+    def at_batch(self, batch: int) -> "OpGraph":
+        """The same graph with FLOPs and activation sizes counted for ``batch`` samples.
+
+        Everything that depends on a graph input scales linearly with the batch; weights and
+        constants (ops fed only by parameters and buffers) do not. Shapes stay as captured, so the
+        fingerprint is unchanged. The cost model prices a deployment batch, not the example's.
+        """
+        if batch <= 0 or not self.batch:
+            raise ValueError("at_batch needs a positive batch and a graph that knows its example batch")
+        f = batch / self.batch
+        inputs = [n.name for n in self.nodes if n.kind == "placeholder"]
+        live = set(inputs).union(*(nx.descendants(self.graph, i) for i in inputs)) if inputs else set()
+        scaled = [replace(n, flops=round(n.flops * f), act_in_elems=round(n.act_in_elems * f),
+                          act_out_elems=round(n.act_out_elems * f)) if n.name in live else n
+                  for n in self.nodes]
+        return OpGraph(scaled, list(self.edges), self.model_name, [list(t) for t in self.ties], batch)
 
     def total_flops(self) -> int:
         return sum(n.flops for n in self.nodes)
@@ -188,6 +226,7 @@ class OpGraph:
             "nodes": [n.to_dict() for n in self.nodes],
             "edges": [list(e) for e in self.edges],
             "ties": [list(t) for t in self.ties],
+            "batch": self.batch,
         }
 
     @classmethod
@@ -197,6 +236,7 @@ class OpGraph:
             edges=[(u, v) for u, v in d["edges"]],
             model_name=d.get("model_name", ""),
             ties=[list(t) for t in d.get("ties", [])],
+            batch=int(d.get("batch", 0)),
         )
 
     def to_json(self) -> str:

@@ -1,0 +1,173 @@
+"""What `autoprec tune` writes for people: report.md and two PNG plots.
+
+Pure presentation over plain data (plan, profile, op graph, Pareto points): no torch, no search.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from autoprec.formats import Precision
+from autoprec.io import atomic_write_bytes, atomic_write_text
+from autoprec.opgraph import OpGraph
+from autoprec.plan import PrecisionPlan
+from autoprec.search import ParetoPoint
+from autoprec.sensitivity import SensitivityProfile
+
+
+@dataclass(frozen=True)
+class UniformResult:
+    """A uniform plan (every layer in one format, where allowed) and its measured metric drop."""
+
+    format: Precision
+    speedup: float
+    memory_ratio: float
+    predicted_error: float
+    measured_drop: float | None  # None when not measured
+    within_budget: bool
+
+
+@dataclass(frozen=True)
+class TuneSummary:
+    """The figures the CLI prints and the report opens with."""
+
+    model: str
+    metric: str
+    higher_is_better: bool
+    metric_fp32: float
+    metric_tuned: float
+    budget_text: str
+    allowed_drop: float
+    speedup: float
+    memory_ratio: float  # plan memory / fp32 memory
+    best_uniform: UniformResult | None
+    evaluations: int
+    seconds: float
+    eval_passes: float  # tune wall time in units of one fp32 evaluation
+
+    @property
+    def drop(self) -> float:
+        d = self.metric_fp32 - self.metric_tuned
+        return d if self.higher_is_better else -d
+
+    def lines(self) -> list[str]:
+        arrow = "higher is better" if self.higher_is_better else "lower is better"
+        out = [
+            f"{self.metric} ({arrow}): fp32 {self.metric_fp32:.6g} -> tuned {self.metric_tuned:.6g} "
+            f"(drop {self.drop:.4g}; budget {self.budget_text} = {self.allowed_drop:.4g})",
+            f"estimated speedup {self.speedup:.2f}x and memory {100 * self.memory_ratio:.0f}% of all-fp32",
+        ]
+        u = self.best_uniform
+        if u is not None:
+            out.append(f"best uniform plan within budget: all-{u.format} at {u.speedup:.2f}x "
+                       f"(measured drop {u.measured_drop:.4g}); tuned plan is {self.speedup / u.speedup:.2f}x that")
+        else:
+            out.append("no uniform low-precision plan meets the budget")
+        out.append(f"{self.evaluations} full evaluations; tuning took {self.seconds:.1f} s "
+                   f"= {self.eval_passes:.1f} fp32 evaluations")
+        return out
+
+
+def _e(x: float) -> str:
+    return "inf" if not math.isfinite(x) else f"{x:.2e}"
+
+
+def write_report(out_dir: Path, plan: PrecisionPlan, profile: SensitivityProfile, graph: OpGraph,
+                 summary: TuneSummary, uniforms: Sequence[UniformResult], pareto: Sequence[ParetoPoint]) -> list[Path]:
+    """Write report.md, sensitivity.png and pareto.png into ``out_dir``; return their paths."""
+    heat = plot_sensitivity(out_dir / "sensitivity.png", profile, graph)
+    front = plot_pareto(out_dir / "pareto.png", pareto, plan, uniforms)
+    lines = [f"# autoprec tune: {plan.model_name}", ""]
+    lines += [f"- {s}" for s in summary.lines()]
+    lines += [f"- target {plan.target}, objective {plan.objective}, strategy {plan.strategy}, "
+              f"profile {profile.mode} ({profile.measure})", ""]
+    lines += ["## Uniform plans", "", "| format | est. speedup | memory | predicted error | measured drop | within budget |",
+              "|---|---|---|---|---|---|"]
+    for u in uniforms:
+        md = "-" if u.measured_drop is None else f"{u.measured_drop:.4g}"
+        lines.append(f"| {u.format} | {u.speedup:.2f}x | {100 * u.memory_ratio:.0f}% | {_e(u.predicted_error)} "
+                     f"| {md} | {'yes' if u.within_budget else 'no'} |")
+    lines += ["", "## Verification steps", "", "| error budget | predicted error | measured drop | est. cost | accepted |",
+              "|---|---|---|---|---|"]
+    for s in plan.steps:
+        md = "(seen before)" if s.measured_drop is None else f"{s.measured_drop:.4g}"
+        lines.append(f"| {_e(s.error_budget)} | {_e(s.predicted_error)} | {md} | {s.cost:.3g} | {s.accepted} |")
+    lines += ["", "## Layers", "", "| layer | scope | kind | FLOPs | format | predicted error | est. cost (s) | reason |",
+              "|---|---|---|---|---|---|---|---|"]
+    for d in plan.decisions:
+        op = graph[d.layer]
+        lines.append(f"| {d.layer} | {d.scope} | {d.kind} | {op.flops:,} | {d.format} | {_e(d.predicted_error)} "
+                     f"| {d.cost:.3g} | {d.reason} |")
+    flagged = [(n, f) for n, fl in profile.flags.items() for f in fl]
+    if flagged:
+        lines += ["", "## Profile flags", ""] + [f"- `{n}`: {f}" for n, f in flagged]
+    lines += ["", f"![sensitivity]({heat.name})", "", f"![pareto]({front.name})", ""]
+    report = atomic_write_text(out_dir / "report.md", "\n".join(lines))
+    return [report, heat, front]
+
+
+def _png(path: Path, fig: object) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_sensitivity(path: Path, profile: SensitivityProfile, graph: OpGraph) -> Path:
+    """Heatmap of log10 error per layer (rows, execution order) and format (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = [n for n in graph.layer_names() if n in profile.errors]
+    fmts = list(profile.formats)
+    vals = np.array([[profile.errors[n][f] for f in fmts] for n in layers], dtype=float)
+    finite = vals[np.isfinite(vals) & (vals > 0)]
+    floor = finite.min() if finite.size else 1e-12
+    shown = np.log10(np.where(np.isfinite(vals), np.maximum(vals, floor), np.nan))
+    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(fmts), 1.2 + 0.28 * len(layers)))
+    im = ax.imshow(shown, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(fmts)), [str(f) for f in fmts])
+    ax.set_yticks(range(len(layers)), [f"{n} ({graph[n].kind})" for n in layers], fontsize=7)
+    for i, j in zip(*np.where(~np.isfinite(vals))):
+        ax.text(j, i, "inf", ha="center", va="center", color="red", fontsize=7)
+    fig.colorbar(im, ax=ax, label=f"log10 {profile.measure} of the output")
+    ax.set_title(f"{profile.model_name}: per-layer sensitivity ({profile.mode})")
+    out = _png(path, fig)
+    plt.close(fig)
+    return out
+
+
+def plot_pareto(path: Path, points: Sequence[ParetoPoint], plan: PrecisionPlan,
+                uniforms: Sequence[UniformResult]) -> Path:
+    """Predicted error against estimated speedup for a budget sweep, with the chosen plan and the
+    uniform plans marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = [p for p in points if p.predicted_error > 0]
+    if pts:
+        ax.plot([p.speedup for p in pts], [p.predicted_error for p in pts], "o-", ms=3, label="budget sweep")
+    for u in uniforms:
+        if u.predicted_error > 0 and math.isfinite(u.predicted_error):
+            ax.scatter([u.speedup], [u.predicted_error], marker="s", color="grey")
+            ax.annotate(f"all-{u.format}", (u.speedup, u.predicted_error), fontsize=7)
+    if plan.predicted_error > 0:
+        ax.scatter([plan.speedup], [plan.predicted_error], marker="*", s=160, color="red", label="chosen", zorder=5)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"estimated speedup on {plan.target} vs fp32")
+    ax.set_ylabel("predicted error (sum of per-layer errors)")
+    ax.set_title(f"{plan.model_name}: Pareto front")
+    ax.legend(fontsize=8)
+    out = _png(path, fig)
+    plt.close(fig)
+    return out

@@ -1,0 +1,186 @@
+"""Roofline cost model (no torch): targets, layer/FOLLOW/NEVER costs, casts, memory, plug-ins."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autoprec.cost import (
+    LAUNCH_OVERHEAD_S, TARGETS, CostModel, RooflineCostModel, cast_groups, get_target, memory_bytes,
+)
+from autoprec.errors import UsageError
+from autoprec.formats import Precision
+from autoprec.opgraph import OpGraph, OpNode, Policy
+from autoprec.search import SearchProblem, solve
+from autoprec.sensitivity import SensitivityProfile
+
+P = Precision
+H100 = get_target("h100")
+
+
+def layer(name="l", flops=0, w=0, a_in=0, a_out=0, kind="linear") -> OpNode:
+    return OpNode(name, kind, name, Policy.ALWAYS, flops=flops, weight_elems=w, act_in_elems=a_in, act_out_elems=a_out)
+
+
+def test_targets_from_facts():
+    assert set(TARGETS) == {"h100", "a100", "l4", "generic"}
+    assert get_target().name == "h100" and get_target("H100") is H100
+    assert H100.peak(P.FP32) == 67e12 and H100.peak(P.BF16) == H100.peak(P.FP16) == 989e12
+    assert H100.peak(P.FP8_E4M3) == H100.peak(P.FP8_E5M2) == 1979e12
+    assert H100.bandwidth == 3.35e12
+    a100 = get_target("a100")
+    assert not a100.supports(P.FP8_E4M3) and not a100.supports(P.FP8_E5M2)
+    assert a100.formats == (P.FP32, P.BF16, P.FP16)
+    assert get_target("l4").peak(P.FP8_E4M3) == 242e12 and get_target("l4").bandwidth == 0.30e12
+    assert all(t.supports(f) for f in P for t in (H100, get_target("generic")))
+
+
+def test_unknown_target_is_one_line_listing_names():
+    with pytest.raises(UsageError) as e:
+        get_target("b200")
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in TARGETS)
+    with pytest.raises(UsageError, match="does not support fp8"):
+        get_target("a100").peak(P.FP8_E4M3)
+    with pytest.raises(UsageError, match="objective"):
+        RooflineCostModel("h100", "energy")
+
+
+def test_compute_bound_and_memory_bound_layers():
+    cm = RooflineCostModel("h100")
+    big = layer(flops=2 * 8192**3, w=8192**2, a_in=8192**2, a_out=8192**2)
+    assert cm.layer_cost(big, P.BF16) == pytest.approx(2 * 8192**3 / 989e12 + LAUNCH_OVERHEAD_S)
+    assert cm.layer_cost(big, P.FP32) == pytest.approx(2 * 8192**3 / 67e12 + LAUNCH_OVERHEAD_S)
+    thin = layer(flops=2 * 10**6, w=10**6, a_in=10**3, a_out=10**3)  # a matrix-vector product
+    nbytes = 10**6 * 2 + 10**3 * 2 + 10**3 * 2
+    assert cm.layer_cost(thin, P.FP16) == pytest.approx(nbytes / 3.35e12 + LAUNCH_OVERHEAD_S)
+    # fp8: one-byte weights and inputs, but the output is written in bf16
+    fp8_bytes = 10**6 + 10**3 + 10**3 * 2
+    assert cm.layer_cost(thin, P.FP8_E4M3) == pytest.approx(fp8_bytes / 3.35e12 + LAUNCH_OVERHEAD_S)
+    tiny = layer(flops=2, w=1, a_in=1, a_out=1)
+    assert cm.layer_cost(tiny, P.FP32) >= LAUNCH_OVERHEAD_S
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10**12), st.integers(0, 10**8), st.integers(0, 10**8), st.integers(0, 10**8),
+       st.sampled_from(sorted(TARGETS)))
+def test_narrower_formats_are_never_slower(flops, w, a_in, a_out, target):
+    cm = RooflineCostModel(target)
+    op = layer(flops=flops, w=w, a_in=a_in, a_out=a_out)
+    costs = {f: cm.layer_cost(op, f) for f in cm.target.formats}
+    assert costs[P.BF16] == costs[P.FP16] <= costs[P.FP32]
+    if P.FP8_E4M3 in costs:
+        assert costs[P.FP8_E4M3] == costs[P.FP8_E5M2] <= costs[P.BF16]
+    assert all(c >= LAUNCH_OVERHEAD_S for c in costs.values())
+
+
+def test_cast_costs():
+    cm = RooflineCostModel("h100")
+    n = 10**6
+    assert cm.cast_cost(n, P.BF16, P.BF16) == 0.0
+    assert cm.cast_cost(n, P.FP32, P.BF16) == pytest.approx(n * 6 / 3.35e12 + LAUNCH_OVERHEAD_S)
+    # into fp8: one kernel that scales by the static calibration scale and casts (no amax pass)
+    assert cm.cast_cost(n, P.BF16, P.FP8_E4M3) == pytest.approx(n * (2 + 1) / 3.35e12 + LAUNCH_OVERHEAD_S)
+    assert cm.cast_cost(n, P.BF16, P.FP8_E4M3) < cm.cast_cost(n, P.BF16, P.FP16)
+    mem = RooflineCostModel("h100", "memory")
+    assert mem.cast_cost(n, P.FP32, P.FP16) == 2 * n
+
+
+def qkv_graph() -> OpGraph:
+    """x -> ln (NEVER) -> q, k, v (tied) ; q,k -> qk -> softmax -> av <- v ; av -> relu -> out."""
+    n = 1000
+    nodes = [
+        OpNode("x", "placeholder", "", Policy.NONE, act_out_elems=n),
+        OpNode("ln", "layer_norm", "ln", Policy.NEVER, act_in_elems=n, act_out_elems=n),
+        *(layer(q, flops=2 * n * 64, w=64 * 64, a_in=n, a_out=n) for q in "qkv"),
+        layer("qk", flops=2 * n * n, a_in=2 * n, a_out=n, kind="matmul"),
+        OpNode("sm", "softmax", "sm", Policy.NEVER, act_in_elems=n, act_out_elems=n),
+        layer("av", flops=2 * n * n, a_in=2 * n, a_out=n, kind="matmul"),
+        OpNode("relu", "relu", "relu", Policy.FOLLOW, act_in_elems=n, act_out_elems=n),
+        OpNode("view", "view", "view", Policy.FOLLOW, act_in_elems=n, act_out_elems=n),
+        OpNode("out", "output", "", Policy.NONE),
+    ]
+    edges = [("x", "ln"), ("ln", "q"), ("ln", "k"), ("ln", "v"), ("q", "qk"), ("k", "qk"), ("qk", "sm"),
+             ("sm", "av"), ("v", "av"), ("av", "relu"), ("relu", "view"), ("view", "out")]
+    return OpGraph(nodes, edges, "qkv", ties=[["q", "k", "v"]])
+
+
+def test_cast_groups_share_one_cast_per_value():
+    g = qkv_graph()
+    groups = {(x.producer, x.consumers) for x in cast_groups(g)}
+    assert ("", ("q", "k", "v")) in groups  # the LayerNorm output, read by three projections
+    cm = RooflineCostModel("h100")
+    all16 = {n: P.FP16 for n in g.layer_names()}
+    b = cm.breakdown(g, all16)
+    # one fp32 -> fp16 cast for ln's output (not three), one for the softmax output av reads;
+    # qk reads q and k, already fp16: no cast
+    # (each cast moves the 1000 elements of the value it converts, not av's whole 2000-element input)
+    expected = cm.cast_cost(1000, P.FP32, P.FP16) + cm.cast_cost(1000, P.FP32, P.FP16)
+    assert b.casts == pytest.approx(expected)
+    assert cm.breakdown(g, {}).casts == 0.0
+
+
+def test_plan_cost_sums_layers_follow_fixed_and_casts():
+    g = qkv_graph()
+    cm = RooflineCostModel("h100")
+    fp32 = cm.breakdown(g, {})
+    assert fp32.total == cm.plan_cost(g, {}) == pytest.approx(fp32.layers + fp32.follow + fp32.fixed)
+    mixed = {"q": P.FP8_E4M3, "k": P.FP8_E4M3, "v": P.FP8_E4M3, "qk": P.BF16, "av": P.FP16}
+    b = cm.breakdown(g, mixed)
+    relu = g["relu"]
+    assert b.follow == pytest.approx(cm.follow_cost(relu, P.FP16))  # relu follows av (fp16)
+    assert cm.follow_cost(g["view"], P.FP16) == 0.0  # views move no bytes
+    assert b.fixed == fp32.fixed  # NEVER ops stay fp32 whatever the plan
+    assert b.layers < fp32.layers
+    # casts: ln -> fp8 (quantize), q,k (write bf16) -> qk bf16 needs none; v (bf16) -> av fp16
+    assert b.casts == pytest.approx(cm.cast_cost(1000, P.FP32, P.FP8_E4M3) + cm.cast_cost(1000, P.FP32, P.FP16)
+                                    + cm.cast_cost(1000, P.BF16, P.FP16))
+
+
+def test_memory_objective_counts_weights_in_their_format():
+    g = qkv_graph()
+    mem = RooflineCostModel("h100", "memory")
+    w = sum(op.weight_elems for op in g.layers())
+    full = mem.plan_cost(g, {})
+    half = mem.plan_cost(g, {n: P.BF16 for n in g.layer_names()})
+    assert half < full and memory_bytes(g, {}) == full
+    assert full - mem.plan_cost(g, {"q": P.FP8_E4M3, "k": P.FP8_E4M3, "v": P.FP8_E4M3}) > 0
+    assert mem.layer_cost(g["q"], P.FP8_E4M3) == 64 * 64 * 1 + 1000 * 2
+    assert w * 4 <= full
+
+
+class CountingCost(CostModel):
+    """A user cost model: every layer costs its bit width; casts cost 1. Only two methods."""
+
+    name = "bits"
+
+    def layer_cost(self, op, fmt):
+        return float(fmt.bits)
+
+    def cast_cost(self, elems, src, dst):
+        return 1.0
+
+
+def test_custom_cost_model_plugs_into_the_search():
+    g = qkv_graph()
+    errors = {n: {f: 1e-3 for f in (P.BF16, P.FP16, P.FP8_E4M3)} for n in g.layer_names()}
+    prof = SensitivityProfile("qkv", g.fingerprint(), "exact", "kl", (P.FP32, P.BF16, P.FP16, P.FP8_E4M3), errors)
+    prob = SearchProblem.build(g, prof, CountingCost(), budget=1.0)
+    plan = solve(prob, "milp")
+    assert plan.target == "bits"
+    assert plan.cost == CountingCost().plan_cost(g, plan.assignment)
+    assert plan.cost <= CountingCost().plan_cost(g, {n: P.FP8_E4M3 for n in g.layer_names()})
+    assert plan.cost < plan.fp32_cost
+
+
+def test_at_batch_scales_what_depends_on_inputs_only():
+    g = qkv_graph()
+    g.batch = 4
+    big = g.at_batch(16)
+    assert big.batch == 16 and big.fingerprint() == g.fingerprint()
+    assert big["q"].flops == 4 * g["q"].flops and big["q"].act_in_elems == 4 * g["q"].act_in_elems
+    assert big["q"].weight_elems == g["q"].weight_elems  # weights do not grow with the batch
+    assert big["x"].act_out_elems == 4 * g["x"].act_out_elems
+    with pytest.raises(ValueError):
+        qkv_graph().at_batch(16)  # a graph that does not know its example batch
