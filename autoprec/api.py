@@ -157,18 +157,14 @@ def _evaluate_fp32(metric: Metric, captured: Captured) -> tuple[float, float]:
 def _against_uniform(problem: SearchProblem, plan: PrecisionPlan, drop_of: Callable[[dict[str, Precision]], float],
                      allowed: float) -> tuple[PrecisionPlan, list[UniformResult]]:
     """Uniform plans (every layer in one format where it is allowed), fastest first, measured until
-    one meets the budget. If that one is faster than the searched plan (and breaks no pin or tie),
-    it becomes the plan: the additive error model can be pessimistic, and a measured faster plan
-    wins."""
+    one meets the budget. If that one is faster than the searched plan, it becomes the plan: the
+    additive error model can be pessimistic, and a measured faster plan wins. (Uniform plans honour
+    exclusions, pins and ties, see SearchProblem.uniform_assignment.)"""
     uniform = get_strategy("uniform")
     results: list[UniformResult] = []
     found = False
     cands = sorted({f for fs in problem.candidates.values() for f in fs}, key=lambda f: f.rank)
-    plans = []
-    for f in cands:
-        assignment = {op.name: (f if f in problem.candidates[op.name] else Precision.FP32)
-                      for op in problem.graph.layers()}
-        plans.append((f, problem.make_plan(assignment, math.inf, uniform.name)))
+    plans = [(f, problem.make_plan(problem.uniform_assignment(f), math.inf, uniform.name)) for f in cands]
     for f, up in sorted(plans, key=lambda x: -x[1].speedup):
         drop = None
         if not found:
@@ -176,9 +172,7 @@ def _against_uniform(problem: SearchProblem, plan: PrecisionPlan, drop_of: Calla
             found = drop <= allowed
         results.append(UniformResult(f, up.speedup, _ratio(up.memory_bytes, up.fp32_memory_bytes),
                                      up.predicted_error, drop, drop is not None and drop <= allowed))
-        ties = problem.ties if problem.ties is not None else problem.graph.ties
-        ties_hold = all(len({up.assignment[n] for n in group}) == 1 for group in ties)
-        if drop is not None and drop <= allowed and up.speedup > plan.speedup and not problem.pins and ties_hold:
+        if drop is not None and drop <= allowed and up.speedup > plan.speedup:
             plan = replace(problem.make_plan(up.assignment, math.inf, f"{plan.strategy}+uniform"),
                            budget=plan.budget, steps=plan.steps, measured=plan.measured)
     return plan, results

@@ -445,9 +445,10 @@ def _per_sample_dot(g: torch.Tensor, d: torch.Tensor, batch: int) -> torch.Tenso
 
 
 def _rounding_delta(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """q - x; x is finite (fp32 activations), so any non-finite entry is an overflow of q and
-    makes the whole estimate infinite downstream."""
-    return q - x
+    """q - x. Values already infinite in fp32 (e.g. -inf in masked attention scores) round to
+    themselves: their inf - inf is 0, not NaN. An overflow (finite x, infinite q) stays infinite and
+    makes the estimate infinite."""
+    return torch.nan_to_num(q - x, nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tuple[Any, ...]],

@@ -92,6 +92,12 @@ class SearchProblem:
     def compiled(self) -> "_Compiled":
         return _Compiled(self)
 
+    def uniform_assignment(self, f: Precision) -> dict[str, Precision]:
+        """Every layer in ``f`` where exclusions, pins and ties allow it, else its widest allowed
+        format (fp32 unless pinned otherwise): the uniform baseline a mixed plan must beat."""
+        c = self.compiled
+        return c.to_layers(c.uniform(f))
+
     def make_plan(self, assignment: Mapping[str, Precision], budget: float, strategy: str,
                   alternatives: Sequence[Alternative] = (), notes: Sequence[str] = ()) -> PrecisionPlan:
         """Turn a layer -> format assignment into a plan with reasons, costs and errors."""
@@ -285,6 +291,10 @@ class _Compiled:
         return [f for f in formats
                 if not any(g is not f and beats(g, f) and (not beats(f, g) or g.rank < f.rank) for g in formats)]
 
+    def uniform(self, f: Precision) -> list[Precision]:
+        """Every unit in ``f`` where it is allowed, else in its widest allowed format."""
+        return [f if f in u.formats else self.widest[ui] for ui, u in enumerate(self.units)]
+
     def to_layers(self, fmt: Sequence[Precision]) -> dict[str, Precision]:
         return {n: f for u, f in zip(self.units, fmt) for n in u.layers}
 
@@ -352,6 +362,11 @@ class _Compiled:
                 text = f"kept at {f} by the {strategy} strategy ({cheaper[0]} would be cheaper and fit)"
             else:
                 text = "cheapest format within budget"
+                narrower = [g for g in alts if g.rank > f.rank and g not in u.notes]
+                if narrower:
+                    names = "/".join(str(g) for g in sorted(narrower, key=lambda g: g.rank))
+                    text += (f"; {names} would cost more here: the casts at its boundaries outweigh "
+                             f"its faster math")
             if f is not FP32 or alts:
                 # narrower formats the layer was never offered: say why (overflow, target support)
                 lost = _excluded_text((g, r) for g, r in u.notes.items() if g.rank > f.rank)
@@ -658,7 +673,7 @@ class UniformStrategy:
         formats = sorted({f for u in c.units for f in u.formats} | {FP32}, key=lambda f: f.rank)
         options = []
         for f in formats:
-            fmt = [f if f in u.formats else c.widest[ui] for ui, u in enumerate(c.units)]
+            fmt = c.uniform(f)
             e, cost = c.total_error(fmt), c.total_cost(fmt)
             options.append((fmt, Alternative(f"uniform {f}", e, cost, e <= b)))
         fits = [o for o in options if o[1].within_budget] or options[:1]

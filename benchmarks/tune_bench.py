@@ -1,0 +1,62 @@
+"""Tune benchmark: every zoo model at budgets 0.1%, 0.5% and 2%.
+
+    .venv/bin/python benchmarks/tune_bench.py [models/x.py ...] [--budgets 0.1%,0.5%,2%]
+
+For each (model, budget) it prints the measured metric drop against the allowed drop (must be
+within), the estimated speedup of the tuned plan against the best uniform plan that meets the
+budget (must be >=), the formats used, the full evaluations the search used (cap 2 + log2 L), and
+the tuning time in units of one fp32 evaluation (goal <= 15 for digits_resnet). Models without
+evaluate() are tuned on fidelity (top-1 agreement with fp32) with the same budget numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from autoprec.api import tune  # noqa: E402
+from autoprec.search import max_measurements  # noqa: E402
+from autoprec.spec import load_model_spec  # noqa: E402
+
+
+def zoo() -> list[Path]:
+    return sorted(p for p in (ROOT / "models").glob("*.py") if p.stem not in ("train", "zoo_common"))
+
+
+def main(argv: list[str]) -> str:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--budgets", default="0.1%,0.5%,2%")
+    args = ap.parse_args(argv)
+    lines = ["| model | budget | metric fp32 -> tuned | drop / allowed | within | est. speedup | best uniform "
+             "| >= uniform | formats | search evals (cap) | tune time (fp32 evals) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in (args.models or zoo()):
+        spec = load_model_spec(path)
+        for b in args.budgets.split(","):
+            kw = {"budget": b} if spec.evaluate is not None else {"fidelity_budget": b}
+            r = tune(spec, **kw)
+            s, plan = r.summary, r.plan
+            u = s.best_uniform
+            ok_u = u is None or plan.speedup >= u.speedup - 1e-9
+            cap = max_measurements(len(r.captured.graph.layers()))
+            counts = ", ".join(f"{k} {v}" for k, v in plan.format_counts().items())
+            lines.append(
+                f"| {spec.name} | {b} | {s.metric_fp32:.4f} -> {s.metric_tuned:.4f} | {s.drop:.4g} / {s.allowed_drop:.4g} "
+                f"| {'yes' if s.drop <= s.allowed_drop else 'NO'} | {plan.speedup:.2f}x "
+                f"| {f'{u.format} {u.speedup:.2f}x' if u else 'none'} | {'yes' if ok_u else 'NO'} | {counts} "
+                f"| {plan.measured['evaluations']} ({cap}) | {s.eval_passes:.1f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    out = main(sys.argv[1:])
+    print()
+    print(out)
+    sys.exit(0 if "| NO |" not in out and "NO" not in out.split("\n", 2)[-1] else 1)
