@@ -5,7 +5,7 @@ setup:
 	@./scripts/setup.sh
 
 demo: setup
-	.venv/bin/autoprec profile models/digits_cnn.py --json out/digits_cnn.profile.json
+	.venv/bin/autoprec tune models/char_transformer.py --budget 0.5% --out out/char_transformer
 
 test: setup
 	.venv/bin/python -m pytest -q -n 2

@@ -36,7 +36,7 @@ from passes import act_amax_from_profile, apply_plan
 DEPLOY_BATCH = 1024
 
 __all__ = ["capture", "profile", "load_model_spec", "profile_model", "SearchProblem", "solve", "apply_plan",
-           "act_amax_from_profile", "tune", "TuneResult", "RooflineCostModel", "Metric"]
+           "act_amax_from_profile", "apply_plan_file", "tune", "TuneResult", "RooflineCostModel", "Metric"]
 
 
 def profile_model(model: str | Path | ModelSpec, mode: str = "exact",
@@ -110,7 +110,10 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
 
     plan = tune_loop(problem, strategy, lambda p: metric.drop(reference, evaluate(p.assignment)), allowed)
     search_evals = len(measured)
-    plan, uniforms = _against_uniform(problem, plan, lambda a: metric.drop(reference, evaluate(a)), allowed)
+    # a built-in strategy's plan gives way to a faster measured uniform plan; a user's strategy is
+    # only compared against them (its choices may encode constraints we cannot see)
+    plan, uniforms = _against_uniform(problem, plan, lambda a: metric.drop(reference, evaluate(a)), allowed,
+                                      adopt=isinstance(strategy, str))
     tuned_value = evaluate(plan.assignment)
     plan = plan.with_measured(metric=metric.name, metric_fp32=reference, metric_tuned=tuned_value,
                               drop=metric.drop(reference, tuned_value), allowed_drop=allowed,
@@ -124,6 +127,29 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
                           len(measured) + 1, seconds, seconds / t_eval if t_eval > 0 else 0.0)
     module = apply_plan(captured, plan.assignment, amax)
     return TuneResult(plan, prof, captured, metric, summary, uniforms, pareto, module)
+
+
+def apply_plan_file(model: str | Path | ModelSpec, plan: PrecisionPlan | str | Path, profile_json: str | Path | None = None,
+                    mode: str = "emulate") -> Any:
+    """The model of ``model`` rewritten by a saved plan (emulate: CPU rounding; native: real 16-bit).
+
+    The plan must have been made for this model: unknown or missing layers are a PlanError that
+    names them. fp8 layers need the calibrated activation amax of the plan's profile.json (by
+    default the one beside plan.json).
+    """
+    spec = model if isinstance(model, ModelSpec) else load_model_spec(model)
+    plan_path = None if isinstance(plan, PrecisionPlan) else Path(plan)
+    plan = plan if isinstance(plan, PrecisionPlan) else PrecisionPlan.load(plan)
+    captured = capture(spec.model(), spec.example_inputs(), name=spec.name)
+    plan.check_against(captured.graph)
+    amax: dict[str, tuple[float, ...]] = {}
+    if any(f.is_fp8 for f in plan.assignment.values()):
+        src = Path(profile_json) if profile_json else (plan_path.parent / "profile.json" if plan_path else None)
+        if src is None or not src.is_file():
+            raise UsageError(f"the plan has fp8 layers, whose scales come from calibration: give the profile.json "
+                             f"written beside plan.json ({src or 'no path given'} not found)")
+        amax = act_amax_from_profile(SensitivityProfile.from_json(src.read_text()))
+    return apply_plan(captured, plan.assignment, amax, mode=mode)
 
 
 def _choose_budget(spec: ModelSpec, budget: str | float | None, fidelity_budget: str | float | None,
@@ -155,9 +181,9 @@ def _evaluate_fp32(metric: Metric, captured: Captured) -> tuple[float, float]:
 
 
 def _against_uniform(problem: SearchProblem, plan: PrecisionPlan, drop_of: Callable[[dict[str, Precision]], float],
-                     allowed: float) -> tuple[PrecisionPlan, list[UniformResult]]:
+                     allowed: float, adopt: bool) -> tuple[PrecisionPlan, list[UniformResult]]:
     """Uniform plans (every layer in one format where it is allowed), fastest first, measured until
-    one meets the budget. If that one is faster than the searched plan, it becomes the plan: the
+    one meets the budget. If that one is faster than the searched plan (and ``adopt``), it becomes the plan: the
     additive error model can be pessimistic, and a measured faster plan wins. (Uniform plans honour
     exclusions, pins and ties, see SearchProblem.uniform_assignment.)"""
     uniform = get_strategy("uniform")
@@ -172,7 +198,7 @@ def _against_uniform(problem: SearchProblem, plan: PrecisionPlan, drop_of: Calla
             found = drop <= allowed
         results.append(UniformResult(f, up.speedup, _ratio(up.memory_bytes, up.fp32_memory_bytes),
                                      up.predicted_error, drop, drop is not None and drop <= allowed))
-        if drop is not None and drop <= allowed and up.speedup > plan.speedup:
+        if adopt and drop is not None and drop <= allowed and up.speedup > plan.speedup:
             plan = replace(problem.make_plan(up.assignment, math.inf, f"{plan.strategy}+uniform"),
                            budget=plan.budget, steps=plan.steps, measured=plan.measured)
     return plan, results

@@ -22,7 +22,7 @@ from rich.table import Table
 from autoprec.errors import AutoprecError
 from autoprec.formats import DEFAULT_CANDIDATES, parse_precisions
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
 
 def _console() -> Console:

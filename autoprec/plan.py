@@ -83,7 +83,7 @@ def parse_pin(text: str, source: str = "keep") -> Pin:
     try:
         re.compile(pattern)
     except re.error as e:
-        raise UsageError(f"bad --{source} pattern {pattern!r}: {e}") from None
+        raise UsageError(f"bad --{source} pattern {pattern!r}: {e} (it is a Python regular expression, e.g. 'head|embed')") from None
     return Pin(fmt, pattern, source)
 
 
