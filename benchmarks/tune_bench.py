@@ -12,7 +12,6 @@ evaluate() are tuned on fidelity (top-1 agreement with fp32) with the same budge
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
