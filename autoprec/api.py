@@ -94,7 +94,8 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     metric = metric or model_metric(spec, captured, batches)
     reference, t_eval = _evaluate_fp32(metric, captured)
     allowed = drop_budget.allowed_drop(reference)
-    prof = profile(captured, batches, formats=fmts, mode=profile_mode, output_kind=spec.output_kind, progress=progress)
+    prof = profile(captured, batches, formats=fmts, mode=profile_mode, output_kind=spec.output_kind,
+                   progress=progress, time_reference=False)
     cost = cost_model or RooflineCostModel(target, objective)
     pins = parse_pins(keep, "keep") + parse_pins(force, "force")
     deploy_graph = captured.graph.at_batch(batch) if captured.graph.batch else captured.graph

@@ -166,28 +166,35 @@ def measure_name(kind: str) -> str:
 
 @dataclass
 class _ErrorSum:
-    """Accumulates an error over batches: KL summed over positions, or squared error and norm."""
+    """Accumulates an error over batches: KL summed over positions, or squared error and norm.
+
+    ``reference(y)`` prepares an fp32 output once (its float64 log-probabilities for logits), so
+    the many trials on one batch do not recompute it.
+    """
 
     kind: str
     num: float = 0.0
     den: float = 0.0
 
-    def add(self, ref: torch.Tensor, new: torch.Tensor) -> None:
+    def reference(self, ref: torch.Tensor) -> torch.Tensor:
+        # float64: the KL of fp16-sized perturbations (~1e-9) is below fp32's cancellation noise
+        return torch.log_softmax(ref.double(), dim=-1) if self.kind == "logits" else ref
+
+    def add(self, ref: torch.Tensor, new: torch.Tensor, prepared: torch.Tensor | None = None) -> None:
         if not math.isfinite(self.num):
             return
         if not bool(torch.isfinite(new).all()):
             self.num = math.inf  # the reference is finite (checked once per profile): overflow
             return
+        ref_p = self.reference(ref) if prepared is None else prepared
         if self.kind == "logits":
-            # float64: the KL of fp16-sized perturbations (~1e-9) is below fp32's cancellation noise
-            logp = torch.log_softmax(ref.double(), dim=-1)
             logq = torch.log_softmax(new.double(), dim=-1)
-            kl = (logp.exp() * (logp - logq)).sum(dim=-1)
+            kl = (ref_p.exp() * (ref_p - logq)).sum(dim=-1)
             self.num += float(kl.sum(dtype=torch.float64))
             self.den += kl.numel()
         else:
-            self.num += float(((new - ref) ** 2).sum(dtype=torch.float64))
-            self.den += float((ref * ref).sum(dtype=torch.float64))
+            self.num += float(((new - ref_p) ** 2).sum(dtype=torch.float64))
+            self.den += float((ref_p * ref_p).sum(dtype=torch.float64))
 
     def value(self) -> float:
         if not math.isfinite(self.num) or math.isnan(self.num):
@@ -216,10 +223,11 @@ class _RangeAcc:
             a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
             amax = float(a.amax())
         self.amax = max(self.amax, amax)
-        self.sumsq += float((a * a).sum(dtype=torch.float64))
+        self.sumsq += float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
         self.count += a.numel()
-        self.over16 += int((a > FP16.max).sum())
-        self.under16 += int(((a > 0) & (a < FP16.min_normal)).sum())
+        self.over16 += int(torch.count_nonzero(a > FP16.max))
+        # 0 < |x| < min normal, counted as (|x| < min normal) - (|x| == 0) without a third mask
+        self.under16 += int(torch.count_nonzero(a < FP16.min_normal)) - (a.numel() - int(torch.count_nonzero(a)))
         self.values.append(a)
 
     def finish(self) -> RangeStats:
@@ -229,9 +237,10 @@ class _RangeAcc:
         sat = flushed = nonzero = 0
         for a in self.values:
             s = a / scale
-            sat += int((s > E4M3.max).sum())
-            nonzero += int((a > 0).sum())
-            flushed += int(((a > 0) & (s <= flush_at)).sum())
+            sat += int(torch.count_nonzero(s > E4M3.max))
+            nz = int(torch.count_nonzero(a))
+            nonzero += nz
+            flushed += int(torch.count_nonzero(s <= flush_at)) - (a.numel() - nz)  # zeros are not flushed
         n = max(self.count, 1)
         self.values = []
         return RangeStats(
@@ -289,11 +298,13 @@ def profile(
     layers: Iterable[str] | None = None,
     progress: Progress | None = None,
     seed: int = 0,
+    time_reference: bool = True,
 ) -> SensitivityProfile:
     """Profile every layer (or ``layers``) of ``captured`` in each of ``formats``.
 
     ``batches`` are the calibration batches (tuples of inputs); ``output_kind`` is "logits",
-    "values" or None (decided from the output's shape).
+    "values" or None (decided from the output's shape). ``time_reference``: also time plain fp32
+    forward passes to express the profile's cost in them (``cost_passes``; 0 when skipped).
     """
     fmts = tuple(f for f in formats if f is not Precision.FP32)
     if not fmts:
@@ -308,7 +319,7 @@ def profile(
     # rounds their results too, so a trial computes exactly what the applied plan computes.
     roundings = {(i.node.name, f): follow_roundings(captured.gm, captured.graph, {i.node.name: f})
                  for i in infos for f in fmts}
-    t_ref = _time_reference(captured.gm, batches)
+    t_ref = _time_reference(captured.gm, batches) if time_reference else 0.0
     t0 = time.perf_counter()
     if mode == "exact":
         errors, local, ranges, kind, samples, rerun_frac = _profile_exact(
@@ -379,6 +390,8 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], batches: list[t
         ranges = _finish_ranges(infos, accs)
         y0 = first_tensor(envs[0][runner.nodes[-1].name])
         kind = output_kind_of(y0, declared)
+        outputs = [first_tensor(env[runner.nodes[-1].name]) for env in envs]
+        prepared = [_ErrorSum(kind).reference(y) for y in outputs]
         errors: dict[str, dict[Precision, float]] = {}
         local: dict[str, dict[Precision, float]] = {}
         total = len(infos) * len(fmts)
@@ -393,7 +406,7 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], batches: list[t
                 acc = _ErrorSum(kind)
                 own = _ErrorSum("values")
                 wq = None
-                for env in envs:
+                for bi, env in enumerate(envs):
                     args = fx.node.map_arg(info.node.args, lambda a: env[a.name])
                     kwargs = fx.node.map_arg(info.node.kwargs, lambda a: env[a.name])
                     if wq is None and info.weight_pos is not None and torch.is_tensor(args[info.weight_pos]):
@@ -402,7 +415,7 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], batches: list[t
                     own.add(env[info.node.name], val)
                     out, count = runner.rerun(env, info.node.name, val, roundings[(info.node.name, fmt)])
                     recomputed += count + 1
-                    acc.add(first_tensor(env[runner.nodes[-1].name]), first_tensor(out))
+                    acc.add(outputs[bi], first_tensor(out), prepared[bi])
                 errors[info.node.name][fmt] = acc.value()
                 local[info.node.name][fmt] = math.sqrt(own.value())
                 done += 1
