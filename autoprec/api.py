@@ -120,7 +120,7 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
                               drop=metric.drop(reference, tuned_value), allowed_drop=allowed,
                               budget=str(drop_budget), evaluations=search_evals,
                               baseline_evaluations=len(measured) - search_evals)
-    pareto = pareto_sweep(problem, strategy, _sweep_budgets(prof, plan))
+    pareto = pareto_sweep(problem, strategy, _sweep_budgets(prof))
     seconds = time.perf_counter() - t0
     best_u = max((u for u in uniforms if u.within_budget), key=lambda u: u.speedup, default=None)
     summary = TuneSummary(spec.name, metric.name, metric.higher_is_better, reference, tuned_value, str(drop_budget),
@@ -205,7 +205,8 @@ def _against_uniform(problem: SearchProblem, plan: PrecisionPlan, drop_of: Calla
     return plan, results
 
 
-def _sweep_budgets(prof: SensitivityProfile, plan: PrecisionPlan, n: int = 24) -> list[float]:
+def _sweep_budgets(prof: SensitivityProfile, n: int = 10) -> list[float]:
+    """Error budgets for the Pareto plot: 0, then n log-spaced points up to every error at once."""
     errs = sorted(v for e in prof.errors.values() for v in e.values() if math.isfinite(v) and v > 0)
     if not errs:
         return [0.0]
