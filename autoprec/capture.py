@@ -27,30 +27,13 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from autoprec.errors import CaptureError
+from autoprec.kinds import LAYER_KINDS, policy_of  # noqa: F401  (re-exported)
 from autoprec.opgraph import OpGraph, OpNode, Policy
 
 log = logging.getLogger(__name__)
 
 # --- op classification ------------------------------------------------------------------------
 # Kind names are normalised over fx (torch functions, methods, modules) and export (aten ops).
-
-LAYER_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "matmul", "bmm"})
-
-FOLLOW_KINDS = frozenset({
-    "relu", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardtanh", "elu", "erf", "neg", "abs",
-    "add", "sub", "mul", "div", "truediv", "iadd", "imul",
-    "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-    "adaptive_max_pool2d",
-    "reshape", "view", "flatten", "unflatten", "permute", "transpose", "t", "contiguous", "getitem",
-    "squeeze", "unsqueeze", "expand", "cat", "stack", "split", "chunk", "select", "slice", "clone",
-    "dropout", "masked_fill", "where", "pad", "interpolate", "identity", "to_copy",
-})
-
-NEVER_KINDS = frozenset({
-    "softmax", "log_softmax", "layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm",
-    "exp", "log", "pow", "sqrt", "rsqrt", "mean", "sum", "var", "std", "amax", "max", "min", "norm",
-    "cross_entropy", "nll_loss", "mse_loss", "cumsum", "embedding", "scaled_dot_product_attention",
-})
 
 _MODULE_KINDS: dict[type, str] = {
     nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
@@ -92,10 +75,6 @@ _ATEN_ALIASES = {"_to_copy": "to_copy", "to": "to_copy", "div_": "div", "add_": 
                  "convolution": "conv2d", "mm": "matmul", "addmm": "linear", "_softmax": "softmax",
                  "_log_softmax": "log_softmax", "mean.dim": "mean", "sym_size": "size"}
 
-# methods and attribute reads that produce no float tensor (shapes, dtypes)
-_META_METHODS = frozenset({"size", "dim", "numel", "shape", "dtype", "device", "type_as", "sym_size"})
-
-
 def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     """Normalised kind of an fx node ("" for placeholders, outputs and attribute reads)."""
     if node.op in ("placeholder", "output", "get_attr"):
@@ -125,17 +104,6 @@ def _conv_kind_from_rank(node: fx.Node) -> str:
     w = node.args[1] if len(node.args) > 1 else None
     val = _meta_tensor(w) if isinstance(w, fx.Node) else None
     return f"conv{val.dim() - 2}d" if val is not None and val.dim() in (3, 4, 5) else "conv2d"
-
-
-def policy_of(kind: str) -> Policy:
-    if kind in LAYER_KINDS:
-        return Policy.ALWAYS
-    if kind in FOLLOW_KINDS:
-        return Policy.FOLLOW
-    if kind in ("placeholder", "output", "get_attr") or kind in _META_METHODS:
-        return Policy.NONE
-    # NEVER_KINDS and anything unknown: fp32 is the safe default for an op we cannot reason about
-    return Policy.NEVER
 
 
 # --- capture ----------------------------------------------------------------------------------

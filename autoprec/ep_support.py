@@ -12,16 +12,18 @@ Sources of the built-in table (every entry records whether it is *documented* or
   ``onnxruntime.capi._pybind_state.get_all_opkernel_def()`` of onnxruntime 1.32.0 (the CPU wheel,
   in a scratch environment), taking the ``ai.onnx`` kernels whose opset range covers :data:`OPSET`.
   That registry is what ONNX Runtime's ``docs/OperatorKernels.md`` is generated from. The live
-  probe below agrees with it for onnxruntime-gpu 1.31.1 (tests/onnx_graph/test_ep_support.py).
+  probe below reproduces it exactly under 1.32.0, and under onnxruntime-gpu 1.31.1 differs only in
+  bf16 Pad (added in 1.32) -- tests/onnx_graph/test_ep_support.py checks this.
 - ``CUDAExecutionProvider`` -- documented: ONNX Runtime's ``docs/OperatorKernels.md`` (CUDA
   section) as stored at microsoft/onnxruntime commit 8f063305, read 2026-11-22. That file is from
   the ONNX Runtime 1.16/1.17 era (opset-19 fp8 Cast/QuantizeLinear/DequantizeLinear are listed,
-  opset-20 Gelu is not); newer releases add kernels, rarely remove them. Entries that file does
-  not cover are marked assumed.
+  opset-20 Gelu is not); newer releases add kernels, rarely remove them, so a "no" here may be
+  stale in the optimistic direction only. Entries that file does not cover (Gelu) are assumed.
 - ``TensorrtExecutionProvider`` -- fp16 documented: onnx-tensorrt ``docs/operators.md`` for
   TensorRT 8.5 (onnx/onnx-tensorrt commit 6d0ab7be, read 2026-11-22). bf16 and fp8 are assumed:
-  that list predates them; TensorRT >= 9 has BF16 and FP8 data types, and NVIDIA documents FP8 only
-  for GEMMs fed by Q/DQ pairs on compute capability >= 8.9. TensorRT runs 16-bit kernels only when
+  that list predates them; TensorRT's data types include BF16 and FP8 since 9.x, and NVIDIA's
+  TensorRT-RTX guide ("Working with Quantized Types") limits FP8 to GEMMs fed by Q/DQ pairs on
+  compute capability >= 8.9 -- taken as true of TensorRT too. TensorRT runs 16-bit kernels only when
   the engine allows it (``trt_fp16_enable`` / ``trt_bf16_enable`` or a strongly typed network);
   ops TensorRT rejects fall back to the CUDA EP, which this table does not model.
 
@@ -148,10 +150,10 @@ _TRT_TABLE: dict[str, dict[str, str]] = {
         "GlobalAveragePool", "GlobalMaxPool", "Transpose", "Reshape", "Concat", "Flatten", "Squeeze",
         "Unsqueeze", "Slice", "Split", "Gather", "Expand", "Identity", "Where", "Pad", "Clip", "Max",
         "Min", "ReduceMean", "ReduceSum", "ReduceMax", "Dropout", "Resize", "Cast")},
-    # not in the TensorRT 8.5 list (LayerNormalization: "N"; Gelu: opset 20); TensorRT >= 8.6 parses both
+    # not in the TensorRT 8.5 list (LayerNormalization: "N"; Gelu: opset 20); newer releases parse both
     "LayerNormalization": {F16: _A, BF16: _A},
     "Gelu": {F16: _A, BF16: _A},
-    # TensorRT 8.5 lists INT8 Q/DQ only; FP8 Q/DQ arrived with TensorRT 8.6/9 (explicit quantization)
+    # TensorRT 8.5 lists INT8 Q/DQ only; FP8 Q/DQ came with TensorRT 9/10 (explicit quantization)
     "QuantizeLinear": {E4M3: _A, E5M2: _A},
     "DequantizeLinear": {E4M3: _A, E5M2: _A},
 }
@@ -160,6 +162,8 @@ _TABLES = {CPU: _CPU_TABLE, CUDA: _CUDA_TABLE, TENSORRT: _TRT_TABLE}
 #: Status of "no kernel" for an op the table lists: the generated kernel lists document absence;
 #: the TensorRT list predates bf16/fp8, so absence there is only assumed.
 _ABSENT = {CPU: _D, CUDA: _D, TENSORRT: _A}
+#: Listed ops whose source does not cover them: absence of a type there is assumed, not documented.
+_ABSENT_ASSUMED = frozenset({(CUDA, "Gelu")})
 
 
 class Support(NamedTuple):
@@ -188,6 +192,12 @@ def table_ops(provider: str) -> tuple[str, ...]:
     return tuple(sorted(_TABLES[parse_provider(provider)]))
 
 
+def builtin_types(op_type: str, provider: str) -> frozenset[str] | None:
+    """16/8-bit element types the built-in table lists for ``op_type`` (None: op not in the table)."""
+    entry = _TABLES[parse_provider(provider)].get(op_type)
+    return frozenset(entry) if entry is not None else None
+
+
 def builtin_kernel(op_type: str, precision: Precision | str, provider: str) -> Support:
     """Whether the built-in table lists a native ``precision`` kernel of ``op_type`` on ``provider``."""
     prov, p = parse_provider(provider), _key(precision)
@@ -199,7 +209,7 @@ def builtin_kernel(op_type: str, precision: Precision | str, provider: str) -> S
     status = entry.get(ONNX_TYPE[p])
     if status is not None:
         return Support(True, status)
-    return Support(False, _ABSENT[prov])
+    return Support(False, _A if (prov, op_type) in _ABSENT_ASSUMED else _ABSENT[prov])
 
 
 def kernel(op_type: str, precision: Precision | str, provider: str, live: bool = True) -> Support:
@@ -297,11 +307,11 @@ def drift(provider: str) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
     """
     prov = parse_provider(provider)
     out: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
-    for op, entry in sorted(_TABLES[prov].items()):
+    for op in sorted(_TABLES[prov]):
         found = live_types(op, prov)
         if found is None:
             continue
-        table = frozenset(entry)
+        table = builtin_types(op, prov) or frozenset()
         if found[0] != table:
             out[op] = (found[0], table)
     return out

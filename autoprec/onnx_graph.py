@@ -1,0 +1,885 @@
+"""ONNX models as input: preprocess an .onnx file and build its :class:`OpGraph`.
+
+For users who only have an ONNX file written by other software. :func:`load_onnx` returns the
+preprocessed ``ModelProto`` (what later ONNX passes rewrite) and the op graph (what profiling, the
+cost model and the search read); :func:`analyse_onnx` returns the same plus per-node ONNX op types,
+the reasons some nodes stay fp32 and a log of what preprocessing did.
+
+Preprocessing, in order:
+
+1. upgrade the default-domain opset to ``target_opset`` (``onnx.version_converter``; never
+   downgrades) and raise the IR version to the one that opset needs;
+2. fold constants that make weights: ``Constant`` nodes become initializers, then nodes whose inputs
+   are all initializers and whose op only moves or converts data (Identity, Cast, Transpose,
+   Reshape, Squeeze, Unsqueeze, Flatten) are evaluated -- e.g. a weight stored transposed and fed
+   through Transpose becomes one initializer the MatMul reads directly;
+3. give every node a unique name (``node.name``, else ``"<op_type>_<index>"``) in the ModelProto,
+   so plans and passes can address nodes;
+4. shape inference (strict, with data propagation; non-strict if strict fails), kept in
+   ``value_info`` with the model's own symbolic dims.
+
+The op graph has one :class:`OpNode` per top-level ONNX node plus one ``placeholder`` per graph
+input, with kinds normalised to the names :mod:`autoprec.capture` uses (MatMul reading an
+initializer is ``linear``, MatMul of two activations ``matmul``, Gemm ``linear``, Conv
+``conv1d``/``conv2d``/``conv3d`` by rank, ...) and the same policies and FLOP counts. The
+decomposed forms older exporters write are recognised: every node of an erf-form GELU is a
+``gelu`` (FOLLOW) and every node of a ReduceMean/Sub/Pow/.../Div layer norm a ``layer_norm``
+(NEVER, so its statistics stay fp32 as torch's single op does). Control flow
+(If, Loop, Scan) is one ``if``/``loop``/``scan`` node of policy NEVER: it and everything inside its
+subgraphs stay fp32 (later passes rewrite top-level nodes only); the reason is in
+:attr:`OnnxAnalysis.reasons`. Shapes are concrete: symbolic input dims are resolved from example
+data, from ``batch`` (axis 0) and from ``dims`` (by name); values shape inference cannot size are
+measured by one ONNX Runtime run.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx.defs
+from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
+
+from autoprec.kinds import NEVER_KINDS, policy_of
+from autoprec.errors import CaptureError, UsageError
+from autoprec.opgraph import OpGraph, OpNode, Policy
+
+#: The opset ONNX inputs are upgraded to (fp8 QuantizeLinear/DequantizeLinear, blocked Q/DQ).
+TARGET_OPSET = 21
+
+_FLOAT_TYPES = frozenset({
+    TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE,
+    TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
+    TensorProto.FLOAT8E5M2FNUZ,
+})
+
+#: Ops folded when all their inputs are constants: they move or convert data and compute nothing.
+FOLDABLE_OPS = frozenset({"Identity", "Cast", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+
+CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
+
+# ONNX op type -> capture.py kind (default domain). Ops absent map to their lower-cased name, which
+# capture.policy_of treats as unknown (NEVER: fp32 is the safe default).
+_KINDS: dict[str, str] = {
+    "Relu": "relu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Elu": "elu",
+    "Gelu": "gelu", "Erf": "erf", "Neg": "neg", "Abs": "abs", "Clip": "hardtanh",
+    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Sum": "add",
+    "Exp": "exp", "Log": "log", "Pow": "pow", "Sqrt": "sqrt", "Reciprocal": "reciprocal",
+    "Max": "maximum", "Min": "minimum",
+    "Softmax": "softmax", "LogSoftmax": "log_softmax", "LayerNormalization": "layer_norm",
+    "BatchNormalization": "batch_norm", "InstanceNormalization": "instance_norm",
+    "GroupNormalization": "group_norm", "RMSNormalization": "rms_norm",
+    "ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "amax", "ReduceMin": "min",
+    "ReduceL2": "norm", "CumSum": "cumsum",
+    "Reshape": "reshape", "Transpose": "permute", "Flatten": "flatten", "Squeeze": "squeeze",
+    "Unsqueeze": "unsqueeze", "Expand": "expand", "Concat": "cat", "Split": "split", "Slice": "slice",
+    "Identity": "identity", "Dropout": "dropout", "Pad": "pad", "Resize": "interpolate",
+    "Where": "where", "Cast": "to_copy", "CastLike": "to_copy",
+    "Constant": "get_attr", "Shape": "size", "Size": "size",
+    "If": "if", "Loop": "loop", "Scan": "scan", "Attention": "scaled_dot_product_attention",
+}
+
+#: com.microsoft ops with a torch-side kind; other custom-domain ops are unknown (NEVER).
+_CONTRIB_KINDS = {"Gelu": "gelu", "FastGelu": "gelu", "BiasGelu": "gelu", "QuickGelu": "gelu",
+                  "SimplifiedLayerNormalization": "rms_norm"}
+
+_NEVER_WHY = "stays fp32 by default (numerically sensitive: norms, softmax, exp/log/pow, reductions)"
+
+
+@dataclass
+class OnnxAnalysis:
+    """What :func:`analyse_onnx` found: the preprocessed model and its op graph, plus
+
+    ``op_types``: node name -> ONNX op type ("domain::Op" outside the default domain), the input
+    :func:`autoprec.ep_support.exclusions` wants; ``reasons``: node name -> why the node stays
+    fp32 (control flow, unknown op, ...); ``notes``: what preprocessing changed, for the report.
+    """
+
+    model: onnx.ModelProto
+    graph: OpGraph
+    op_types: dict[str, str] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def load_onnx(
+    source: str | os.PathLike[str] | onnx.ModelProto,
+    batch: int | None = None,
+    example: Any = None,
+    dims: Mapping[str, int] | None = None,
+    target_opset: int = TARGET_OPSET,
+    name: str = "",
+) -> tuple[onnx.ModelProto, OpGraph]:
+    """The preprocessed model and its op graph (see :func:`analyse_onnx` for the arguments)."""
+    a = analyse_onnx(source, batch=batch, example=example, dims=dims, target_opset=target_opset, name=name)
+    return a.model, a.graph
+
+
+def analyse_onnx(
+    source: str | os.PathLike[str] | onnx.ModelProto,
+    batch: int | None = None,
+    example: Any = None,
+    dims: Mapping[str, int] | None = None,
+    target_opset: int = TARGET_OPSET,
+    name: str = "",
+) -> OnnxAnalysis:
+    """Preprocess an ONNX model and build its op graph.
+
+    ``source``: a path (external data next to it is loaded) or a ModelProto (not modified).
+    ``batch``: the size of a symbolic axis 0 of inputs without example data (default 1).
+    ``example``: arrays for some or all graph inputs -- a mapping by input name, a sequence in
+    input order, or one array; their shapes fix every symbolic dim of those inputs.
+    ``dims``: sizes of other symbolic dims by name (e.g. ``{"seq": 128}``).
+    ``target_opset``: the opset to upgrade older models to; newer models are left alone.
+    """
+    model, label = _load(source)
+    model, notes = preprocess(model, target_opset)
+    feeds = _example_arrays(model, example)
+    shapes_in = _input_shapes(model, feeds, batch, dims or {})
+    values, more = _concrete_values(model, shapes_in, feeds)
+    notes += more
+    graph, op_types, reasons = build_opgraph(model, values, name or label)
+    first = next((s for s in shapes_in.values() if s), ())
+    graph.batch = int(first[0]) if first else 0
+    return OnnxAnalysis(model, graph, op_types, reasons, notes)
+
+
+# --- loading and preprocessing ------------------------------------------------------------------
+def _load(source: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        return model, model.graph.name or "onnx_model"
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise UsageError(f"no ONNX file at {path}")
+    try:
+        model = onnx.load(path)
+    except Exception as exc:
+        raise CaptureError(f"cannot read {path} as ONNX: {type(exc).__name__}: {_line(exc)}") from exc
+    return model, os.path.splitext(os.path.basename(path))[0]
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's ai.onnx opset version (0 when it imports none)."""
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def preprocess(model: onnx.ModelProto, target_opset: int = TARGET_OPSET) -> tuple[onnx.ModelProto, list[str]]:
+    """Upgrade, fold weight constants, name nodes and infer shapes (see the module docstring).
+
+    Returns a new model and notes saying what changed. Raises CaptureError when the opset
+    conversion fails.
+    """
+    notes: list[str] = []
+    current = default_opset(model)
+    if 0 < current < target_opset:
+        advice = (f"re-export it at opset >= {target_opset}, or pass target_opset={current} to analyse "
+                  f"it as it is")
+        gone = _ops_missing_at(model.graph, target_opset)
+        if gone:
+            raise CaptureError(f"cannot upgrade the model from opset {current} to {target_opset}: "
+                               f"{', '.join(gone)} no longer exist(s) in ONNX at opset {target_opset} "
+                               f"({advice})")
+        meta = {n.name: list(n.metadata_props) for n in model.graph.node if n.name and n.metadata_props}
+        try:
+            model = version_converter.convert_version(model, target_opset)
+        except Exception as exc:
+            detail = _line(exc).split("failed: ")[-1]
+            raise CaptureError(f"cannot upgrade the model from opset {current} to {target_opset}: "
+                               f"{detail} ({advice})") from exc
+        for n in model.graph.node:  # the converter drops node metadata (the torch scopes)
+            if not n.metadata_props and n.name in meta:
+                n.metadata_props.extend(meta[n.name])
+        notes.append(f"upgraded opset {current} -> {target_opset}")
+    needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    if model.ir_version < needed:
+        notes.append(f"raised IR version {model.ir_version} -> {needed}")
+        model.ir_version = needed
+    folded = fold_constants(model)
+    if folded:
+        notes.append(f"folded {folded} constant node(s) into initializers")
+    renamed = name_nodes(model)
+    if renamed:
+        notes.append(f"named {renamed} unnamed or duplicate node(s)")
+    model, how = _infer(model)
+    if how:
+        notes.append(how)
+    return model, notes
+
+
+def _ops_missing_at(g: onnx.GraphProto, opset: int) -> list[str]:
+    """Default-domain op types of ``g`` (and its subgraphs) that ONNX has no schema for at ``opset``."""
+    missing: list[str] = []
+    for node in g.node:
+        if node.domain in ("", "ai.onnx") and node.op_type not in missing:
+            try:
+                onnx.defs.get_schema(node.op_type, opset, "")
+            except onnx.defs.SchemaError:
+                missing.append(node.op_type)
+        for sub in _subgraphs(node):
+            missing.extend(m for m in _ops_missing_at(sub, opset) if m not in missing)
+    return missing
+
+
+def _infer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    try:
+        return shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True), ""
+    except Exception as exc:
+        inferred = shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        return inferred, f"strict shape inference failed ({_line(exc)}); used non-strict inference"
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Turn top-level Constant nodes, and data-movement nodes over constants, into initializers.
+
+    Works in place; returns the number of nodes removed. Nodes whose output is a graph output, and
+    nodes inside subgraphs, are left alone. Initializers only the folded nodes read are dropped.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    keep: list[onnx.NodeProto] = []
+    folded_inputs: set[str] = set()
+    folded = 0
+    for node in g.node:
+        value = None
+        if not any(o in outputs for o in node.output) and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            if node.op_type == "Constant":
+                value = _constant_value(node)
+            elif node.op_type in FOLDABLE_OPS and node.input and all(i in inits for i in node.input if i):
+                value = _evaluate(node, [numpy_helper.to_array(inits[i]) if i else None for i in node.input])
+        if value is None:
+            keep.append(node)
+            continue
+        tensor = numpy_helper.from_array(value, node.output[0])
+        inits[tensor.name] = tensor
+        g.initializer.append(tensor)
+        folded_inputs.update(i for i in node.input if i)
+        folded += 1
+    if not folded:
+        return 0
+    del g.node[:]
+    g.node.extend(keep)
+    used = _referenced_names(g)
+    drop = {n for n in folded_inputs if n not in used}
+    kept_inits = [t for t in g.initializer if t.name not in drop]
+    del g.initializer[:]
+    g.initializer.extend(kept_inits)
+    kept_inputs = [i for i in g.input if i.name not in drop]
+    del g.input[:]
+    g.input.extend(kept_inputs)
+    const_names = {t.name for t in g.initializer}
+    kept_vi = [v for v in g.value_info if v.name not in const_names]
+    del g.value_info[:]
+    g.value_info.extend(kept_vi)
+    return folded
+
+
+def _referenced_names(g: onnx.GraphProto) -> set[str]:
+    """Every value name read by a node of ``g`` or of its subgraphs, plus ``g``'s outputs."""
+    names = {o.name for o in g.output}
+    for node in g.node:
+        names.update(i for i in node.input if i)
+        for sub in _subgraphs(node):
+            names.update(_referenced_names(sub))
+    return names
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None  # strings, sparse tensors: leave the node
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+# numpy rounds to nearest even like ONNX Runtime for these; bf16/fp8 casts are left to run time
+_FOLD_CAST_TO = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
+
+
+def _evaluate(node: onnx.NodeProto, args: list[np.ndarray | None]) -> np.ndarray | None:
+    """numpy value of a FOLDABLE_OPS node over constant inputs, or None to leave it unfolded."""
+    x = args[0]
+    if x is None:
+        return None
+    op = node.op_type
+    try:
+        if op == "Identity":
+            return x
+        if op == "Cast":
+            to = int(_attr(node, "to"))
+            if to not in _FOLD_CAST_TO or x.dtype.kind not in "fiu":
+                return None
+            return x.astype(helper.tensor_dtype_to_np_dtype(to))
+        if op == "Transpose":
+            perm = _attr(node, "perm")
+            return np.ascontiguousarray(np.transpose(x, perm if perm else None))
+        if op == "Reshape":
+            shape = [int(s) for s in args[1]] if len(args) > 1 and args[1] is not None else None
+            if shape is None:
+                return None
+            if not _attr(node, "allowzero", 0):
+                shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+            return x.reshape(shape)
+        if op == "Flatten":
+            axis = int(_attr(node, "axis", 1))
+            axis = axis + x.ndim if axis < 0 else axis
+            return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+        if op in ("Squeeze", "Unsqueeze"):
+            axes_in = args[1] if len(args) > 1 and args[1] is not None else _attr(node, "axes")
+            axes = [int(a) for a in axes_in] if axes_in is not None else None
+            if op == "Squeeze":
+                if axes is None:
+                    return np.squeeze(x)
+                return np.squeeze(x, axis=tuple(a + x.ndim if a < 0 else a for a in axes))
+            if axes is None:
+                return None
+            rank = x.ndim + len(axes)
+            out = x
+            for a in sorted(a + rank if a < 0 else a for a in axes):
+                out = np.expand_dims(out, a)
+            return out
+    except (ValueError, TypeError, IndexError):
+        return None
+    return None
+
+
+def name_nodes(model: onnx.ModelProto) -> int:
+    """Give every top-level node a unique name, distinct from the graph inputs' names.
+
+    Unnamed nodes become ``"<op_type>_<index>"``; a name already taken gets ``"_<n>"`` appended.
+    Returns how many nodes were (re)named.
+    """
+    g = model.graph
+    taken = {i.name for i in g.input}
+    renamed = 0
+    for idx, node in enumerate(g.node):
+        base = node.name or f"{node.op_type}_{idx}"
+        new, k = base, 1
+        while new in taken:
+            new, k = f"{base}_{k}", k + 1
+        if new != node.name:
+            node.name = new
+            renamed += 1
+        taken.add(new)
+    return renamed
+
+
+# --- concrete shapes ----------------------------------------------------------------------------
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are real inputs (initializers listed as inputs are weights)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _example_arrays(model: onnx.ModelProto, example: Any) -> dict[str, np.ndarray]:
+    if example is None:
+        return {}
+    names = [i.name for i in _graph_inputs(model)]
+    if isinstance(example, Mapping):
+        unknown = sorted(set(example) - set(names))
+        if unknown:
+            raise UsageError(f"example data for unknown input(s) {', '.join(unknown)}: the model's "
+                             f"inputs are {', '.join(names)}")
+        items = dict(example)
+    else:
+        seq = [example] if hasattr(example, "shape") else list(example)
+        if len(seq) > len(names):
+            raise UsageError(f"{len(seq)} example arrays for a model with {len(names)} input(s)")
+        items = dict(zip(names, seq))
+    return {k: _to_numpy(v) for k, v in items.items()}
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _input_shapes(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], batch: int | None,
+                  dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """Concrete shape of every graph input: from its example array, else its declared dims with
+    symbolic ones resolved from ``dims`` by name and ``batch`` on axis 0."""
+    out: dict[str, tuple[int, ...]] = {}
+    for vi in _graph_inputs(model):
+        declared = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else None
+        if vi.name in feeds:
+            shape = tuple(int(s) for s in feeds[vi.name].shape)
+            if declared is not None:
+                if len(declared) != len(shape):
+                    raise UsageError(f"example for input {vi.name!r} has rank {len(shape)}, the model "
+                                     f"expects rank {len(declared)}")
+                for axis, (d, s) in enumerate(zip(declared, shape)):
+                    if d.HasField("dim_value") and d.dim_value != s:
+                        raise UsageError(f"example for input {vi.name!r} has size {s} on axis {axis}, "
+                                         f"the model fixes it to {d.dim_value}")
+            out[vi.name] = shape
+            continue
+        if declared is None:
+            raise UsageError(f"input {vi.name!r} has no declared shape: pass example data for it")
+        shape_l: list[int] = []
+        for axis, d in enumerate(declared):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                if axis == 0 and batch is not None and d.dim_value != batch:
+                    raise UsageError(f"input {vi.name!r} fixes its batch dimension to {d.dim_value}; "
+                                     f"batch={batch} cannot apply (omit batch)")
+                shape_l.append(int(d.dim_value))
+            elif d.HasField("dim_param") and d.dim_param in dims:
+                shape_l.append(int(dims[d.dim_param]))
+            elif axis == 0:
+                shape_l.append(int(batch) if batch is not None else 1)
+            else:
+                label = d.dim_param or "?"
+                raise UsageError(f"input {vi.name!r} has a symbolic dimension {label!r} on axis {axis}: "
+                                 f"pass example data for it or dims={{{label!r}: size}}")
+        out[vi.name] = tuple(shape_l)
+    return out
+
+
+@dataclass(frozen=True)
+class _Value:
+    elem_type: int
+    shape: tuple[int, ...] | None  # None when unknown
+
+    @property
+    def is_float(self) -> bool:
+        return self.elem_type in _FLOAT_TYPES
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) if self.shape is not None else 0
+
+
+def _value_of(vi: onnx.ValueInfoProto) -> _Value | None:
+    if not vi.type.HasField("tensor_type"):
+        return None
+    tt = vi.type.tensor_type
+    shape: tuple[int, ...] | None = None
+    if tt.HasField("shape"):
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        shape = tuple(int(d) for d in dims) if all(d >= 0 for d in dims) else None
+    return _Value(tt.elem_type, shape)
+
+
+def _concrete_values(model: onnx.ModelProto, inputs: Mapping[str, tuple[int, ...]],
+                     feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, _Value], list[str]]:
+    """Type and concrete shape of every top-level value (inputs, initializers, node outputs)."""
+    notes: list[str] = []
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    for vi in fixed.graph.input:
+        if vi.name in inputs:
+            shape = vi.type.tensor_type.shape
+            del shape.dim[:]
+            for s in inputs[vi.name]:
+                shape.dim.add().dim_value = s
+    fixed, how = _infer(fixed)
+    if how:
+        notes.append(how.replace("shape inference", "shape inference at the example shapes"))
+    values: dict[str, _Value] = {}
+    for t in fixed.graph.initializer:
+        values[t.name] = _Value(t.data_type, tuple(int(d) for d in t.dims))
+    for vi in list(fixed.graph.input) + list(fixed.graph.value_info) + list(fixed.graph.output):
+        v = _value_of(vi)
+        if v is not None and (vi.name not in values or values[vi.name].shape is None):
+            values[vi.name] = v
+    missing = [o for n in model.graph.node for o in n.output
+               if o and (o not in values or values[o].shape is None)]
+    if missing:
+        measured, why = _measure_shapes(model, inputs, feeds, missing)
+        values.update(measured)
+        notes.append(why or f"measured {len(measured)} shape(s) shape inference left open with one "
+                            f"ONNX Runtime run")
+    return values, notes
+
+
+def _measure_shapes(model: onnx.ModelProto, inputs: Mapping[str, tuple[int, ...]],
+                    feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> tuple[dict[str, _Value], str]:
+    """Run the model once in ONNX Runtime (CPU) with ``names`` as extra outputs: their types and
+    shapes, and "" -- or nothing and why it could not run (those values then count as unsized)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for n in names:
+        if n not in have:
+            probe.graph.output.append(onnx.ValueInfoProto(name=n))
+    run_feeds = {}
+    for vi in _graph_inputs(model):
+        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        if vi.name in feeds:
+            run_feeds[vi.name] = np.asarray(feeds[vi.name], dtype=dtype)
+        else:
+            run_feeds[vi.name] = np.zeros(inputs[vi.name], dtype=dtype)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        got = sess.run(list(names), run_feeds)
+    except Exception as exc:
+        return {}, (f"{len(names)} value(s) have no known shape (e.g. {names[0]!r}) and the model does "
+                    f"not run in ONNX Runtime to measure them ({_line(exc)}): their sizes count as 0")
+    out = {}
+    for n, arr in zip(names, got):
+        if isinstance(arr, np.ndarray):
+            out[n] = _Value(helper.np_dtype_to_tensor_dtype(arr.dtype), tuple(int(s) for s in arr.shape))
+    return out, ""
+
+
+# --- the op graph -------------------------------------------------------------------------------
+def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
+                  name: str = "") -> tuple[OpGraph, dict[str, str], dict[str, str]]:
+    """The op graph of a preprocessed model, given every value's type and concrete shape.
+
+    Returns (graph, op_types, reasons) as in :class:`OnnxAnalysis`.
+    """
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    producer: dict[str, str] = {}
+    nodes: list[OpNode] = []
+    edges: list[tuple[str, str]] = []
+    seen_edges: set[tuple[str, str]] = set()
+    op_types: dict[str, str] = {}
+    reasons: dict[str, str] = {}
+    for vi in _graph_inputs(model):
+        v = values.get(vi.name)
+        nodes.append(OpNode(name=vi.name, kind="placeholder", scope="", policy=Policy.NONE,
+                            output_shape=v.shape or () if v else (),
+                            act_out_elems=v.numel if v is not None and v.is_float else 0))
+        producer[vi.name] = vi.name
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in _node_inputs(node):
+            consumers.setdefault(i, []).append(node)
+    fused = {n: "layer_norm" for n in _layer_norm_nodes(g, consumers)}
+    fused.update({n: "gelu" for n in _gelu_nodes(g, inits, consumers)})
+    ties: dict[tuple[str, str, tuple[int, ...]], list[str]] = {}
+    for node in g.node:
+        ins = _node_inputs(node)
+        base, weight = _kind(node, inits, values)
+        kind = fused.get(node.name, base)  # a piece of a decomposed op counts its own FLOPs
+        outs = [values.get(o) for o in node.output if o]
+        float_out = any(v is None or v.is_float for v in outs)  # unknown types may be floats
+        policy = policy_of(kind)
+        # floating activations read (a value of unknown type, e.g. a custom op's output, may be one)
+        act_ins = [i for i in dict.fromkeys(ins) if i not in inits and (values.get(i) is None or values[i].is_float)]
+        if policy is not Policy.NONE and not float_out:
+            policy = Policy.NONE  # shape arithmetic, masks, indices
+        if policy is Policy.ALWAYS and not act_ins:
+            policy = Policy.NEVER
+        if node.op_type in CONTROL_FLOW_OPS and node.domain in ("", "ai.onnx") and float_out:
+            policy = Policy.NEVER
+        op_types[node.name] = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        why = _reason(node, kind, policy, bool(act_ins))
+        if why:
+            reasons[node.name] = why
+        in_vals = [values[i] for i in dict.fromkeys(ins) if values.get(i) is not None and values[i].shape is not None]
+        out_v = next((v for v in outs if v is not None), None)
+        op = OpNode(
+            name=node.name,
+            kind=kind,
+            scope=_scope(node),
+            policy=policy,
+            input_shapes=tuple(v.shape for v in in_vals if v.shape is not None),
+            output_shape=out_v.shape if out_v is not None and out_v.shape is not None else (),
+            flops=_flops(base, node, values) if policy is not Policy.NONE else 0,
+            weight_elems=_weight_elems(node, kind, weight, inits, values, consumers),
+            act_in_elems=sum(values[i].numel for i in act_ins if i in values),
+            act_out_elems=sum(v.numel for v in outs if v is not None and v.is_float),
+            weight=weight,
+        )
+        nodes.append(op)
+        for i in ins:
+            p = producer.get(i)
+            if p is not None and (p, node.name) not in seen_edges:
+                seen_edges.add((p, node.name))
+                edges.append((p, node.name))
+        for o in node.output:
+            if o:
+                producer[o] = node.name
+        if op.is_layer and weight is not None:
+            src = next((i for i in node.input if i and i not in inits), None)
+            if src is not None:
+                ties.setdefault((src, kind, values[weight].shape or ()), []).append(node.name)
+    graph = OpGraph(nodes=nodes, edges=edges, model_name=name)
+    graph.ties = [members for _, members in sorted(ties.items()) if len(members) > 1]
+    return graph, op_types, reasons
+
+
+def _node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Values a node reads: its inputs and the outer-scope values its subgraphs use."""
+    ins = [i for i in node.input if i]
+    for sub in _subgraphs(node):
+        ins.extend(n for n in _outer_names(sub) if n not in ins)
+    return ins
+
+
+def _outer_names(g: onnx.GraphProto) -> list[str]:
+    """Names a subgraph reads but does not define (captured from the enclosing scope)."""
+    defined = {i.name for i in g.input} | {t.name for t in g.initializer}
+    out: list[str] = []
+    for node in g.node:
+        for i in node.input:
+            if i and i not in defined and i not in out:
+                out.append(i)
+        for sub in _subgraphs(node):
+            for i in _outer_names(sub):
+                if i not in defined and i not in out:
+                    out.append(i)
+        defined.update(o for o in node.output if o)
+    for o in g.output:
+        if o.name not in defined and o.name not in out:
+            out.append(o.name)
+    return out
+
+
+def _rank(values: Mapping[str, _Value], name: str) -> int | None:
+    v = values.get(name)
+    return len(v.shape) if v is not None and v.shape is not None else None
+
+
+def _kind(node: onnx.NodeProto, inits: set[str], values: Mapping[str, _Value]) -> tuple[str, str | None]:
+    """Normalised kind of an ONNX node and the initializer that is its weight (layers only)."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        if node.domain == "com.microsoft" and op in _CONTRIB_KINDS:
+            return _CONTRIB_KINDS[op], None
+        return f"{node.domain}.{op}", None
+    ins = [i for i in node.input]
+    if op in ("MatMul", "Gemm"):
+        a, b = ins[0], ins[1]
+        weight = b if b in inits else (a if a in inits else None)
+        if weight is not None and (a not in inits or b not in inits):
+            return "linear", weight
+        return "matmul", None
+    if op == "Conv":
+        r = _rank(values, ins[0])
+        w = ins[1] if len(ins) > 1 and ins[1] in inits else None
+        return f"conv{r - 2 if r and r >= 3 else 2}d", w
+    if op == "ConvTranspose":
+        r = _rank(values, ins[0])
+        return f"conv_transpose{r - 2 if r and r >= 3 else 2}d", None
+    if op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"):
+        r = _rank(values, ins[0])
+        n = r - 2 if r and r >= 3 else 2
+        return {"MaxPool": f"max_pool{n}d", "AveragePool": f"avg_pool{n}d",
+                "GlobalAveragePool": f"adaptive_avg_pool{n}d",
+                "GlobalMaxPool": f"adaptive_max_pool{n}d"}[op], None
+    if op == "Gather":
+        data = values.get(ins[0])
+        if ins[0] in inits and data is not None and data.is_float:
+            return "embedding", None
+        return "select", None
+    return _KINDS.get(op, op.lower()), None
+
+
+def _reason(node: onnx.NodeProto, kind: str, policy: Policy, reads_activations: bool) -> str | None:
+    """Why a node stays fp32 (None for nodes whose format the plan decides or follows)."""
+    if node.op_type in CONTROL_FLOW_OPS and node.domain in ("", "ai.onnx"):
+        inside = sum(_count_nodes(s) for s in _subgraphs(node))
+        return (f"control flow ({node.op_type}): kept fp32 with the {inside} node(s) of its "
+                f"subgraph(s); autoprec rewrites top-level nodes only")
+    if policy is not Policy.NEVER:
+        return None
+    if (kind in ("linear", "matmul") or kind.startswith("conv")) and not reads_activations:
+        return f"{node.op_type} reads only constants: nothing to lower"
+    if node.domain not in ("", "ai.onnx") and kind.startswith(node.domain):
+        return f"custom op {node.domain}::{node.op_type}: unknown numerics, kept fp32"
+    if kind in NEVER_KINDS:
+        return f"{kind} {_NEVER_WHY}"
+    return f"op {node.op_type} has no known mixed-precision behaviour: kept fp32 (the safe default)"
+
+
+def _count_nodes(g: onnx.GraphProto) -> int:
+    return sum(1 + sum(_count_nodes(s) for s in _subgraphs(n)) for n in g.node)
+
+
+def _scope(node: onnx.NodeProto) -> str:
+    """Module path of a node: the torch exporter's name-scope metadata, else the name's prefix."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                break
+            if isinstance(scopes, (list, tuple)) and len(scopes) >= 2:
+                return str(scopes[-2])
+            return ""
+    name = node.name
+    if "/" in name:  # TorchScript exporter: "/blocks.0/attn/q/MatMul"
+        parts = [p for p in name.split("/") if p]
+        return ".".join(parts[:-1])
+    if "." in name:
+        return name.rsplit(".", 1)[0]
+    return ""
+
+
+def _flops(kind: str, node: onnx.NodeProto, values: Mapping[str, _Value]) -> int:
+    """FLOPs as capture._flops counts them (multiply-adds twice; elementwise one per output)."""
+    outs = [values[o] for o in node.output if o and o in values and values[o].shape is not None]
+    if not outs:
+        return 0
+    n_out = outs[0].numel
+    ins = [values.get(i) if i else None for i in node.input]
+    a = ins[0] if ins else None
+    if kind in ("linear", "matmul", "bmm") and a is not None and a.shape:
+        if node.op_type == "Gemm":
+            k = a.shape[0] if _attr(node, "transA", 0) else a.shape[-1]
+        else:
+            k = a.shape[-1]
+        return 2 * n_out * int(k)
+    if kind.startswith("conv") and not kind.startswith("conv_transpose") and len(ins) >= 2 \
+            and ins[1] is not None and ins[1].shape:
+        return 2 * n_out * math.prod(ins[1].shape[1:])
+    if kind in ("softmax", "log_softmax", "layer_norm", "batch_norm", "group_norm"):
+        return 5 * n_out
+    return n_out
+
+
+def _weight_elems(node: onnx.NodeProto, kind: str, weight: str | None, inits: set[str],
+                  values: Mapping[str, _Value], consumers: Mapping[str, list[onnx.NodeProto]]) -> int:
+    """Parameter elements a layer reads: its weight and its bias -- Gemm's/Conv's C/B input, or for
+    a MatMul the 1-D constant of the Add that is its only consumer (how exporters write a linear
+    layer on 3-D inputs), counted as torch counts nn.Linear's bias."""
+    if weight is None:
+        return 0
+    total = values[weight].numel
+    if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2] in inits:
+        total += values[node.input[2]].numel
+    elif node.op_type == "MatMul":
+        users = consumers.get(node.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Add":
+            bias = [i for i in users[0].input if i in inits and values.get(i) is not None
+                    and values[i].shape is not None and len(values[i].shape) == 1]
+            total += values[bias[0]].numel if bias else 0
+    return total
+
+
+# --- decomposed ops older exporters write -------------------------------------------------------
+def _layer_norm_nodes(g: onnx.GraphProto, consumers: Mapping[str, list[onnx.NodeProto]]) -> set[str]:
+    """Names of the nodes of each decomposed layer norm, as exporters before opset 17 write it:
+    ReduceMean(x) -> Sub(x, mean) -> Pow(., 2) -> ReduceMean -> Add(eps) -> Sqrt -> Div(sub, .)
+    [-> Mul(gamma) -> Add(beta)]. They are labelled "layer_norm", a NEVER kind, as torch's one op:
+    its statistics must stay fp32, whichever format the layer before it runs in."""
+    found: set[str] = set()
+
+    def only_user(value: str, op_types: tuple[str, ...]) -> onnx.NodeProto | None:
+        users = consumers.get(value, [])
+        return users[0] if len(users) == 1 and users[0].op_type in op_types else None
+
+    for mean in g.node:
+        if mean.op_type != "ReduceMean" or mean.domain not in ("", "ai.onnx"):
+            continue
+        x = mean.input[0]
+        subs = [n for n in consumers.get(mean.output[0], []) if n.op_type == "Sub" and list(n.input) == [x, mean.output[0]]]
+        if len(subs) != 1:
+            continue
+        sub = subs[0]
+        users = consumers.get(sub.output[0], [])
+        sq = next((n for n in users if n.op_type == "Pow" or (n.op_type == "Mul" and list(n.input) == [sub.output[0]] * 2)), None)
+        div = next((n for n in users if n.op_type == "Div" and n.input[0] == sub.output[0]), None)
+        if sq is None or div is None or len(users) != 2:
+            continue
+        chain = [mean, sub, sq]
+        var = only_user(sq.output[0], ("ReduceMean",))
+        eps = only_user(var.output[0], ("Add",)) if var is not None else None
+        root = only_user(eps.output[0], ("Sqrt",)) if eps is not None else None
+        if root is None or div.input[1] != root.output[0]:
+            continue
+        chain += [var, eps, root, div]
+        scale = only_user(div.output[0], ("Mul",))
+        if scale is not None:
+            chain.append(scale)
+            shift = only_user(scale.output[0], ("Add",))
+            if shift is not None:
+                chain.append(shift)
+        found.update(n.name for n in chain)
+    return found
+
+
+
+def _scalar(name: str, inits_proto: Mapping[str, onnx.TensorProto]) -> float | None:
+    t = inits_proto.get(name)
+    if t is None:
+        return None
+    arr = numpy_helper.to_array(t)
+    return float(arr.reshape(-1)[0]) if arr.size == 1 else None
+
+
+def _gelu_nodes(g: onnx.GraphProto, inits: set[str], consumers: Mapping[str, list[onnx.NodeProto]]) -> set[str]:
+    """Names of the nodes of each erf-form GELU, x * 0.5 * (1 + erf(x / sqrt(2))), as older
+    exporters write it (Div|Mul -> Erf -> Add -> Mul -> Mul). They are labelled "gelu"."""
+    protos = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output if o}
+    found: set[str] = set()
+    for erf in g.node:
+        if erf.op_type != "Erf" or erf.domain not in ("", "ai.onnx"):
+            continue
+        pre = producer.get(erf.input[0])
+        if pre is None or pre.op_type not in ("Div", "Mul"):
+            continue
+        consts = [(i, _scalar(i, protos)) for i in pre.input]
+        c = next((v for i, v in consts if v is not None), None)
+        x = next((i for i, v in consts if v is None), None)
+        want = math.sqrt(2.0) if pre.op_type == "Div" else 1 / math.sqrt(2.0)
+        if c is None or x is None or abs(c - want) > 1e-3:
+            continue
+        users = consumers.get(erf.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Add":
+            continue
+        add = users[0]
+        if not any(_scalar(i, protos) == 1.0 for i in add.input):
+            continue
+        group = [pre, erf, add]
+        cur = add
+        for _ in range(2):
+            nxt = consumers.get(cur.output[0], [])
+            if len(nxt) != 1 or nxt[0].op_type != "Mul":
+                break
+            group.append(nxt[0])
+            cur = nxt[0]
+        muls = group[3:]
+        # x enters the product directly or as x * 0.5
+        halves = [producer[i] for m in muls for i in m.input if i in producer and producer[i].op_type == "Mul"
+                  and x in producer[i].input and producer[i] not in group]
+        if not muls or not (any(x in m.input for m in muls) or halves):
+            continue
+        found.update(n.name for n in group + halves)
+    return found
