@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 
 from autoprec.capture import Captured, capture
 from autoprec.cost import CostModel, RooflineCostModel
+from autoprec.ep_support import exclusions
 from autoprec.errors import AutoprecError, UsageError
 from autoprec.formats import DEFAULT_CANDIDATES, Precision, parse_precisions
 from autoprec.metrics import DropBudget, Metric, fidelity_metric
@@ -76,12 +77,14 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
          target: str = "h100", objective: str = "latency", formats: Iterable[str | Precision] | None = None,
          strategy: str | Strategy = "milp", keep: Iterable[str] = (), force: Iterable[str] = (),
          profile_mode: str = "fast", cost_model: CostModel | None = None, metric: Metric | None = None,
-         batch: int = DEPLOY_BATCH, progress: Progress | None = None) -> TuneResult:
+         batch: int = DEPLOY_BATCH, provider: str | None = None, progress: Progress | None = None) -> TuneResult:
     """Find the fastest per-layer plan whose *measured* metric drop stays within the budget.
 
     ``budget`` (models with evaluate()) or ``fidelity_budget`` (models without): "0.5%" relative
     to the fp32 metric, or an absolute drop such as 0.005. ``metric`` overrides the model's.
     ``batch``: the deployment batch the cost model prices (samples per inference call).
+    ``provider``: an ONNX Runtime execution provider (cpu, cuda, tensorrt) the plan will run on:
+    formats it has no faithful kernel for are never offered (each exclusion is a reason).
     """
     if batch <= 0:
         raise UsageError(f"--batch must be a positive number of samples, not {batch}")
@@ -99,7 +102,8 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     cost = cost_model or RooflineCostModel(target, objective)
     pins = parse_pins(keep, "keep") + parse_pins(force, "force")
     deploy_graph = captured.graph.at_batch(batch) if captured.graph.batch else captured.graph
-    problem = SearchProblem.build(deploy_graph, prof, cost, formats=fmts, pins=pins)
+    excluded = exclusions(deploy_graph, provider, fmts) if provider else None
+    problem = SearchProblem.build(deploy_graph, prof, cost, formats=fmts, pins=pins, excluded=excluded)
     amax = act_amax_from_profile(prof)
     measured: dict[tuple, float] = {}
 

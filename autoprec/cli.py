@@ -112,7 +112,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         result = api.tune(args.model, args.budget, fidelity_budget=args.fidelity_budget, target=args.target,
                           objective=args.objective, formats=args.formats, strategy=args.strategy,
                           keep=args.keep, force=args.force, profile_mode=args.profile_mode, batch=args.batch,
-                          progress=progress)
+                          provider=args.provider, progress=progress)
     plan = result.plan
     files = [plan.save(out_dir / "plan.json"), atomic_write_text(out_dir / "profile.json", result.profile.to_json())]
     files += write_report(out_dir, plan, result.profile, result.captured.graph, result.summary, result.uniforms,
@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--batch", type=int, default=1024,
                     help="deployment batch (samples per call) the cost model prices (default 1024)")
     tu.add_argument("--formats", default=None, help="candidate formats (default: bf16,fp16,fp8_e4m3)")
+    tu.add_argument("--provider", default=None,
+                    help="ONNX Runtime execution provider the plan deploys on (cpu, cuda, tensorrt): formats it "
+                         "cannot run per op are never offered (default: no restriction)")
     tu.add_argument("--strategy", default="milp", help="milp (default), greedy, bisection[:FORMAT] or uniform")
     tu.add_argument("--keep", action="append", default=[], metavar="FMT:REGEX",
                     help="keep layers whose scope, name or kind matches REGEX at FMT or wider, e.g. fp32:'head|embed'")

@@ -368,8 +368,8 @@ class _Compiled:
                     text += (f"; {names} would cost more here: the casts at its boundaries outweigh "
                              f"its faster math")
             if f is not FP32 or alts:
-                # narrower formats the layer was never offered: say why (overflow, target support)
-                lost = _excluded_text((g, r) for g, r in u.notes.items() if g.rank > f.rank)
+                # formats the layer was never offered: say why (overflow, target or provider support)
+                lost = _excluded_text(u.notes.items())
                 if lost:
                     text += f"; {lost}" if text.endswith(")") else f" ({lost})"
             if u.pin is not None and u.pin.source == "keep" and alts:

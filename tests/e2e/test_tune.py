@@ -156,3 +156,11 @@ def test_readme_custom_strategy_runs_as_written() -> None:
     plan = scope["result"].plan  # type: ignore[attr-defined]
     assert plan.strategy == "bf16-but-attention"
     assert all((d.format is Precision.FP32) == (d.kind == "matmul") for d in plan.decisions)
+
+
+def test_provider_exclusions_are_never_offered_and_are_reasons() -> None:
+    r = tune(CNN, "2%", provider="cuda", formats=["bf16"])
+    for name in ("conv1", "conv2", "conv3"):
+        d = r.plan.decision(name)
+        assert d.format is Precision.FP32  # ORT's CUDA EP has no bf16 Conv kernel
+        assert "bf16 excluded" in d.reason and "Conv" in d.reason, d.reason
