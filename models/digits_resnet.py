@@ -25,26 +25,6 @@ TRAIN_WEIGHT_DECAY = 1e-4
 BATCH_SIZE = 32
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-        else:
-            self.shortcut = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
-
-
 class DigitsResNet(nn.Module):
     def __init__(self, widths=(16, 32, 64), blocks_per_stage: int = 2, num_classes: int = 10):
         super().__init__()
@@ -55,7 +35,7 @@ class DigitsResNet(nn.Module):
         for i, w in enumerate(widths):
             blocks = []
             for j in range(blocks_per_stage):
-                blocks.append(BasicBlock(cin, w, stride=2 if (i > 0 and j == 0) else 1))
+                blocks.append(zoo_common.BasicBlock(cin, w, stride=2 if (i > 0 and j == 0) else 1))
                 cin = w
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)

@@ -21,6 +21,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+import zoo_common
 from torch import nn
 
 NAME = "resnet18"
@@ -29,26 +30,6 @@ IMAGE_SIZE = 224
 NUM_CLASSES = 1000
 SEED = 0
 HEAD_LOGIT_STD = 2.0
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU()
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-        else:
-            self.downsample = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.downsample(x))
 
 
 class ResNet18(nn.Module):
@@ -63,7 +44,7 @@ class ResNet18(nn.Module):
         for i, (w, n) in enumerate(zip(widths, blocks)):
             stage = []
             for j in range(n):
-                stage.append(BasicBlock(cin, w, stride=2 if (i > 0 and j == 0) else 1))
+                stage.append(zoo_common.BasicBlock(cin, w, stride=2 if (i > 0 and j == 0) else 1))
                 cin = w
             layers.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
