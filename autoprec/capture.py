@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # --- op classification ------------------------------------------------------------------------
 # Kind names are normalised over fx (torch functions, methods, modules) and export (aten ops).
 
-_MODULE_KINDS: dict[type, str] = {
+MODULE_KINDS: dict[type, str] = {
     nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
     nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
     nn.LeakyReLU: "leaky_relu", nn.Hardtanh: "hardtanh", nn.ELU: "elu",
@@ -69,10 +69,10 @@ _FUNCTION_KINDS: dict[Any, str] = {
     F.cross_entropy: "cross_entropy", F.scaled_dot_product_attention: "scaled_dot_product_attention",
 }
 
-_ATEN_ALIASES = {"_to_copy": "to_copy", "to": "to_copy", "div_": "div", "add_": "add", "mul_": "mul",
+ATEN_ALIASES = {"_to_copy": "to_copy", "to": "to_copy", "div_": "div", "add_": "add", "mul_": "mul",
                  "relu_": "relu", "native_layer_norm": "layer_norm", "_native_batch_norm_legit_no_training":
                  "batch_norm", "clamp": "hardtanh", "alias": "identity", "lift_fresh_copy": "identity",
-                 "convolution": "conv2d", "mm": "matmul", "addmm": "linear", "_softmax": "softmax",
+                 "convolution": "conv2d", "mm": "matmul", "addmm": "linear", "_unsafe_view": "reshape", "_softmax": "softmax",
                  "_log_softmax": "log_softmax", "mean.dim": "mean", "sym_size": "size"}
 
 def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -82,8 +82,8 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         for cls in type(mod).__mro__:
-            if cls in _MODULE_KINDS:
-                return _MODULE_KINDS[cls]
+            if cls in MODULE_KINDS:
+                return MODULE_KINDS[cls]
         return f"module:{type(mod).__name__}"
     if node.op == "call_method":
         name = str(node.target).rstrip("_") if str(node.target) not in ("t_",) else "t"
@@ -93,7 +93,7 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
         return _FUNCTION_KINDS[target]
     if isinstance(target, torch._ops.OpOverload):  # aten op from torch.export
         base = target._schema.name.split("::")[-1]
-        kind = _ATEN_ALIASES.get(base, base)
+        kind = ATEN_ALIASES.get(base, base)
         if kind == "conv2d" and base == "convolution":
             return _conv_kind_from_rank(node)
         return kind
@@ -177,7 +177,7 @@ def _opaque_modules(gm: fx.GraphModule) -> list[str]:
         if n.op != "call_module":
             continue
         mod = gm.get_submodule(str(n.target))
-        if type(mod) in _MODULE_KINDS or any(isinstance(mod, c) for c in _MODULE_KINDS):
+        if type(mod) in MODULE_KINDS or any(isinstance(mod, c) for c in MODULE_KINDS):
             continue
         if any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in mod.modules()) or \
                 any(p.dim() >= 2 for p in mod.parameters()):

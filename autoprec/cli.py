@@ -135,6 +135,32 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from autoprec.export import export_onnx
+
+    profile = args.profile
+    if profile is None and (Path(args.plan).parent / "profile.json").is_file():
+        profile = Path(args.plan).parent / "profile.json"  # `autoprec tune` writes both in one folder
+    out = export_onnx(args.model, args.plan, profile, args.output, opset=args.opset, emulation=args.emulation)
+    what = ("emulation graph: fp32 compute with every rounding explicit, for ONNX Runtime's CPU provider"
+            if args.emulation else "deployment graph: 16-bit tensors and fp8 Q/DQ, for the CUDA / TensorRT providers")
+    _console().print(f"Wrote {out} ({out.stat().st_size / 1e6:.2f} MB), the {what}.", highlight=False)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from autoprec.verify import verify
+
+    report = verify(args.onnx, args.model, args.plan, providers=args.provider)
+    if args.json:
+        print(json.dumps(report.to_dict(), sort_keys=True, default=str))
+    else:
+        out = _console()
+        for line in report.lines():
+            out.print(line, highlight=False)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoprec", description="Per-layer mixed precision (fp32/bf16/fp16/fp8) "
                                 "for PyTorch models under an accuracy budget.")
@@ -177,6 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--out", metavar="DIR", help="output folder (default: out/<model name>)")
     tu.add_argument("--json", action="store_true", help="print the plan and summary as JSON on stdout")
     tu.set_defaults(func=cmd_tune)
+
+    ex = sub.add_parser("export", help="export a model with its plan to ONNX for ONNX Runtime")
+    ex.add_argument("model", help="model file following models/README.md")
+    ex.add_argument("--plan", required=True, help="plan.json written by `autoprec tune`")
+    ex.add_argument("--profile", help="profile.json with the fp8 calibration (default: the one beside --plan)")
+    ex.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="where to write the model")
+    ex.add_argument("--emulation", action="store_true",
+                    help="write the emulation graph (fp32 compute, explicit rounding) that ORT's CPU provider "
+                         "runs faithfully, instead of the deployment graph")
+    ex.add_argument("--opset", type=int, default=21, help="ONNX opset, 19 or later (default 21)")
+    ex.set_defaults(func=cmd_export)
+
+    ve = sub.add_parser("verify", help="metric through ONNX Runtime and parity with the torch emulation")
+    ve.add_argument("onnx", help="ONNX file written by `autoprec export`")
+    ve.add_argument("--model", required=True, help="the model file it was exported from")
+    ve.add_argument("--plan", help="plan.json it was exported with (checked; its budget judges the metric)")
+    ve.add_argument("--provider", default="auto",
+                    help="ONNX Runtime providers to ask for: auto (CUDA, else CPU) or a list such as tensorrt,cuda")
+    ve.add_argument("--json", action="store_true", help="print the report as JSON")
+    ve.set_defaults(func=cmd_verify)
     return p
 
 

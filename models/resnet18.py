@@ -132,5 +132,6 @@ def example_inputs() -> tuple[torch.Tensor, ...]:
 
 
 def calibration_data() -> list[torch.Tensor]:
-    """2 batches of 4 seeded synthetic images."""
-    return [synthetic_images(4, seed=100 + i) for i in range(2)]
+    """4 batches of 8 seeded synthetic images: enough that fidelity (top-1 agreement with fp32)
+    moves in steps of 1/32, not 1/8, so a 1% budget is not an all-or-nothing test."""
+    return [synthetic_images(8, seed=100 + i) for i in range(4)]

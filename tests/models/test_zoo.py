@@ -99,7 +99,7 @@ def test_calibration_data_is_deterministic_and_small(name):
             assert torch.equal(t, u)
     n = sum(batch[0].shape[0] for batch in a)
     if name == "resnet18":
-        assert n <= 16
+        assert 16 <= n <= 32  # 224x224 images: a few dozen keep profiling in seconds
     else:
         assert 64 <= n <= 256
 

@@ -1,0 +1,246 @@
+"""The one place that opens ONNX Runtime sessions.
+
+``onnxruntime-gpu`` lists the CUDA and TensorRT providers even on a machine without a GPU, and a
+session that asks for them silently runs on the CPU instead (after printing a library-loading error
+to stderr). :func:`open_session` therefore reads back what the session really got
+(``session.get_providers()``), exposes it as :attr:`Session.provider`, and logs one plain warning
+line when it is not what was asked for. ORT's own stderr chatter during session creation is
+captured and logged at debug level.
+
+Every session gets the same graph-optimizer settings, chosen for autoprec's fp8 graphs (checked on
+onnxruntime 1.31, CPU provider): the ``ReluQuantRewrite`` / ``ClipQuantRewrite`` rules are disabled
+(they delete a ReLU or Clip in front of a QuantizeLinear, which is only right for an integer zero
+point; with an fp8 zero point the negative values then survive), and so are the QDQ fusions
+(``session.disable_quant_qdq``: they rewrite fp8 Q/DQ around a MatMul into an integer kernel and
+the session fails to load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from autoprec.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "cpu": "CPUExecutionProvider"}
+_SHORT = {v: k for k, v in PROVIDERS.items()}
+#: what "auto" asks for, in order: CUDA when it works, else CPU (TensorRT only when named: building
+#: its engines takes minutes)
+AUTO = ("cuda", "cpu")
+#: graph rewrites that are wrong for fp8 zero points (see the module docstring)
+DISABLED_OPTIMIZERS = ("ReluQuantRewrite", "ClipQuantRewrite")
+OPTIMIZATION = ("all", "extended", "basic", "none")
+
+_warned: set[tuple[str, str]] = set()
+
+
+@dataclass
+class Session:
+    """An ORT session and the provider it really runs on."""
+
+    session: Any  # onnxruntime.InferenceSession
+    provider: str  # short name of the first provider the session got: "cuda", "tensorrt" or "cpu"
+    requested: tuple[str, ...]  # short names asked for, in order
+    reason: str = ""  # why the first requested provider was not used ("" when it was)
+
+    @property
+    def fell_back(self) -> bool:
+        return bool(self.requested) and self.provider != self.requested[0]
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
+
+    def __call__(self, *inputs: Any) -> list[np.ndarray]:
+        """Run on positional inputs (numpy arrays or torch tensors), in the graph's input order."""
+        names = self.input_names
+        if len(inputs) != len(names):
+            raise UsageError(f"the ONNX model takes {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}")
+        return self.run({n: _to_numpy(x) for n, x in zip(names, inputs)})
+
+    def describe(self) -> str:
+        if not self.fell_back:
+            return f"ONNX Runtime on {self.provider}"
+        return f"ONNX Runtime on {self.provider} (asked for {self.requested[0]}: {self.reason})"
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def parse_providers(providers: str | Sequence[str]) -> tuple[str, ...]:
+    """Short provider names from "auto", "cuda,cpu", ("tensorrt", "cuda", "cpu") or ORT's long names."""
+    if isinstance(providers, str):
+        if providers.strip().lower() == "auto":
+            return AUTO
+        providers = [p for p in providers.split(",") if p.strip()]
+    out: list[str] = []
+    for p in providers:
+        key = str(p).strip()
+        short = _SHORT.get(key, key.lower())
+        if short not in PROVIDERS:
+            raise UsageError(f"unknown ONNX Runtime provider {p!r}: use auto or a list of {', '.join(PROVIDERS)}")
+        if short not in out:
+            out.append(short)
+    if not out:
+        raise UsageError("no ONNX Runtime provider named: use auto, cuda, tensorrt or cpu")
+    if "cpu" not in out:
+        out.append("cpu")  # ORT falls back to it anyway; say so explicitly
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def _captured_output() -> Iterator[list[str]]:
+    """Capture what native code writes to file descriptor 2 and what Python code prints (ORT prints
+    its provider fallbacks); yield a list that receives the text. File descriptor 2 is the process's:
+    open sessions from one thread at a time while this runs."""
+    out: list[str] = []
+    printed = io.StringIO()
+    try:
+        fd = os.dup(2)
+    except OSError:  # no usable stderr: capture the Python side only
+        with contextlib.redirect_stdout(printed):
+            yield out
+        out.append(printed.getvalue())
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        try:
+            os.dup2(tmp.fileno(), 2)
+            with contextlib.redirect_stdout(printed):
+                yield out
+        finally:
+            os.dup2(fd, 2)
+            os.close(fd)
+            tmp.seek(0)
+            out.append(tmp.read().decode("utf-8", "replace"))
+            out.append(printed.getvalue())
+
+
+def _why_not(text: str, wanted: str) -> str:
+    m = re.search(r"Failed to load library \S*?(libonnxruntime_providers_\w+)\.so with error: ([^\n\x1b]+)", text)
+    if m:
+        return f"its library does not load: {m.group(2).strip()}"
+    if wanted != "cpu":
+        return "not usable on this machine (no GPU, or its CUDA libraries are missing)"
+    return ""
+
+
+def open_session(path_or_bytes: str | os.PathLike[str] | bytes, providers: str | Sequence[str] = "auto", *,
+                 optimization: str = "all", threads: int | None = None, quiet: bool = True) -> Session:
+    """Open an ORT session on the first usable provider of ``providers``; report what it got.
+
+    ``providers``: "auto" (CUDA, else CPU) or names in order of preference ("tensorrt", "cuda",
+    "cpu"). ``optimization``: ORT graph optimization level (all, extended, basic, none).
+    ``threads``: intra-op threads (ORT's default when None). ``quiet``: capture ORT's stderr (and the
+    fallback notices it prints) during session creation and log them at debug level.
+    """
+    import onnxruntime as ort
+
+    wanted = parse_providers(providers)
+    if optimization not in OPTIMIZATION:
+        raise UsageError(f"unknown optimization level {optimization!r}: use one of {', '.join(OPTIMIZATION)}")
+    available = set(ort.get_available_providers())
+    asked = [PROVIDERS[p] for p in wanted if PROVIDERS[p] in available]
+    missing = [p for p in wanted if PROVIDERS[p] not in available]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[optimization]
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+    model = path_or_bytes if isinstance(path_or_bytes, bytes) else str(Path(path_or_bytes))
+    ctx = _captured_output() if quiet else contextlib.nullcontext([])
+    with ctx as captured:
+        try:
+            sess = ort.InferenceSession(model, so, providers=asked, disabled_optimizers=list(DISABLED_OPTIMIZERS))
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NotImplemented)
+            err = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"ONNX Runtime cannot open the model on {', '.join(_SHORT.get(a, a) for a in asked)}: "
+                             f"{err}") from exc
+    text = "".join(captured)
+    if text.strip():
+        log.debug("onnxruntime stderr while opening the session:\n%s", text.strip())
+    got = _SHORT.get(sess.get_providers()[0], sess.get_providers()[0])
+    reason = ""
+    if got != wanted[0]:
+        reason = ("not in this onnxruntime build" if wanted[0] in missing else _why_not(text, wanted[0]))
+        key = (wanted[0], got)
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("asked ONNX Runtime for %s, got %s: %s", PROVIDERS[wanted[0]], PROVIDERS.get(got, got), reason)
+    return Session(sess, got, wanted, reason)
+
+
+def _probe_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(wanted: tuple[str, ...]) -> tuple[str, str]:
+    s = open_session(_probe_model(), wanted)
+    return s.provider, s.reason
+
+
+def probe_provider(providers: str | Sequence[str] = "auto") -> tuple[str, str]:
+    """(provider a session asking for ``providers`` really gets, why not the first) from a tiny model."""
+    return _probe(parse_providers(providers))
+
+
+def cuda_available() -> bool:
+    """Whether a session asking for CUDA really runs on CUDA here."""
+    return probe_provider(("cuda", "cpu"))[0] == "cuda"
+
+
+def ort_module(session: Session) -> Any:
+    """``session`` as a torch module: takes torch tensors, returns a torch tensor (the first output;
+    a tuple when the graph has several). Model files' evaluate() functions can call it."""
+    import torch
+
+    class OrtModule(torch.nn.Module):
+        """A torch-callable wrapper of an ONNX Runtime session (no parameters; runs on the CPU side)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.session = session
+
+        def forward(self, *inputs: Any) -> Any:
+            outs = [torch.from_numpy(np.ascontiguousarray(o)) for o in session(*inputs)]
+            return outs[0] if len(outs) == 1 else tuple(outs)
+
+        def extra_repr(self) -> str:
+            return session.describe()
+
+    return OrtModule().eval()

@@ -1,0 +1,303 @@
+"""Verify an exported ONNX model: its metric through ONNX Runtime and its parity with the torch emulation.
+
+    report = verify("digits_cnn.onnx", "models/digits_cnn.py", plan="out/digits_cnn/plan.json")
+    print("\\n".join(report.lines()))
+
+The plan and the fp8 calibration an ONNX file was exported with are read from its metadata, so a
+deployed file can be verified on its own; a plan given beside it must agree with it.
+
+Where the session runs on CUDA (or TensorRT), the metric is measured on the deployment graph
+itself. ONNX Runtime's CPU provider cannot measure a low-precision model faithfully: it computes
+fp16 nodes in fp32 and drops their rounding, and it has no bf16 kernels. There the metric is
+measured on the *emulation graph* of the same plan (fp32 compute, every rounding explicit), and
+the report says so.
+
+Parity holds the torch emulation (``passes.apply_plan(mode="emulate")``) and ONNX Runtime's run of
+the emulation graph to the same numbers on the model's calibration data: relative L2 error within
+the epsilon of the narrowest format the plan uses (or twice the model's own response to a one-ulp
+input change, where that is larger: see :class:`Parity`), and equal argmax on at least 99.5% of
+positions (classifier outputs). The two differ only where the two runtimes' fp32 arithmetic does
+(summation order in a GEMM or convolution) and a rounding then lands on the other side of a tie.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import onnx
+
+from autoprec.errors import PlanError, UsageError
+from autoprec.formats import Precision
+from autoprec.plan import PrecisionPlan
+from autoprec.spec import ModelSpec, load_model_spec
+
+#: fewest top-1 agreements (fraction of positions) parity accepts
+TOP1_AGREEMENT = 0.995
+#: smallest relative-L2 tolerance: two fp32 runtimes already differ by about 1e-7
+MIN_TOLERANCE = 1e-5
+
+
+@dataclass
+class Parity:
+    """Torch emulation vs ONNX Runtime's emulation graph on the same inputs.
+
+    ``noise_floor``: how far the torch emulation itself moves when its floating inputs change by
+    one part in 2^23 (relative L2). A deep model with random weights (resnet18) amplifies a one-ulp
+    change in one rounding into percent-level output changes; two runtimes that sum in different
+    orders cannot agree better than that, so the tolerance is the larger of the narrowest format's
+    epsilon and twice the noise floor.
+
+    Top-1 agreement is counted where the torch emulation's top-1 logit leads the runner-up by more
+    than twice the largest difference between the two outputs at that position; closer calls
+    (``near_ties``) flip with either runtime's summation order and say nothing about the rounding.
+    ``top1_raw`` counts every position.
+    """
+
+    rel_l2: float
+    top1_agreement: float | None  # None for outputs that are not logits
+    positions: int
+    tolerance: float
+    narrowest: str
+    noise_floor: float = 0.0
+    top1_raw: float | None = None
+    near_ties: int = 0
+
+    @property
+    def ok(self) -> bool:
+        top_ok = self.top1_agreement is None or self.top1_agreement >= TOP1_AGREEMENT
+        return math.isfinite(self.rel_l2) and self.rel_l2 <= self.tolerance and top_ok
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` measured, with the lines the CLI prints."""
+
+    onnx_path: str
+    model: str
+    file_mode: str  # "deploy" | "emulate": what the ONNX file holds
+    provider: str  # where ONNX Runtime ran the metric
+    provider_note: str  # why not the provider asked for ("" when it was)
+    metric_graph: str  # "deployment" | "emulation"
+    formats: dict[str, int]
+    parity: Parity
+    metric: str | None = None
+    higher_is_better: bool = True
+    metric_onnx: float | None = None
+    metric_torch_emulated: float | None = None
+    metric_fp32: float | None = None
+    allowed_drop: float | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def drop(self) -> float | None:
+        if self.metric_onnx is None or self.metric_fp32 is None:
+            return None
+        d = self.metric_fp32 - self.metric_onnx if self.higher_is_better else self.metric_onnx - self.metric_fp32
+        return d if math.isfinite(d) else math.inf
+
+    @property
+    def within_budget(self) -> bool | None:
+        if self.allowed_drop is None or self.drop is None:
+            return None
+        return self.drop <= self.allowed_drop + 1e-12
+
+    @property
+    def ok(self) -> bool:
+        return self.parity.ok and self.within_budget is not False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(drop=self.drop, within_budget=self.within_budget, ok=self.ok, parity_ok=self.parity.ok)
+        return d
+
+    def lines(self) -> list[str]:
+        p = self.parity
+        counts = ", ".join(f"{k} x{v}" for k, v in sorted(self.formats.items()))
+        out = [f"{self.onnx_path}: {self.model}, {self.file_mode} graph ({counts})"]
+        where = f"ONNX Runtime on {self.provider}" + (f" ({self.provider_note})" if self.provider_note else "")
+        if self.metric_graph == "emulation":
+            out.append(f"{where}: the metric is measured on the emulation graph (fp32 compute with every rounding "
+                       "explicit), because ORT's CPU provider computes fp16 ops without their rounding and has no "
+                       "bf16 kernels")
+        else:
+            out.append(f"{where}: the metric is measured on the deployment graph")
+        if self.metric is not None and self.metric_onnx is not None:
+            line = f"{self.metric}: ONNX {self.metric_onnx:.6g}"
+            if self.metric_torch_emulated is not None:
+                line += f", torch emulation {self.metric_torch_emulated:.6g}"
+            if self.metric_fp32 is not None:
+                line += f", fp32 {self.metric_fp32:.6g} (drop {self.drop:.4g}"
+                line += (f"; allowed {self.allowed_drop:.4g}: {'within' if self.within_budget else 'OVER'} budget)"
+                         if self.allowed_drop is not None else ")")
+            out.append(line)
+        top = ""
+        if p.top1_agreement is not None:
+            top = f", top-1 agreement {100 * p.top1_agreement:.2f}%"
+            if p.near_ties:
+                top += f" ({100 * p.top1_raw:.2f}% counting {p.near_ties} near-tie(s))"
+        basis = (f"eps of {p.narrowest}" if p.tolerance <= max(Precision(p.narrowest).eps, MIN_TOLERANCE)
+                 else f"twice the model's own response to a 1-ulp input change, {p.noise_floor:.3g}")
+        out.append(f"parity torch emulation vs ONNX emulation graph: relative L2 {p.rel_l2:.3g} (tolerance "
+                   f"{p.tolerance:.3g}, {basis}){top} over {p.positions} outputs: {'ok' if p.ok else 'FAILED'}")
+        out.extend(self.notes)
+        return out
+
+
+def _assignment_of(plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Precision]:
+    from autoprec.export import _load_plan
+
+    return _load_plan(plan)
+
+
+def _check_same_plan(recorded: Mapping[str, Precision], given: Mapping[str, Precision]) -> None:
+    fp32 = Precision.FP32
+    names = sorted(set(recorded) | set(given))
+    diff = [n for n in names if recorded.get(n, fp32) is not given.get(n, fp32)]
+    if diff:
+        shown = ", ".join(f"{n} ({recorded.get(n, fp32)} in the file, {given.get(n, fp32)} in the plan)" for n in diff[:5])
+        raise PlanError(f"the ONNX file was exported with another plan: {shown}"
+                        + (f" and {len(diff) - 5} more" if len(diff) > 5 else ""))
+
+
+def narrowest_format(assignment: Mapping[str, Precision]) -> Precision:
+    used = [f for f in assignment.values()]
+    return max(used, key=lambda f: f.rank) if used else Precision.FP32
+
+
+def _nudged(batch: tuple[Any, ...]) -> tuple[Any, ...]:
+    import torch
+
+    return tuple(x * (1 + 2.0 ** -23) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in batch)
+
+
+def parity(torch_module: Any, session: Any, batches: Sequence[tuple[Any, ...]], narrowest: Precision,
+           logits: bool) -> Parity:
+    """Relative L2 and top-1 agreement between a torch module and an ORT session on ``batches``,
+    with the torch module's own noise floor (see :class:`Parity`)."""
+    import torch
+
+    from autoprec.profile import first_tensor
+
+    num = den = noise = 0.0
+    same = same_raw = total = decided = elements = 0
+    with torch.no_grad():
+        for b in batches:
+            ref = first_tensor(torch_module(*b)).float()
+            nudged = first_tensor(torch_module(*_nudged(b))).float()
+            got = torch.from_numpy(session(*b)[0]).float()
+            if got.shape != ref.shape:
+                raise UsageError(f"the ONNX model's output has shape {tuple(got.shape)}, the torch model's "
+                                 f"{tuple(ref.shape)}")
+            elements += ref.numel()
+            num += float(((got - ref).double() ** 2).sum())
+            den += float((ref.double() ** 2).sum())
+            noise += float(((nudged - ref).double() ** 2).sum())
+            if logits:
+                agree = got.argmax(-1) == ref.argmax(-1)
+                top2 = ref.topk(min(2, ref.shape[-1]), dim=-1).values
+                margin = top2[..., 0] - top2[..., -1]
+                clear = margin > 2 * (got - ref).abs().amax(-1)
+                same_raw += int(agree.sum())
+                same += int((agree & clear).sum())
+                decided += int(clear.sum())
+                total += agree.numel()
+    rel = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+    if math.isnan(rel):
+        rel = math.inf
+    floor = math.sqrt(noise / den) if den > 0 else 0.0
+    if not math.isfinite(floor):
+        floor = 0.0
+    top1 = (same / decided if decided else 1.0) if logits and total else None
+    return Parity(rel, top1, total if logits else elements, max(narrowest.eps, 2 * floor, MIN_TOLERANCE),
+                  narrowest.value, floor, same_raw / total if logits and total else None, total - decided)
+
+
+def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.PathLike[str],
+           plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+           providers: str | Sequence[str] = "auto") -> VerifyReport:
+    """Measure an exported model's metric through ONNX Runtime and its parity with the torch emulation.
+
+    ``plan``: optional; when given it must be the plan the file was exported with (its measured
+    ``allowed_drop`` then judges the metric). ``providers``: what to ask ONNX Runtime for.
+    """
+    from autoprec.api import model_metric
+    from autoprec.capture import capture
+    from autoprec.export import apply_plan_onnx, recorded_plan, torch_to_onnx
+    from autoprec.profile import first_tensor, output_kind_of
+    from autoprec.runtime import open_session, ort_module, parse_providers, probe_provider
+    from passes import apply_plan
+    from passes.onnx_base import MODEL_FINGERPRINT, model_meta, opset_of
+
+    t0 = time.perf_counter()
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise UsageError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf decode errors
+        raise UsageError(f"{path} is not an ONNX model: {type(exc).__name__}: {exc}") from None
+    mode, assignment, amax = recorded_plan(model)
+    allowed = None
+    if plan is not None:
+        _check_same_plan(assignment, _assignment_of(plan))
+        loaded = plan if isinstance(plan, PrecisionPlan) else (
+            PrecisionPlan.load(plan) if isinstance(plan, (str, os.PathLike)) else None)
+        if loaded is not None and "allowed_drop" in loaded.measured:
+            allowed = float(loaded.measured["allowed_drop"])
+    spec = model_file if isinstance(model_file, ModelSpec) else load_model_spec(model_file)
+    module = spec.model()
+    example = spec.example_inputs()
+    captured = capture(module, example, name=spec.name)
+    recorded_fp = model_meta(model).get(MODEL_FINGERPRINT)
+    if recorded_fp and recorded_fp != captured.graph.fingerprint():
+        raise PlanError(f"{path} was exported from another model than {spec.path.name} "
+                        f"(fingerprint {recorded_fp} != {captured.graph.fingerprint()})")
+    torch_emulated = apply_plan(captured, assignment, amax or None, mode="emulate")
+    if mode == "emulate":
+        emulation = model
+    else:
+        fp32 = torch_to_onnx(module, example, opset_of(model))
+        emulation = apply_plan_onnx(fp32, captured, assignment, amax or None, "emulate")
+    emu_session = open_session(emulation.SerializeToString(), "cpu")
+    asked = parse_providers(providers)
+    provider, why = probe_provider(asked)
+    notes: list[str] = []
+    if provider in ("cuda", "tensorrt"):
+        metric_session = open_session(str(path), providers)
+        provider, why = metric_session.provider, metric_session.reason
+        graph = "deployment" if mode == "deploy" else "emulation"
+    else:
+        metric_session = emu_session
+        graph = "emulation"
+    batches = spec.calibration_data()
+    y = first_tensor(captured.gm(*batches[0]))
+    logits = output_kind_of(y, spec.output_kind) == "logits"
+    par = parity(torch_emulated, emu_session, batches, narrowest_format(assignment), logits)
+    metric = model_metric(spec, captured, batches)
+    report = VerifyReport(
+        onnx_path=str(path), model=spec.name, file_mode=mode, provider=provider,
+        provider_note=f"asked for {asked[0]}: {why}" if provider != asked[0] else "",
+        metric_graph=graph, formats=_counts(assignment, captured), parity=par, metric=metric.name,
+        higher_is_better=metric.higher_is_better, allowed_drop=allowed, notes=notes)
+    report.metric_onnx = float(metric.measure(ort_module(metric_session)))
+    report.metric_torch_emulated = float(metric.measure(torch_emulated))
+    report.metric_fp32 = float(metric.measure(captured.gm))
+    if spec.evaluate is None:
+        notes.append(f"{spec.name} has no evaluate(): the metric is {metric.name} against the fp32 torch model "
+                     "on the calibration data")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _counts(assignment: Mapping[str, Precision], captured: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in captured.graph.layer_names():
+        f = assignment.get(name, Precision.FP32).value
+        counts[f] = counts.get(f, 0) + 1
+    return counts

@@ -1,0 +1,165 @@
+"""Deployment benchmark: tune every zoo model, export it to ONNX and check it through ONNX Runtime.
+
+    .venv/bin/python benchmarks/deploy_bench.py [models/x.py ...] [--budget 0.5%] [--out FILE]
+
+For each model: tune at the budget (models without evaluate(): the same number as a fidelity
+budget), export the tuned deployment graph, run the ONNX checker (full_check), and report
+
+- the file size against the fp32 export, for the tuned plan and for every layer in bf16, fp16 and
+  fp8 (goals: all-16-bit <= 0.52, all-fp8 <= 0.28 where layer weights dominate the file);
+- the metric through ONNX Runtime against the torch emulation's and against the budget
+  (autoprec.verify: on a CPU provider the metric runs on the emulation graph, and says so);
+- parity between the torch emulation and the ONNX emulation graph (relative L2, top-1 agreement);
+- with a working CUDA provider, the latency of the fp32 and tuned deployment graphs (median of 50
+  runs at batch 256); without one, a line saying it was skipped.
+
+Prints a markdown table (and writes it to --out); exits 1 if a tuned model fails the checker, its
+parity or its budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from autoprec.api import tune  # noqa: E402
+from autoprec.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
+from autoprec.formats import Precision  # noqa: E402
+from autoprec.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from autoprec.runtime import cuda_available, open_session  # noqa: E402
+from autoprec.spec import load_model_spec  # noqa: E402
+from autoprec.verify import verify  # noqa: E402
+from passes import act_amax_from_profile  # noqa: E402
+
+LATENCY_BATCH = 256
+LATENCY_RUNS = 50
+
+
+def zoo() -> list[Path]:
+    return sorted(p for p in (ROOT / "models").glob("*.py") if p.stem not in ("train", "zoo_common"))
+
+
+def _checked(model: onnx.ModelProto) -> bool:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return True
+    except Exception:  # the checker raises ValidationError or InferenceError
+        return False
+
+
+def _latency_ms(model: onnx.ModelProto, example) -> float:
+    import torch
+
+    s = open_session(model.SerializeToString(), ("cuda",))
+    if s.provider != "cuda":
+        return float("nan")
+    x = tuple(torch.cat([t] * (LATENCY_BATCH // t.shape[0] + 1))[:LATENCY_BATCH] for t in example)
+    for _ in range(5):
+        s(*x)
+    times = []
+    for _ in range(LATENCY_RUNS):
+        t = time.perf_counter()
+        s(*x)
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def bench(path: Path, budget: str, workdir: Path, cuda: bool) -> dict[str, object]:
+    spec = load_model_spec(path)
+    t0 = time.perf_counter()
+    kw = {"budget": budget} if spec.evaluate is not None else {"fidelity_budget": budget}
+    result = tune(spec, **kw)
+    t_tune = time.perf_counter() - t0
+    captured, plan = result.captured, result.plan
+    amax = act_amax_from_profile(result.profile)
+    module = spec.model()
+    fp32 = torch_to_onnx(module, spec.example_inputs())
+    base = apply_plan_onnx(fp32, captured, {}, amax)
+    tuned = apply_plan_onnx(fp32, captured, plan.assignment, amax)
+    size = base.ByteSize()
+    ratios = {"tuned": tuned.ByteSize() / size}
+    for fmt in (Precision.BF16, Precision.FP16, Precision.FP8_E4M3):
+        uniform = {name: fmt for name in captured.graph.layer_names()}
+        ratios[fmt.value] = apply_plan_onnx(fp32, captured, uniform, amax).ByteSize() / size
+    onnx_path = atomic_write_bytes(workdir / f"{spec.name}.onnx", tuned.SerializeToString())
+    plan_path = plan.save(workdir / f"{spec.name}.plan.json")
+    report = verify(onnx_path, spec, plan_path)
+    row: dict[str, object] = {
+        "model": spec.name, "layers": len(captured.graph.layer_names()), "formats": plan.format_counts(),
+        "checker": _checked(onnx.load(str(onnx_path))), "fp32_bytes": size, "ratios": ratios,
+        "metric": report.metric, "fp32": report.metric_fp32, "torch": report.metric_torch_emulated,
+        "onnx": report.metric_onnx, "drop": report.drop, "allowed": report.allowed_drop,
+        "within": report.within_budget, "graph": report.metric_graph, "provider": report.provider,
+        "rel_l2": report.parity.rel_l2, "tolerance": report.parity.tolerance, "top1": report.parity.top1_agreement,
+        "top1_raw": report.parity.top1_raw, "ties": report.parity.near_ties, "parity": report.parity.ok,
+        "tune_s": t_tune,
+    }
+    if cuda:
+        row["lat_fp32"] = _latency_ms(base, spec.example_inputs())
+        row["lat_tuned"] = _latency_ms(tuned, spec.example_inputs())
+    return row
+
+
+def table(rows: list[dict[str, object]], budget: str, cuda: bool) -> str:
+    lines = [f"Deployment of the tuned plans (budget {budget}); sizes relative to autoprec's fp32 export of the "
+             "same model; metric and parity from autoprec.verify.", "",
+             "| model | formats | checker | bytes fp32 | tuned / bf16 / fp16 / fp8 | metric (graph) | fp32 -> "
+             "torch emul. -> ONNX | drop / allowed | parity rel L2 (tol) | top-1 agr. | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratios = r["ratios"]
+        counts = ", ".join(f"{k} {v}" for k, v in r["formats"].items())
+        ok = r["checker"] and r["parity"] and r["within"] is not False
+        top1 = f"{100 * r['top1']:.2f}%" if r["top1"] is not None else "-"
+        if r["ties"]:
+            top1 += f" ({100 * r['top1_raw']:.2f}% with {r['ties']} near-tie(s))"
+        allowed = f"{r['allowed']:.4g}" if r["allowed"] is not None else "-"
+        lines.append(
+            f"| {r['model']} | {counts} | {'pass' if r['checker'] else 'FAIL'} | {r['fp32_bytes']:,} "
+            f"| {ratios['tuned']:.3f} / {ratios['bf16']:.3f} / {ratios['fp16']:.3f} / {ratios['fp8_e4m3']:.3f} "
+            f"| {r['metric']} ({r['graph']}, {r['provider']}) | {r['fp32']:.4f} -> {r['torch']:.4f} -> {r['onnx']:.4f} "
+            f"| {r['drop']:.4g} / {allowed} | {r['rel_l2']:.2e} ({r['tolerance']:.2e}) | {top1} "
+            f"| {'yes' if ok else 'NO'} |")
+    lines.append("")
+    if cuda:
+        lines += ["| model | ORT CUDA fp32 ms | ORT CUDA tuned ms | speedup |", "|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['lat_fp32']:.3f} | {r['lat_tuned']:.3f} | "
+                         f"{r['lat_fp32'] / r['lat_tuned']:.2f}x |")
+    else:
+        lines.append("ORT CUDA latency: skipped (no working CUDA execution provider on this machine; "
+                     "onnxruntime falls back to the CPU, where low-precision speed cannot be measured).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--budget", default="0.5%")
+    ap.add_argument("--out", help="also write the table to this file")
+    args = ap.parse_args(argv)
+    cuda = cuda_available()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in (args.models or zoo()):
+            rows.append(bench(Path(path), args.budget, Path(tmp), cuda))
+            print(f"{rows[-1]['model']}: done ({rows[-1]['tune_s']:.1f} s tuning)", file=sys.stderr, flush=True)
+    text = table(rows, args.budget, cuda)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    bad = [r for r in rows if not (r["checker"] and r["parity"] and r["within"] is not False)]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

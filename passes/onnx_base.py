@@ -1,0 +1,360 @@
+"""A tiny pass framework for ONNX rewrites, and the graph queries the ONNX passes share.
+
+An ONNX pass is an object with ``call(model) -> OnnxPassResult(model, modified)`` and
+``check(model)``, its postcondition: the ONNX checker accepts the model and whatever the pass
+promises holds. :class:`OnnxPassManager` runs passes in sequence and checks each right after it.
+Passes rewrite the ``onnx.ModelProto`` they are given in place.
+
+Decisions travel between passes as node metadata (``NodeProto.metadata_props``) under the
+``autoprec.*`` keys below, so a saved model still says which layer a node belongs to, its format
+and why. :class:`GraphIndex` answers the questions every pass asks (who produces or reads a value,
+its element type, whether it is an initializer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from autoprec.formats import Precision
+
+# --- node metadata keys ------------------------------------------------------------------------
+#: id of the group a node belongs to: the exporter's FX node it came from (one torch op)
+GROUP = "autoprec.group"
+#: normalised op kind of the group (the same names as autoprec.capture: "linear", "relu", ...)
+KIND = "autoprec.kind"
+#: module scope of the group ("blocks.0.attn.q"; "" at the top level)
+SCOPE = "autoprec.scope"
+#: plan layer the group computes (only on nodes of layer groups)
+LAYER = "autoprec.layer"
+#: "core" on the MatMul/Gemm/Conv node of a layer group
+ROLE = "autoprec.role"
+#: policy of the group ("always", "follow", "never", "none")
+POLICY = "autoprec.policy"
+#: format the group computes in, and the format of the values it hands to other groups
+FORMAT = "autoprec.format"
+VALUE_FORMAT = "autoprec.value_format"
+#: readable reason for the format
+REASON = "autoprec.reason"
+#: JSON list: calibrated amax of each activation input of an fp8 layer (on its core node)
+ACT_AMAX = "autoprec.act_amax"
+#: on nodes a pass inserted: "cast", "round", "quantize", "weight"
+INSERTED = "autoprec.inserted"
+
+#: model-level metadata (ModelProto.metadata_props)
+MODEL_MODE = "autoprec.mode"  # "deploy" | "emulate"
+MODEL_ASSIGNMENT = "autoprec.assignment"  # JSON {layer: format}
+MODEL_ACT_AMAX = "autoprec.act_amax"  # JSON {layer: [amax, ...]} of fp8 layers
+MODEL_NAME = "autoprec.model"
+MODEL_FINGERPRINT = "autoprec.fingerprint"
+
+ROLE_CORE = "core"
+
+#: the ONNX element types of the formats (and fp64, which passes leave alone)
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE,
+                         TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
+                         TensorProto.FLOAT8E5M2FNUZ})
+
+_BY_ONNX_TYPE = {p.onnx_type: p for p in Precision}
+
+
+def precision_of_type(elem_type: int) -> Precision | None:
+    return _BY_ONNX_TYPE.get(elem_type)
+
+
+class OnnxPassError(RuntimeError):
+    """An ONNX pass broke its own postcondition: a bug in autoprec, not in the user's model or plan."""
+
+
+# --- metadata helpers --------------------------------------------------------------------------
+
+
+def get_meta(node: onnx.NodeProto, key: str, default: str | None = None) -> str | None:
+    for p in node.metadata_props:
+        if p.key == key:
+            return p.value
+    return default
+
+
+def set_meta(node: onnx.NodeProto, key: str, value: str) -> None:
+    for p in node.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    node.metadata_props.add(key=key, value=value)
+
+
+def drop_meta(node: onnx.NodeProto, keys: Iterable[str]) -> None:
+    keep = [(p.key, p.value) for p in node.metadata_props if p.key not in set(keys)]
+    del node.metadata_props[:]
+    for k, v in keep:
+        node.metadata_props.add(key=k, value=v)
+
+
+def node_format(node: onnx.NodeProto) -> Precision | None:
+    v = get_meta(node, FORMAT)
+    return Precision(v) if v else None
+
+
+def node_value_format(node: onnx.NodeProto) -> Precision | None:
+    v = get_meta(node, VALUE_FORMAT)
+    return Precision(v) if v else None
+
+
+def node_amax(node: onnx.NodeProto) -> tuple[float, ...]:
+    v = get_meta(node, ACT_AMAX)
+    return tuple(float(a) for a in json.loads(v)) if v else ()
+
+
+def model_meta(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def set_model_meta(model: onnx.ModelProto, key: str, value: str) -> None:
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+# --- the pass framework ------------------------------------------------------------------------
+
+
+@dataclass
+class OnnxPassResult:
+    model: onnx.ModelProto
+    modified: bool
+
+
+class OnnxPass:
+    """Base class: subclasses implement :meth:`call` and extend :meth:`check`."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def call(self, model: onnx.ModelProto) -> OnnxPassResult:
+        raise NotImplementedError
+
+    #: whether the pass leaves a type-consistent graph (full checker with shape inference); a pass
+    #: that changes the element types of some values and leaves the reconciling casts to a later
+    #: pass (LowerWeights in a deployment graph) checks the graph structure only
+    type_consistent = True
+
+    def check(self, model: onnx.ModelProto) -> None:
+        """Postcondition; the default runs the ONNX checker. Raise :class:`OnnxPassError` on failure."""
+        try:
+            onnx.checker.check_model(model, full_check=self.type_consistent)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise OnnxPassError(f"{self.name}: the ONNX checker rejects the result: "
+                                f"{str(exc).splitlines()[0][:300]}") from exc
+
+    def __call__(self, model: onnx.ModelProto) -> OnnxPassResult:
+        return self.call(model)
+
+
+class OnnxPassManager:
+    """Runs ONNX passes in order; each pass's postcondition is checked right after it runs."""
+
+    def __init__(self, passes: Sequence[OnnxPass]) -> None:
+        self.passes = list(passes)
+
+    def run(self, model: onnx.ModelProto) -> OnnxPassResult:
+        modified = False
+        for p in self.passes:
+            result = p.call(model)
+            p.check(result.model)
+            model = result.model
+            modified = modified or result.modified
+        return OnnxPassResult(model, modified)
+
+
+# --- graph queries -----------------------------------------------------------------------------
+
+
+def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
+    for o in model.opset_import:
+        if o.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return int(o.version)
+    raise OnnxPassError(f"the model imports no opset for domain {domain!r}")
+
+
+def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with value_info recomputed by ONNX shape inference (stale entries dropped first)."""
+    del model.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
+
+
+class GraphIndex:
+    """Producers, consumers, element types and initializers of a graph (rebuild after a rewrite)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.model = model
+        self.opset = opset_of(model)
+        self.nodes = list(g.node)
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[tuple[int, int]]] = {}
+        for i, n in enumerate(self.nodes):
+            for o in n.output:
+                if o:
+                    self.producer[o] = i
+            for k, name in enumerate(n.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((i, k))
+        self.inits: dict[str, TensorProto] = {t.name: t for t in g.initializer}
+        self.inputs = [v.name for v in g.input if v.name not in self.inits]
+        self.outputs = [v.name for v in g.output]
+        self.types: dict[str, int] = {}
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+                self.types[v.name] = v.type.tensor_type.elem_type
+        for t in g.initializer:
+            self.types[t.name] = t.data_type
+        for n in self.nodes:  # Cast outputs are typed by their attribute even before inference
+            if n.op_type == "Cast" and n.domain in ("", "ai.onnx"):
+                self.types.setdefault(n.output[0], attr(n, "to"))
+
+    def elem_type(self, name: str) -> int | None:
+        return self.types.get(name)
+
+    def is_float(self, name: str) -> bool:
+        return self.types.get(name) in FLOAT_TYPES
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def numel(self, name: str) -> int:
+        return int(np.prod(self.inits[name].dims)) if name in self.inits else -1
+
+
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+# --- schemas: which inputs share the output's type, which types an op admits --------------------
+
+
+def _schema(node: onnx.NodeProto, opset: int) -> Any:
+    try:
+        return onnx.defs.get_schema(node.op_type, opset, node.domain or "")
+    except onnx.defs.SchemaError:
+        return None
+
+
+def same_type_inputs(node: onnx.NodeProto, opset: int) -> list[bool]:
+    """For each input slot: whether the schema ties its type to the type of output 0 or of another
+    input (``T`` of Add, of Where's X and Y, of Less's A and B). Such inputs must all be given in the
+    type the node computes in; an input with a type of its own (Shape's data, Resize's scales) not."""
+    s = _schema(node, opset)
+    if s is None or not s.outputs:
+        return [False] * len(node.input)
+    out_t = s.outputs[0].type_str
+    params = {c.type_param_str for c in s.type_constraints}
+    formal = [s.inputs[min(i, len(s.inputs) - 1)].type_str if s.inputs else "" for i in range(len(node.input))]
+    uses = {t: formal.count(t) for t in formal}
+    return [t in params and (t == out_t or uses[t] > 1) for t in formal]
+
+
+def output_follows_inputs(node: onnx.NodeProto, opset: int, slot: int = 0) -> bool:
+    """Whether output ``slot``'s type is the type of some input (Add, Relu, MatMul), not fixed by an
+    attribute or the op (ConstantOfShape, Shape, LayerNormalization's statistics)."""
+    s = _schema(node, opset)
+    if s is None or not s.outputs:
+        return False
+    out_t = s.outputs[min(slot, len(s.outputs) - 1)].type_str
+    return any(i.type_str == out_t for i in s.inputs)
+
+
+def admits(node: onnx.NodeProto, opset: int, elem_type: int) -> bool:
+    """Whether the op's schema lets output 0 (and the inputs typed like it) be ``elem_type``."""
+    s = _schema(node, opset)
+    if s is None or not s.outputs:
+        return False
+    out_t = s.outputs[0].type_str
+    want = f"tensor({onnx.helper.tensor_dtype_to_string(elem_type).removeprefix('TensorProto.').lower()})"
+    for c in s.type_constraints:
+        if c.type_param_str == out_t:
+            return want in set(c.allowed_type_strs)
+    return out_t == want
+
+
+# --- tensors in a format -------------------------------------------------------------------------
+
+
+def rounded_array(a: np.ndarray, fmt: Precision) -> np.ndarray:
+    """``a`` stored in ``fmt`` (numpy array of the format's dtype), rounded exactly as torch rounds.
+
+    fp8 clamps to the format's max first when it saturates (E4M3FN), as autoprec.quantize does.
+    """
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    if fmt is Precision.FP32:
+        return t.numpy().copy()
+    if fmt.info.saturates:
+        t = torch.clamp(t, -fmt.max, fmt.max)
+    q = t.to(fmt.torch_dtype)
+    bits = {1: torch.uint8, 2: torch.int16}[q.element_size()]
+    raw = q.view(bits).numpy()
+    return raw.view(fmt.numpy_dtype).copy()
+
+
+def make_tensor(name: str, a: np.ndarray, elem_type: int) -> TensorProto:
+    """A TensorProto of ``elem_type`` holding the bytes of ``a`` (already in that type's layout)."""
+    t = TensorProto(name=name, data_type=elem_type, dims=list(a.shape))
+    t.raw_data = np.ascontiguousarray(a).tobytes()
+    return t
+
+
+def unique_name(taken: set[str], base: str) -> str:
+    """``base``, or ``base_2``, ``base_3``, ... whichever is not in ``taken`` (which it joins)."""
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def all_names(model: onnx.ModelProto) -> set[str]:
+    g = model.graph
+    names = {t.name for t in g.initializer} | {v.name for v in g.input} | {v.name for v in g.output}
+    for n in g.node:
+        names.update(n.output)
+        names.add(n.name)
+    return names
+
+
+def remove_unused_initializers(model: onnx.ModelProto) -> int:
+    """Drop initializers no node reads and no graph output names; return how many went."""
+    g = model.graph
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    dropped = len(g.initializer) - len(keep)
+    if dropped:
+        gone = {t.name for t in g.initializer} - {t.name for t in keep}
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        ins = [v for v in g.input if v.name not in gone]
+        del g.input[:]
+        g.input.extend(ins)
+    return dropped

@@ -1,0 +1,158 @@
+"""ONNX pass 3: store each low-precision layer's weight in its format (a real size reduction).
+
+The fp32 initializer a layer reads is replaced, not cast at run time:
+
+- 16-bit layers: the weight rounded to fp16/bf16 (exactly as :func:`autoprec.semantics.quantize_weight`
+  rounds it) becomes a 16-bit initializer. In a deployment graph the MatMul/Gemm/Conv reads it
+  directly when ONNX admits that type for the op; where it does not (ONNX Conv has no bf16), and in
+  an emulation graph, a ``Cast`` to fp32 follows it (ORT folds it once, at session start).
+- fp8 layers: the weight becomes fp8 codes with one scale per output channel (amax / max of that
+  channel, as semantics does) and a ``DequantizeLinear`` (axis = the output-channel axis) feeds the
+  layer in fp32. The codes times the scales are bit for bit the torch emulation's rounded weight.
+
+Biases stay fp32 here (a deployment graph's 16-bit Gemm/Conv gets a 16-bit copy from InsertCasts,
+because ONNX ties its type to the weight's). Inserted nodes belong to the layer's group. In a
+deployment graph the result is type-consistent only after InsertCasts, so this pass checks the
+graph's structure, not its types.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+
+from autoprec.formats import Precision
+from autoprec.quantize import channel_amax, fp8_scale
+from passes.fx_ops import fp8_codes
+from passes.onnx_base import (FORMAT, GROUP, INSERTED, KIND, LAYER, POLICY, REASON, ROLE, ROLE_CORE, SCOPE,
+                              VALUE_FORMAT, GraphIndex, OnnxPass, OnnxPassError, OnnxPassResult, admits, all_names, attr,
+                              get_meta, make_tensor, node_format, remove_unused_initializers, rounded_array, set_meta,
+                              unique_name)
+
+FP32 = Precision.FP32
+MODES = ("deploy", "emulate")
+
+
+def compute_precision(node: onnx.NodeProto, opset: int, fmt: Precision, mode: str) -> Precision:
+    """The element format a node computes in: its group's 16-bit format where the graph is a
+    deployment graph and ONNX admits the type for the op; fp32 otherwise (fp8 layers compute on
+    dequantized fp32 operands; emulation graphs compute everything in fp32)."""
+    if mode == "emulate" or fmt is FP32 or fmt.is_fp8:
+        return FP32
+    return fmt if admits(node, opset, fmt.onnx_type) else FP32
+
+
+def fp8_weight(w_torch_layout: np.ndarray, fmt: Precision) -> tuple[np.ndarray, np.ndarray]:
+    """(codes in the torch layout as ``fmt``'s numpy dtype, per-output-channel fp32 scales)."""
+    w = torch.from_numpy(np.ascontiguousarray(w_torch_layout, dtype=np.float32))
+    scale = fp8_scale(channel_amax(w), fmt)  # shape [C, 1, ...]
+    codes = fp8_codes(w, scale, fmt)
+    bits = codes.view(torch.uint8).numpy().view(fmt.numpy_dtype).copy()
+    return bits, scale.reshape(-1).numpy().astype(np.float32)
+
+
+class LowerWeights(OnnxPass):
+    """Replace the fp32 weight initializer of every 16-bit and fp8 layer."""
+
+    def __init__(self, mode: str = "deploy") -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown ONNX mode {mode!r}: use one of {MODES}")
+        self.mode = mode
+        # a deployment graph's 16-bit weights meet fp32 activations until InsertCasts runs
+        self.type_consistent = mode == "emulate"
+
+    def call(self, model: onnx.ModelProto) -> OnnxPassResult:
+        idx = GraphIndex(model)
+        taken = all_names(model)
+        made: dict[tuple[str, Precision], str] = {}  # (fp32 initializer, 16-bit format) -> stored name
+        made8: dict[tuple[str, Precision], tuple[str, str, str, int]] = {}  # -> (codes, scale, zero point, axis)
+        new_nodes: list[onnx.NodeProto] = []
+        modified = False
+        for n in idx.nodes:
+            fmt = node_format(n)
+            if get_meta(n, ROLE) != ROLE_CORE or fmt is None or fmt is FP32 or n.op_type not in ("Gemm", "MatMul", "Conv") \
+                    or len(n.input) < 2 or n.input[1] not in idx.inits or get_meta(n, KIND) not in \
+                    ("linear", "conv1d", "conv2d", "conv3d"):
+                new_nodes.append(n)
+                continue
+            w_name = n.input[1]
+            w = idx.array(w_name).astype(np.float32)
+            transposed = n.op_type == "MatMul" or (n.op_type == "Gemm" and not attr(n, "transB", 0))
+            if fmt.is_fp8:
+                key = (w_name, fmt)
+                if key not in made8:
+                    made8[key] = self._fp8_initializers(model, taken, w_name, w, transposed, fmt)
+                codes, scale, zp, axis = made8[key]
+                dq = onnx.helper.make_node("DequantizeLinear", [codes, scale, zp], [unique_name(taken, f"{w_name}_dq")],
+                                           name=unique_name(taken, f"{n.name}_weight_dq"), axis=axis)
+                self._annotate(dq, n, f"{fmt} weight: codes x per-output-channel scale -> fp32")
+                new_nodes.append(dq)
+                n.input[1] = dq.output[0]
+            else:
+                key = (w_name, fmt)
+                if key not in made:
+                    t = make_tensor(unique_name(taken, f"{w_name}_{fmt.value}"), rounded_array(w, fmt), fmt.onnx_type)
+                    model.graph.initializer.append(t)
+                    made[key] = t.name
+                stored = made[key]
+                if compute_precision(n, idx.opset, fmt, self.mode) is fmt:
+                    n.input[1] = stored
+                else:
+                    why = ("emulation: the layer computes in fp32 on the rounded weight" if self.mode == "emulate"
+                           else f"ONNX {n.op_type} admits no {fmt}: fp32 compute on the {fmt} weight")
+                    c = onnx.helper.make_node("Cast", [stored], [unique_name(taken, f"{stored}_fp32")],
+                                              name=unique_name(taken, f"{n.name}_weight_cast"), to=TensorProto.FLOAT)
+                    self._annotate(c, n, why)
+                    new_nodes.append(c)
+                    n.input[1] = c.output[0]
+            new_nodes.append(n)
+            modified = True
+        if modified:
+            del model.graph.node[:]
+            model.graph.node.extend(new_nodes)
+            remove_unused_initializers(model)
+        return OnnxPassResult(model, modified)
+
+    @staticmethod
+    def _fp8_initializers(model: onnx.ModelProto, taken: set[str], w_name: str, w: np.ndarray, transposed: bool,
+                          fmt: Precision) -> tuple[str, str, str, int]:
+        codes, scale = fp8_weight(w.T if transposed else w, fmt)
+        if transposed:
+            codes = np.ascontiguousarray(codes.T)
+        axis = 1 if transposed else 0
+        c = make_tensor(unique_name(taken, f"{w_name}_{fmt.value}"), codes, fmt.onnx_type)
+        s = make_tensor(unique_name(taken, f"{w_name}_scale"), scale, TensorProto.FLOAT)
+        z = make_tensor(unique_name(taken, f"{w_name}_zero_point"), np.zeros(scale.shape, fmt.numpy_dtype),
+                        fmt.onnx_type)
+        model.graph.initializer.extend([c, s, z])
+        return c.name, s.name, z.name, axis
+
+    @staticmethod
+    def _annotate(new: onnx.NodeProto, layer_node: onnx.NodeProto, reason: str) -> None:
+        for key in (GROUP, KIND, SCOPE, LAYER, POLICY, FORMAT, VALUE_FORMAT):
+            v = get_meta(layer_node, key)
+            if v is not None:
+                set_meta(new, key, v)
+        set_meta(new, INSERTED, "weight")
+        set_meta(new, REASON, reason)
+
+    def check(self, model: onnx.ModelProto) -> None:
+        super().check(model)
+        idx = GraphIndex(model)
+        for n in idx.nodes:
+            fmt = node_format(n)
+            if get_meta(n, ROLE) != ROLE_CORE or fmt is None or fmt is FP32 or get_meta(n, KIND) not in \
+                    ("linear", "conv1d", "conv2d", "conv3d"):
+                continue
+            w = n.input[1]
+            if w in idx.inits:
+                if idx.elem_type(w) != fmt.onnx_type:
+                    raise OnnxPassError(f"{self.name}: {n.name} reads weight {w} of type {idx.elem_type(w)}, not {fmt}")
+                continue
+            p = idx.nodes[idx.producer[w]] if w in idx.producer else None
+            if p is None or get_meta(p, INSERTED) != "weight" or p.input[0] not in idx.inits \
+                    or idx.elem_type(p.input[0]) != fmt.onnx_type:
+                raise OnnxPassError(f"{self.name}: {n.name} ({fmt}) does not read a {fmt} weight initializer")
+

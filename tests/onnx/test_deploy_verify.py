@@ -1,0 +1,51 @@
+"""verify(): the metric through ONNX Runtime (the emulation graph on a CPU provider) and parity."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from deploy_models import ROOT
+
+from autoprec.errors import PlanError, UsageError
+from autoprec.export import export_onnx
+from autoprec.runtime import cuda_available
+from autoprec.verify import verify
+
+MODEL = ROOT / "models" / "cancer_mlp.py"
+PLAN = {"fc1": "fp8", "fc2": "bf16", "fc3": "fp16", "fc4": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, zoo):
+    case = zoo("cancer_mlp")
+    out = tmp_path_factory.mktemp("verify") / "cancer_mlp.onnx"
+    return export_onnx(MODEL, PLAN, case.amax, out), case
+
+
+def test_verify_report(exported) -> None:
+    path, _ = exported
+    r = verify(path, MODEL, PLAN)
+    assert r.model == "cancer_mlp" and r.file_mode == "deploy" and r.formats == {"bf16": 1, "fp16": 1, "fp32": 1,
+                                                                                 "fp8_e4m3": 1}
+    if not cuda_available():
+        assert r.provider == "cpu" and r.metric_graph == "emulation" and r.provider_note
+        assert any("measured on the emulation graph" in line for line in r.lines())
+    assert r.parity.ok and r.parity.narrowest == "fp8_e4m3" and r.parity.positions == 128
+    assert r.parity.top1_agreement == 1.0 and r.parity.rel_l2 < 1e-6
+    assert r.metric == "accuracy" and r.metric_onnx == pytest.approx(r.metric_torch_emulated, abs=1 / 142)
+    assert r.metric_fp32 > 0.9 and r.drop is not None and r.within_budget is None  # no plan file: no budget
+    assert r.ok and r.to_dict()["parity_ok"]
+
+
+def test_verify_refuses_other_plans_models_and_files(exported, tmp_path) -> None:
+    path, _ = exported
+    with pytest.raises(PlanError, match=r"another plan: fc2 \(bf16 in the file, fp16 in the plan\)"):
+        verify(path, MODEL, {**PLAN, "fc2": "fp16"})
+    with pytest.raises(PlanError, match="does not fit|another model"):
+        verify(path, ROOT / "models" / "digits_cnn.py")
+    plain = tmp_path / "plain.onnx"
+    m = onnx.load(str(path))
+    del m.metadata_props[:]
+    onnx.save(m, str(plain))
+    with pytest.raises(UsageError, match="not written by `autoprec export`"):
+        verify(plain, MODEL)
