@@ -12,3 +12,5 @@ test: setup
 
 bench: setup
 	.venv/bin/python benchmarks/profile_bench.py
+	.venv/bin/python benchmarks/tune_bench.py
+	.venv/bin/python benchmarks/deploy_bench.py
