@@ -164,3 +164,18 @@ def test_provider_exclusions_are_never_offered_and_are_reasons() -> None:
         d = r.plan.decision(name)
         assert d.format is Precision.FP32  # ORT's CUDA EP has no bf16 Conv kernel
         assert "bf16 excluded" in d.reason and "Conv" in d.reason, d.reason
+
+
+def test_cli_export_and_verify(cnn_run: tuple[Path, int], tmp_path: Path) -> None:
+    out, _ = cnn_run
+    onnx_path = tmp_path / "cnn.onnx"
+    assert main(["export", CNN, "--plan", str(out / "plan.json"), "-o", str(onnx_path)]) == 0
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
+    p = _cli("verify", str(onnx_path), "--model", CNN, "--plan", str(out / "plan.json"), "--json")
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["ok"] is True
+    bad = _cli("export", CNN, "--plan", str(tmp_path / "missing.json"), "-o", str(tmp_path / "x.onnx"))
+    assert bad.returncode != 0 and "plan" in bad.stderr and not (tmp_path / "x.onnx").exists()
