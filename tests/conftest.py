@@ -51,6 +51,24 @@ class TinyCNN(nn.Module):
         return self.fc(y.flatten(1))
 
 
+class EncoderLayerModel(nn.Module):
+    """nn.TransformerEncoderLayer hides its linears from fx: capture must fall back to torch.export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x))
+
+
+@pytest.fixture
+def encoder_layer() -> EncoderLayerModel:
+    torch.manual_seed(0)
+    return EncoderLayerModel().eval()
+
+
 @pytest.fixture
 def tiny_attention() -> TinyAttention:
     torch.manual_seed(0)

@@ -47,18 +47,8 @@ def test_cnn_capture_batchnorm_residual(tiny_cnn: nn.Module) -> None:
     torch.testing.assert_close(c.gm(torch.ones(5, 1, 8, 8)), tiny_cnn(torch.ones(5, 1, 8, 8)))
 
 
-def test_export_fallback_for_opaque_torch_modules() -> None:
-    class Enc(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-            self.head = nn.Linear(16, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.enc(x))
-
-    torch.manual_seed(0)
-    m = Enc().eval()
+def test_export_fallback_for_opaque_torch_modules(encoder_layer: nn.Module) -> None:
+    m = encoder_layer
     x = torch.randn(2, 5, 16)
     c = capture(m, (x,))
     assert c.method == "export"

@@ -72,18 +72,8 @@ def test_mixed_plan_equals_reference_interpreter(attn_case, cnn_case, oracles) -
         assert _same(apply_plan(c, plan, amax)(x), oracles.reference(c, plan, amax, (x,)))
 
 
-def test_export_captured_model(oracles) -> None:
-    class Enc(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-            self.head = nn.Linear(16, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.enc(x))
-
-    torch.manual_seed(0)
-    c = capture(Enc().eval(), (torch.randn(2, 5, 16),))
+def test_export_captured_model(oracles, encoder_layer) -> None:
+    c = capture(encoder_layer, (torch.randn(2, 5, 16),))
     assert c.method == "export"
     layers = c.graph.layer_names()
     x = oracles.randn((3, 5, 16))
