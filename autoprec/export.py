@@ -167,7 +167,7 @@ def apply_plan_onnx(fp32_model: onnx.ModelProto, captured: Captured, assignment:
     plan = {name: parse_precision(p) for name, p in assignment.items()}
     model = onnx.ModelProto()
     model.CopyFrom(fp32_model)
-    model = OnnxPassManager(onnx_passes(captured, plan, act_amax, mode)).run(model).model
+    model = OnnxPassManager(onnx_passes(captured, plan, act_amax, mode)).run(model).graph
     if not keep_metadata:
         compact_metadata(model)
     used = {k: v for k, v in (act_amax or {}).items() if k in plan and plan[k].is_fp8}

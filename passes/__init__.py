@@ -70,7 +70,6 @@ def apply_plan(captured: Captured, assignment: Mapping[str, Precision | str],
         warnings.simplefilter("ignore", FutureWarning)
         gm = copy.deepcopy(captured.gm)
     result = PassManager(passes).run(gm)
-    gm = result.gm
     if not result.modified:
-        gm.recompile()
-    return gm
+        result.graph.recompile()
+    return result.graph

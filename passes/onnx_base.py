@@ -1,8 +1,8 @@
 """A tiny pass framework for ONNX rewrites, and the graph queries the ONNX passes share.
 
-An ONNX pass is an object with ``call(model) -> OnnxPassResult(model, modified)`` and
-``check(model)``, its postcondition: the ONNX checker accepts the model and whatever the pass
-promises holds. :class:`OnnxPassManager` runs passes in sequence and checks each right after it.
+An ONNX pass is a :class:`passes.base.GraphPass` over ``onnx.ModelProto``: ``call(model) ->
+PassResult(model, modified)`` and ``check(model)``, its postcondition: the ONNX checker accepts the
+model and whatever the pass promises holds. ``PassManager`` from :mod:`passes.base` runs them.
 Passes rewrite the ``onnx.ModelProto`` they are given in place.
 
 Decisions travel between passes as node metadata (``NodeProto.metadata_props``) under the
@@ -14,14 +14,14 @@ its element type, whether it is an initializer).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
 from autoprec.formats import Precision
+from passes.base import GraphPass, PassManager, PassResult
 
 # --- node metadata keys ------------------------------------------------------------------------
 #: id of the group a node belongs to: the exporter's FX node it came from (one torch op)
@@ -126,21 +126,13 @@ def set_model_meta(model: onnx.ModelProto, key: str, value: str) -> None:
 # --- the pass framework ------------------------------------------------------------------------
 
 
-@dataclass
-class OnnxPassResult:
-    model: onnx.ModelProto
-    modified: bool
+#: ONNX passes share the one pass framework; these names read better at ONNX call sites
+OnnxPassResult = PassResult
+OnnxPassManager = PassManager
 
 
-class OnnxPass:
-    """Base class: subclasses implement :meth:`call` and extend :meth:`check`."""
-
-    @property
-    def name(self) -> str:
-        return type(self).__name__
-
-    def call(self, model: onnx.ModelProto) -> OnnxPassResult:
-        raise NotImplementedError
+class OnnxPass(GraphPass[onnx.ModelProto]):
+    """An ONNX pass: its default postcondition is the ONNX checker."""
 
     #: whether the pass leaves a type-consistent graph (full checker with shape inference); a pass
     #: that changes the element types of some values and leaves the reconciling casts to a later
@@ -148,31 +140,12 @@ class OnnxPass:
     type_consistent = True
 
     def check(self, model: onnx.ModelProto) -> None:
-        """Postcondition; the default runs the ONNX checker. Raise :class:`OnnxPassError` on failure."""
+        """Raise :class:`OnnxPassError` when the ONNX checker rejects the result."""
         try:
             onnx.checker.check_model(model, full_check=self.type_consistent)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise OnnxPassError(f"{self.name}: the ONNX checker rejects the result: "
                                 f"{str(exc).splitlines()[0][:300]}") from exc
-
-    def __call__(self, model: onnx.ModelProto) -> OnnxPassResult:
-        return self.call(model)
-
-
-class OnnxPassManager:
-    """Runs ONNX passes in order; each pass's postcondition is checked right after it runs."""
-
-    def __init__(self, passes: Sequence[OnnxPass]) -> None:
-        self.passes = list(passes)
-
-    def run(self, model: onnx.ModelProto) -> OnnxPassResult:
-        modified = False
-        for p in self.passes:
-            result = p.call(model)
-            p.check(result.model)
-            model = result.model
-            modified = modified or result.modified
-        return OnnxPassResult(model, modified)
 
 
 # --- graph queries -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def _assign(case, plan, amax=None):
     model = onnx.ModelProto()
     model.CopyFrom(case.fp32)
     amax = case.amax if amax is None else amax
-    return OnnxPassManager([MapLayers(case.captured, plan), AssignFormats(case.captured, plan, amax)]).run(model).model
+    return OnnxPassManager([MapLayers(case.captured, plan), AssignFormats(case.captured, plan, amax)]).run(model).graph
 
 
 def _onnx_formats(model) -> collections.Counter:

@@ -22,7 +22,7 @@ def _lower(case, plan, mode):
     model = onnx.ModelProto()
     model.CopyFrom(case.fp32)
     passes = [MapLayers(case.captured, plan), AssignFormats(case.captured, plan, case.amax), LowerWeights(mode)]
-    return OnnxPassManager(passes).run(model).model
+    return OnnxPassManager(passes).run(model).graph
 
 
 def _weight_as_fp32(model, core) -> np.ndarray:

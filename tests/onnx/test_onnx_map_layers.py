@@ -25,7 +25,7 @@ def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
 def _map(case, plan):
     model = _copy(case.fp32)
     p = MapLayers(case.captured, plan)
-    model = OnnxPassManager([p]).run(model).model
+    model = OnnxPassManager([p]).run(model).graph
     return model, p
 
 

@@ -28,7 +28,7 @@ def test_formats_of_an_attention_block(attn_case, oracles) -> None:
     c, amax = attn_case
     plan = {"q": BF16, "k": BF16, "v": FP16, "matmul": E4M3, "o": FP16, "fc1": E4M3, "fc2": BF16}
     result = _run(c, plan, amax)
-    gm = result.gm
+    gm = result.graph
     # op list: unchanged (annotation only), numerics: bit-identical, graph: lints
     assert not result.modified
     assert _ops(gm) == _ops(c.gm)

@@ -21,7 +21,7 @@ PLAN_A = {"q": BF16, "k": BF16, "v": BF16, "matmul": BF16, "matmul_1": FP16, "o"
 
 
 def _apply(c, plan, amax, mode="emulate"):
-    return PassManager(plan_passes(c, plan, amax, mode)).run(copy.deepcopy(c.gm)).gm
+    return PassManager(plan_passes(c, plan, amax, mode)).run(copy.deepcopy(c.gm)).graph
 
 
 def _casts(gm) -> dict[str, tuple[str, Precision, list[str]]]:
@@ -96,7 +96,7 @@ def test_fp8_layers_write_bf16_and_followers_never_run_in_fp8(attn_case, cnn_cas
 def test_postcondition_catches_chains_and_missing_casts(attn_case) -> None:
     c, amax = attn_case
     ins = InsertCasts(c.graph)
-    gm = PassManager([AssignFormats(c.graph, {"q": BF16}, amax), LowerLayers(), ins]).run(copy.deepcopy(c.gm)).gm
+    gm = PassManager([AssignFormats(c.graph, {"q": BF16}, amax), LowerLayers(), ins]).run(copy.deepcopy(c.gm)).graph
     ins.check(gm)
     g = gm.graph
     first = next(n for n in g.nodes if is_cast(n))
@@ -107,6 +107,6 @@ def test_postcondition_catches_chains_and_missing_casts(attn_case) -> None:
     with pytest.raises(PassError, match="chain|needs"):
         ins.check(gm)
 
-    gm = PassManager([AssignFormats(c.graph, {"q": BF16}, amax), LowerLayers()]).run(copy.deepcopy(c.gm)).gm
+    gm = PassManager([AssignFormats(c.graph, {"q": BF16}, amax), LowerLayers()]).run(copy.deepcopy(c.gm)).graph
     with pytest.raises(PassError, match="q reads ln"):
         ins.check(gm)  # the layer reads the fp32 ln output without its bf16 cast

@@ -26,7 +26,7 @@ def test_op_list_and_numerics_cnn(cnn_case, oracles) -> None:
     c, amax = cnn_case
     plan = {"conv1": BF16, "conv2": E4M3}
     result = _lower(c, plan, amax)
-    gm = result.gm
+    gm = result.graph
     assert result.modified
     before = {n.name: n for n in c.gm.graph.nodes}
     after = {n.name: n for n in gm.graph.nodes}
@@ -48,14 +48,14 @@ def test_op_list_and_numerics_cnn(cnn_case, oracles) -> None:
 def test_attention_matmuls_and_native(attn_case, oracles) -> None:
     c, amax = attn_case
     plan = {"q": FP16, "matmul": E4M3, "matmul_1": BF16}
-    gm = _lower(c, plan, amax).gm
+    gm = _lower(c, plan, amax).graph
     nodes = {n.name: n for n in gm.graph.nodes}
     assert nodes["q"].target is lowp_linear and nodes["matmul"].target is lowp_matmul
     assert nodes["matmul"].kwargs["amax"] == amax["matmul"] and len(amax["matmul"]) == 2
     x = oracles.randn((2, 8, 32))
     with torch.no_grad():
         assert torch.equal(gm(x), oracles.reference(c, plan, amax, (x,), round_follow=False))
-    native = _lower(c, plan, amax, native=True).gm
+    native = _lower(c, plan, amax, native=True).graph
     assert all(n.kwargs["native"] for n in native.graph.nodes if n.target in (lowp_linear, lowp_matmul))
 
 

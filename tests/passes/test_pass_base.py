@@ -40,8 +40,8 @@ def _gm() -> fx.GraphModule:
 def test_passes_run_in_order_and_recompile() -> None:
     result = PassManager([_AddOne(), _Nothing(), _AddOne()]).run(_gm())
     assert result.modified
-    assert torch.equal(result.gm(torch.tensor([-1.0, 2.0])), torch.tensor([2.0, 4.0]))
-    assert [n.op for n in result.gm.graph.nodes] == ["placeholder", "call_function", "call_function",
+    assert torch.equal(result.graph(torch.tensor([-1.0, 2.0])), torch.tensor([2.0, 4.0]))
+    assert [n.op for n in result.graph.graph.nodes] == ["placeholder", "call_function", "call_function",
                                                      "call_function", "output"]
     assert not PassManager([_Nothing()]).run(_gm()).modified
 
