@@ -10,11 +10,13 @@ change), not with scikit-learn's splitters, so they do not move between library 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import sysconfig
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -100,19 +102,26 @@ def classification_loss(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(x).float(), y)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on (x, y), in eval mode, restoring the model's mode after."""
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block, then back to whatever mode the caller had (a tuner may be training)."""
     was_training = model.training
     model.eval()
     try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on (x, y), in eval mode, restoring the model's mode after."""
+    with evaluating(model):
         dev = device_of(model)
         correct = 0
         for i in range(0, len(x), batch_size):
             logits = model(x[i:i + batch_size].to(dev))
             correct += int((logits.float().argmax(dim=-1).cpu() == y[i:i + batch_size]).sum())
-    finally:
-        model.train(was_training)
     return correct / len(x)
 
 
@@ -240,9 +249,7 @@ def windows(ids: torch.Tensor, starts: torch.Tensor, length: int) -> tuple[torch
 @torch.no_grad()
 def perplexity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> float:
     """exp(mean next-token cross-entropy) of a language model over windows (x, y)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         dev = device_of(model)
         total, count = 0.0, 0
         for i in range(0, len(x), batch_size):
@@ -250,8 +257,6 @@ def perplexity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: i
             t = y[i:i + batch_size]
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum"))
             count += t.numel()
-    finally:
-        model.train(was_training)
     return math.exp(total / count)
 
 
