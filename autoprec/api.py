@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from autoprec.capture import Captured, capture
 from autoprec.cost import CostModel, RooflineCostModel
@@ -24,6 +24,8 @@ from autoprec.ep_support import exclusions
 from autoprec.errors import AutoprecError, UsageError
 from autoprec.formats import DEFAULT_CANDIDATES, Precision, parse_precisions
 from autoprec.metrics import DropBudget, Metric, fidelity_metric
+from autoprec.onnx_input import OnnxModel, profile_onnx
+from autoprec.opgraph import OpGraph
 from autoprec.plan import PrecisionPlan, parse_pins
 from autoprec.profile import Progress, output_kind_of, first_tensor, profile
 from autoprec.report import TuneSummary, UniformResult
@@ -37,7 +39,8 @@ from passes import act_amax_from_profile, apply_plan
 DEPLOY_BATCH = 1024
 
 __all__ = ["capture", "profile", "load_model_spec", "profile_model", "SearchProblem", "solve", "apply_plan",
-           "act_amax_from_profile", "apply_plan_file", "tune", "TuneResult", "RooflineCostModel", "Metric"]
+           "act_amax_from_profile", "apply_plan_file", "tune", "tune_onnx", "TuneResult", "RooflineCostModel",
+           "Metric", "OnnxModel", "profile_onnx"]
 
 
 def profile_model(model: str | Path | ModelSpec, mode: str = "exact",
@@ -53,16 +56,25 @@ def profile_model(model: str | Path | ModelSpec, mode: str = "exact",
 
 @dataclass
 class TuneResult:
-    """Everything `tune` found: the verified plan, the data behind it and the tuned module."""
+    """Everything `tune` found: the verified plan, the data behind it and the tuned model."""
 
     plan: PrecisionPlan
     profile: SensitivityProfile
-    captured: Captured
+    graph: OpGraph
     metric: Metric
     summary: TuneSummary
     uniforms: list[UniformResult]
     pareto: list[ParetoPoint]
-    module: Any  # the emulated tuned torch module (trains; runs on CPU)
+    captured: Captured | None = None  # torch models: the capture the plan applies to
+    module: Any = None  # torch models: the emulated tuned module (trains; runs on CPU)
+    onnx: OnnxModel | None = None  # .onnx models: the analysed model and its data
+
+    def onnx_model(self, mode: str = "deploy") -> Any:
+        """.onnx models: the tuned ONNX model (deploy: 16-bit tensors and fp8 Q/DQ for CUDA /
+        TensorRT; emulate: fp32 compute with every rounding explicit, for ORT's CPU provider)."""
+        if self.onnx is None:
+            raise UsageError("this tune result is for a torch model: export it with autoprec.export.export_onnx")
+        return self.onnx.build(self.plan.assignment, act_amax_from_profile(self.profile), mode)
 
 
 def model_metric(spec: ModelSpec, captured: Captured, batches: list[tuple[Any, ...]]) -> Metric:
@@ -71,6 +83,21 @@ def model_metric(spec: ModelSpec, captured: Captured, batches: list[tuple[Any, .
         return Metric(spec.metric or "metric", spec.higher_is_better, spec.evaluate)
     y = first_tensor(captured.gm(*batches[0]))
     return fidelity_metric(captured.gm, batches, output_kind_of(y, spec.output_kind))
+
+
+@dataclass
+class _Run:
+    """What the search half of a tune run needs, whatever the model came as."""
+
+    name: str
+    graph: OpGraph
+    profile: SensitivityProfile
+    metric: Metric
+    reference: float  # the fp32 model's metric
+    eval_seconds: float  # one evaluation of the fp32 model
+    budget: DropBudget
+    build: Callable[[dict[str, Precision]], Any]  # assignment -> what metric.measure takes
+    op_types: dict[str, str] | None = None  # ONNX op type per node, where known
 
 
 def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fidelity_budget: str | float | None = None,
@@ -86,31 +113,83 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     ``provider``: an ONNX Runtime execution provider (cpu, cuda, tensorrt) the plan will run on:
     formats it has no faithful kernel for are never offered (each exclusion is a reason).
     """
-    if batch <= 0:
-        raise UsageError(f"--batch must be a positive number of samples, not {batch}")
+    _check_batch(batch)
     t0 = time.perf_counter()
     spec = model if isinstance(model, ModelSpec) else load_model_spec(model)
-    drop_budget = _choose_budget(spec, budget, fidelity_budget, metric)
+    drop_budget = _choose_budget(spec.name, spec.evaluate is not None or metric is not None,
+                                 spec.metric or "metric", budget, fidelity_budget)
     fmts = parse_precisions(formats) if formats is not None else DEFAULT_CANDIDATES
     captured = capture(spec.model(), spec.example_inputs(), name=spec.name)
     batches = spec.calibration_data()
     metric = metric or model_metric(spec, captured, batches)
-    reference, t_eval = _evaluate_fp32(metric, captured)
-    allowed = drop_budget.allowed_drop(reference)
+    reference, t_eval = _evaluate_fp32(metric, captured.gm)
     prof = profile(captured, batches, formats=fmts, mode=profile_mode, output_kind=spec.output_kind,
                    progress=progress, time_reference=False)
+    amax = act_amax_from_profile(prof)
+    run = _Run(spec.name, captured.graph, prof, metric, reference, t_eval, drop_budget,
+               lambda a: apply_plan(captured, a, amax))
+    plan, summary, uniforms, pareto = _search_verified(run, fmts, target, objective, strategy, keep, force,
+                                                       cost_model, batch, provider, t0)
+    module = apply_plan(captured, plan.assignment, amax)
+    return TuneResult(plan, prof, captured.graph, metric, summary, uniforms, pareto, captured=captured, module=module)
+
+
+def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: str | Path | Any = None,
+              budget: str | float | None = None, *, fidelity_budget: str | float | None = None,
+              target: str = "h100", objective: str = "latency", formats: Iterable[str | Precision] | None = None,
+              strategy: str | Strategy = "milp", keep: Iterable[str] = (), force: Iterable[str] = (),
+              cost_model: CostModel | None = None, metric: Metric | None = None, batch: int = DEPLOY_BATCH,
+              provider: str | None = None, progress: Progress | None = None) -> TuneResult:
+    """:func:`tune` for a model given as an .onnx file, measured on ONNX Runtime.
+
+    ``data``: an .npz with the model's inputs (see :mod:`autoprec.onnx_input`); ``labels``: an
+    .npy, or the name of an array in ``data``. With labels the budget is a drop of accuracy
+    (integer labels) or of mean squared error (float labels); without them, a ``fidelity_budget``
+    on agreement with the fp32 model. ``metric.measure`` takes an ONNX ModelProto.
+    Profiling is exact (ONNX Runtime has no backward pass for the fast estimate).
+    """
+    _check_batch(batch)
+    t0 = time.perf_counter()
+    om = OnnxModel.load(model, data, labels)
+    name = om.analysis.graph.model_name
+    drop_budget = _choose_budget(name, om.labels is not None or metric is not None,
+                                 "accuracy" if om.labels is not None else "metric", budget, fidelity_budget,
+                                 how="--labels")
+    fmts = parse_precisions(formats) if formats is not None else DEFAULT_CANDIDATES
+    metric = metric or om.metric()
+    reference, t_eval = _evaluate_fp32(metric, om.analysis.model)
+    prof = profile_onnx(om, fmts, progress)
+    amax = act_amax_from_profile(prof)
+    run = _Run(name, om.analysis.graph, prof, metric, reference, t_eval, drop_budget,
+               lambda a: om.build(a, amax), om.analysis.op_types)
+    plan, summary, uniforms, pareto = _search_verified(run, fmts, target, objective, strategy, keep, force,
+                                                       cost_model, batch, provider, t0)
+    return TuneResult(plan, prof, om.analysis.graph, metric, summary, uniforms, pareto, onnx=om)
+
+
+def _check_batch(batch: int) -> None:
+    if batch <= 0:
+        raise UsageError(f"--batch must be a positive number of samples, not {batch}")
+
+
+def _search_verified(run: _Run, fmts: tuple[Precision, ...], target: str, objective: str, strategy: str | Strategy,
+                     keep: Iterable[str], force: Iterable[str], cost_model: CostModel | None, batch: int,
+                     provider: str | None, t0: float
+                     ) -> tuple[PrecisionPlan, TuneSummary, list[UniformResult], list[ParetoPoint]]:
+    """Search, verify by real evaluation, compare with uniform plans and sweep the Pareto front."""
+    metric, reference, prof = run.metric, run.reference, run.profile
+    allowed = run.budget.allowed_drop(reference)
     cost = cost_model or RooflineCostModel(target, objective)
     pins = parse_pins(keep, "keep") + parse_pins(force, "force")
-    deploy_graph = captured.graph.at_batch(batch) if captured.graph.batch else captured.graph
-    excluded = exclusions(deploy_graph, provider, fmts) if provider else None
+    deploy_graph = run.graph.at_batch(batch) if run.graph.batch else run.graph
+    excluded = exclusions(deploy_graph, provider, fmts, run.op_types) if provider else None
     problem = SearchProblem.build(deploy_graph, prof, cost, formats=fmts, pins=pins, excluded=excluded)
-    amax = act_amax_from_profile(prof)
     measured: dict[tuple, float] = {}
 
     def evaluate(assignment: dict[str, Precision]) -> float:
         key = tuple(sorted((k, v.value) for k, v in assignment.items()))
         if key not in measured:
-            measured[key] = float(metric.measure(apply_plan(captured, assignment, amax)))
+            measured[key] = float(metric.measure(run.build(assignment)))
         return measured[key]
 
     plan = tune_loop(problem, strategy, lambda p: metric.drop(reference, evaluate(p.assignment)), allowed)
@@ -122,16 +201,15 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     tuned_value = evaluate(plan.assignment)
     plan = plan.with_measured(metric=metric.name, metric_fp32=reference, metric_tuned=tuned_value,
                               drop=metric.drop(reference, tuned_value), allowed_drop=allowed,
-                              budget=str(drop_budget), evaluations=search_evals,
+                              budget=str(run.budget), evaluations=search_evals,
                               baseline_evaluations=len(measured) - search_evals)
     pareto = pareto_sweep(problem, strategy, _sweep_budgets(prof))
     seconds = time.perf_counter() - t0
     best_u = max((u for u in uniforms if u.within_budget), key=lambda u: u.speedup, default=None)
-    summary = TuneSummary(spec.name, metric.name, metric.higher_is_better, reference, tuned_value, str(drop_budget),
+    summary = TuneSummary(run.name, metric.name, metric.higher_is_better, reference, tuned_value, str(run.budget),
                           allowed, plan.speedup, _ratio(plan.memory_bytes, plan.fp32_memory_bytes), best_u,
-                          len(measured) + 1, seconds, seconds / t_eval if t_eval > 0 else 0.0)
-    module = apply_plan(captured, plan.assignment, amax)
-    return TuneResult(plan, prof, captured, metric, summary, uniforms, pareto, module)
+                          len(measured) + 1, seconds, seconds / run.eval_seconds if run.eval_seconds > 0 else 0.0)
+    return plan, summary, uniforms, pareto
 
 
 def apply_plan_file(model: str | Path | ModelSpec, plan: PrecisionPlan | str | Path, profile_json: str | Path | None = None,
@@ -157,31 +235,32 @@ def apply_plan_file(model: str | Path | ModelSpec, plan: PrecisionPlan | str | P
     return apply_plan(captured, plan.assignment, amax, mode=mode)
 
 
-def _choose_budget(spec: ModelSpec, budget: str | float | None, fidelity_budget: str | float | None,
-                   metric: Metric | None) -> DropBudget:
-    if spec.evaluate is None and metric is None:
+def _choose_budget(name: str, has_metric: bool, metric_name: str, budget: str | float | None,
+                   fidelity_budget: str | float | None, how: str = "evaluate()") -> DropBudget:
+    """The budget the user gave, checked against the kind of metric the model has: its own
+    (``has_metric``: evaluate(), labels or a metric passed in) or fidelity to its fp32 outputs."""
+    if not has_metric:
         if budget is not None:
-            raise UsageError(f"{spec.name} has no evaluate(): it is tuned on fidelity to its fp32 outputs; "
+            raise UsageError(f"{name} has no {how}: it is tuned on fidelity to its fp32 outputs; "
                              "give --fidelity-budget (e.g. 1%) instead of --budget")
         return DropBudget.parse(fidelity_budget if fidelity_budget is not None else "1%")
     if fidelity_budget is not None:
-        raise UsageError(f"{spec.name} has evaluate(): give --budget (a drop of its {spec.metric}), "
-                         "not --fidelity-budget")
+        raise UsageError(f"{name} has {how}: give --budget (a drop of its {metric_name}), not --fidelity-budget")
     return DropBudget.parse(budget if budget is not None else "0.5%")
 
 
-def _evaluate_fp32(metric: Metric, captured: Captured) -> tuple[float, float]:
+def _evaluate_fp32(metric: Metric, fp32_model: Any) -> tuple[float, float]:
     """The fp32 metric and the seconds one evaluation takes; stop early if it cannot be had."""
     t = time.perf_counter()
     try:
-        value = float(metric.measure(captured.gm))
+        value = float(metric.measure(fp32_model))
     except AutoprecError:
         raise
     except Exception as exc:
         raise UsageError(f"the fp32 model cannot be evaluated, so there is nothing to keep within a budget: "
                          f"{metric.name} raised {type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from exc
     if not math.isfinite(value):
-        raise UsageError(f"the fp32 model's {metric.name} is {value}: fix evaluate() before tuning")
+        raise UsageError(f"the fp32 model's {metric.name} is {value}: fix the model's metric before tuning")
     return value, time.perf_counter() - t
 
 

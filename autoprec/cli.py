@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from autoprec.errors import AutoprecError
+from autoprec.errors import AutoprecError, UsageError
 from autoprec.formats import DEFAULT_CANDIDATES, parse_precisions
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
@@ -48,10 +48,23 @@ def _flops(n: int) -> str:
     return str(n)
 
 
+def _is_onnx(model: str) -> bool:
+    return model.lower().endswith(".onnx")
+
+
+def _need_data(args: argparse.Namespace) -> None:
+    if _is_onnx(args.model) and not args.data:
+        raise UsageError(f"{args.model} is an ONNX model: give its inputs with --data inputs.npz (arrays named "
+                         "after the model's inputs, samples on axis 0)")
+    if not _is_onnx(args.model) and (args.data or getattr(args, "labels", None)):
+        raise UsageError("--data and --labels are for .onnx models; a model file brings its own data")
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from autoprec import api
     from autoprec.io import atomic_write_text
 
+    _need_data(args)
     formats = parse_precisions(args.formats)
     with _progress() as bar:
         task = bar.add_task(f"profile ({args.mode})", total=None, what="")
@@ -59,13 +72,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, what=what)
 
-        prof, captured = api.profile_model(args.model, mode=args.mode, formats=formats,
-                                           capture_method=args.capture, progress=progress)
+        if _is_onnx(args.model):
+            if args.mode != "exact":
+                raise UsageError("ONNX models are profiled in exact mode (ONNX Runtime has no backward pass for the "
+                                 "fast estimate): drop --mode fast")
+            om = api.OnnxModel.load(args.model, args.data)
+            prof = api.profile_onnx(om, formats, progress)
+            graph, source = om.analysis.graph, "analysed from ONNX, measured on ONNX Runtime"
+        else:
+            prof, captured = api.profile_model(args.model, mode=args.mode, formats=formats,
+                                               capture_method=args.capture, progress=progress)
+            graph, source = captured.graph, f"captured by {captured.method}"
     if args.json:
         atomic_write_text(args.json, prof.to_json())
     out = _console()
     table = Table(title=f"{prof.model_name}: {prof.mode} sensitivity ({prof.measure} of the output, "
-                        f"{prof.samples} calibration samples, captured by {captured.method})")
+                        f"{prof.samples} calibration samples, {source})")
     table.add_column("layer")
     table.add_column("kind")
     table.add_column("scope")
@@ -74,7 +96,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         table.add_column(str(f), justify="right")
     table.add_column("amax in/out", justify="right")
     table.add_column("flags")
-    for op in captured.graph.layers():
+    for op in graph.layers():
         r = prof.ranges.get(op.name)
         amax = f"{max(s.amax for s in r.inputs):.3g}/{r.output.amax:.3g}" if r else ""
         fl = prof.flags.get(op.name, [])
@@ -99,9 +121,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from autoprec import api
-    from autoprec.io import atomic_write_text
+    from autoprec.io import atomic_write_bytes, atomic_write_text
     from autoprec.report import write_report
 
+    _need_data(args)
+    onnx_input = _is_onnx(args.model)
     out_dir = Path(args.out) if args.out else Path("out") / Path(args.model).stem
     with _progress() as bar:
         task = bar.add_task("profile", total=None, what="")
@@ -109,14 +133,27 @@ def cmd_tune(args: argparse.Namespace) -> int:
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, what=what)
 
-        result = api.tune(args.model, args.budget, fidelity_budget=args.fidelity_budget, target=args.target,
-                          objective=args.objective, formats=args.formats, strategy=args.strategy,
-                          keep=args.keep, force=args.force, profile_mode=args.profile_mode, batch=args.batch,
-                          provider=args.provider, progress=progress)
+        common = dict(fidelity_budget=args.fidelity_budget, target=args.target, objective=args.objective,
+                      formats=args.formats, strategy=args.strategy, keep=args.keep, force=args.force,
+                      batch=args.batch, provider=args.provider, progress=progress)
+        if onnx_input:
+            if args.profile_mode == "fast":
+                raise UsageError("ONNX models are profiled in exact mode (ONNX Runtime has no backward pass for the "
+                                 "fast estimate): drop --profile-mode fast")
+            result = api.tune_onnx(args.model, args.data, args.labels, args.budget, **common)
+        else:
+            result = api.tune(args.model, args.budget, profile_mode=args.profile_mode or "fast", **common)
     plan = result.plan
     files = [plan.save(out_dir / "plan.json"), atomic_write_text(out_dir / "profile.json", result.profile.to_json())]
-    files += write_report(out_dir, plan, result.profile, result.captured.graph, result.summary, result.uniforms,
-                          result.pareto)
+    if onnx_input:  # the tuned model itself: the deployment graph, and the graph ORT's CPU runs faithfully
+        stem = Path(args.model).stem
+        files += [atomic_write_bytes(out_dir / f"{stem}.tuned.onnx", result.onnx_model("deploy").SerializeToString()),
+                  atomic_write_bytes(out_dir / f"{stem}.emulation.onnx",
+                                     result.onnx_model("emulate").SerializeToString())]
+    analysis = result.onnx.analysis if result.onnx is not None else None
+    files += write_report(out_dir, plan, result.profile, result.graph, result.summary, result.uniforms,
+                          result.pareto, fixed=analysis.reasons if analysis else None,
+                          notes=analysis.notes if analysis else ())
     if args.json:
         print(json.dumps({"plan": plan.to_dict(), "summary": asdict(result.summary),
                           "files": [str(f) for f in files]}, sort_keys=True, default=str))
@@ -130,6 +167,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out.print(table)
     for line in result.summary.lines():
         out.print(line, highlight=False)
+    if analysis is not None and analysis.reasons:
+        out.print(f"{len(analysis.reasons)} ONNX node(s) stay fp32 whatever the plan (reasons in report.md)",
+                  highlight=False)
     out.print(f"formats: {', '.join(f'{k} x{v}' for k, v in plan.format_counts().items())}; wrote "
               + ", ".join(str(f) for f in files), highlight=False)
     return 0
@@ -138,10 +178,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from autoprec.export import export_onnx
 
+    _need_data(args)
     profile = args.profile
     if profile is None and (Path(args.plan).parent / "profile.json").is_file():
         profile = Path(args.plan).parent / "profile.json"  # `autoprec tune` writes both in one folder
-    out = export_onnx(args.model, args.plan, profile, args.output, opset=args.opset, emulation=args.emulation)
+    if _is_onnx(args.model):
+        from autoprec.export import export_analysed
+
+        out = export_analysed(args.model, args.data, args.plan, profile, args.output, emulation=args.emulation)
+    else:
+        out = export_onnx(args.model, args.plan, profile, args.output, opset=args.opset, emulation=args.emulation)
     what = ("emulation graph: fp32 compute with every rounding explicit, for ONNX Runtime's CPU provider"
             if args.emulation else "deployment graph: 16-bit tensors and fp8 Q/DQ, for the CUDA / TensorRT providers")
     _console().print(f"Wrote {out} ({out.stat().st_size / 1e6:.2f} MB), the {what}.", highlight=False)
@@ -168,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("profile", help="per-layer sensitivity to bf16/fp16/fp8, with range statistics")
-    pr.add_argument("model", help="model file following models/README.md, e.g. models/digits_cnn.py")
+    pr.add_argument("model", help="model file following models/README.md (e.g. models/digits_cnn.py) or an .onnx file")
+    pr.add_argument("--data", metavar="INPUTS.npz", help=".onnx models: their inputs, arrays named after the graph "
+                                                          "inputs with the samples on axis 0")
     pr.add_argument("--mode", choices=("fast", "exact"), default="exact",
                     help="exact: isolated trials with downstream-only re-runs; fast: one forward+backward "
                          "first-order estimate (default: exact)")
@@ -180,7 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_profile)
 
     tu = sub.add_parser("tune", help="search the fastest per-layer plan within an accuracy budget, verified")
-    tu.add_argument("model", help="model file following models/README.md")
+    tu.add_argument("model", help="model file following models/README.md, or an .onnx file (with --data)")
+    tu.add_argument("--data", metavar="INPUTS.npz", help=".onnx models: their inputs, arrays named after the graph "
+                                                          "inputs with the samples on axis 0")
+    tu.add_argument("--labels", metavar="LABELS", help=".onnx models: labels of the --data samples (.npy, or the name "
+                                                       "of an array in the --data file): integers give an accuracy "
+                                                       "budget, floats a mean-squared-error one; without labels the "
+                                                       "budget is on fidelity to fp32 (--fidelity-budget)")
     tu.add_argument("--budget", help="largest allowed drop of the model's metric: relative (0.5%%) or "
                                      "absolute (0.005); default 0.5%%")
     tu.add_argument("--fidelity-budget", help="for models without evaluate(): largest drop of top-1 agreement "
@@ -198,21 +252,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep layers whose scope, name or kind matches REGEX at FMT or wider, e.g. fp32:'head|embed'")
     tu.add_argument("--force", action="append", default=[], metavar="FMT:REGEX",
                     help="force matching layers to FMT, e.g. bf16:'blocks\\.0\\.'")
-    tu.add_argument("--profile-mode", choices=("fast", "exact"), default="fast",
-                    help="sensitivity estimate used by the search (default: fast)")
-    tu.add_argument("--out", metavar="DIR", help="output folder (default: out/<model name>)")
+    tu.add_argument("--profile-mode", choices=("fast", "exact"), default=None,
+                    help="sensitivity estimate used by the search (default: fast; .onnx models: exact, the only one)")
+    tu.add_argument("--out", metavar="DIR", help="output folder (default: out/<model name>); for an .onnx model it "
+                                                 "also gets <name>.tuned.onnx and <name>.emulation.onnx")
     tu.add_argument("--json", action="store_true", help="print the plan and summary as JSON on stdout")
     tu.set_defaults(func=cmd_tune)
 
     ex = sub.add_parser("export", help="export a model with its plan to ONNX for ONNX Runtime")
-    ex.add_argument("model", help="model file following models/README.md")
+    ex.add_argument("model", help="model file following models/README.md, or the .onnx file the plan was tuned on")
     ex.add_argument("--plan", required=True, help="plan.json written by `autoprec tune`")
+    ex.add_argument("--data", metavar="INPUTS.npz", help=".onnx models: the --data the plan was tuned with")
     ex.add_argument("--profile", help="profile.json with the fp8 calibration (default: the one beside --plan)")
     ex.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="where to write the model")
     ex.add_argument("--emulation", action="store_true",
                     help="write the emulation graph (fp32 compute, explicit rounding) that ORT's CPU provider "
                          "runs faithfully, instead of the deployment graph")
-    ex.add_argument("--opset", type=int, default=21, help="ONNX opset, 19 or later (default 21)")
+    ex.add_argument("--opset", type=int, default=21, help="ONNX opset, 19 or later (default 21); .onnx models are "
+                                                          "upgraded to 21")
     ex.set_defaults(func=cmd_export)
 
     ve = sub.add_parser("verify", help="metric through ONNX Runtime and parity with the torch emulation")

@@ -41,6 +41,8 @@ from autoprec.capture import Captured, capture
 from autoprec.errors import AutoprecError, PlanError, UsageError
 from autoprec.formats import Precision, parse_precision
 from autoprec.io import atomic_write_bytes
+from autoprec.onnx_graph import OnnxAnalysis
+from autoprec.opgraph import OpGraph
 from autoprec.plan import PrecisionPlan
 from autoprec.sensitivity import SensitivityProfile
 from autoprec.spec import ModelSpec, load_model_spec
@@ -51,6 +53,7 @@ from passes.onnx_base import (FORMAT, INSERTED, LAYER, MODEL_ACT_AMAX, MODEL_ASS
 from passes.onnx_insert_casts import InsertCasts
 from passes.onnx_lower_weights import MODES, LowerWeights
 from passes.onnx_map_layers import MapLayers
+from passes.onnx_map_nodes import MapNodes
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +153,7 @@ def onnx_passes(captured: Captured, assignment: Mapping[str, Precision],
     """The ONNX pass sequence :func:`apply_plan_onnx` runs."""
     if mode not in MODES:
         raise UsageError(f"unknown ONNX mode {mode!r}: use 'deploy' (16-bit tensors, fp8 Q/DQ) or 'emulate'")
-    return [MapLayers(captured, assignment), AssignFormats(captured, assignment, act_amax), LowerWeights(mode),
+    return [MapLayers(captured, assignment), AssignFormats(captured.graph, assignment, act_amax, param_names(captured)), LowerWeights(mode),
             InsertCasts(param_names(captured), mode)]
 
 
@@ -165,9 +168,41 @@ def apply_plan_onnx(fp32_model: onnx.ModelProto, captured: Captured, assignment:
     The result passes ``onnx.checker.check_model(full_check=True)``.
     """
     plan = {name: parse_precision(p) for name, p in assignment.items()}
+    return run_plan_passes(fp32_model, onnx_passes(captured, plan, act_amax, mode), captured.graph, plan, act_amax,
+                           mode, keep_metadata)
+
+
+def analysed_passes(analysis: OnnxAnalysis, assignment: Mapping[str, Precision],
+                    act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy") -> list[OnnxPass]:
+    """The ONNX pass sequence for a model given as an .onnx file (see :func:`apply_plan_analysed`)."""
+    if mode not in MODES:
+        raise UsageError(f"unknown ONNX mode {mode!r}: use 'deploy' (16-bit tensors, fp8 Q/DQ) or 'emulate'")
+    return [MapNodes(analysis), AssignFormats(analysis.graph, assignment, act_amax), LowerWeights(mode),
+            InsertCasts(frozenset(), mode)]
+
+
+def apply_plan_analysed(analysis: OnnxAnalysis, assignment: Mapping[str, Precision | str],
+                        act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy",
+                        keep_metadata: bool = False) -> onnx.ModelProto:
+    """The analysed ONNX model (:func:`autoprec.onnx_graph.analyse_onnx`) running ``assignment``.
+
+    The same passes as :func:`apply_plan_onnx` after MapNodes in place of MapLayers: the plan's
+    layers are the analyser's node names. Every one-element initializer counts as a constant from
+    the model's code (it does not make a 16-bit op fp32), as there are no torch parameters to tell.
+    """
+    plan = {name: parse_precision(p) for name, p in assignment.items()}
+    return run_plan_passes(analysis.model, analysed_passes(analysis, plan, act_amax, mode), analysis.graph, plan,
+                           act_amax, mode, keep_metadata)
+
+
+def run_plan_passes(fp32_model: onnx.ModelProto, passes: list[OnnxPass], graph: OpGraph,
+                    plan: Mapping[str, Precision], act_amax: Mapping[str, tuple[float, ...]] | None, mode: str,
+                    keep_metadata: bool) -> onnx.ModelProto:
+    """Run ``passes`` on a copy of ``fp32_model``, record the plan in the model's metadata and check
+    the result with ``onnx.checker`` (full_check)."""
     model = onnx.ModelProto()
     model.CopyFrom(fp32_model)
-    model = OnnxPassManager(onnx_passes(captured, plan, act_amax, mode)).run(model).graph
+    model = OnnxPassManager(passes).run(model).graph
     if not keep_metadata:
         compact_metadata(model)
     used = {k: v for k, v in (act_amax or {}).items() if k in plan and plan[k].is_fp8}
@@ -175,8 +210,8 @@ def apply_plan_onnx(fp32_model: onnx.ModelProto, captured: Captured, assignment:
     set_model_meta(model, MODEL_ASSIGNMENT, json.dumps({k: v.value for k, v in sorted(plan.items())}, sort_keys=True))
     set_model_meta(model, MODEL_ACT_AMAX, json.dumps({k: [float(a) for a in v] for k, v in sorted(used.items())},
                                                      sort_keys=True))
-    set_model_meta(model, MODEL_NAME, captured.graph.model_name)
-    set_model_meta(model, MODEL_FINGERPRINT, captured.graph.fingerprint())
+    set_model_meta(model, MODEL_NAME, graph.model_name)
+    set_model_meta(model, MODEL_FINGERPRINT, graph.fingerprint())
     model = infer_types(model)
     onnx.checker.check_model(model, full_check=True)
     if not keep_metadata:
@@ -278,3 +313,23 @@ def export_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
     """
     model, _ = build_onnx(spec_or_model_file, plan, profile, opset, "emulate" if emulation else "deploy")
     return atomic_write_bytes(Path(out_path), model.SerializeToString())
+
+
+def export_analysed(onnx_file: str | os.PathLike[str], data: str | os.PathLike[str] | Mapping[str, Any],
+                    plan: PrecisionPlan | str | os.PathLike[str],
+                    profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None,
+                    out_path: str | os.PathLike[str], emulation: bool = False) -> Path:
+    """:func:`export_onnx` for a model given as an .onnx file: apply a plan `autoprec tune` made
+    for it. ``data`` (its inputs, as for tuning) sizes the symbolic dimensions the plan was made at."""
+    from autoprec.onnx_input import OnnxModel
+
+    om = OnnxModel.load(onnx_file, data)
+    plan = plan if isinstance(plan, PrecisionPlan) else PrecisionPlan.load(plan)
+    plan.check_against(om.analysis.graph)
+    amax = _load_amax(profile)
+    if any(f.is_fp8 for f in plan.assignment.values()) and amax is None:
+        raise PlanError("the plan has fp8 layers: give the profile.json of the tune run (--profile) for their "
+                        "calibrated activation scales")
+    model = om.build(plan.assignment, amax, "emulate" if emulation else "deploy")
+    return atomic_write_bytes(Path(out_path), model.SerializeToString())
+

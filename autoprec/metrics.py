@@ -76,24 +76,49 @@ def _outputs(module: Any, batches: list[tuple[Any, ...]]) -> list[torch.Tensor]:
 def fidelity_metric(reference_module: Any, batches: list[tuple[Any, ...]], output_kind: str) -> Metric:
     """Fidelity to the fp32 model: top-1 agreement (logits, higher is better) or relative L2
     error (values, lower is better), measured on ``batches``."""
-    refs = _outputs(reference_module, batches)
+    return fidelity_to(_outputs(reference_module, batches), lambda m: _outputs(m, batches), output_kind)
+
+
+def fidelity_to(refs: list[torch.Tensor], outputs_of: Callable[[Any], list[torch.Tensor]], output_kind: str) -> Metric:
+    """Fidelity of a model's outputs (``outputs_of(model)``, one tensor per batch) to ``refs``,
+    the fp32 outputs of the same batches: the one definition the torch and ONNX flows share."""
     if output_kind == "logits":
         ref_top = [r.argmax(dim=-1) for r in refs]
 
-        def agreement(module: Any) -> float:
-            outs = _outputs(module, batches)
+        def agreement(model: Any) -> float:
+            outs = outputs_of(model)
             same = sum(int((o.argmax(dim=-1) == t).sum()) for o, t in zip(outs, ref_top))
             return same / sum(t.numel() for t in ref_top)
 
         return Metric("top1_agreement", True, agreement)
 
-    def rel_l2(module: Any) -> float:
-        outs = _outputs(module, batches)
-        num = sum(float(((o - r) ** 2).sum(dtype=torch.float64)) for o, r in zip(outs, refs))
-        den = sum(float((r ** 2).sum(dtype=torch.float64)) for r in refs)
+    def rel_l2(model: Any) -> float:
+        outs = outputs_of(model)
+        num = sum(float(((o.float() - r.float()) ** 2).sum(dtype=torch.float64)) for o, r in zip(outs, refs))
+        den = sum(float((r.float() ** 2).sum(dtype=torch.float64)) for r in refs)
         return math.sqrt(num / den) if den > 0 else 0.0
 
     return Metric("rel_l2_error", False, rel_l2)
+
+
+def label_metric(labels: list[torch.Tensor], outputs_of: Callable[[Any], list[torch.Tensor]]) -> Metric:
+    """A model's metric against true labels (one tensor per batch): accuracy of the arg-max over
+    the last output axis for integer labels (higher is better), mean squared error for float
+    labels (lower is better)."""
+    if all(not lab.is_floating_point() for lab in labels):
+        def accuracy(model: Any) -> float:
+            outs = outputs_of(model)
+            right = sum(int((o.argmax(dim=-1) == lab.to(torch.int64)).sum()) for o, lab in zip(outs, labels))
+            return right / sum(lab.numel() for lab in labels)
+
+        return Metric("accuracy", True, accuracy)
+
+    def mse(model: Any) -> float:
+        outs = outputs_of(model)
+        num = sum(float(((o.double().reshape(lab.shape) - lab.double()) ** 2).sum()) for o, lab in zip(outs, labels))
+        return num / sum(lab.numel() for lab in labels)
+
+    return Metric("mse", False, mse)
 
 
 def kl_to_reference(reference_module: Any, module: Any, batches: list[tuple[Any, ...]]) -> float:

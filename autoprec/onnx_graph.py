@@ -97,13 +97,16 @@ class OnnxAnalysis:
 
     ``op_types``: node name -> ONNX op type ("domain::Op" outside the default domain), the input
     :func:`autoprec.ep_support.exclusions` wants; ``reasons``: node name -> why the node stays
-    fp32 (control flow, unknown op, ...); ``notes``: what preprocessing changed, for the report.
+    fp32 (control flow, unknown op, ...); ``groups``: node name -> the node that names its group,
+    the nodes that compute one op together and round its result once (a decomposed layer norm or
+    GELU; a MatMul and the Add of its bias); ``notes``: what preprocessing changed, for the report.
     """
 
     model: onnx.ModelProto
     graph: OpGraph
     op_types: dict[str, str] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -137,20 +140,22 @@ def analyse_onnx(
     ``dims``: sizes of other symbolic dims by name (e.g. ``{"seq": 128}``).
     ``target_opset``: the opset to upgrade older models to; newer models are left alone.
     """
-    model, label = _load(source)
+    model, label = read_model(source)
     model, notes = preprocess(model, target_opset)
     feeds = _example_arrays(model, example)
     shapes_in = _input_shapes(model, feeds, batch, dims or {})
     values, more = _concrete_values(model, shapes_in, feeds)
     notes += more
-    graph, op_types, reasons = build_opgraph(model, values, name or label)
+    graph, op_types, reasons, groups = build_opgraph(model, values, name or label)
     first = next((s for s in shapes_in.values() if s), ())
     graph.batch = int(first[0]) if first else 0
-    return OnnxAnalysis(model, graph, op_types, reasons, notes)
+    return OnnxAnalysis(model, graph, op_types, reasons, groups, notes)
 
 
 # --- loading and preprocessing ------------------------------------------------------------------
-def _load(source: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+def read_model(source: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """A copy of ``source`` (or the file, with its external data) and a label for it (the file's
+    stem or the graph's name); a one-line error for a missing or unreadable file."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -401,7 +406,7 @@ def name_nodes(model: onnx.ModelProto) -> int:
 
 
 # --- concrete shapes ----------------------------------------------------------------------------
-def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that are real inputs (initializers listed as inputs are weights)."""
     inits = {t.name for t in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in inits]
@@ -410,7 +415,7 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 def _example_arrays(model: onnx.ModelProto, example: Any) -> dict[str, np.ndarray]:
     if example is None:
         return {}
-    names = [i.name for i in _graph_inputs(model)]
+    names = [i.name for i in graph_inputs(model)]
     if isinstance(example, Mapping):
         unknown = sorted(set(example) - set(names))
         if unknown:
@@ -436,7 +441,7 @@ def _input_shapes(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], batch
     """Concrete shape of every graph input: from its example array, else its declared dims with
     symbolic ones resolved from ``dims`` by name and ``batch`` on axis 0."""
     out: dict[str, tuple[int, ...]] = {}
-    for vi in _graph_inputs(model):
+    for vi in graph_inputs(model):
         declared = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else None
         if vi.name in feeds:
             shape = tuple(int(s) for s in feeds[vi.name].shape)
@@ -542,7 +547,7 @@ def _measure_shapes(model: onnx.ModelProto, inputs: Mapping[str, tuple[int, ...]
         if n not in have:
             probe.graph.output.append(onnx.ValueInfoProto(name=n))
     run_feeds = {}
-    for vi in _graph_inputs(model):
+    for vi in graph_inputs(model):
         dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
         if vi.name in feeds:
             run_feeds[vi.name] = np.asarray(feeds[vi.name], dtype=dtype)
@@ -565,10 +570,10 @@ def _measure_shapes(model: onnx.ModelProto, inputs: Mapping[str, tuple[int, ...]
 
 # --- the op graph -------------------------------------------------------------------------------
 def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
-                  name: str = "") -> tuple[OpGraph, dict[str, str], dict[str, str]]:
+                  name: str = "") -> tuple[OpGraph, dict[str, str], dict[str, str], dict[str, str]]:
     """The op graph of a preprocessed model, given every value's type and concrete shape.
 
-    Returns (graph, op_types, reasons) as in :class:`OnnxAnalysis`.
+    Returns (graph, op_types, reasons, groups) as in :class:`OnnxAnalysis`.
     """
     g = model.graph
     inits = {t.name for t in g.initializer}
@@ -578,7 +583,7 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
     seen_edges: set[tuple[str, str]] = set()
     op_types: dict[str, str] = {}
     reasons: dict[str, str] = {}
-    for vi in _graph_inputs(model):
+    for vi in graph_inputs(model):
         v = values.get(vi.name)
         nodes.append(OpNode(name=vi.name, kind="placeholder", scope="", policy=Policy.NONE,
                             output_shape=v.shape or () if v else (),
@@ -588,8 +593,15 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
     for node in g.node:
         for i in _node_inputs(node):
             consumers.setdefault(i, []).append(node)
-    fused = {n: "layer_norm" for n in _layer_norm_nodes(g, consumers)}
-    fused.update({n: "gelu" for n in _gelu_nodes(g, inits, consumers)})
+    order = {n.name: i for i, n in enumerate(g.node)}
+    fused: dict[str, str] = {}
+    groups: dict[str, str] = {}
+    for kind_name, chains in (("layer_norm", _layer_norm_nodes(g, consumers)), ("gelu", _gelu_nodes(g, consumers))):
+        for chain in chains:
+            head = min(chain, key=order.__getitem__)
+            for member in chain:
+                fused[member] = kind_name
+                groups[member] = head
     ties: dict[tuple[str, str, tuple[int, ...]], list[str]] = {}
     for node in g.node:
         ins = _node_inputs(node)
@@ -598,6 +610,12 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
         outs = [values.get(o) for o in node.output if o]
         float_out = any(v is None or v.is_float for v in outs)  # unknown types may be floats
         policy = policy_of(kind)
+        if policy is Policy.ALWAYS and _unsupported_layer(node, kind, weight):
+            policy = Policy.NEVER
+        if policy is Policy.ALWAYS:
+            bias_add = _bias_add(node, weight, inits, values, consumers)
+            if bias_add is not None:
+                groups[bias_add] = node.name  # the bias belongs to the layer, as in torch's linear
         # floating activations read (a value of unknown type, e.g. a custom op's output, may be one)
         act_ins = [i for i in dict.fromkeys(ins) if i not in inits and (values.get(i) is None or values[i].is_float)]
         if policy is not Policy.NONE and not float_out:
@@ -640,7 +658,32 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
                 ties.setdefault((src, kind, values[weight].shape or ()), []).append(node.name)
     graph = OpGraph(nodes=nodes, edges=edges, model_name=name)
     graph.ties = [members for _, members in sorted(ties.items()) if len(members) > 1]
-    return graph, op_types, reasons
+    return graph, op_types, reasons, {n.name: groups.get(n.name, n.name) for n in g.node}
+
+
+def _unsupported_layer(node: onnx.NodeProto, kind: str, weight: str | None) -> bool:
+    """A MatMul/Gemm/Conv the passes cannot lower: its weight is not a constant second operand."""
+    if kind == "linear":
+        return weight is None or len(node.input) < 2 or node.input[1] != weight
+    if kind.startswith("conv") and not kind.startswith("conv_transpose"):
+        return weight is None
+    return False
+
+
+def _bias_add(node: onnx.NodeProto, weight: str | None, inits: set[str], values: Mapping[str, _Value],
+              consumers: Mapping[str, list[onnx.NodeProto]]) -> str | None:
+    """The Add that adds a linear layer's bias to a MatMul's result, when it is its only reader and
+    the bias is a 1-D float constant: how exporters write ``nn.Linear`` on inputs of rank > 2."""
+    if node.op_type != "MatMul" or weight is None or not node.output:
+        return None
+    users = consumers.get(node.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Add" or users[0].domain not in ("", "ai.onnx"):
+        return None
+    others = [i for i in users[0].input if i != node.output[0]]
+    if len(others) != 1 or others[0] not in inits:
+        return None
+    b = values.get(others[0])
+    return users[0].name if b is not None and b.is_float and b.shape is not None and len(b.shape) == 1 else None
 
 
 def _node_inputs(node: onnx.NodeProto) -> list[str]:
@@ -720,6 +763,9 @@ def _reason(node: onnx.NodeProto, kind: str, policy: Policy, reads_activations: 
         return None
     if (kind in ("linear", "matmul") or kind.startswith("conv")) and not reads_activations:
         return f"{node.op_type} reads only constants: nothing to lower"
+    if kind == "linear" or (kind.startswith("conv") and not kind.startswith("conv_transpose")):
+        return (f"{node.op_type} whose weight is not a constant second operand: kept fp32 (autoprec lowers "
+                f"weights stored as initializers and read as input 1)")
     if node.domain not in ("", "ai.onnx") and kind.startswith(node.domain):
         return f"custom op {node.domain}::{node.op_type}: unknown numerics, kept fp32"
     if kind in NEVER_KINDS:
@@ -793,12 +839,12 @@ def _weight_elems(node: onnx.NodeProto, kind: str, weight: str | None, inits: se
 
 
 # --- decomposed ops older exporters write -------------------------------------------------------
-def _layer_norm_nodes(g: onnx.GraphProto, consumers: Mapping[str, list[onnx.NodeProto]]) -> set[str]:
-    """Names of the nodes of each decomposed layer norm, as exporters before opset 17 write it:
+def _layer_norm_nodes(g: onnx.GraphProto, consumers: Mapping[str, list[onnx.NodeProto]]) -> list[list[str]]:
+    """Node names of each decomposed layer norm (one list per instance, in graph order), as exporters before opset 17 write it:
     ReduceMean(x) -> Sub(x, mean) -> Pow(., 2) -> ReduceMean -> Add(eps) -> Sqrt -> Div(sub, .)
     [-> Mul(gamma) -> Add(beta)]. They are labelled "layer_norm", a NEVER kind, as torch's one op:
     its statistics must stay fp32, whichever format the layer before it runs in."""
-    found: set[str] = set()
+    found: list[list[str]] = []
 
     def only_user(value: str, op_types: tuple[str, ...]) -> onnx.NodeProto | None:
         users = consumers.get(value, [])
@@ -830,7 +876,7 @@ def _layer_norm_nodes(g: onnx.GraphProto, consumers: Mapping[str, list[onnx.Node
             shift = only_user(scale.output[0], ("Add",))
             if shift is not None:
                 chain.append(shift)
-        found.update(n.name for n in chain)
+        found.append([n.name for n in chain])
     return found
 
 
@@ -843,12 +889,12 @@ def _scalar(name: str, inits_proto: Mapping[str, onnx.TensorProto]) -> float | N
     return float(arr.reshape(-1)[0]) if arr.size == 1 else None
 
 
-def _gelu_nodes(g: onnx.GraphProto, inits: set[str], consumers: Mapping[str, list[onnx.NodeProto]]) -> set[str]:
-    """Names of the nodes of each erf-form GELU, x * 0.5 * (1 + erf(x / sqrt(2))), as older
+def _gelu_nodes(g: onnx.GraphProto, consumers: Mapping[str, list[onnx.NodeProto]]) -> list[list[str]]:
+    """Node names of each erf-form GELU (one list per instance), x * 0.5 * (1 + erf(x / sqrt(2))), as older
     exporters write it (Div|Mul -> Erf -> Add -> Mul -> Mul). They are labelled "gelu"."""
     protos = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output if o}
-    found: set[str] = set()
+    found: list[list[str]] = []
     for erf in g.node:
         if erf.op_type != "Erf" or erf.domain not in ("", "ai.onnx"):
             continue
@@ -881,5 +927,5 @@ def _gelu_nodes(g: onnx.GraphProto, inits: set[str], consumers: Mapping[str, lis
                   and x in producer[i].input and producer[i] not in group]
         if not muls or not (any(x in m.input for m in muls) or halves):
             continue
-        found.update(n.name for n in group + halves)
+        found.append([n.name for n in halves + group])
     return found

@@ -165,7 +165,7 @@ def measure_name(kind: str) -> str:
 
 
 @dataclass
-class _ErrorSum:
+class ErrorSum:
     """Accumulates an error over batches: KL summed over positions, or squared error and norm.
 
     ``reference(y)`` prepares an fp32 output once (its float64 log-probabilities for logits), so
@@ -206,7 +206,7 @@ class _ErrorSum:
 
 
 @dataclass
-class _RangeAcc:
+class RangeAccumulator:
     """Range statistics of one tensor accumulated over batches."""
 
     amax: float = 0.0
@@ -343,14 +343,14 @@ def profile(
         rerun_fraction=rerun_frac,
         seconds=seconds,
     )
-    prof.flags = explain(prof, captured)
+    prof.flags = explain(prof)
     return prof
 
 
 def _collect_ranges(info: _LayerInfo, args: tuple[Any, ...], out: torch.Tensor,
-                    accs: dict[str, list[_RangeAcc]]) -> None:
+                    accs: dict[str, list[RangeAccumulator]]) -> None:
     """Add one batch of a layer's activation inputs, output (and weight, once) to its accumulators."""
-    lst = accs.setdefault(info.node.name, [_RangeAcc() for _ in range(len(info.act_pos) + 2)])
+    lst = accs.setdefault(info.node.name, [RangeAccumulator() for _ in range(len(info.act_pos) + 2)])
     for j, pos in enumerate(info.act_pos):
         lst[j].add(args[pos])
     lst[len(info.act_pos)].add(out)
@@ -358,7 +358,7 @@ def _collect_ranges(info: _LayerInfo, args: tuple[Any, ...], out: torch.Tensor,
         lst[-1].add(args[info.weight_pos])
 
 
-def _finish_ranges(infos: list[_LayerInfo], accs: dict[str, list[_RangeAcc]]) -> dict[str, LayerRanges]:
+def _finish_ranges(infos: list[_LayerInfo], accs: dict[str, list[RangeAccumulator]]) -> dict[str, LayerRanges]:
     out = {}
     for info in infos:
         lst = accs[info.node.name]
@@ -377,7 +377,7 @@ _Roundings = dict[tuple[str, Precision], dict[str, Precision]]
 def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tuple[Any, ...]],
                    fmts: tuple[Precision, ...], declared: str | None, progress: Progress | None,
                    roundings: _Roundings):
-    accs: dict[str, list[_RangeAcc]] = {}
+    accs: dict[str, list[RangeAccumulator]] = {}
     envs: list[dict[str, Any]] = []
     with torch.no_grad():
         for b in batches:
@@ -391,7 +391,7 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], batches: list[t
         y0 = first_tensor(envs[0][runner.nodes[-1].name])
         kind = output_kind_of(y0, declared)
         outputs = [first_tensor(env[runner.nodes[-1].name]) for env in envs]
-        prepared = [_ErrorSum(kind).reference(y) for y in outputs]
+        prepared = [ErrorSum(kind).reference(y) for y in outputs]
         errors: dict[str, dict[Precision, float]] = {}
         local: dict[str, dict[Precision, float]] = {}
         total = len(infos) * len(fmts)
@@ -403,8 +403,8 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], batches: list[t
             local[info.node.name] = {}
             for fmt in fmts:
                 lf = LayerFormat(fmt, tuple(r.amax for r in ranges[info.node.name].inputs))
-                acc = _ErrorSum(kind)
-                own = _ErrorSum("values")
+                acc = ErrorSum(kind)
+                own = ErrorSum("values")
                 wq = None
                 for bi, env in enumerate(envs):
                     args = fx.node.map_arg(info.node.args, lambda a: env[a.name])
@@ -468,7 +468,7 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tu
                   fmts: tuple[Precision, ...], declared: str | None, progress: Progress | None, seed: int,
                   roundings: _Roundings):
     gen = torch.Generator().manual_seed(seed)
-    accs: dict[str, list[_RangeAcc]] = {}
+    accs: dict[str, list[RangeAccumulator]] = {}
     saved: list[dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]]] = []
     wgrads: list[dict[str, torch.Tensor]] = []
     followed = sorted({n for r in roundings.values() for n in r})
@@ -603,7 +603,7 @@ def _fmt_num(x: float) -> str:
     return f"{x:.2g}" if (x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4)) else f"{x:.3g}"
 
 
-def explain(prof: SensitivityProfile, captured: Captured) -> dict[str, list[str]]:
+def explain(prof: SensitivityProfile) -> dict[str, list[str]]:
     """Readable flags per layer: range hazards, and why the most sensitive layers are sensitive."""
     flags: dict[str, list[str]] = {}
     fmts = [f for f in prof.formats if f is not Precision.FP32]

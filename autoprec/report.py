@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from autoprec.formats import Precision
 from autoprec.io import atomic_write_bytes, atomic_write_text
@@ -76,8 +76,12 @@ def _e(x: float) -> str:
 
 
 def write_report(out_dir: Path, plan: PrecisionPlan, profile: SensitivityProfile, graph: OpGraph,
-                 summary: TuneSummary, uniforms: Sequence[UniformResult], pareto: Sequence[ParetoPoint]) -> list[Path]:
-    """Write report.md, sensitivity.png and pareto.png into ``out_dir``; return their paths."""
+                 summary: TuneSummary, uniforms: Sequence[UniformResult], pareto: Sequence[ParetoPoint],
+                 fixed: Mapping[str, str] | None = None, notes: Sequence[str] = ()) -> list[Path]:
+    """Write report.md, sensitivity.png and pareto.png into ``out_dir``; return their paths.
+
+    ``fixed``: ops that stay fp32 whatever the plan, with the reason (the ONNX analyser's);
+    ``notes``: what loading the model changed (e.g. the ONNX analyser's opset upgrade)."""
     heat = plot_sensitivity(out_dir / "sensitivity.png", profile, graph)
     front = plot_pareto(out_dir / "pareto.png", pareto, plan, uniforms)
     lines = [f"# autoprec tune: {plan.model_name}", ""]
@@ -104,6 +108,11 @@ def write_report(out_dir: Path, plan: PrecisionPlan, profile: SensitivityProfile
     flagged = [(n, f) for n, fl in profile.flags.items() for f in fl]
     if flagged:
         lines += ["", "## Profile flags", ""] + [f"- `{n}`: {f}" for n, f in flagged]
+    if notes:
+        lines += ["", "## Model preprocessing", ""] + [f"- {n}" for n in notes]
+    if fixed:
+        lines += ["", "## Ops kept fp32 whatever the plan", "", "| op | reason |", "|---|---|"]
+        lines += [f"| {n} | {why} |" for n, why in sorted(fixed.items())]
     lines += ["", f"![sensitivity]({heat.name})", "", f"![pareto]({front.name})", ""]
     report = atomic_write_text(out_dir / "report.md", "\n".join(lines))
     return [report, heat, front]

@@ -26,7 +26,7 @@ import onnx
 from autoprec.capture import Captured
 from autoprec.kinds import LAYER_KINDS, policy_of
 from autoprec.formats import Precision, wider
-from autoprec.opgraph import Policy
+from autoprec.opgraph import OpGraph, Policy
 from autoprec.semantics import act_arg_positions
 from passes.fx_assign_formats import NodeFormat, validate_plan
 from passes.onnx_base import (ACT_AMAX, FORMAT, GROUP, KIND, LAYER, POLICY, REASON, ROLE, ROLE_CORE, VALUE_FORMAT,
@@ -157,12 +157,16 @@ def _decide(gg: GroupGraph, g: str, policy: Policy, why: str, assignment: Mappin
 class AssignFormats(OnnxPass):
     """Annotate every node with its group's format, value format, policy and reason."""
 
-    def __init__(self, captured: Captured, assignment: Mapping[str, Precision],
-                 act_amax: Mapping[str, tuple[float, ...]] | None = None) -> None:
-        self.captured = captured
+    def __init__(self, graph: OpGraph, assignment: Mapping[str, Precision],
+                 act_amax: Mapping[str, tuple[float, ...]] | None = None,
+                 params: frozenset[str] = frozenset()) -> None:
+        """``graph``: the op graph the plan was made for (its layers name the plan's keys);
+        ``params``: initializers that count as fp32 inputs even when they hold one element (the
+        torch model's parameters and buffers, :func:`param_names`)."""
+        self.graph = graph
         self.assignment = dict(assignment)
-        self.amax = validate_plan(captured.graph, self.assignment, act_amax)
-        self.params = param_names(captured)
+        self.amax = validate_plan(graph, self.assignment, act_amax)
+        self.params = params
 
     def call(self, model: onnx.ModelProto) -> OnnxPassResult:
         decisions = decide_onnx_formats(model, self.assignment, self.params)
@@ -174,7 +178,7 @@ class AssignFormats(OnnxPass):
             set_meta(n, REASON, nf.reason)
             if get_meta(n, ROLE) == ROLE_CORE and nf.fmt.is_fp8:
                 layer = get_meta(n, LAYER) or ""
-                need = len(act_arg_positions(self.captured.graph[layer].kind))
+                need = len(act_arg_positions(self.graph[layer].kind))
                 set_meta(n, ACT_AMAX, json.dumps([float(a) for a in self.amax[layer][:need]]))
         return OnnxPassResult(model, modified=False)  # metadata only
 

@@ -126,7 +126,7 @@ def test_fp8_flush_statistics() -> None:
 
 def test_profile_error_is_the_error_of_the_applied_single_layer_plan(tiny_attention: nn.Module) -> None:
     """Oracle: exact mode's number for (L, P) is the output error of apply_plan({L: P}), to the bit."""
-    from autoprec.profile import _ErrorSum
+    from autoprec.profile import ErrorSum
     from passes import act_amax_from_profile, apply_plan
 
     c = capture(tiny_attention, (torch.randn(2, 8, 32),))
@@ -136,7 +136,7 @@ def test_profile_error_is_the_error_of_the_applied_single_layer_plan(tiny_attent
     for layer in ("q", "matmul", "fc1", "head"):
         for fmt in (BF16, E4M3):
             gm = apply_plan(c, {layer: fmt}, amax)
-            acc = _ErrorSum("logits")
+            acc = ErrorSum("logits")
             with torch.no_grad():
                 for (x,) in batches:
                     acc.add(c.gm(x), gm(x))

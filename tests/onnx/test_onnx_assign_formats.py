@@ -13,7 +13,7 @@ from autoprec.errors import PlanError
 from autoprec.formats import Precision
 from autoprec.opgraph import Policy
 from passes.fx_assign_formats import decide_formats, effective_policy
-from passes.onnx_assign_formats import AssignFormats
+from passes.onnx_assign_formats import AssignFormats, param_names
 from passes.onnx_base import (ACT_AMAX, FORMAT, GROUP, KIND, LAYER, POLICY, REASON, ROLE, ROLE_CORE, SCOPE,
                               VALUE_FORMAT, OnnxPassManager, get_meta)
 from passes.onnx_map_layers import MapLayers
@@ -25,7 +25,7 @@ def _assign(case, plan, amax=None):
     model = onnx.ModelProto()
     model.CopyFrom(case.fp32)
     amax = case.amax if amax is None else amax
-    return OnnxPassManager([MapLayers(case.captured, plan), AssignFormats(case.captured, plan, amax)]).run(model).graph
+    return OnnxPassManager([MapLayers(case.captured, plan), AssignFormats(case.captured.graph, plan, amax, param_names(case.captured))]).run(model).graph
 
 
 def _onnx_formats(model) -> collections.Counter:

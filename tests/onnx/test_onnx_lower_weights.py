@@ -10,7 +10,7 @@ from onnx import TensorProto, numpy_helper
 
 from autoprec.formats import Precision
 from autoprec.semantics import quantize_weight
-from passes.onnx_assign_formats import AssignFormats
+from passes.onnx_assign_formats import AssignFormats, param_names
 from passes.onnx_base import INSERTED, LAYER, ROLE, ROLE_CORE, OnnxPassManager, attr, get_meta
 from passes.onnx_lower_weights import LowerWeights
 from passes.onnx_map_layers import MapLayers
@@ -21,7 +21,7 @@ BF16, FP16, E4M3 = Precision.BF16, Precision.FP16, Precision.FP8_E4M3
 def _lower(case, plan, mode):
     model = onnx.ModelProto()
     model.CopyFrom(case.fp32)
-    passes = [MapLayers(case.captured, plan), AssignFormats(case.captured, plan, case.amax), LowerWeights(mode)]
+    passes = [MapLayers(case.captured, plan), AssignFormats(case.captured.graph, plan, case.amax, param_names(case.captured)), LowerWeights(mode)]
     return OnnxPassManager(passes).run(model).graph
 
 

@@ -134,3 +134,48 @@ def conv_model() -> onnx.ModelProto:
              init("fw", rng.standard_normal((5, 64)).astype(np.float32)),
              init("fb", rng.standard_normal(5).astype(np.float32))]
     return make(nodes, [vi("x", ["N", 3, 8, 8])], [vi("y", ["N", 5])], inits)
+
+
+def block_opset13(seed: int = 5) -> onnx.ModelProto:
+    """A transformer-style block as an old exporter writes it, opset 13, nodes unnamed:
+    x[N,T,8] -> layer norm decomposed (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add)
+    -> MatMul(W1 from a Constant node) + Add(b1) -> erf GELU -> MatMul(W2) + Add(b2) -> + x
+    -> ReduceMean over T -> Gemm(transB) -> y[N,5] (logits)."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((8, 16)) / math.sqrt(8)).astype(np.float32)
+    n = helper.make_node
+    nodes = [
+        n("ReduceMean", ["x"], ["mu"], axes=[-1]),
+        n("Sub", ["x", "mu"], ["xc"]),
+        n("Pow", ["xc", "two"], ["sq"]),
+        n("ReduceMean", ["sq"], ["var"], axes=[-1]),
+        n("Add", ["var", "eps"], ["ve"]),
+        n("Sqrt", ["ve"], ["sd"]),
+        n("Div", ["xc", "sd"], ["xn"]),
+        n("Mul", ["xn", "gamma"], ["xg"]),
+        n("Add", ["xg", "beta"], ["ln"]),
+        n("Constant", [], ["w1"], value=numpy_helper.from_array(w1, "w1_value")),
+        n("MatMul", ["ln", "w1"], ["h0"]),
+        n("Add", ["h0", "b1"], ["h"]),
+        n("Div", ["h", "sqrt2"], ["d"]),
+        n("Erf", ["d"], ["e"]),
+        n("Add", ["e", "one"], ["a"]),
+        n("Mul", ["h", "a"], ["m"]),
+        n("Mul", ["m", "half"], ["g"]),
+        n("MatMul", ["g", "w2"], ["o0"]),
+        n("Add", ["o0", "b2"], ["o"]),
+        n("Add", ["o", "x"], ["r"]),
+        n("ReduceMean", ["r"], ["pooled"], axes=[1], keepdims=0),
+        n("Gemm", ["pooled", "wh", "bh"], ["y"], transB=1),
+    ]
+    inits = [init("two", np.array(2.0, np.float32)), init("eps", np.array(1e-5, np.float32)),
+             init("gamma", (1 + 0.1 * rng.standard_normal(8)).astype(np.float32)),
+             init("beta", (0.1 * rng.standard_normal(8)).astype(np.float32)),
+             init("b1", (0.1 * rng.standard_normal(16)).astype(np.float32)),
+             init("sqrt2", np.array(math.sqrt(2.0), np.float32)), init("one", np.array(1.0, np.float32)),
+             init("half", np.array(0.5, np.float32)),
+             init("w2", (rng.standard_normal((16, 8)) / 4).astype(np.float32)),
+             init("b2", (0.1 * rng.standard_normal(8)).astype(np.float32)),
+             init("wh", rng.standard_normal((5, 8)).astype(np.float32)),
+             init("bh", (0.1 * rng.standard_normal(5)).astype(np.float32))]
+    return make(nodes, [vi("x", ["N", 6, 8])], [vi("y", ["N", 5])], inits)

@@ -1,0 +1,265 @@
+"""Tuning models given as .onnx files written by other software: the analyser's groups, the MapNodes
+pass, data loading, agreement with the torch path, and `autoprec tune model.onnx` end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx_graph_models import block_opset13, mlp_opset13
+
+from autoprec.api import tune_onnx
+from autoprec.capture import capture
+from autoprec.cli import main
+from autoprec.errors import UsageError
+from autoprec.export import apply_plan_analysed
+from autoprec.formats import Precision
+from autoprec.onnx_input import OnnxModel, profile_onnx
+from autoprec.plan import PrecisionPlan
+from autoprec.profile import profile
+from autoprec.quantize import quantize
+from autoprec.runtime import open_session
+from autoprec.spec import load_model_spec
+from passes import act_amax_from_profile, apply_plan
+from passes.onnx_base import GROUP, LAYER, ROLE, ROLE_CORE, OnnxPassManager, get_meta
+from passes.onnx_map_nodes import MapNodes
+
+ROOT = Path(__file__).resolve().parents[2]
+FP16, BF16, E4M3 = Precision.FP16, Precision.BF16, Precision.FP8_E4M3
+
+
+def _legacy_example():
+    spec = importlib.util.spec_from_file_location("onnx_example", ROOT / "scripts" / "onnx_example.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def legacy_cnn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """digits_cnn written by torch's legacy TorchScript exporter at opset 13, with its held-out data."""
+    return _legacy_example().write_example("digits_cnn", tmp_path_factory.mktemp("legacy"))
+
+
+def _block_data(n: int = 96) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(0).standard_normal((n, 6, 8)).astype(np.float32)}
+
+
+def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs if o not in {x.name for x in m.graph.output})
+    return open_session(m.SerializeToString(), "cpu").session.run(outputs, feeds)
+
+
+# --- the analyser's groups and the MapNodes pass -----------------------------------------------------
+
+
+def test_analyser_groups_decomposed_ops_and_bias_adds() -> None:
+    a = OnnxModel.load(block_opset13(), _block_data()).analysis
+    groups: dict[str, list[str]] = {}
+    for node, head in a.groups.items():
+        groups.setdefault(head, []).append(node)
+    assert groups["ReduceMean_0"] == [f"{op}_{i}" for i, op in enumerate(
+        ["ReduceMean", "Sub", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul", "Add"])]  # one layer norm
+    assert groups["MatMul_9"] == ["MatMul_9", "Add_10"]  # the bias belongs to its layer
+    assert groups["Div_11"] == ["Div_11", "Erf_12", "Add_13", "Mul_14", "Mul_15"]  # one GELU
+    assert groups["Add_18"] == ["Add_18"]  # the residual add reads no constant: its own op
+    assert a.graph.layer_names() == ["MatMul_9", "MatMul_16", "Gemm_20"]
+    assert "layer_norm" in a.reasons["Sqrt_5"]
+
+
+def test_map_nodes_marks_layers_and_leaves_ops_alone() -> None:
+    a = OnnxModel.load(block_opset13(), _block_data()).analysis
+    before = [n.op_type for n in a.model.graph.node]
+    model = onnx.ModelProto()
+    model.CopyFrom(a.model)
+    out = OnnxPassManager([MapNodes(a)]).run(model).graph
+    assert [n.op_type for n in out.graph.node] == before
+    cores = {get_meta(n, LAYER) for n in out.graph.node if get_meta(n, ROLE) == ROLE_CORE}
+    assert cores == {"MatMul_9", "MatMul_16", "Gemm_20"}
+    bias = next(n for n in out.graph.node if n.name == "Add_10")
+    assert get_meta(bias, GROUP) == "MatMul_9" and get_meta(bias, LAYER) == "MatMul_9"
+    assert get_meta(bias, ROLE) is None
+
+
+def test_map_nodes_refuses_another_model() -> None:
+    a = OnnxModel.load(block_opset13(), _block_data()).analysis
+    other = OnnxModel.load(mlp_opset13(), {"x": np.ones((4, 8), np.float32)}).analysis.model
+    with pytest.raises(Exception, match="not the one that was analysed"):
+        OnnxPassManager([MapNodes(a)]).run(other)
+
+
+def test_emulation_rounds_each_group_result_once() -> None:
+    """{MatMul_9: fp16}: the layer's result (after its bias add) and the GELU after it are fp16 values;
+    the MatMul's own product (inside the group) and the layer norm before it are not rounded."""
+    om = OnnxModel.load(block_opset13(), _block_data())
+    feeds = om.batches()[0]
+    emu = apply_plan_analysed(om.analysis, {"MatMul_9": FP16}, None, "emulate")
+    onnx.checker.check_model(emu, full_check=True)
+    h, g, ln, y = _ort(emu, feeds, ["h", "g", "ln", "y"])
+    h32, g32, ln32, y32 = _ort(om.analysis.model, feeds, ["h", "g", "ln", "y"])
+    for v, ref in ((h, h32), (g, g32)):
+        t = torch.from_numpy(v)
+        assert torch.equal(quantize(t, FP16), t), "a 16-bit group's result is an fp16 value"
+        assert np.abs(v - ref).max() <= 2 * FP16.eps * np.abs(ref).max()
+    assert np.array_equal(ln, ln32)  # upstream of the layer: untouched
+    h0 = torch.from_numpy(_ort(emu, feeds, ["h0"])[0])
+    assert not torch.equal(quantize(h0, FP16), h0), "no rounding between the MatMul and its bias add"
+    assert not np.array_equal(y, y32)
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def _npz(tmp_path: Path, name: str, **arrays: np.ndarray) -> Path:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    p = tmp_path / name
+    p.write_bytes(buf.getvalue())
+    return p
+
+
+def test_data_by_name_by_order_and_as_one_npy(tmp_path: Path) -> None:
+    x = np.random.default_rng(1).standard_normal((10, 8))  # float64: converted to the model's float32
+    by_name = OnnxModel.load(mlp_opset13(), _npz(tmp_path, "a.npz", x=x))
+    buf = io.BytesIO()
+    np.savez(buf, x)
+    (tmp_path / "b.npz").write_bytes(buf.getvalue())
+    by_order = OnnxModel.load(mlp_opset13(), tmp_path / "b.npz")
+    np.save(tmp_path / "c.npy", x)
+    one = OnnxModel.load(mlp_opset13(), tmp_path / "c.npy")
+    for m in (by_name, by_order, one):
+        assert m.feeds["x"].dtype == np.float32 and np.array_equal(m.feeds["x"], x.astype(np.float32))
+    assert by_name.analysis.graph.fingerprint() == OnnxModel.load(
+        mlp_opset13(), {"x": x[:3]}).analysis.graph.fingerprint()  # the plan does not depend on the data size
+
+
+@pytest.mark.parametrize("arrays, labels, message", [
+    ({"y": np.ones((4, 8), np.float32)}, None, "no array for model input"),
+    ({"x": np.ones((4, 3, 8), np.float32)}, None, "rank 2"),
+    ({"x": np.ones((4, 8), np.complex64)}, None, "the model takes float32"),
+    ({"x": np.ones((4, 8), np.float32)}, np.zeros(5, np.int64), "labels hold 5 samples"),
+])
+def test_bad_data_is_one_line(tmp_path: Path, arrays: dict, labels: np.ndarray | None, message: str) -> None:
+    with pytest.raises(UsageError, match=message) as e:
+        OnnxModel.load(mlp_opset13(), _npz(tmp_path, "d.npz", **arrays), labels)
+    assert "\n" not in str(e.value)
+
+
+# --- agreement with the torch path ---------------------------------------------------------------------
+
+
+def test_legacy_export_emulation_agrees_with_torch_emulation(legacy_cnn: tuple[Path, Path, Path]) -> None:
+    """The same plan applied to the torch model (torch passes) and to its ONNX export by other software
+    (analyser + ONNX passes) gives the same outputs: plan layers map by module scope."""
+    onnx_path, data, _ = legacy_cnn
+    om = OnnxModel.load(onnx_path, data)
+    spec = load_model_spec(ROOT / "models" / "digits_cnn.py")
+    cap = capture(spec.model(), spec.example_inputs(), name=spec.name)
+    torch_amax = act_amax_from_profile(profile(cap, spec.calibration_data(), mode="fast", time_reference=False))
+    by_scope = {op.scope: op.name for op in om.analysis.graph.layers()}
+    assert sorted(by_scope) == sorted(cap.graph.layer_names())
+    x = torch.from_numpy(om.feeds["input"][:128])
+    for fmt in (BF16, FP16, E4M3):
+        plan = {name: fmt for name in cap.graph.layer_names()}
+        want = apply_plan(cap, plan, torch_amax)(x).detach().numpy()
+        onnx_plan = {by_scope[k]: f for k, f in plan.items()}
+        onnx_amax = {by_scope[k]: a for k, a in torch_amax.items()}
+        got = om.outputs(om.build(onnx_plan, onnx_amax), [{"input": x.numpy()}])[0].numpy()
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel <= fmt.eps, (fmt, rel)
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.995, fmt
+
+
+def test_profile_trial_is_the_applied_plan(legacy_cnn: tuple[Path, Path, Path]) -> None:
+    """A profile trial's error is the error of the model the plan {layer: fmt} builds (by construction,
+    checked): re-measure one trial from the built emulation graph."""
+    onnx_path, data, _ = legacy_cnn
+    om = OnnxModel.load(onnx_path, data)
+    prof = profile_onnx(om, (FP16, E4M3))
+    layer = om.analysis.graph.layer_names()[1]
+    assert prof.mode == "exact" and set(prof.errors) == set(om.analysis.graph.layer_names())
+    batches = om.calibration()
+    ref = om.outputs(om.analysis.model, batches)
+    got = om.outputs(om.build({layer: E4M3}, act_amax_from_profile(prof)), batches)
+    lp = [torch.log_softmax(r.double(), -1) for r in ref]
+    kl = sum(float((p.exp() * (p - torch.log_softmax(g.double(), -1))).sum()) for p, g in zip(lp, got))
+    n = sum(r.shape[0] for r in ref)
+    assert prof.errors[layer][E4M3] == pytest.approx(kl / n, rel=1e-9)
+    assert all(0 < prof.errors[k][FP16] < prof.errors[k][E4M3] for k in prof.errors)
+
+
+# --- tune end to end ------------------------------------------------------------------------------------
+
+
+def test_cli_tunes_a_legacy_export_end_to_end(legacy_cnn: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    onnx_path, data, labels = legacy_cnn
+    out = tmp_path / "out"
+    assert main(["tune", str(onnx_path), "--data", str(data), "--labels", str(labels), "--budget", "0.5%",
+                 "--out", str(out)]) == 0
+    plan = PrecisionPlan.load(out / "plan.json")
+    m = plan.measured
+    assert m["metric"] == "accuracy" and m["drop"] <= m["allowed_drop"]
+    assert any(f is not Precision.FP32 for f in plan.assignment.values())
+    tuned = onnx.load(out / "digits_cnn.tuned.onnx")
+    onnx.checker.check_model(tuned, full_check=True)
+    inits = {t.data_type for t in tuned.graph.initializer}
+    assert inits & {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN}
+    assert [i.type.tensor_type.elem_type for i in tuned.graph.input] == [onnx.TensorProto.FLOAT]
+    # the emulation graph's accuracy through ONNX Runtime is the measured one, and the report says why
+    # ops stay fp32
+    om = OnnxModel.load(onnx_path, data, labels)
+    assert om.metric().measure(onnx.load(out / "digits_cnn.emulation.onnx")) == m["metric_tuned"]
+    assert "## Model preprocessing" in (out / "report.md").read_text()
+    # export re-applies the plan to the same file: the same bytes
+    again = tmp_path / "again.onnx"
+    assert main(["export", str(onnx_path), "--data", str(data), "--plan", str(out / "plan.json"), "-o",
+                 str(again)]) == 0
+    assert again.read_bytes() == (out / "digits_cnn.tuned.onnx").read_bytes()
+
+
+def test_api_tunes_a_hand_built_model_on_fidelity() -> None:
+    """No labels: a fidelity budget; a forced fp16 layer lands in the tuned graphs."""
+    r = tune_onnx(block_opset13(), _block_data(), fidelity_budget="2%", force=["fp16:MatMul_16"])
+    m = r.plan.measured
+    assert m["metric"] == "top1_agreement" and m["drop"] <= m["allowed_drop"]
+    assert r.plan.assignment["MatMul_16"] is FP16
+    deploy = r.onnx_model("deploy")
+    core = next(n for n in deploy.graph.node if n.name == "MatMul_16")
+    w = next(t for t in deploy.graph.initializer if t.name == core.input[1])
+    assert w.data_type == onnx.TensorProto.FLOAT16
+    assert r.metric.measure(r.onnx_model("emulate")) == m["metric_tuned"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "give its inputs with --data"),
+    (["--data", "{data}", "--profile-mode", "fast"], "profiled in exact mode"),
+    (["--data", "{data}", "--budget", "1%"], "give --fidelity-budget"),
+    (["--data", "{labels}"], "the model takes rank 4"),
+])
+def test_cli_onnx_errors_are_one_line_and_write_nothing(legacy_cnn: tuple[Path, Path, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str], extra: list[str],
+                                                        message: str) -> None:
+    onnx_path, data, labels = legacy_cnn
+    args = [a.format(data=data, labels=labels) for a in extra]
+    out = tmp_path / "out"
+    assert main(["tune", str(onnx_path), *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_profile_onnx(legacy_cnn: tuple[Path, Path, Path], tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    onnx_path, data, _ = legacy_cnn
+    assert main(["profile", str(onnx_path), "--data", str(data), "--json", str(tmp_path / "p.json")]) == 0
+    assert "/conv1/Conv" in capsys.readouterr().out
+    assert set(json.loads((tmp_path / "p.json").read_text())["errors"]) == {
+        "/conv1/Conv", "/conv2/Conv", "/conv3/Conv", "/fc1/Gemm", "/fc2/Gemm"}
