@@ -14,3 +14,4 @@ bench: setup
 	.venv/bin/python benchmarks/profile_bench.py
 	.venv/bin/python benchmarks/tune_bench.py
 	.venv/bin/python benchmarks/deploy_bench.py
+	.venv/bin/python benchmarks/onnx_input_bench.py

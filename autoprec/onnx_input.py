@@ -137,6 +137,7 @@ class OnnxModel:
     feeds: Feeds  # every sample, by input name
     labels: np.ndarray | None
     batch: int  # samples per ONNX Runtime run
+    fixed_batch: bool = False  # the model takes exactly ``batch`` samples per run
 
     @classmethod
     def load(cls, source: str | os.PathLike[str] | onnx.ModelProto, data: str | os.PathLike[str] | Mapping[str, Any],
@@ -156,11 +157,12 @@ class OnnxModel:
             raise UsageError(f"{path} holds no samples")
         lab = _labels(labels, arrays, feeds, n)
         run_batch = _batch_size(inputs, n)
+        fixed = _fixed_batch(inputs) is not None
         # shapes at one sample (or the batch the model fixes): the op graph, and so the plan's
         # fingerprint, do not depend on how many samples the data hold
-        one = run_batch if _fixed_batch(inputs) else 1
+        one = run_batch if fixed else 1
         analysis = analyse_onnx(proto, example={k: v[:one] for k, v in feeds.items()}, name=label)
-        return cls(analysis, feeds, lab, run_batch)
+        return cls(analysis, feeds, lab, run_batch, fixed)
 
     # --- data -----------------------------------------------------------------------------------
     @property
@@ -168,9 +170,10 @@ class OnnxModel:
         return next(iter(self.feeds.values())).shape[0]
 
     def batches(self, limit: int | None = None) -> list[Feeds]:
-        """The data as runs of :attr:`batch` samples (the first ``limit`` samples, rounded up)."""
+        """The data as runs of :attr:`batch` samples: the first ``limit`` samples (rounded up to
+        whole batches where the model fixes its batch size)."""
         n = self.samples if limit is None else min(self.samples, limit)
-        if self.batch and n % self.batch:
+        if self.fixed_batch and n % self.batch:
             n = min(self.samples, math.ceil(n / self.batch) * self.batch)
         return [{k: v[i:i + self.batch] for k, v in self.feeds.items()} for i in range(0, n, self.batch)]
 

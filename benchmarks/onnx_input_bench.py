@@ -1,0 +1,75 @@
+"""ONNX-input benchmark: tune zoo models given only as .onnx files written by another exporter.
+
+    .venv/bin/python benchmarks/onnx_input_bench.py [digits_cnn char_transformer] [--budget 0.5%]
+
+Each model is written by torch's legacy TorchScript exporter at opset 13 (scripts/onnx_example.py)
+with its held-out inputs and labels, then tuned with `autoprec.api.tune_onnx` (accuracy budget:
+class accuracy, or next-token accuracy for the LM). Printed per model: the fp32 and tuned accuracy
+measured through ONNX Runtime on the emulation graph, the drop against the allowed drop (must be
+within), the formats, the estimated speedup against the best uniform plan within budget, the
+exact profile's cost in fp32 runs and the tuning time, and the size of the tuned deployment graph
+against the input file. Exits 1 when a plan is over budget or fails the ONNX checker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from autoprec.api import tune_onnx  # noqa: E402
+
+
+def _examples():
+    spec = importlib.util.spec_from_file_location("onnx_example", ROOT / "scripts" / "onnx_example.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def main(argv: list[str]) -> tuple[str, bool]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="*", default=["digits_cnn", "char_transformer"])
+    ap.add_argument("--budget", default="0.5%")
+    args = ap.parse_args(argv)
+    ex = _examples()
+    lines = ["| model (.onnx, opset 13) | accuracy fp32 -> tuned | drop / allowed | within | formats | est. speedup "
+             "| best uniform | profile (fp32 runs) | tune time | tuned / input bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            onnx_path, data, labels = ex.write_example(name, Path(tmp))
+            r = tune_onnx(onnx_path, data, labels, args.budget)
+            s, plan = r.summary, r.plan
+            deploy = r.onnx_model("deploy")
+            try:
+                onnx.checker.check_model(deploy, full_check=True)
+            except Exception as exc:  # the checker raises several types
+                ok = False
+                print(f"{name}: tuned model fails the checker: {exc}", file=sys.stderr)
+            within = s.drop <= s.allowed_drop
+            ok &= within
+            u = s.best_uniform
+            counts = ", ".join(f"{k} {v}" for k, v in plan.format_counts().items())
+            ratio = deploy.ByteSize() / onnx_path.stat().st_size
+            lines.append(f"| {name} | {s.metric_fp32:.4f} -> {s.metric_tuned:.4f} | {s.drop:.4g} / {s.allowed_drop:.4g} "
+                         f"| {'yes' if within else 'NO'} | {counts} | {plan.speedup:.2f}x "
+                         f"| {f'{u.format} {u.speedup:.2f}x' if u else 'none'} | {r.profile.cost_passes:.1f} "
+                         f"({r.profile.seconds:.1f} s) | {s.seconds:.1f} s | {ratio:.3f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines), ok
+
+
+if __name__ == "__main__":
+    table, passed = main(sys.argv[1:])
+    print()
+    print(table)
+    sys.exit(0 if passed else 1)
