@@ -195,9 +195,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from autoprec.verify import verify
+    from autoprec.verify import verify, verify_onnx_input
 
-    report = verify(args.onnx, args.model, args.plan, providers=args.provider)
+    _need_data(args)
+    if _is_onnx(args.model):
+        report = verify_onnx_input(args.onnx, args.model, args.data, args.labels, args.plan, providers=args.provider)
+    else:
+        report = verify(args.onnx, args.model, args.plan, providers=args.provider)
     if args.json:
         print(json.dumps(report.to_dict(), sort_keys=True, default=str))
     else:
@@ -274,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ve = sub.add_parser("verify", help="metric through ONNX Runtime and parity with the torch emulation")
     ve.add_argument("onnx", help="ONNX file written by `autoprec export`")
-    ve.add_argument("--model", required=True, help="the model file it was exported from")
+    ve.add_argument("--model", required=True, help="the model file it was exported from, or the .onnx it was tuned from")
+    ve.add_argument("--data", metavar="INPUTS.npz", help=".onnx models: the inputs it was tuned with")
+    ve.add_argument("--labels", metavar="LABELS", help=".onnx models: the labels it was tuned with")
     ve.add_argument("--plan", help="plan.json it was exported with (checked; its budget judges the metric)")
     ve.add_argument("--provider", default="auto",
                     help="ONNX Runtime providers to ask for: auto (CUDA, else CPU) or a list such as tensorrt,cuda")

@@ -138,6 +138,7 @@ class OnnxModel:
     labels: np.ndarray | None
     batch: int  # samples per ONNX Runtime run
     fixed_batch: bool = False  # the model takes exactly ``batch`` samples per run
+    providers: str = "cpu"  # where :meth:`run` runs graphs (emulation graphs need the CPU provider)
 
     @classmethod
     def load(cls, source: str | os.PathLike[str] | onnx.ModelProto, data: str | os.PathLike[str] | Mapping[str, Any],
@@ -196,7 +197,7 @@ class OnnxModel:
             m.CopyFrom(model)
             have = {o.name for o in m.graph.output}
             m.graph.output.extend(onnx.ValueInfoProto(name=e) for e in extra if e not in have)
-        session = open_session(m.SerializeToString(), "cpu")
+        session = open_session(m.SerializeToString(), self.providers)
         out_name = self._first_float_output(model)
         names = [out_name, *extra]
         return [session.session.run(names, b) for b in batches]

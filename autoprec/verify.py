@@ -84,7 +84,7 @@ class VerifyReport:
     provider_note: str  # why not the provider asked for ("" when it was)
     metric_graph: str  # "deployment" | "emulation"
     formats: dict[str, int]
-    parity: Parity
+    parity: Parity | None  # None: nothing to compare with (an .onnx input verified on a CPU provider)
     metric: str | None = None
     higher_is_better: bool = True
     metric_onnx: float | None = None
@@ -93,6 +93,7 @@ class VerifyReport:
     allowed_drop: float | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    parity_of: str = "torch emulation vs ONNX emulation graph"  # what the parity compares
 
     @property
     def drop(self) -> float | None:
@@ -109,11 +110,12 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return self.parity.ok and self.within_budget is not False
+        return (self.parity is None or self.parity.ok) and self.within_budget is not False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(drop=self.drop, within_budget=self.within_budget, ok=self.ok, parity_ok=self.parity.ok)
+        d.update(drop=self.drop, within_budget=self.within_budget, ok=self.ok,
+                 parity_ok=None if self.parity is None else self.parity.ok)
         return d
 
     def lines(self) -> list[str]:
@@ -136,6 +138,9 @@ class VerifyReport:
                 line += (f"; allowed {self.allowed_drop:.4g}: {'within' if self.within_budget else 'OVER'} budget)"
                          if self.allowed_drop is not None else ")")
             out.append(line)
+        if p is None:
+            out.extend(self.notes)
+            return out
         top = ""
         if p.top1_agreement is not None:
             top = f", top-1 agreement {100 * p.top1_agreement:.2f}%"
@@ -143,7 +148,7 @@ class VerifyReport:
                 top += f" ({100 * p.top1_raw:.2f}% counting {p.near_ties} near-tie(s))"
         basis = (f"eps of {p.narrowest}" if p.tolerance <= max(Precision(p.narrowest).eps, MIN_TOLERANCE)
                  else f"twice the model's own response to a 1-ulp input change, {p.noise_floor:.3g}")
-        out.append(f"parity torch emulation vs ONNX emulation graph: relative L2 {p.rel_l2:.3g} (tolerance "
+        out.append(f"parity {self.parity_of}: relative L2 {p.rel_l2:.3g} (tolerance "
                    f"{p.tolerance:.3g}, {basis}){top} over {p.positions} outputs: {'ok' if p.ok else 'FAILED'}")
         out.extend(self.notes)
         return out
@@ -228,28 +233,14 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     """
     from autoprec.api import model_metric
     from autoprec.capture import capture
-    from autoprec.export import apply_plan_onnx, recorded_plan, torch_to_onnx
+    from autoprec.export import apply_plan_onnx, torch_to_onnx
     from autoprec.profile import first_tensor, output_kind_of
     from autoprec.runtime import open_session, ort_module, parse_providers, probe_provider
     from passes import apply_plan
     from passes.onnx_base import MODEL_FINGERPRINT, model_meta, opset_of
 
     t0 = time.perf_counter()
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise UsageError(f"ONNX file not found: {path}")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # protobuf decode errors
-        raise UsageError(f"{path} is not an ONNX model: {type(exc).__name__}: {exc}") from None
-    mode, assignment, amax = recorded_plan(model)
-    allowed = None
-    if plan is not None:
-        _check_same_plan(assignment, _assignment_of(plan))
-        loaded = plan if isinstance(plan, PrecisionPlan) else (
-            PrecisionPlan.load(plan) if isinstance(plan, (str, os.PathLike)) else None)
-        if loaded is not None and "allowed_drop" in loaded.measured:
-            allowed = float(loaded.measured["allowed_drop"])
+    path, model, mode, assignment, amax, allowed = _read_exported(onnx_path, plan)
     spec = model_file if isinstance(model_file, ModelSpec) else load_model_spec(model_file)
     module = spec.model()
     example = spec.example_inputs()
@@ -291,6 +282,98 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     if spec.evaluate is None:
         notes.append(f"{spec.name} has no evaluate(): the metric is {metric.name} against the fp32 torch model "
                      "on the calibration data")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _read_exported(onnx_path: str | os.PathLike[str], plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any]
+                   | None) -> tuple[Path, onnx.ModelProto, str, dict[str, Precision], dict[str, tuple[float, ...]],
+                                    float | None]:
+    """(path, model, mode, assignment, fp8 amax, allowed drop) of a file `autoprec` wrote; a plan
+    given beside it must be the one it recorded (its measured allowed drop judges the metric)."""
+    from autoprec.export import recorded_plan
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise UsageError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf decode errors
+        raise UsageError(f"{path} is not an ONNX model: {type(exc).__name__}: {exc}") from None
+    mode, assignment, amax = recorded_plan(model)
+    allowed = None
+    if plan is not None:
+        _check_same_plan(assignment, _assignment_of(plan))
+        loaded = plan if isinstance(plan, PrecisionPlan) else (
+            PrecisionPlan.load(plan) if isinstance(plan, (str, os.PathLike)) else None)
+        if loaded is not None and "allowed_drop" in loaded.measured:
+            allowed = float(loaded.measured["allowed_drop"])
+    return path, model, mode, assignment, amax, allowed
+
+
+def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLike[str],
+                      data: str | os.PathLike[str] | Mapping[str, Any], labels: Any = None,
+                      plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+                      providers: str | Sequence[str] = "auto") -> VerifyReport:
+    """:func:`verify` for a model tuned from an .onnx file (``source``, with its ``data`` and ``labels``).
+
+    There is no torch model. On a CUDA / TensorRT provider the metric runs on the deployment graph
+    and the parity compares its outputs with the emulation graph's on ONNX Runtime's CPU provider;
+    on a CPU provider the metric runs on the emulation graph (rebuilt from ``source`` and the
+    recorded plan) and there is nothing to compare it with.
+    """
+    from dataclasses import replace
+
+    import numpy as np
+
+    from autoprec.onnx_input import OnnxModel
+    from autoprec.runtime import parse_providers, probe_provider
+    from passes.onnx_base import MODEL_FINGERPRINT, model_meta
+
+    t0 = time.perf_counter()
+    path, model, mode, assignment, amax, allowed = _read_exported(onnx_path, plan)
+    om = OnnxModel.load(source, data, labels)
+    graph = om.analysis.graph
+    recorded_fp = model_meta(model).get(MODEL_FINGERPRINT)
+    if recorded_fp and recorded_fp != graph.fingerprint():
+        raise PlanError(f"{path} was not tuned from {Path(source).name} (fingerprint {recorded_fp} != "
+                        f"{graph.fingerprint()})")
+    emulation = model if mode == "emulate" else om.build(assignment, amax or None, "emulate")
+    asked = parse_providers(providers)
+    provider, why = probe_provider(asked)
+    metric = om.metric()
+    counts: dict[str, int] = {}
+    for name in graph.layer_names():
+        f = assignment.get(name, Precision.FP32).value
+        counts[f] = counts.get(f, 0) + 1
+    report = VerifyReport(onnx_path=str(path), model=graph.model_name, file_mode=mode, provider=provider,
+                          provider_note=f"asked for {asked[0]}: {why}" if provider != asked[0] else "",
+                          metric_graph="emulation", formats=counts, parity=None, metric=metric.name,
+                          higher_is_better=metric.higher_is_better, allowed_drop=allowed,
+                          parity_of="deployment graph on the GPU vs emulation graph on the CPU")
+    report.metric_fp32 = float(metric.measure(om.analysis.model))
+    emulated = float(metric.measure(emulation))
+    if provider in ("cuda", "tensorrt"):
+        gpu = replace(om, providers=provider)
+        report.metric_graph = "deployment" if mode == "deploy" else "emulation"
+        report.metric_onnx = float(gpu.metric().measure(model))
+        report.metric_torch_emulated = None
+        report.notes.append(f"{metric.name} of the emulation graph on the CPU: {emulated:.6g}")
+        batches = om.calibration()
+        got, want = gpu.outputs(model, batches), om.outputs(emulation, batches)
+        num = sum(float(((g.double() - w.double()) ** 2).sum()) for g, w in zip(got, want))
+        den = sum(float((w.double() ** 2).sum()) for w in want)
+        rel = math.sqrt(num / den) if den > 0 else 0.0
+        logits = want[0].dim() >= 2 and want[0].shape[-1] > 1
+        top1 = (float(np.mean(np.concatenate([(g.argmax(-1) == w.argmax(-1)).reshape(-1).numpy()
+                                              for g, w in zip(got, want)]))) if logits else None)
+        narrow = narrowest_format(assignment)
+        report.parity = Parity(rel, top1, sum(w.shape[0] for w in want), max(narrow.eps, MIN_TOLERANCE), narrow.value,
+                               top1_raw=top1)
+    else:
+        report.metric_onnx = emulated
+        report.notes.append("parity: the model came as an .onnx file, so there is no torch emulation to compare "
+                            "with; on a CUDA provider verify compares the deployment graph with the emulation graph")
     report.seconds = time.perf_counter() - t0
     return report
 

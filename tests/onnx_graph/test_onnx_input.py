@@ -17,7 +17,7 @@ from onnx_graph_models import block_opset13, mlp_opset13
 from autoprec.api import tune_onnx
 from autoprec.capture import capture
 from autoprec.cli import main
-from autoprec.errors import UsageError
+from autoprec.errors import PlanError, UsageError
 from autoprec.export import apply_plan_analysed
 from autoprec.formats import Precision
 from autoprec.onnx_input import OnnxModel, profile_onnx
@@ -26,6 +26,7 @@ from autoprec.profile import profile
 from autoprec.quantize import quantize
 from autoprec.runtime import open_session
 from autoprec.spec import load_model_spec
+from autoprec.verify import verify_onnx_input
 from passes import act_amax_from_profile, apply_plan
 from passes.onnx_base import GROUP, LAYER, ROLE, ROLE_CORE, OnnxPassManager, get_meta
 from passes.onnx_map_nodes import MapNodes
@@ -45,6 +46,12 @@ def _legacy_example():
 def legacy_cnn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """digits_cnn written by torch's legacy TorchScript exporter at opset 13, with its held-out data."""
     return _legacy_example().write_example("digits_cnn", tmp_path_factory.mktemp("legacy"))
+
+
+def mlp_path(tmp_path: Path) -> Path:
+    p = tmp_path / "mlp.onnx"
+    onnx.save(mlp_opset13(), str(p))
+    return p
 
 
 def _block_data(n: int = 96) -> dict[str, np.ndarray]:
@@ -223,6 +230,12 @@ def test_cli_tunes_a_legacy_export_end_to_end(legacy_cnn: tuple[Path, Path, Path
     assert main(["export", str(onnx_path), "--data", str(data), "--plan", str(out / "plan.json"), "-o",
                  str(again)]) == 0
     assert again.read_bytes() == (out / "digits_cnn.tuned.onnx").read_bytes()
+    # verify: on this CPU the metric runs on the emulation graph rebuilt from the input and the plan
+    report = verify_onnx_input(out / "digits_cnn.tuned.onnx", onnx_path, data, labels, out / "plan.json", "cpu")
+    assert report.ok and report.metric_graph == "emulation" and report.parity is None
+    assert report.metric_onnx == m["metric_tuned"] and report.within_budget
+    with pytest.raises(PlanError, match="was not tuned from"):
+        verify_onnx_input(out / "digits_cnn.tuned.onnx", mlp_path(tmp_path), {"x": np.ones((2, 8), np.float32)})
 
 
 def test_api_tunes_a_hand_built_model_on_fidelity() -> None:
