@@ -4,8 +4,9 @@ Capture tries ``torch.fx.symbolic_trace`` first (it keeps the user's module name
 to ``torch.export`` when fx fails or stops at an opaque torch.nn module that hides compute layers
 inside (nn.TransformerEncoderLayer, nn.MultiheadAttention). Both paths end in the same form:
 
-- every weighted layer is a ``call_function`` (``F.linear``/``F.conv*`` or the aten equivalent)
-  whose weight and bias are ``get_attr`` nodes, so one code path quantizes weights for both;
+- every weighted layer is a ``call_function`` (``F.linear``/``F.conv*`` or the aten equivalent;
+  ``F.embedding`` for lookups, whose aten form takes its arguments in another order) whose weight
+  and bias are ``get_attr`` nodes, so one code path quantizes weights for both;
 - every node carries ``meta["autoprec_scope"]`` (module path) and ``meta["autoprec_kind"]``;
 - shapes come from running the example inputs through the graph once.
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from autoprec.errors import CaptureError
-from autoprec.kinds import LAYER_KINDS, policy_of  # noqa: F401  (re-exported)
+from autoprec.kinds import LAYER_KINDS, LOOKUP_KINDS, policy_of  # noqa: F401  (re-exported)
 from autoprec.opgraph import OpGraph, OpNode, Policy
 
 log = logging.getLogger(__name__)
@@ -187,13 +188,60 @@ def _opaque_modules(gm: fx.GraphModule) -> list[str]:
 
 _FUNCTIONAL = {nn.Linear: F.linear, nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
+_aten_embedding = torch.ops.aten.embedding.default
+
+
+def _embedding_kwargs(padding_idx: int | None, scale_grad_by_freq: bool, sparse: bool) -> dict[str, Any]:
+    """F.embedding's keyword arguments as fx records them when it traces a functional call."""
+    return {"padding_idx": padding_idx, "max_norm": None, "norm_type": 2.0,
+            "scale_grad_by_freq": scale_grad_by_freq, "sparse": sparse}
+
+
+def _normalise_embedding(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """``nn.Embedding`` calls and torch.export's ``aten.embedding(weight, indices, ...)`` become
+    ``F.embedding(indices, weight_get_attr, ...)``: every lookup layer then has one signature, with
+    its weight at argument 1. An ``nn.Embedding`` with ``max_norm`` is left alone: it renormalises
+    its table in place at each lookup, which is no pure lookup (it stays an fp32 op). Returns the
+    replacement node, or None when ``node`` is not such a lookup."""
+    g = gm.graph
+    if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Embedding):
+        mod = gm.get_submodule(str(node.target))
+        if mod.max_norm is not None:
+            return None
+        with g.inserting_before(node):
+            w = g.get_attr(f"{node.target}.weight")
+            new = g.call_function(F.embedding, (node.args[0], w),
+                                  _embedding_kwargs(mod.padding_idx, mod.scale_grad_by_freq, mod.sparse))
+    elif node.op == "call_function" and node.target is _aten_embedding:
+        # aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False)
+        a = {"padding_idx": -1, "scale_grad_by_freq": False, "sparse": False}
+        a.update(zip(("weight", "indices", *a), node.args))
+        a.update(node.kwargs)
+        with g.inserting_before(node):
+            new = g.call_function(F.embedding, (a["indices"], a["weight"]), _embedding_kwargs(
+                None if a["padding_idx"] == -1 else a["padding_idx"], a["scale_grad_by_freq"], a["sparse"]))
+    else:
+        return None
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    old_name = node.name
+    g.erase_node(node)
+    new.name = old_name
+    return new
+
 
 def normalise(gm: fx.GraphModule, method: str) -> None:
     """Turn weighted module calls into functional calls on get_attr weights; record scope and kind."""
     g = gm.graph
     for node in list(g.nodes):
         scope = _scope(gm, node, method)
-        if node.op == "call_module":
+        lookup = _normalise_embedding(gm, node)
+        if lookup is not None:
+            for a in lookup.all_input_nodes:
+                if a.op == "get_attr":
+                    a.meta.setdefault("autoprec_scope", scope)
+            node = lookup
+        elif node.op == "call_module":
             mod = gm.get_submodule(str(node.target))
             fn = _FUNCTIONAL.get(type(mod))
             if fn is not None and getattr(mod, "padding_mode", "zeros") == "zeros":
@@ -284,8 +332,15 @@ def _is_float(m: Any) -> bool:
 
 
 def layer_weight_nodes(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
-    """(weight, bias) get_attr nodes of a linear/conv layer, or (None, None)."""
+    """(weight, bias) get_attr nodes of a linear/conv layer, (table, None) of a normalised
+    embedding lookup, or (None, None)."""
     kind = node.meta.get("autoprec_kind")
+    if kind in LOOKUP_KINDS:
+        # max_norm renormalises the table in place at each lookup: no pure lookup, the op stays fp32
+        max_norm = node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")
+        plain = node.op == "call_function" and node.target is F.embedding and max_norm is None
+        w = node.args[1] if plain else None
+        return (w if isinstance(w, fx.Node) and w.op == "get_attr" else None), None
     if kind in ("linear",) or str(kind).startswith("conv"):
         args = list(node.args) + [None] * 3
         w, b = args[1], args[2]
@@ -295,7 +350,7 @@ def layer_weight_nodes(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
 
 
 def _flops(kind: str, node: fx.Node, ins: list[Any], out: Any) -> int:
-    if out is None:
+    if out is None or kind in LOOKUP_KINDS:  # a lookup copies rows: memory traffic, no arithmetic
         return 0
     n_out = out.numel()
     if kind == "linear" and ins:
@@ -343,8 +398,8 @@ def build_opgraph(gm: fx.GraphModule, name: str) -> OpGraph:
                     else _attr(gm, str(x.target)).numel()
         if kind in ("matmul", "bmm") and any(a.op == "get_attr" for a in n.all_input_nodes):
             weight_elems = sum(_meta_tensor(a).numel() for a in n.all_input_nodes if a.op == "get_attr")
-        if policy is Policy.ALWAYS and len(float_ins) < 1:
-            policy = Policy.NEVER
+        if policy is Policy.ALWAYS and (wnode is None if kind in LOOKUP_KINDS else len(float_ins) < 1):
+            policy = Policy.NEVER  # nothing to lower: a product of constants, a lookup with no table
         op = OpNode(
             name=n.name,
             kind=kind,
@@ -388,7 +443,8 @@ def _ties(gm: fx.GraphModule, graph: OpGraph) -> list[list[str]]:
     a deployment fuses them into one GEMM, which has one format."""
     groups: dict[tuple[str, str, tuple[int, ...]], list[str]] = {}
     for n in gm.graph.nodes:
-        if n.name not in graph or not graph[n.name].is_layer or graph[n.name].weight is None:
+        if n.name not in graph or not graph[n.name].is_layer or graph[n.name].weight is None \
+                or graph[n.name].kind in LOOKUP_KINDS:  # lookups fuse into no GEMM
             continue
         src = n.args[0]
         if not isinstance(src, fx.Node):
@@ -401,4 +457,4 @@ def _ties(gm: fx.GraphModule, graph: OpGraph) -> list[list[str]]:
 def layer_function(kind: str) -> Callable[..., torch.Tensor]:
     """The fp32 function that computes a layer of ``kind`` from its (possibly rounded) arguments."""
     return {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d,
-            "matmul": torch.matmul, "bmm": torch.bmm}[kind]
+            "matmul": torch.matmul, "bmm": torch.bmm, "embedding": F.embedding}[kind]

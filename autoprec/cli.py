@@ -37,7 +37,10 @@ def _progress() -> Progress:
                     transient=True, disable=not err_console.is_terminal)
 
 
-def _fmt_err(x: float) -> str:
+def _fmt_err(x: float | None) -> str:
+    """An error for the table; None: the layer cannot run in that format (an fp8 embedding)."""
+    if x is None:
+        return "-"
     return "inf" if not math.isfinite(x) else f"{x:.2e}"
 
 
@@ -98,10 +101,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     table.add_column("flags")
     for op in graph.layers():
         r = prof.ranges.get(op.name)
-        amax = f"{max(s.amax for s in r.inputs):.3g}/{r.output.amax:.3g}" if r else ""
+        # a lookup (embedding) reads no floating input: "-" for its input amax
+        amax_in = f"{max(s.amax for s in r.inputs):.3g}" if r and r.inputs else "-"
+        amax = f"{amax_in}/{r.output.amax:.3g}" if r else ""
         fl = prof.flags.get(op.name, [])
         table.add_row(op.name, op.kind, op.scope, _flops(op.flops),
-                      *[_fmt_err(prof.errors[op.name][f]) for f in prof.formats], amax,
+                      *[_fmt_err(prof.errors[op.name].get(f)) for f in prof.formats], amax,
                       "; ".join(x.split(":")[0] for x in fl))
     out.print(table)
     for name in [n for n in prof.errors if n in prof.flags]:

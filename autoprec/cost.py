@@ -25,6 +25,7 @@ from typing import Mapping
 
 from autoprec.errors import UsageError
 from autoprec.formats import Precision
+from autoprec.kinds import LOOKUP_KINDS
 from autoprec.opgraph import OpGraph, OpNode, Policy
 
 #: Seconds of fixed overhead per kernel launch. A few microseconds is what a CUDA launch plus the
@@ -240,11 +241,13 @@ class RooflineCostModel(CostModel):
         return max(compute, nbytes / self.target.bandwidth) + LAUNCH_OVERHEAD_S
 
     def layer_cost(self, op: OpNode, fmt: Precision) -> float:
+        """A lookup (embedding) stores its whole table but reads only the rows it copies: as many
+        table elements in ``fmt`` as it writes, whatever the vocabulary; it computes nothing."""
         out_bytes = op.act_out_elems * fmt.compute_output.bytes
         if self.objective == "memory":
             return op.weight_elems * fmt.bytes + out_bytes
-        nbytes = (op.weight_elems + op.act_in_elems) * fmt.bytes + out_bytes
-        return self._time(op.flops, nbytes, fmt)
+        read = op.act_out_elems if op.kind in LOOKUP_KINDS else op.weight_elems + op.act_in_elems
+        return self._time(op.flops, read * fmt.bytes + out_bytes, fmt)
 
     def follow_cost(self, op: OpNode, fmt: Precision) -> float:
         if op.kind in VIEW_KINDS:

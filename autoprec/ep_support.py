@@ -88,6 +88,7 @@ LAYER_OPS: dict[str, tuple[str, ...]] = {
     "linear": ("Gemm", "MatMul"),  # the exporter writes Gemm for 2-D inputs, MatMul (+Add) otherwise
     "matmul": ("MatMul",), "bmm": ("MatMul",),
     "conv1d": ("Conv",), "conv2d": ("Conv",), "conv3d": ("Conv",),
+    "embedding": ("Gather",),  # the lookup reads the table initializer directly
 }
 
 #: Ops whose fp8 form is "Q/DQ around the op": fp8 is legal through the Q/DQ pattern.

@@ -6,7 +6,8 @@
 1. :func:`torch_to_onnx` exports the fp32 model with the dynamo exporter (batch dimension dynamic,
    weights inside the file), without the exporter's rewrite rules (they fold BatchNorm into the
    convolution before it, which would change what a 16-bit convolution rounds), then folds
-   constants only.
+   constants only, except embedding lookups: a lookup of constant positions (``pos_emb(arange(T))``
+   with T fixed by the example) would become an fp32 constant, out of reach of the plan.
 2. :func:`apply_plan_onnx` runs the ONNX passes (``passes/onnx_*``) that apply the same plan as
    the torch passes, with the same decisions: MapLayers (plan layers -> ONNX nodes through the
    exporter's metadata), AssignFormats, LowerWeights (16-bit / fp8 initializers), InsertCasts.
@@ -33,7 +34,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import onnx
 
@@ -52,8 +53,11 @@ from passes.onnx_base import (FORMAT, INSERTED, LAYER, MODEL_ACT_AMAX, MODEL_ASS
                               get_meta, infer_types, model_meta, set_model_meta)
 from passes.onnx_insert_casts import InsertCasts
 from passes.onnx_lower_weights import MODES, LowerWeights
-from passes.onnx_map_layers import MapLayers
+from passes.onnx_map_layers import CLASS_HIERARCHY, MapLayers, aten_kind, literal_list
 from passes.onnx_map_nodes import MapNodes
+
+if TYPE_CHECKING:
+    import onnx_ir
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,13 @@ def _at_least_batch_2(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _keep_lookups(node: onnx_ir.Node) -> bool | None:
+    """Constant folding's veto: an embedding lookup stays a Gather, because it is a plan layer;
+    every other node folds by the folder's default rules (None)."""
+    classes = literal_list(node.metadata_props.get(CLASS_HIERARCHY))
+    return False if node.op_type == "Gather" and classes and aten_kind(classes[-1]) == "embedding" else None
+
+
 def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """The fp32 model as ONNX: dynamo exporter, dynamic batch, constants folded, nothing fused."""
     import torch
@@ -137,7 +148,7 @@ def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFA
         if program is None:
             raise ExportError("torch.onnx.export returned no program")
         ir_model = program.model
-        fold_constants_ir(ir_model)
+        fold_constants_ir(ir_model, should_fold=_keep_lookups)
         RemoveUnusedNodesPass()(ir_model)
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(ir_model)
         RemoveUnusedNodesPass()(ir_model)

@@ -4,7 +4,7 @@ Capture (:mod:`autoprec.capture`) builds it from a torch.fx graph; the ONNX anal
 same structure from an ONNX graph. Profiling, the cost model and the search read only this.
 
 Each node is an :class:`OpNode`. The decision units ("layers") are the nodes whose policy is
-ALWAYS: linear, conv, matmul/bmm (attention's two matmuls included).
+ALWAYS: linear, conv, matmul/bmm (attention's two matmuls included) and embedding lookups.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import networkx as nx
 class Policy(enum.Enum):
     """How an op takes part in mixed precision (DESIGN.md, numerical semantics)."""
 
-    ALWAYS = "always"  # a compute layer: the search chooses its format
+    ALWAYS = "always"  # a compute layer or an embedding lookup: the search chooses its format
     FOLLOW = "follow"  # runs in the (widest) format of its floating inputs
     NEVER = "never"  # stays fp32 by default (softmax, norms, reductions, exp/log, losses)
     NONE = "none"  # placeholders, outputs, parameters: not an op

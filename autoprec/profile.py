@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from autoprec.capture import Captured
 from autoprec.errors import UsageError
 from autoprec.formats import DEFAULT_CANDIDATES, Precision
+from autoprec.kinds import LOOKUP_KINDS, format_exclusion
 from autoprec.quantize import fp8_scale, quantize
 from autoprec.semantics import (LayerFormat, act_arg_positions, emulate_layer, quantize_activation,
                                 quantize_weight, weight_arg_position)
@@ -263,9 +264,18 @@ class _LayerInfo:
     kind: str
     act_pos: tuple[int, ...]
     weight_pos: int | None
+    formats: tuple[Precision, ...]  # the profiled formats the layer's kind can run in
+
+    @property
+    def weight_batch_term(self) -> bool:
+        """Whether fast mode counts the weight's rounding as a term of its own. A lookup's output is
+        rows of its weight, so its output term already holds that rounding (per sample)."""
+        return self.weight_pos is not None and self.kind not in LOOKUP_KINDS
 
 
-def _layers(captured: Captured, only: Iterable[str] | None = None) -> list[_LayerInfo]:
+def _layers(captured: Captured, fmts: tuple[Precision, ...], only: Iterable[str] | None = None) -> list[_LayerInfo]:
+    """The layers to profile. A format the layer's kind cannot take (an fp8 embedding) is not
+    measured: no plan can give it, so the profile has no entry for it."""
     wanted = set(only) if only is not None else None
     out = []
     for op in captured.graph.layers():
@@ -273,7 +283,8 @@ def _layers(captured: Captured, only: Iterable[str] | None = None) -> list[_Laye
             continue
         node = captured.node(op.name)
         node.meta["autoprec_layer"] = True
-        out.append(_LayerInfo(node, op.kind, act_arg_positions(op.kind), weight_arg_position(op.kind)))
+        out.append(_LayerInfo(node, op.kind, act_arg_positions(op.kind), weight_arg_position(op.kind),
+                              tuple(f for f in fmts if format_exclusion(op.kind, f) is None)))
     return out
 
 
@@ -313,20 +324,19 @@ def profile(
         raise UsageError(f"unknown profile mode {mode!r}: use 'exact' or 'fast'")
     if not batches:
         raise UsageError("no calibration batches to profile on")
-    infos = _layers(captured, layers)
+    infos = _layers(captured, fmts, layers)
     runner = GraphRunner(captured.gm)
     # FOLLOW ops the plan {layer: fmt} runs in 16-bit (e.g. a GELU after a bf16 linear): each trial
     # rounds their results too, so a trial computes exactly what the applied plan computes.
     roundings = {(i.node.name, f): follow_roundings(captured.gm, captured.graph, {i.node.name: f})
-                 for i in infos for f in fmts}
+                 for i in infos for f in i.formats}
     t_ref = _time_reference(captured.gm, batches) if time_reference else 0.0
     t0 = time.perf_counter()
     if mode == "exact":
         errors, local, ranges, kind, samples, rerun_frac = _profile_exact(
-            runner, infos, batches, fmts, output_kind, progress, roundings)
+            runner, infos, batches, output_kind, progress, roundings)
     else:
-        errors, ranges, kind, samples = _profile_fast(runner, infos, batches, fmts, output_kind, progress, seed,
-                                                      roundings)
+        errors, ranges, kind, samples = _profile_fast(runner, infos, batches, output_kind, progress, seed, roundings)
         local, rerun_frac = {}, 0.0
     seconds = time.perf_counter() - t0
     prof = SensitivityProfile(
@@ -375,8 +385,7 @@ _Roundings = dict[tuple[str, Precision], dict[str, Precision]]
 
 
 def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tuple[Any, ...]],
-                   fmts: tuple[Precision, ...], declared: str | None, progress: Progress | None,
-                   roundings: _Roundings):
+                   declared: str | None, progress: Progress | None, roundings: _Roundings):
     accs: dict[str, list[RangeAccumulator]] = {}
     envs: list[dict[str, Any]] = []
     with torch.no_grad():
@@ -394,14 +403,14 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], batches: list[t
         prepared = [ErrorSum(kind).reference(y) for y in outputs]
         errors: dict[str, dict[Precision, float]] = {}
         local: dict[str, dict[Precision, float]] = {}
-        total = len(infos) * len(fmts)
+        total = sum(len(i.formats) for i in infos)
         done = 0
         recomputed = 0
         graph_nodes = sum(1 for n in runner.nodes if n.op not in ("placeholder", "get_attr", "output"))
         for info in infos:
             errors[info.node.name] = {}
             local[info.node.name] = {}
-            for fmt in fmts:
+            for fmt in info.formats:
                 lf = LayerFormat(fmt, tuple(r.amax for r in ranges[info.node.name].inputs))
                 acc = ErrorSum(kind)
                 own = ErrorSum("values")
@@ -465,8 +474,7 @@ def _rounding_delta(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tuple[Any, ...]],
-                  fmts: tuple[Precision, ...], declared: str | None, progress: Progress | None, seed: int,
-                  roundings: _Roundings):
+                  declared: str | None, progress: Progress | None, seed: int, roundings: _Roundings):
     gen = torch.Generator().manual_seed(seed)
     accs: dict[str, list[RangeAccumulator]] = {}
     saved: list[dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]]] = []
@@ -498,6 +506,8 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tu
                     a[pos] = t
                     ins.append(t)
                 out = emulate_layer(info.kind, tuple(a), kwargs, LayerFormat(Precision.FP32))
+                if not out.requires_grad:  # a lookup in a buffer: no input carries a gradient
+                    out.requires_grad_(True)
                 out.retain_grad()
                 taps[node.name] = (ins, out)
                 args_seen[node.name] = tuple(a)
@@ -527,8 +537,7 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tu
                                                               for t in ins], out.detach(),
                                  out.grad if out.grad is not None else torch.zeros_like(out))
                           for name, (ins, out) in taps.items()})
-            wgrads.append({info.node.name: _weight_grad(runner, info) for info in infos
-                           if info.weight_pos is not None})
+            wgrads.append({info.node.name: _weight_grad(runner, info) for info in infos if info.weight_batch_term})
             fsaved.append({n: (env[n].detach(), env[n].grad if env[n].grad is not None else torch.zeros_like(env[n]))
                            for n in followed if torch.is_tensor(env[n]) and env[n].requires_grad})
             if progress:
@@ -543,9 +552,9 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tu
         for li, info in enumerate(infos):
             name = info.node.name
             amaxes = tuple(r.amax for r in ranges[name].inputs)
-            w = _weight_value(runner, info)
+            w = _weight_value(runner, info) if info.weight_batch_term else None
             errors[name] = {}
-            for fmt in fmts:
+            for fmt in info.formats:
                 total = 0.0
                 dw = _rounding_delta(w, quantize_weight(w, fmt)) if w is not None else None
                 for bi, per in enumerate(saved):
@@ -604,17 +613,22 @@ def _fmt_num(x: float) -> str:
 
 
 def explain(prof: SensitivityProfile) -> dict[str, list[str]]:
-    """Readable flags per layer: range hazards, and why the most sensitive layers are sensitive."""
+    """Readable flags per layer: range hazards, and why the most sensitive layers are sensitive.
+
+    A layer has no error for a format its kind cannot take (an fp8 embedding): it gets no flag for
+    that format, and no fp8 range flag when the profile measured fp8 for other layers but not for it.
+    """
     flags: dict[str, list[str]] = {}
     fmts = [f for f in prof.formats if f is not Precision.FP32]
     medians = {}
     for f in fmts:
-        vals = sorted(e[f] for e in prof.errors.values() if math.isfinite(e[f]))
+        vals = sorted(e[f] for e in prof.errors.values() if f in e and math.isfinite(e[f]))
         medians[f] = vals[len(vals) // 2] if vals else 0.0
     last_layer = prof.layers()[-1] if prof.errors else None
     for name, errs in prof.errors.items():
         out: list[str] = []
         r = prof.ranges.get(name)
+        no_fp8 = any(f.is_fp8 for f in fmts) and not any(f.is_fp8 for f in errs)  # its kind has none
         tensors = []
         if r is not None:
             tensors = [("input" if len(r.inputs) == 1 else f"input {i}", s) for i, s in enumerate(r.inputs)]
@@ -627,10 +641,10 @@ def explain(prof: SensitivityProfile) -> dict[str, list[str]]:
                            f"({100 * s.frac_over_fp16:.2g}% of values become inf)")
             if s.frac_underflow_fp16 > 0.01:
                 out.append(f"fp16 underflow: {100 * s.frac_underflow_fp16:.2g}% of {label} values below 6.1e-05")
-            if s.frac_fp8_flushed > 0.05:
+            if s.frac_fp8_flushed > 0.05 and not no_fp8:
                 out.append(f"fp8 flushes {100 * s.frac_fp8_flushed:.2g}% of nonzero {label} values to zero "
                            f"at scale {_fmt_num(s.fp8_scale)} (amax/rms {_fmt_num(s.amax / max(s.rms, 1e-30))})")
-        for f in fmts:
+        for f in (f for f in fmts if f in errs):
             e = errs[f]
             if not math.isfinite(e):
                 out.append(f"{f} makes the output non-finite (overflow)")

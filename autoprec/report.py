@@ -136,7 +136,8 @@ def plot_sensitivity(path: Path, profile: SensitivityProfile, graph: OpGraph) ->
 
     layers = [n for n in graph.layer_names() if n in profile.errors]
     fmts = list(profile.formats)
-    vals = np.array([[profile.errors[n][f] for f in fmts] for n in layers], dtype=float)
+    # NaN: a format the layer's kind cannot take (an fp8 embedding), left blank
+    vals = np.array([[profile.errors[n].get(f, np.nan) for f in fmts] for n in layers], dtype=float)
     finite = vals[np.isfinite(vals) & (vals > 0)]
     floor = finite.min() if finite.size else 1e-12
     shown = np.log10(np.where(np.isfinite(vals), np.maximum(vals, floor), np.nan))
@@ -144,7 +145,7 @@ def plot_sensitivity(path: Path, profile: SensitivityProfile, graph: OpGraph) ->
     im = ax.imshow(shown, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(fmts)), [str(f) for f in fmts])
     ax.set_yticks(range(len(layers)), [f"{n} ({graph[n].kind})" for n in layers], fontsize=7)
-    for i, j in zip(*np.where(~np.isfinite(vals))):
+    for i, j in zip(*np.where(np.isinf(vals))):
         ax.text(j, i, "inf", ha="center", va="center", color="red", fontsize=7)
     fig.colorbar(im, ax=ax, label=f"log10 {profile.measure} of the output")
     ax.set_title(f"{profile.model_name}: per-layer sensitivity ({profile.mode})")

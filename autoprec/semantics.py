@@ -6,6 +6,10 @@ A layer (linear, conv, matmul/bmm) in format P (DESIGN.md):
 - the product is computed and accumulated in fp32 (bias added in fp32),
 - the output is rounded to P for 16-bit formats, to bf16 for fp8 (an fp8 GEMM writes bf16).
 
+An embedding lookup is the same rule with no activation input: in a 16-bit format P it returns
+round_P(W)[idx], the table rounded to P and the rows copied exactly (its output rounding is then
+the identity). It has no fp8 form (:func:`autoprec.kinds.format_exclusion`).
+
 The profiler calls :func:`emulate_layer` on single layers; the fx apply pass builds the same
 computation into the rewritten graph, and oracle tests hold the two to the same bits.
 """
@@ -19,11 +23,14 @@ import torch
 
 from autoprec.capture import layer_function
 from autoprec.formats import Precision
+from autoprec.kinds import format_exclusion
 from autoprec.quantize import channel_amax, fp8_scale, quantize
 
-# argument positions of the activation inputs and the weight, per layer kind
-_ACT_ARGS = {"linear": (0,), "conv1d": (0,), "conv2d": (0,), "conv3d": (0,), "matmul": (0, 1), "bmm": (0, 1)}
-_WEIGHT_ARG = {"linear": 1, "conv1d": 1, "conv2d": 1, "conv3d": 1}
+# argument positions of the activation inputs and the weight, per layer kind (an embedding's
+# indices are integers: it reads no floating activation; capture normalises it to F.embedding)
+_ACT_ARGS = {"linear": (0,), "conv1d": (0,), "conv2d": (0,), "conv3d": (0,), "matmul": (0, 1), "bmm": (0, 1),
+             "embedding": ()}
+_WEIGHT_ARG = {"linear": 1, "conv1d": 1, "conv2d": 1, "conv3d": 1, "embedding": 1}
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,9 @@ def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: 
     fn = layer_function(kind)
     if lf.fmt is Precision.FP32:
         return fn(*args, **kwargs)
+    why = format_exclusion(kind, lf.fmt)
+    if why is not None:
+        raise ValueError(why)
     a = list(args)
     for j, pos in enumerate(act_arg_positions(kind)):
         if torch.is_tensor(a[pos]):

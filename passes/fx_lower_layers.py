@@ -30,6 +30,7 @@ _LOWERABLE = {
     "conv3d": {F.conv3d, torch.conv3d, _aten.conv3d.default},
     "matmul": {torch.matmul, operator.matmul, _aten.matmul.default, _aten.mm.default, "matmul", "mm"},
     "bmm": {torch.bmm, _aten.bmm.default, "bmm"},
+    "embedding": {F.embedding},  # capture normalises nn.Embedding and aten.embedding to it
 }
 
 

@@ -123,9 +123,22 @@ def lowp_bmm(a: torch.Tensor, b: torch.Tensor, *, fmt: Precision, amax: Sequence
     return _layer("bmm", (a, b), {}, fmt, amax, native)
 
 
+def lowp_embedding(indices: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None,
+                   max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                   sparse: bool = False, *, fmt: Precision, amax: Sequence[float] | None = None,
+                   native: bool = False) -> torch.Tensor:
+    """``F.embedding`` in a 16-bit ``fmt``: the rows of the table rounded to ``fmt``.
+
+    Native mode rounds the fp32 master table to a real 16-bit tensor at use and looks the rows up
+    in it, so the output is a 16-bit tensor (no arithmetic: exactly the emulated values).
+    """
+    return _layer("embedding", (indices, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse),
+                  {}, fmt, amax, native)
+
+
 #: layer kind -> the function a lowered layer calls
 LAYER_OPS = {"linear": lowp_linear, "conv1d": lowp_conv1d, "conv2d": lowp_conv2d, "conv3d": lowp_conv3d,
-             "matmul": lowp_matmul, "bmm": lowp_bmm}
+             "matmul": lowp_matmul, "bmm": lowp_bmm, "embedding": lowp_embedding}
 
 
 def _amax(amax: Sequence[float] | None, i: int) -> float:

@@ -32,7 +32,7 @@ KIND = "autoprec.kind"
 SCOPE = "autoprec.scope"
 #: plan layer the group computes (only on nodes of layer groups)
 LAYER = "autoprec.layer"
-#: "core" on the MatMul/Gemm/Conv node of a layer group
+#: "core" on the MatMul/Gemm/Conv node of a layer group (the Gather of an embedding)
 ROLE = "autoprec.role"
 #: policy of the group ("always", "follow", "never", "none")
 POLICY = "autoprec.policy"
@@ -207,6 +207,12 @@ class GraphIndex:
 
     def numel(self, name: str) -> int:
         return int(np.prod(self.inits[name].dims)) if name in self.inits else -1
+
+
+def weight_slot(core: onnx.NodeProto) -> int:
+    """Input slot of a layer's weight on its core node: a Gather (an embedding) reads its table as
+    input 0 and the indices as input 1; MatMul, Gemm and Conv read the weight as input 1."""
+    return 0 if core.op_type == "Gather" else 1
 
 
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:

@@ -18,7 +18,8 @@ emulate
     does: ``Cast(to P) -> Cast(to fp32)`` pairs round a value to a 16-bit format (ORT keeps the
     rounding of such a pair; fp16 nodes on its CPU provider drop it), Q/DQ rounds to fp8. Rounded are:
     a layer's activation inputs (to its format, when the value is in another), a layer's result (to
-    its value format), the results of 16-bit FOLLOW ops that compute new values (not views, ReLU or
+    its value format; not an embedding's, whose Gather copies rows of the table LowerWeights already
+    rounded), the results of 16-bit FOLLOW ops that compute new values (not views, ReLU or
     max-pooling: ``EXACT_FOLLOW_KINDS``) and the inputs a 16-bit FOLLOW op reads in another 16-bit
     format.
 
@@ -39,6 +40,7 @@ import onnx
 from onnx import TensorProto
 
 from autoprec.formats import Precision
+from autoprec.kinds import LOOKUP_KINDS
 from autoprec.opgraph import Policy
 from autoprec.quantize import fp8_scale
 from autoprec.semantics import act_arg_positions
@@ -164,7 +166,7 @@ class InsertCasts(OnnxPass):
         kind = get_meta(n, KIND) or ""
         value_fmt = fmt.compute_output if policy is Policy.ALWAYS else fmt
         if self.mode == "emulate":
-            rounds = fmt is not FP32 and (policy is Policy.ALWAYS or
+            rounds = fmt is not FP32 and ((policy is Policy.ALWAYS and kind not in LOOKUP_KINDS) or
                                           (policy is Policy.FOLLOW and kind not in EXACT_FOLLOW_KINDS))
             if rounds:
                 raw = self._rename_output(n, slot, v, "fp32", raw_of)

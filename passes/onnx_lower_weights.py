@@ -5,7 +5,9 @@ The fp32 initializer a layer reads is replaced, not cast at run time:
 - 16-bit layers: the weight rounded to fp16/bf16 (exactly as :func:`autoprec.semantics.quantize_weight`
   rounds it) becomes a 16-bit initializer. In a deployment graph the MatMul/Gemm/Conv reads it
   directly when ONNX admits that type for the op; where it does not (ONNX Conv has no bf16), and in
-  an emulation graph, a ``Cast`` to fp32 follows it (ORT folds it once, at session start).
+  an emulation graph, a ``Cast`` to fp32 follows it (ORT folds it once, at session start). An
+  embedding's table is its Gather's input 0; Gather admits every type, so a deployment graph looks
+  the rows up in the 16-bit table and its result is already in the layer's format.
 - fp8 layers: the weight becomes fp8 codes with one scale per output channel (amax / max of that
   channel, as semantics does) and a ``DequantizeLinear`` (axis = the output-channel axis) feeds the
   layer in fp32. The codes times the scales are bit for bit the torch emulation's rounded weight.
@@ -25,11 +27,12 @@ from onnx import TensorProto
 
 from autoprec.formats import Precision
 from autoprec.quantize import channel_amax, fp8_scale
+from autoprec.semantics import weight_arg_position
 from passes.fx_ops import fp8_codes
 from passes.onnx_base import (FORMAT, GROUP, INSERTED, KIND, LAYER, POLICY, REASON, ROLE, ROLE_CORE, SCOPE,
                               VALUE_FORMAT, GraphIndex, OnnxPass, OnnxPassError, OnnxPassResult, admits, all_names, attr,
                               get_meta, make_tensor, node_format, remove_unused_initializers, rounded_array, set_meta,
-                              unique_name)
+                              unique_name, weight_slot)
 
 FP32 = Precision.FP32
 MODES = ("deploy", "emulate")
@@ -53,6 +56,13 @@ def fp8_weight(w_torch_layout: np.ndarray, fmt: Precision) -> tuple[np.ndarray, 
     return bits, scale.reshape(-1).numpy().astype(np.float32)
 
 
+def _reads_weight(node: onnx.NodeProto, fmt: Precision | None) -> bool:
+    """Whether ``node`` is the core node of a low-precision layer with a weight (linear, conv,
+    embedding; a matmul of two activations has none)."""
+    return get_meta(node, ROLE) == ROLE_CORE and fmt is not None and fmt is not FP32 \
+        and weight_arg_position(get_meta(node, KIND) or "") is not None
+
+
 class LowerWeights(OnnxPass):
     """Replace the fp32 weight initializer of every 16-bit and fp8 layer."""
 
@@ -72,12 +82,11 @@ class LowerWeights(OnnxPass):
         modified = False
         for n in idx.nodes:
             fmt = node_format(n)
-            if get_meta(n, ROLE) != ROLE_CORE or fmt is None or fmt is FP32 or n.op_type not in ("Gemm", "MatMul", "Conv") \
-                    or len(n.input) < 2 or n.input[1] not in idx.inits or get_meta(n, KIND) not in \
-                    ("linear", "conv1d", "conv2d", "conv3d"):
+            slot = weight_slot(n)
+            if not _reads_weight(n, fmt) or len(n.input) <= slot or n.input[slot] not in idx.inits:
                 new_nodes.append(n)
                 continue
-            w_name = n.input[1]
+            w_name = n.input[slot]
             w = idx.array(w_name).astype(np.float32)
             transposed = n.op_type == "MatMul" or (n.op_type == "Gemm" and not attr(n, "transB", 0))
             if fmt.is_fp8:
@@ -89,7 +98,7 @@ class LowerWeights(OnnxPass):
                                            name=unique_name(taken, f"{n.name}_weight_dq"), axis=axis)
                 self._annotate(dq, n, f"{fmt} weight: codes x per-output-channel scale -> fp32")
                 new_nodes.append(dq)
-                n.input[1] = dq.output[0]
+                n.input[slot] = dq.output[0]
             else:
                 key = (w_name, fmt)
                 if key not in made:
@@ -98,7 +107,7 @@ class LowerWeights(OnnxPass):
                     made[key] = t.name
                 stored = made[key]
                 if compute_precision(n, idx.opset, fmt, self.mode) is fmt:
-                    n.input[1] = stored
+                    n.input[slot] = stored
                 else:
                     why = ("emulation: the layer computes in fp32 on the rounded weight" if self.mode == "emulate"
                            else f"ONNX {n.op_type} admits no {fmt}: fp32 compute on the {fmt} weight")
@@ -106,7 +115,7 @@ class LowerWeights(OnnxPass):
                                               name=unique_name(taken, f"{n.name}_weight_cast"), to=TensorProto.FLOAT)
                     self._annotate(c, n, why)
                     new_nodes.append(c)
-                    n.input[1] = c.output[0]
+                    n.input[slot] = c.output[0]
             new_nodes.append(n)
             modified = True
         if modified:
@@ -143,10 +152,9 @@ class LowerWeights(OnnxPass):
         idx = GraphIndex(model)
         for n in idx.nodes:
             fmt = node_format(n)
-            if get_meta(n, ROLE) != ROLE_CORE or fmt is None or fmt is FP32 or get_meta(n, KIND) not in \
-                    ("linear", "conv1d", "conv2d", "conv3d"):
+            if not _reads_weight(n, fmt):
                 continue
-            w = n.input[1]
+            w = n.input[weight_slot(n)]
             if w in idx.inits:
                 if idx.elem_type(w) != fmt.onnx_type:
                     raise OnnxPassError(f"{self.name}: {n.name} reads weight {w} of type {idx.elem_type(w)}, not {fmt}")

@@ -10,13 +10,15 @@ model was captured with torch.fx, ops inside a torch.nn leaf module (nn.ReLU, nn
 take the module's kind, as fx sees one call_module node; otherwise the ATen op's kind.
 
 Layers are matched, never guessed from names: the captured layers and the ONNX groups of a layer
-kind are bucketed by (module scope, linear | conv | matmul) and paired in execution order; a bucket
-must hold the same number on both sides, and each linear/conv pair must read the same weight tensor
-(the ONNX initializer, transposed where the exporter transposed it, equals the captured parameter
-bit for bit). A plan layer in a low-precision format that cannot be paired is a PlanError naming it.
+kind are bucketed by (module scope, linear | conv | matmul | embedding) and paired in execution
+order; a bucket must hold the same number on both sides, and each linear/conv/embedding pair must
+read the same weight tensor (the ONNX initializer, transposed where the exporter transposed it,
+equals the captured parameter bit for bit). An embedding is the ``Gather`` that reads its table as
+input 0 (``torch_to_onnx`` keeps lookups of constant positions from being folded away). A plan
+layer in a low-precision format that cannot be paired is a PlanError naming it.
 
 Writes node metadata GROUP, KIND and SCOPE on every node, LAYER on the nodes of matched groups and
-ROLE=core on each layer's MatMul/Gemm/Conv node.
+ROLE=core on each layer's MatMul/Gemm/Conv/Gather node.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ import onnx
 from autoprec.capture import ATEN_ALIASES, MODULE_KINDS, Captured
 from autoprec.errors import PlanError
 from autoprec.formats import Precision
+from autoprec.semantics import weight_arg_position
 from passes.onnx_base import (GROUP, KIND, LAYER, ROLE, ROLE_CORE, SCOPE, GraphIndex, OnnxPass, OnnxPassError,
-                              OnnxPassResult, attr, get_meta, set_meta)
+                              OnnxPassResult, attr, get_meta, set_meta, weight_slot)
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +44,13 @@ NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
 
 #: ONNX ops that compute a layer's product
-CORE_OPS = frozenset({"Gemm", "MatMul", "Conv"})
+PRODUCT_OPS = frozenset({"Gemm", "MatMul", "Conv"})
 
 _LAYER_CLASS = {"linear": "linear", "conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "matmul": "matmul",
-                "bmm": "matmul"}
+                "bmm": "matmul", "embedding": "embedding"}
+
+#: the ONNX op that is a layer's core node, per layer class: its product, or an embedding's lookup
+CORE_OPS = {"linear": PRODUCT_OPS, "conv": PRODUCT_OPS, "matmul": PRODUCT_OPS, "embedding": frozenset({"Gather"})}
 
 #: qualified class name -> kind, for torch.nn leaf modules (what fx records as one call_module)
 _MODULE_KIND_BY_NAME = {f"{cls.__module__}.{cls.__qualname__}": kind for cls, kind in MODULE_KINDS.items()}
@@ -57,7 +63,8 @@ _ONNX_KINDS = {"Identity": "identity", "Cast": "to_copy", "Reshape": "reshape", 
                "MatMul": "matmul", "Gemm": "linear", "Conv": "conv2d"}
 
 
-def _literal_list(text: str | None) -> list[str]:
+def literal_list(text: str | None) -> list[str]:
+    """The list of strings an exporter metadata entry holds (``"['', 'fc', 'linear']"``); [] if none."""
     if not text:
         return []
     try:
@@ -101,8 +108,8 @@ class NodeOrigin:
 
 
 def node_origin(node: onnx.NodeProto, capture_method: str) -> NodeOrigin:
-    scopes = _literal_list(get_meta(node, NAME_SCOPES))
-    classes = _literal_list(get_meta(node, CLASS_HIERARCHY))
+    scopes = literal_list(get_meta(node, NAME_SCOPES))
+    classes = literal_list(get_meta(node, CLASS_HIERARCHY))
     if not scopes:
         return NodeOrigin(f"onnx:{node.name}", _ONNX_KINDS.get(node.op_type, node.op_type.lower()), "")
     group = scopes[-1]
@@ -139,17 +146,18 @@ class LayerMatch:
 
     layer: str
     group: str
-    core: str  # name of the MatMul/Gemm/Conv node
-    weight: str | None  # initializer holding the weight, for linear/conv layers
+    core: str  # name of the MatMul/Gemm/Conv/Gather node
+    weight: str | None  # initializer holding the weight, for linear/conv/embedding layers
     weight_transposed: bool  # the initializer is the torch weight transposed (MatMul, Gemm transB=0)
 
 
-def _core_node(idx: GraphIndex, members: list[int]) -> tuple[onnx.NodeProto | None, str]:
-    cores = [idx.nodes[i] for i in members if idx.nodes[i].op_type in CORE_OPS and idx.nodes[i].domain in ("", "ai.onnx")]
+def _core_node(idx: GraphIndex, members: list[int], cls: str) -> tuple[onnx.NodeProto | None, str]:
+    wanted = CORE_OPS[cls]
+    cores = [idx.nodes[i] for i in members if idx.nodes[i].op_type in wanted and idx.nodes[i].domain in ("", "ai.onnx")]
     if len(cores) == 1:
         return cores[0], ""
     ops = ", ".join(idx.nodes[i].op_type for i in members)
-    return None, f"its ONNX nodes ({ops}) hold {len(cores)} MatMul/Gemm/Conv nodes, not one"
+    return None, f"its ONNX nodes ({ops}) hold {len(cores)} {'/'.join(sorted(wanted))} nodes, not one"
 
 
 def _torch_weight(captured: Captured, target: str) -> np.ndarray:
@@ -160,10 +168,11 @@ def _torch_weight(captured: Captured, target: str) -> np.ndarray:
 
 
 def _weight_of(idx: GraphIndex, core: onnx.NodeProto) -> tuple[str | None, bool]:
-    if len(core.input) < 2 or core.input[1] not in idx.inits:
+    slot = weight_slot(core)
+    if len(core.input) <= slot or core.input[slot] not in idx.inits:
         return None, False
     transposed = core.op_type == "MatMul" or (core.op_type == "Gemm" and not attr(core, "transB", 0))
-    return core.input[1], transposed
+    return core.input[slot], transposed
 
 
 def match_layers(model: onnx.ModelProto, captured: Captured,
@@ -174,7 +183,7 @@ def match_layers(model: onnx.ModelProto, captured: Captured,
     for gid, members in sorted(groups.items(), key=lambda kv: kv[1][0]):
         first = idx.nodes[members[0]]
         kind = get_meta(first, KIND) or ""
-        if kind in _LAYER_CLASS and any(idx.nodes[i].op_type in CORE_OPS for i in members):
+        if kind in _LAYER_CLASS and any(idx.nodes[i].op_type in CORE_OPS[_LAYER_CLASS[kind]] for i in members):
             onnx_buckets.setdefault((get_meta(first, SCOPE) or "", _LAYER_CLASS[kind]), []).append(gid)
     torch_buckets: dict[tuple[str, str], list[str]] = {}
     for op in captured.graph.layers():
@@ -191,13 +200,13 @@ def match_layers(model: onnx.ModelProto, captured: Captured,
                                   f"{len(found)} in the exported ONNX graph")
             continue
         for name, gid in zip(layers, found):
-            core, why = _core_node(idx, groups[gid])
+            core, why = _core_node(idx, groups[gid], cls)
             if core is None:
                 problems[name] = why
                 continue
             op = captured.graph[name]
             weight, transposed = (None, False)
-            if op.kind in ("linear", "conv1d", "conv2d", "conv3d"):
+            if weight_arg_position(op.kind) is not None:
                 weight, transposed = _weight_of(idx, core)
                 if weight is None:
                     problems[name] = f"its ONNX {core.op_type} node {core.name} reads no weight initializer"

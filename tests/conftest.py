@@ -51,6 +51,24 @@ class TinyCNN(nn.Module):
         return self.fc(y.flatten(1))
 
 
+class TinyLM(nn.Module):
+    """Token and learned position embeddings (positions: a buffer narrowed to the input's length, as
+    models/char_transformer.py does), their sum, a LayerNorm, a linear with a residual, a vocab head."""
+
+    def __init__(self, vocab: int = 20, context: int = 8, d: int = 16) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(context, d)
+        self.register_buffer("positions", torch.arange(context), persistent=False)
+        self.ln = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.narrow(self.positions, 0, 0, idx.size(1)))
+        return self.head(torch.relu(self.fc(self.ln(x))) + x)
+
+
 class EncoderLayerModel(nn.Module):
     """nn.TransformerEncoderLayer hides its linears from fx: capture must fall back to torch.export."""
 
@@ -73,6 +91,20 @@ def encoder_layer() -> EncoderLayerModel:
 def tiny_attention() -> TinyAttention:
     torch.manual_seed(0)
     return TinyAttention().eval()
+
+
+@pytest.fixture
+def tiny_lm() -> TinyLM:
+    torch.manual_seed(0)
+    return TinyLM().eval()
+
+
+@pytest.fixture
+def token_batches() -> list[tuple[torch.Tensor]]:
+    """Three seeded batches of 4 sequences of 6 token ids for TinyLM (context 8: the position
+    lookup reads a slice of its buffer)."""
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 20, (4, 6), generator=g),) for _ in range(3)]
 
 
 @pytest.fixture

@@ -81,3 +81,36 @@ def test_opgraph_json_round_trip(tiny_attention: nn.Module) -> None:
     assert back.to_json() == g.to_json()
     assert back.fingerprint() == g.fingerprint()
     assert back.layer_names() == g.layer_names()
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_embedding_lookups_are_layers(tiny_lm: nn.Module, token_batches, method: str) -> None:
+    """nn.Embedding (fx) and aten.embedding (torch.export) both become F.embedding(indices, table)
+    layers: a weight, no floating input, no FLOPs, rows copied to the output."""
+    (x,) = token_batches[0]
+    c = capture(tiny_lm, (x,), method=method)
+    lookups = [op for op in c.graph.layers() if op.kind == "embedding"]
+    assert [(op.scope, op.weight, op.weight_elems) for op in lookups] == [("tok", "tok.weight", 20 * 16),
+                                                                          ("pos", "pos.weight", 8 * 16)]
+    tok, pos = lookups
+    assert tok.flops == pos.flops == 0 and tok.act_in_elems == pos.act_in_elems == 0
+    assert tok.act_out_elems == 4 * 6 * 16 and pos.output_shape == (6, 16)
+    for op in lookups:
+        node = c.node(op.name)
+        assert node.target is nn.functional.embedding and node.args[1].op == "get_attr"
+    assert not c.graph.ties  # lookups fuse into no GEMM
+    assert c.graph.layer_edges() and all(v not in ("tok", "pos") for _, v, _ in c.graph.layer_edges())
+    torch.testing.assert_close(c.gm(x), tiny_lm(x), rtol=0, atol=0)
+
+
+def test_embedding_that_renormalises_its_table_stays_fp32() -> None:
+    class Renorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4, max_norm=1.0)  # rewrites its own rows at each lookup
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.emb(idx)
+
+    c = capture(Renorm(), (torch.randint(0, 10, (2, 3)),))
+    assert not c.graph.layers() and c.graph["emb"].policy is Policy.NEVER

@@ -141,3 +141,40 @@ def test_profile_error_is_the_error_of_the_applied_single_layer_plan(tiny_attent
                 for (x,) in batches:
                     acc.add(c.gm(x), gm(x))
             assert acc.value() == prof.errors[layer][fmt], (layer, fmt)
+
+
+def test_embedding_profile_oracle_and_no_fp8(tiny_lm: nn.Module, token_batches) -> None:
+    """Oracle for lookups: the exact error of (embedding, P) is apply_plan({embedding: P})'s error to
+    the bit. No fp8 trial for a table (no plan can give it); no activation input to take ranges of."""
+    from autoprec.profile import ErrorSum
+    from passes import apply_plan
+
+    c = capture(tiny_lm, token_batches[0])
+    exact = profile(c, token_batches, mode="exact")
+    fast = profile(c, token_batches, mode="fast")
+    for layer in ("tok", "pos"):
+        for prof in (exact, fast):
+            assert set(prof.errors[layer]) == {BF16, FP16}, prof.mode
+            r = prof.ranges[layer]
+            assert r.inputs == () and r.weight is not None and r.output.amax == r.weight.amax
+            assert 0 < prof.errors[layer][FP16] < prof.errors[layer][BF16] < math.inf, prof.mode
+        for fmt in (BF16, FP16):
+            gm = apply_plan(c, {layer: fmt})
+            acc = ErrorSum("logits")
+            with torch.no_grad():
+                for (x,) in token_batches:
+                    acc.add(c.gm(x), gm(x))
+            assert acc.value() == exact.errors[layer][fmt], (layer, fmt)
+    assert E4M3 in exact.errors["fc"] and set(exact.errors) == set(c.graph.layer_names())
+
+
+def test_fast_mode_counts_a_tables_rounding_once(tiny_lm: nn.Module) -> None:
+    """A lookup's output is rows of its table: fast mode measures the table's rounding at the output
+    only. Counting it again as a weight term would double the estimate."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 20, (16, 6), generator=g),) for _ in range(8)]
+    c = capture(tiny_lm, batches[0])
+    exact = profile(c, batches, mode="exact", formats=(BF16, FP16))
+    fast = profile(c, batches, mode="fast", formats=(BF16, FP16))
+    for fmt in (BF16, FP16):
+        assert 0.7 <= fast.errors["tok"][fmt] / exact.errors["tok"][fmt] <= 1.4, fmt

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import onnx
 import pytest
 import torch
-from deploy_models import ROOT, ExactCNN, ExactNet, integer_input
+from deploy_models import ROOT, ExactCNN, ExactEmbed, ExactNet, integer_input
 
 from autoprec.capture import Captured, capture
 from autoprec.export import torch_to_onnx
 from autoprec.formats import Precision
+from autoprec.kinds import format_exclusion
 from autoprec.profile import profile
 from autoprec.spec import ModelSpec, load_model_spec
 from passes import act_amax_from_profile
@@ -34,8 +35,13 @@ class Case:
     def layers(self) -> list[str]:
         return self.captured.graph.layer_names()
 
+    def choices(self, layer: str, fmts: Sequence[Precision]) -> list[Precision]:
+        """The formats of ``fmts`` the layer's kind can run in (an embedding has no fp8)."""
+        return [f for f in fmts if format_exclusion(self.captured.graph[layer].kind, f) is None]
+
     def uniform(self, fmt: Precision) -> dict[str, Precision]:
-        return {name: fmt for name in self.layers}
+        """Every layer in ``fmt``; a layer that cannot take it (an fp8 embedding) in bf16."""
+        return {name: (self.choices(name, [fmt]) or [Precision.BF16])[0] for name in self.layers}
 
 
 def _exact_case(name: str, module: torch.nn.Module, x: torch.Tensor) -> Case:
@@ -53,6 +59,13 @@ def exact_net() -> Case:
 @pytest.fixture(scope="session")
 def exact_cnn() -> Case:
     return _exact_case("exact_cnn", ExactCNN().eval(), integer_input((6, 2, 8, 8), high=7))
+
+
+@pytest.fixture(scope="session")
+def exact_embed() -> Case:
+    # 4 tokens of a context of 6: the position lookup reads a slice of its buffer
+    idx = torch.randint(0, 12, (6, 4), generator=torch.Generator().manual_seed(0))
+    return _exact_case("exact_embed", ExactEmbed().eval(), idx)
 
 
 _ZOO: dict[str, Case] = {}

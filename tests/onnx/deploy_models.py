@@ -1,12 +1,12 @@
 """Models and helpers for the ONNX deployment tests (imported by name from the test modules).
 
-``ExactNet`` and ``ExactCNN`` are built so that every fp32 sum they compute is exact: inputs are
-small integers, weights are integers in [-7, 7] with a +-7 in every output channel (so the fp8
-per-channel scale 7/448 is a power of two) and biases are integers. Sums of products of integers
-below 2^24 are exact in any order, so ONNX Runtime and torch compute the same fp32 values, and
-any difference between the torch emulation and the ONNX emulation graph can only come from where
-a rounding sits. The values are large enough (up to ~2000 before scaling by 0.375) that rounding
-to bf16 and fp16 changes them.
+``ExactNet``, ``ExactCNN`` and ``ExactEmbed`` are built so that every fp32 sum they compute is
+exact: inputs are small integers, weights are integers in [-7, 7] with a +-7 in every output
+channel (so the fp8 per-channel scale 7/448 is a power of two) and biases are integers. Sums of
+products of integers below 2^24 are exact in any order, so ONNX Runtime and torch compute the same
+fp32 values, and any difference between the torch emulation and the ONNX emulation graph can only
+come from where a rounding sits. The values are large enough (up to ~2000 before scaling by 0.375)
+that rounding to bf16 and fp16 changes them.
 """
 
 from __future__ import annotations
@@ -84,6 +84,29 @@ class ExactCNN(nn.Module):
         z = y + self.c2(y) * 0.375
         z = nn.functional.max_pool2d(z, 2)
         return self.fc(z.flatten(1))
+
+
+class ExactEmbed(nn.Module):
+    """Token and position embeddings (positions: a buffer narrowed to the input's length, as in
+    models/char_transformer.py, a lookup the exporter's constant folding would turn into a
+    constant), their sum, ReLU and a linear head. Table entries are integers plus multiples of
+    2^-10 (16 significant bits): bf16 and fp16 round them, and every fp32 sum stays exact."""
+
+    def __init__(self, vocab: int = 12, context: int = 6, d: int = 8) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(context, d)
+        self.register_buffer("positions", torch.arange(context), persistent=False)
+        self.head = _int_linear(d, 4, 8)
+        g = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for table in (self.tok.weight, self.pos.weight):
+                table.copy_(torch.randint(-64, 65, table.shape, generator=g)
+                            + torch.randint(0, 1024, table.shape, generator=g) / 1024)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.narrow(self.positions, 0, 0, idx.size(1)))
+        return self.head(torch.relu(x))
 
 
 def integer_input(shape: tuple[int, ...], seed: int = 0, high: int = 15) -> torch.Tensor:

@@ -51,7 +51,8 @@ def _torch_formats(case, plan) -> collections.Counter:
 def _plans(case, n: int, seed: int) -> list[dict[str, Precision]]:
     rng = random.Random(seed)
     fmts = [FP32, BF16, FP16, E4M3]
-    return [case.uniform(BF16), case.uniform(E4M3)] + [{l: rng.choice(fmts) for l in case.layers} for _ in range(n)]
+    return [case.uniform(BF16), case.uniform(E4M3)] + [{l: rng.choice(case.choices(l, fmts)) for l in case.layers}
+                                                        for _ in range(n)]
 
 
 @pytest.mark.parametrize("which", ["exact_net", "exact_cnn", "char_transformer", "digits_resnet"])
@@ -102,3 +103,13 @@ def test_plan_errors(exact_net) -> None:
         _assign(exact_net, {"nope": BF16})
     with pytest.raises(PlanError, match="no calibrated activation amax"):
         _assign(exact_net, {"la": E4M3}, amax={})
+
+
+def test_an_fp8_table_is_a_plan_error(exact_embed) -> None:
+    with pytest.raises(PlanError, match=r"tok \(embedding tables have no fp8_e4m3: per-row scales"):
+        _assign(exact_embed, {"tok": E4M3, "head": E4M3})
+    # 16-bit tables: the sum of the two lookups runs in their format
+    model = _assign(exact_embed, {"tok": FP16, "pos": FP16})
+    add = next(n for n in model.graph.node if n.op_type == "Add" and get_meta(n, KIND) == "add"
+               and get_meta(n, SCOPE) == "")
+    assert get_meta(add, FORMAT) == "fp16" and get_meta(add, REASON) == "follows tok (fp16)"

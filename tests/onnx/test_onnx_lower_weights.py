@@ -11,7 +11,7 @@ from onnx import TensorProto, numpy_helper
 from autoprec.formats import Precision
 from autoprec.semantics import quantize_weight
 from passes.onnx_assign_formats import AssignFormats, param_names
-from passes.onnx_base import INSERTED, LAYER, ROLE, ROLE_CORE, OnnxPassManager, attr, get_meta
+from passes.onnx_base import INSERTED, LAYER, ROLE, ROLE_CORE, OnnxPassManager, attr, get_meta, weight_slot
 from passes.onnx_lower_weights import LowerWeights
 from passes.onnx_map_layers import MapLayers
 
@@ -26,11 +26,11 @@ def _lower(case, plan, mode):
 
 
 def _weight_as_fp32(model, core) -> np.ndarray:
-    """The fp32 values a layer's core node multiplies by, evaluated from initializers and the
-    inserted Cast / DequantizeLinear nodes (the way ONNX defines them)."""
+    """The fp32 values a layer's core node multiplies by (looks up, for a Gather), evaluated from
+    initializers and the inserted Cast / DequantizeLinear nodes (the way ONNX defines them)."""
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
-    name = core.input[1]
+    name = core.input[weight_slot(core)]
     if name in inits:
         t = inits[name]
         return numpy_helper.to_array(t).astype(np.float32)
@@ -76,6 +76,28 @@ def test_conv_and_gemm_weights(exact_cnn, mode) -> None:
     assert list(inits[dq.input[1]].dims) == [6]  # one scale per output channel
     if mode == "emulate":  # runnable; small integer weights are exact in every format: same outputs
         assert np.array_equal(run_onnx(model, *exact_cnn.inputs), run_onnx(exact_cnn.fp32, *exact_cnn.inputs))
+
+
+@pytest.mark.parametrize("mode", ["deploy", "emulate"])
+def test_embedding_tables(exact_embed, mode) -> None:
+    """A table is its Gather's input 0: stored 16-bit, read directly by a deployment graph's Gather
+    (which admits every type), through a Cast to fp32 in an emulation graph."""
+    plan = {"tok": FP16, "pos": BF16}
+    model = _lower(exact_embed, plan, mode)
+    cores = _cores(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    params = dict(exact_embed.captured.gm.named_parameters())
+    assert not {"tok.weight", "pos.weight"} & set(inits)
+    for layer, fmt in plan.items():
+        table = cores[layer].input[0]
+        assert cores[layer].op_type == "Gather"
+        want = quantize_weight(params[f"{layer}.weight"].detach(), fmt).numpy()
+        assert np.array_equal(_weight_as_fp32(model, cores[layer]), want), layer
+        stored = table if mode == "deploy" else producers[table].input[0]
+        if mode == "emulate":
+            assert producers[table].op_type == "Cast" and attr(producers[table], "to") == TensorProto.FLOAT
+        assert inits[stored].data_type == fmt.onnx_type, layer
 
 
 @pytest.mark.parametrize("fmt", [BF16, FP16, E4M3])

@@ -56,7 +56,12 @@ def test_every_layer_maps_to_one_group_with_one_core(exact_net) -> None:
 def test_attention_matmuls_pair_in_order(zoo) -> None:
     case = zoo("char_transformer")
     model, p = _map(case, case.uniform(BF16))
-    assert not p.unmatched and len(p.matches) == 17
+    assert not p.unmatched and len(p.matches) == 19
+    # both lookups are Gathers of their tables; the position lookup (of a slice of a buffer, fixed
+    # by the example's length) was not folded into a constant
+    gathers = {get_meta(n, LAYER): n.input[0] for n in model.graph.node
+               if get_meta(n, ROLE) == ROLE_CORE and n.op_type == "Gather"}
+    assert gathers == {"tok_emb": "tok_emb.weight", "pos_emb": "pos_emb.weight"}
     producers = {o: n for n in model.graph.node for o in n.output}
     cores = {get_meta(n, LAYER): n for n in model.graph.node if get_meta(n, ROLE) == ROLE_CORE}
     # matmul is q @ k^T, matmul_1 is softmax(...) @ v: the order within the scope decides
@@ -65,6 +70,24 @@ def test_attention_matmuls_pair_in_order(zoo) -> None:
     # a torch.nn leaf module gives its kind to the ops inside it (fx sees one call_module node)
     kinds = {get_meta(n, KIND) for n in model.graph.node if get_meta(n, SCOPE) == "blocks.0.mlp.act"}
     assert kinds == {"gelu"}
+
+
+def test_embeddings_pair_with_the_gathers_of_their_tables(exact_embed) -> None:
+    model, p = _map(exact_embed, {"tok": FP16, "pos": BF16})
+    assert not p.unmatched
+    cores = {get_meta(n, LAYER): n for n in model.graph.node if get_meta(n, ROLE) == ROLE_CORE}
+    for layer in ("tok", "pos"):
+        m = p.matches[layer]
+        assert cores[layer].op_type == "Gather" and cores[layer].input[0] == m.weight == f"{layer}.weight"
+        assert not m.weight_transposed
+    # an ONNX table that is not the captured one is refused, as a linear's weight is
+    bad = _copy(exact_embed.fp32)
+    table = next(t for t in bad.graph.initializer if t.name == "tok.weight")
+    arr = numpy_helper.to_array(table).copy()
+    arr[0, 0] += 1.0
+    table.CopyFrom(numpy_helper.from_array(arr, table.name))
+    with pytest.raises(PlanError, match=r"tok.*not tok\.weight"):
+        OnnxPassManager([MapLayers(exact_embed.captured, {"tok": FP16})]).run(bad)
 
 
 def test_conv_layers_and_bias_free_conv(exact_cnn) -> None:

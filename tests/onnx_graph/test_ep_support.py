@@ -124,6 +124,11 @@ def test_exclusions_from_kinds_without_op_types() -> None:
     # linear may become Gemm or MatMul: both must be legal
     assert ep.exclusions(g, "cpu", [FP16], live=False)["fc"][FP16].startswith(
         "CPUExecutionProvider has no fp16 Gemm kernel")
+    # an embedding is a Gather of its table, which every provider runs in 16 bits
+    emb = OpGraph([nodes[0], OpNode("emb", "embedding", "", Policy.ALWAYS, ((2, 8),), (2, 8, 4), 0, 40, 0, 64,
+                                    "emb.weight")], [("x", "emb")])
+    for provider in ("cpu", "cuda", "tensorrt"):
+        assert ep.exclusions(emb, provider, [BF16, FP16], live=False) == {}, provider
 
 
 def test_exclusions_feed_the_search() -> None:

@@ -11,6 +11,8 @@ import torch.nn as nn
 from autoprec.capture import capture
 from autoprec.errors import PlanError, UsageError
 from autoprec.formats import Precision
+from autoprec.quantize import quantize
+from autoprec.semantics import LayerFormat, emulate_layer
 from passes import apply_plan
 from passes.fx_assign_formats import follow_roundings
 from passes.fx_insert_casts import is_cast, is_round
@@ -194,14 +196,14 @@ def test_native_mode_is_close_and_really_16_bit(attn_case, cnn_case, oracles) ->
     assert dtypes["conv2"] == dtypes["relu_1"] == torch.float16 and dtypes["add"] == torch.float32
 
 
-def _node_dtypes(gm: torch.fx.GraphModule, *inputs: torch.Tensor) -> dict[str, torch.dtype]:
-    seen: dict[str, torch.dtype] = {}
+def _node_values(gm: torch.fx.GraphModule, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
 
     class Rec(torch.fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             if torch.is_tensor(out):
-                seen[n.name] = out.dtype
+                seen[n.name] = out
             return out
 
     with torch.no_grad():
@@ -209,7 +211,53 @@ def _node_dtypes(gm: torch.fx.GraphModule, *inputs: torch.Tensor) -> dict[str, t
     return seen
 
 
-def test_plan_errors(attn_case) -> None:
+def _node_dtypes(gm: torch.fx.GraphModule, *inputs: torch.Tensor) -> dict[str, torch.dtype]:
+    return {name: v.dtype for name, v in _node_values(gm, *inputs).items()}
+
+
+def test_embedding_plan_equals_its_semantics(tiny_lm, token_batches, oracles) -> None:
+    """An embedding in P returns round_P(W)[idx]; a plan with embeddings computes what the
+    reference interpreter (semantics.emulate_layer per layer) computes, bit for bit."""
+    (x,) = token_batches[0]
+    c = capture(tiny_lm, (x,))
+    for plan in ({"tok": FP16}, {"pos": BF16}, {"tok": FP16, "pos": FP16, "fc": BF16, "head": FP16}):
+        with torch.no_grad():
+            assert _same(apply_plan(c, plan)(x), oracles.reference(c, plan, {}, (x,))), plan
+    table = c.gm.get_parameter("tok.weight")
+    want = quantize(table, FP16)[x]
+    assert not torch.equal(want, table[x])  # fp16 rounds this table
+    assert torch.equal(_node_values(apply_plan(c, {"tok": FP16}), x)["tok"], want)
+    assert torch.equal(emulate_layer("embedding", (x, table), {}, LayerFormat(FP16)), want)
+    with pytest.raises(ValueError, match="per-row scales"):
+        emulate_layer("embedding", (x, table), {}, LayerFormat(E4M3))
+
+
+def test_native_embedding_looks_rows_up_in_a_16_bit_table(tiny_lm, token_batches, monkeypatch) -> None:
+    (x,) = token_batches[0]
+    c = capture(tiny_lm, (x,))
+    plan = {"tok": FP16, "pos": BF16}
+    native = apply_plan(c, plan, mode="native")
+    tables = []
+    lookup = nn.functional.embedding
+
+    def spy(idx: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        tables.append(weight.dtype)
+        return lookup(idx, weight, *args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "embedding", spy)
+    got = _node_values(native, x)
+    assert tables == [torch.float16, torch.bfloat16]
+    emulated = _node_values(apply_plan(c, plan), x)
+    for name, dtype in (("tok", torch.float16), ("pos", torch.bfloat16)):
+        # a lookup computes nothing: the 16-bit rows are the emulated values
+        assert got[name].dtype == dtype and torch.equal(got[name].float(), emulated[name]), name
+    # the masters stay fp32 and train through the 16-bit copy
+    native(x).sum().backward()
+    table = native.get_parameter("tok.weight")
+    assert table.dtype == torch.float32 and table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_plan_errors(attn_case, tiny_lm) -> None:
     c, amax = attn_case
     with pytest.raises(PlanError) as info:
         apply_plan(c, {"q": BF16, "nope": FP16, "softmax": BF16, "blocks_0_q": E4M3}, amax)
@@ -221,6 +269,9 @@ def test_plan_errors(attn_case) -> None:
         apply_plan(c, {"matmul": E4M3}, {"matmul": (1.0,)})  # two activation inputs, one amax
     with pytest.raises(UsageError):
         apply_plan(c, {"q": BF16}, amax, mode="fast")
+    lm = capture(tiny_lm, (torch.zeros(2, 3, dtype=torch.long),))
+    with pytest.raises(PlanError, match=r"tok \(embedding tables have no fp8_e4m3: per-row scales"):
+        apply_plan(lm, {"tok": E4M3, "fc": E4M3}, {"fc": (1.0,)})
     gm = apply_plan(c, {"q": "bf16", "fc1": "fp8"}, amax)  # strings are parsed at this edge
     fmts = {n.name: n.kwargs.get("fmt") for n in gm.graph.nodes}
     assert fmts["q"] is BF16 and fmts["fc1"] is E4M3

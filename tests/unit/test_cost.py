@@ -62,6 +62,19 @@ def test_compute_bound_and_memory_bound_layers():
     assert cm.layer_cost(tiny, P.FP32) >= LAUNCH_OVERHEAD_S
 
 
+def test_a_lookup_costs_the_rows_it_copies_not_its_table():
+    cm = RooflineCostModel("h100")
+    vocab, dim, tokens = 50_000, 1024, 4096
+    emb = layer(kind="embedding", w=vocab * dim, a_out=tokens * dim)  # no FLOPs, no floating input
+    for f in (P.FP32, P.BF16):
+        read_and_write = 2 * tokens * dim * f.bytes  # the rows from the table, the same rows out
+        assert cm.layer_cost(emb, f) == pytest.approx(read_and_write / 3.35e12 + LAUNCH_OVERHEAD_S)
+    assert cm.layer_cost(emb, P.BF16) < cm.layer_cost(emb, P.FP32)
+    # stored, it is the whole table
+    mem = RooflineCostModel("h100", "memory")
+    assert mem.layer_cost(emb, P.BF16) == 2 * vocab * dim + 2 * tokens * dim
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 10**12), st.integers(0, 10**8), st.integers(0, 10**8), st.integers(0, 10**8),
        st.sampled_from(sorted(TARGETS)))

@@ -232,6 +232,30 @@ def test_fp16_overflow_excluded_with_reason():
     assert plan.decision("l1").format is P.BF16 and plan.cast_cost > 0
 
 
+def test_embeddings_are_never_offered_fp8():
+    """A lookup table has no fp8 form (per-row scales): never a candidate, never chosen even where
+    fp8 would be free, the exclusion is a reason, and forcing it is a one-line error."""
+    graph, profile = chain(2, dim=8192, tokens=2048)
+    emb = OpNode("emb", "embedding", "emb", Policy.ALWAYS, weight_elems=50_000 * 8192, act_out_elems=2048 * 8192)
+    graph = OpGraph([graph.nodes[0], emb, *graph.nodes[1:]], [("x", "emb"), ("emb", "l0"), *graph.edges[1:]], "lm")
+    free = {n: {f: 0.0 for f in LOW} for n in graph.layer_names()}  # fp8 costs no error anywhere
+    profile = SensitivityProfile("lm", graph.fingerprint(), "exact", "kl", profile.formats, free)
+    prob = problem(graph, profile, 1.0)
+    assert prob.candidates["emb"] == (P.BF16, P.FP16)
+    assert prob.excluded["emb"][P.FP8_E4M3] == "embedding tables have no fp8_e4m3: per-row scales are not supported"
+    for name in ("milp", "greedy", "bisection:fp8", "uniform"):
+        plan = solve(prob, name)
+        assert not plan.decision("emb").format.is_fp8, name
+        assert any(d.format.is_fp8 for d in plan.decisions), name  # the linears do take fp8
+    assert "per-row scales are not supported" in solve(prob).decision("emb").reason
+    # a problem built without SearchProblem.build still refuses it
+    raw = SearchProblem(graph, profile, RooflineCostModel("h100"), 1.0, {n: LOW for n in graph.layer_names()})
+    assert P.FP8_E4M3 not in raw.compiled.units[raw.compiled.unit_of["emb"]].formats
+    with pytest.raises(UsageError, match="asks for fp8_e4m3 but emb cannot take it: embedding tables have no fp8") as e:
+        problem(graph, profile, pins=(parse_pin("fp8:e", "force"),)).compiled
+    assert "\n" not in str(e.value)
+
+
 def test_a100_reasons_say_fp8_is_unsupported():
     graph, profile = chain(2, dim=8192, tokens=2048)
     plan = solve(problem(graph, profile, 1.0, target="a100"))
