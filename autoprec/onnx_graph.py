@@ -45,7 +45,7 @@ import onnx
 import onnx.defs
 from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
 
-from autoprec.kinds import NEVER_KINDS, policy_of
+from autoprec.kinds import LOOKUP_KINDS, NEVER_KINDS, policy_of
 from autoprec.errors import CaptureError, UsageError
 from autoprec.opgraph import OpGraph, OpNode, Policy
 
@@ -620,8 +620,8 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
         act_ins = [i for i in dict.fromkeys(ins) if i not in inits and (values.get(i) is None or values[i].is_float)]
         if policy is not Policy.NONE and not float_out:
             policy = Policy.NONE  # shape arithmetic, masks, indices
-        if policy is Policy.ALWAYS and not act_ins:
-            policy = Policy.NEVER
+        if policy is Policy.ALWAYS and not act_ins and kind not in LOOKUP_KINDS:
+            policy = Policy.NEVER  # a product of constants: nothing to lower
         if node.op_type in CONTROL_FLOW_OPS and node.domain in ("", "ai.onnx") and float_out:
             policy = Policy.NEVER
         op_types[node.name] = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
@@ -652,7 +652,7 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
         for o in node.output:
             if o:
                 producer[o] = node.name
-        if op.is_layer and weight is not None:
+        if op.is_layer and weight is not None and kind not in LOOKUP_KINDS:
             src = next((i for i in node.input if i and i not in inits), None)
             if src is not None:
                 ties.setdefault((src, kind, values[weight].shape or ()), []).append(node.name)
@@ -747,8 +747,8 @@ def _kind(node: onnx.NodeProto, inits: set[str], values: Mapping[str, _Value]) -
                 "GlobalMaxPool": f"adaptive_max_pool{n}d"}[op], None
     if op == "Gather":
         data = values.get(ins[0])
-        if ins[0] in inits and data is not None and data.is_float:
-            return "embedding", None
+        if ins[0] in inits and data is not None and data.is_float and int(_attr(node, "axis", 0)) == 0:
+            return "embedding", ins[0]  # a table lookup: the table is the layer's weight
         return "select", None
     return _KINDS.get(op, op.lower()), None
 
@@ -800,7 +800,7 @@ def _scope(node: onnx.NodeProto) -> str:
 def _flops(kind: str, node: onnx.NodeProto, values: Mapping[str, _Value]) -> int:
     """FLOPs as capture._flops counts them (multiply-adds twice; elementwise one per output)."""
     outs = [values[o] for o in node.output if o and o in values and values[o].shape is not None]
-    if not outs:
+    if not outs or kind in LOOKUP_KINDS:  # a lookup copies rows: memory traffic, no arithmetic
         return 0
     n_out = outs[0].numel
     ins = [values.get(i) if i else None for i in node.input]

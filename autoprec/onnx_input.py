@@ -39,6 +39,7 @@ from onnx import helper, numpy_helper
 
 from autoprec.errors import UsageError
 from autoprec.formats import DEFAULT_CANDIDATES, Precision
+from autoprec.kinds import format_exclusion
 from autoprec.metrics import Metric, fidelity_to, label_metric
 from autoprec.onnx_graph import OnnxAnalysis, analyse_onnx, graph_inputs, read_model
 from autoprec.profile import ErrorSum, Progress, RangeAccumulator, explain, measure_name, output_kind_of
@@ -278,6 +279,7 @@ class _LayerIO:
     """The ONNX values one layer reads as activations and writes as its (rounded) result."""
 
     name: str
+    kind: str
     acts: tuple[str, ...]
     output: str
     weight: str | None
@@ -295,7 +297,7 @@ def _layer_io(model: OnnxModel) -> list[_LayerIO]:
         acts = tuple(core.input[p] for p in act_arg_positions(op.kind))
         inside = {i for m in members[op.name] for i in m.input}
         result = next(o for m in reversed(members[op.name]) for o in m.output if o and o not in inside)
-        out.append(_LayerIO(op.name, acts, result, op.weight))
+        out.append(_LayerIO(op.name, op.kind, acts, result, op.weight))
     return out
 
 
@@ -343,6 +345,9 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
         errors[x.name], local[x.name] = {}, {}
         own_ref = [torch.from_numpy(np.asarray(r[pos[x.output]], dtype=np.float32)) for r in base]
         for fmt in fmts:
+            if format_exclusion(x.kind, fmt) is not None:  # never a candidate (embedding tables in fp8)
+                done += 1
+                continue
             trial = model.build({x.name: fmt}, {x.name: amax[x.name]} if fmt.is_fp8 else None)
             acc, own = ErrorSum(kind), ErrorSum("values")
             for bi, res in enumerate(model.run(trial, batches, [x.output])):

@@ -12,7 +12,10 @@ onnxruntime 1.31, CPU provider): the ``ReluQuantRewrite`` / ``ClipQuantRewrite``
 (they delete a ReLU or Clip in front of a QuantizeLinear, which is only right for an integer zero
 point; with an fp8 zero point the negative values then survive), and so are the QDQ fusions
 (``session.disable_quant_qdq``: they rewrite fp8 Q/DQ around a MatMul into an integer kernel and
-the session fails to load).
+the session fails to load). ``LayerNormFusionL1`` is disabled too: it fuses a decomposed layer norm
+(ReduceMean/Sub/Pow/.../Div, as exporters before opset 17 write it) and takes the Cast in front of it
+along, so that behind a bf16 rounding (Cast to bf16, Cast back to fp32) the fused op binds bf16 and
+fp32 to one type and the session fails to load.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ _SHORT = {v: k for k, v in PROVIDERS.items()}
 #: what "auto" asks for, in order: CUDA when it works, else CPU (TensorRT only when named: building
 #: its engines takes minutes)
 AUTO = ("cuda", "cpu")
-#: graph rewrites that are wrong for fp8 zero points (see the module docstring)
-DISABLED_OPTIMIZERS = ("ReluQuantRewrite", "ClipQuantRewrite")
+#: graph rewrites that are wrong for fp8 zero points or bf16 roundings (see the module docstring)
+DISABLED_OPTIMIZERS = ("ReluQuantRewrite", "ClipQuantRewrite", "LayerNormFusionL1")
 OPTIMIZATION = ("all", "extended", "basic", "none")
 
 _warned: set[tuple[str, str]] = set()

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx_graph_models import block_opset13, mlp_opset13
+from onnx_graph_models import block_opset13, init, make, mlp_opset13, vi
+from onnx import helper
 
 from autoprec.api import tune_onnx
 from autoprec.capture import capture
@@ -120,6 +121,24 @@ def test_emulation_rounds_each_group_result_once() -> None:
     h0 = torch.from_numpy(_ort(emu, feeds, ["h0"])[0])
     assert not torch.equal(quantize(h0, FP16), h0), "no rounding between the MatMul and its bias add"
     assert not np.array_equal(y, y32)
+
+
+def test_a_bf16_rounding_before_a_decomposed_layer_norm_loads_in_ort() -> None:
+    """ORT's LayerNormFusionL1 takes a bf16 Cast round trip into the fused op and fails to load the
+    session (onnxruntime 1.31); runtime disables it."""
+    rng = np.random.default_rng(7)
+    ln = block_opset13().graph.node[:9]  # the decomposed layer norm of x, writing "ln"
+    for n in ln:
+        n.input[:] = ["h" if i == "x" else i for i in n.input]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), *ln, helper.make_node("MatMul", ["ln", "w3"], ["y"])]
+    inits = [t for t in block_opset13().graph.initializer if t.name in ("two", "eps", "gamma", "beta")]
+    inits += [init("w0", rng.standard_normal((8, 8)).astype(np.float32)),
+              init("w3", rng.standard_normal((8, 3)).astype(np.float32))]
+    model = make(nodes, [vi("x", ["N", 8])], [vi("y", ["N", 3])], inits)
+    om = OnnxModel.load(model, {"x": rng.standard_normal((4, 8)).astype(np.float32)})
+    first = om.analysis.graph.layer_names()[0]
+    y = om.outputs(om.build({first: BF16}))[0]
+    assert torch.isfinite(y).all() and y.shape == (4, 3)
 
 
 # --- data ---------------------------------------------------------------------------------------------
