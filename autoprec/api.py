@@ -152,11 +152,10 @@ def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: s
     t0 = time.perf_counter()
     om = OnnxModel.load(model, data, labels)
     name = om.analysis.graph.model_name
-    drop_budget = _choose_budget(name, om.labels is not None or metric is not None,
-                                 "accuracy" if om.labels is not None else "metric", budget, fidelity_budget,
-                                 how="--labels")
-    fmts = parse_precisions(formats) if formats is not None else DEFAULT_CANDIDATES
+    own_metric = om.labels is not None or metric is not None
     metric = metric or om.metric()
+    drop_budget = _choose_budget(name, own_metric, metric.name, budget, fidelity_budget, how="--labels")
+    fmts = parse_precisions(formats) if formats is not None else DEFAULT_CANDIDATES
     reference, t_eval = _evaluate_fp32(metric, om.analysis.model)
     prof = profile_onnx(om, fmts, progress)
     amax = act_amax_from_profile(prof)

@@ -51,6 +51,10 @@ def _flops(n: int) -> str:
     return str(n)
 
 
+_EXACT_ONLY = ("ONNX models are profiled in exact mode (ONNX Runtime has no backward pass for the fast "
+               "estimate): drop {flag} fast")
+
+
 def _is_onnx(model: str) -> bool:
     return model.lower().endswith(".onnx")
 
@@ -77,8 +81,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
         if _is_onnx(args.model):
             if args.mode != "exact":
-                raise UsageError("ONNX models are profiled in exact mode (ONNX Runtime has no backward pass for the "
-                                 "fast estimate): drop --mode fast")
+                raise UsageError(_EXACT_ONLY.format(flag="--mode"))
             om = api.OnnxModel.load(args.model, args.data)
             prof = api.profile_onnx(om, formats, progress)
             graph, source = om.analysis.graph, "analysed from ONNX, measured on ONNX Runtime"
@@ -143,8 +146,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                       batch=args.batch, provider=args.provider, progress=progress)
         if onnx_input:
             if args.profile_mode == "fast":
-                raise UsageError("ONNX models are profiled in exact mode (ONNX Runtime has no backward pass for the "
-                                 "fast estimate): drop --profile-mode fast")
+                raise UsageError(_EXACT_ONLY.format(flag="--profile-mode"))
             result = api.tune_onnx(args.model, args.data, args.labels, args.budget, **common)
         else:
             result = api.tune(args.model, args.budget, profile_mode=args.profile_mode or "fast", **common)

@@ -29,3 +29,10 @@ class CaptureError(AutoprecError):
 
 class PlanError(AutoprecError):
     """A plan does not fit the model it is applied to, or is malformed."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name if it has none), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else type(exc).__name__
+

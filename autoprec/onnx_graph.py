@@ -46,7 +46,7 @@ import onnx.defs
 from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
 
 from autoprec.kinds import LOOKUP_KINDS, NEVER_KINDS, policy_of
-from autoprec.errors import CaptureError, UsageError
+from autoprec.errors import CaptureError, UsageError, first_line
 from autoprec.opgraph import OpGraph, OpNode, Policy
 
 #: The opset ONNX inputs are upgraded to (fp8 QuantizeLinear/DequantizeLinear, blocked Q/DQ).
@@ -166,13 +166,8 @@ def read_model(source: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.M
     try:
         model = onnx.load(path)
     except Exception as exc:
-        raise CaptureError(f"cannot read {path} as ONNX: {type(exc).__name__}: {_line(exc)}") from exc
+        raise CaptureError(f"cannot read {path} as ONNX: {type(exc).__name__}: {first_line(exc)}") from exc
     return model, os.path.splitext(os.path.basename(path))[0]
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else ""
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -200,7 +195,7 @@ def preprocess(model: onnx.ModelProto, target_opset: int = TARGET_OPSET) -> tupl
         try:
             model = version_converter.convert_version(model, target_opset)
         except Exception as exc:
-            detail = _line(exc).split("failed: ")[-1]
+            detail = first_line(exc).split("failed: ")[-1]
             raise CaptureError(f"cannot upgrade the model from opset {current} to {target_opset}: "
                                f"{detail} ({advice})") from exc
         for n in model.graph.node:  # the converter drops node metadata (the torch scopes)
@@ -242,7 +237,7 @@ def _infer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
         return shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True), ""
     except Exception as exc:
         inferred = shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-        return inferred, f"strict shape inference failed ({_line(exc)}); used non-strict inference"
+        return inferred, f"strict shape inference failed ({first_line(exc)}); used non-strict inference"
 
 
 def fold_constants(model: onnx.ModelProto) -> int:
@@ -560,7 +555,7 @@ def _measure_shapes(model: onnx.ModelProto, inputs: Mapping[str, tuple[int, ...]
         got = sess.run(list(names), run_feeds)
     except Exception as exc:
         return {}, (f"{len(names)} value(s) have no known shape (e.g. {names[0]!r}) and the model does "
-                    f"not run in ONNX Runtime to measure them ({_line(exc)}): their sizes count as 0")
+                    f"not run in ONNX Runtime to measure them ({first_line(exc)}): their sizes count as 0")
     out = {}
     for n, arr in zip(names, got):
         if isinstance(arr, np.ndarray):

@@ -37,7 +37,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from autoprec.errors import UsageError
+from autoprec.errors import UsageError, first_line
 from autoprec.formats import DEFAULT_CANDIDATES, Precision
 from autoprec.kinds import format_exclusion
 from autoprec.metrics import Metric, fidelity_to, label_metric
@@ -55,18 +55,13 @@ RUN_BATCH = 256
 Feeds = dict[str, np.ndarray]
 
 
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
 def _read_arrays(path: Path, what: str) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise UsageError(f"no {what} file at {path}")
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {path} as a numpy .npz/.npy file: {_line(exc)}") from None
+        raise UsageError(f"cannot read {path} as a numpy .npz/.npy file: {first_line(exc)}") from None
     if isinstance(loaded, np.ndarray):
         return {"": loaded}
     with loaded:
@@ -229,10 +224,6 @@ class OnnxModel:
         raise UsageError("the model has no floating-point output: nothing to measure errors on")
 
     # --- the metric -----------------------------------------------------------------------------
-    def output_kind(self) -> str:
-        y = self.outputs(self.analysis.model, self.batches()[:1])[0]
-        return output_kind_of(y, None)
-
     def metric(self) -> Metric:
         """Accuracy (integer labels) or mean squared error (float labels) on all the data; without
         labels, fidelity to the fp32 model (top-1 agreement for logits, else relative L2 error)."""
