@@ -271,7 +271,7 @@ def fold_constants(model: onnx.ModelProto) -> int:
         return 0
     del g.node[:]
     g.node.extend(keep)
-    used = _referenced_names(g)
+    used = referenced_names(g)
     drop = {n for n in folded_inputs if n not in used}
     kept_inits = [t for t in g.initializer if t.name not in drop]
     del g.initializer[:]
@@ -286,13 +286,13 @@ def fold_constants(model: onnx.ModelProto) -> int:
     return folded
 
 
-def _referenced_names(g: onnx.GraphProto) -> set[str]:
+def referenced_names(g: onnx.GraphProto) -> set[str]:
     """Every value name read by a node of ``g`` or of its subgraphs, plus ``g``'s outputs."""
     names = {o.name for o in g.output}
     for node in g.node:
         names.update(i for i in node.input if i)
         for sub in _subgraphs(node):
-            names.update(_referenced_names(sub))
+            names.update(referenced_names(sub))
     return names
 
 

@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from autoprec.formats import Precision
+from autoprec.onnx_graph import referenced_names
 from passes.base import GraphPass, PassManager, PassResult
 
 # --- node metadata keys ------------------------------------------------------------------------
@@ -324,9 +325,10 @@ def all_names(model: onnx.ModelProto) -> set[str]:
 
 
 def remove_unused_initializers(model: onnx.ModelProto) -> int:
-    """Drop initializers no node reads and no graph output names; return how many went."""
+    """Drop initializers no node reads (a control-flow subgraph's outer-scope reads count) and no
+    graph output names; return how many went."""
     g = model.graph
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    used = referenced_names(g)
     keep = [t for t in g.initializer if t.name in used]
     dropped = len(g.initializer) - len(keep)
     if dropped:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx_graph_models import block_opset13, init, make, mlp_opset13, vi
+from onnx_graph_models import block_opset13, init, loop_model, make, mlp_opset13, vi
 from onnx import helper
 
 from autoprec.api import tune_onnx
@@ -268,6 +268,23 @@ def test_api_tunes_a_hand_built_model_on_fidelity() -> None:
     w = next(t for t in deploy.graph.initializer if t.name == core.input[1])
     assert w.data_type == onnx.TensorProto.FLOAT16
     assert r.metric.measure(r.onnx_model("emulate")) == m["metric_tuned"]
+
+
+def test_control_flow_stays_fp32_and_keeps_the_weights_its_body_reads() -> None:
+    """A Loop whose body reads an initializer from the outer scope: the layer before it is lowered,
+    the Loop stays fp32 with its reason, and the body's weight survives the passes."""
+    x = np.random.default_rng(3).standard_normal((32, 6)).astype(np.float32)
+    r = tune_onnx(loop_model(), {"x": x}, fidelity_budget="5%", force=["fp16:proj"])
+    assert r.plan.assignment["proj"] is FP16 and "control flow (Loop)" in r.onnx.analysis.reasons["loop"]
+    for mode in ("deploy", "emulate"):
+        model = r.onnx_model(mode)
+        assert "w" in {t.name for t in model.graph.initializer}
+    deploy = r.onnx_model("deploy")
+    producer = {o: n for n in deploy.graph.node for o in n.output}
+    loop = next(n for n in deploy.graph.node if n.op_type == "Loop")
+    cast = producer[loop.input[2]]  # the fp16 MatMul's result goes back to fp32 for the Loop
+    assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT
+    assert r.metric.measure(r.onnx_model("emulate")) == r.plan.measured["metric_tuned"]
 
 
 @pytest.mark.parametrize("extra, message", [
