@@ -13,7 +13,8 @@ search's verification and the final metric all measure such graphs, so the error
 construction the error the tuned model has.
 
 Data: an ``.npz`` file whose arrays are named after the model's inputs (or, written by
-``np.savez(path, a, b)``, given in input order), all with the same number of samples on axis 0.
+``np.savez(path, a, b)``, given in input order), all with the same number of samples on axis 0,
+except the inputs the model declares as scalars (an If's condition), given once for every run.
 Labels: an ``.npy``/``.npz`` file, or the name of an array in the data file that is not an input.
 The first :data:`CALIBRATION_SAMPLES` samples calibrate (range statistics, fp8 scales) and profile;
 the metric is measured on all of them.
@@ -72,8 +73,10 @@ def _input_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
 
 
-def _match_inputs(arrays: dict[str, np.ndarray], inputs: Sequence[onnx.ValueInfoProto], path: Path) -> Feeds:
-    """The data arrays of each model input: by name, else (np.savez's arr_0, arr_1, ...) by order."""
+def _match_inputs(arrays: dict[str, np.ndarray], inputs: Sequence[onnx.ValueInfoProto],
+                  path: Path) -> tuple[Feeds, Feeds]:
+    """The data arrays of each model input, by name, else (np.savez's arr_0, arr_1, ...) by order:
+    (batched inputs, samples on axis 0; scalar inputs, e.g. an If's condition, the same for every run)."""
     names = [vi.name for vi in inputs]
     if list(arrays) == [""] and len(names) == 1:  # one .npy for a one-input model
         arrays = {names[0]: arrays[""]}
@@ -88,6 +91,7 @@ def _match_inputs(arrays: dict[str, np.ndarray], inputs: Sequence[onnx.ValueInfo
                          f"{', '.join(sorted(arrays)) or 'none'}): name the arrays after the inputs, "
                          f"e.g. np.savez(path, **{{{names[0]!r}: x}})")
     feeds: Feeds = {}
+    scalars: Feeds = {}
     for vi in inputs:
         a = chosen[vi.name]
         want = _input_dtype(vi)
@@ -96,14 +100,19 @@ def _match_inputs(arrays: dict[str, np.ndarray], inputs: Sequence[onnx.ValueInfo
                 raise UsageError(f"input {vi.name!r}: the data are {a.dtype}, the model takes {want}")
             a = a.astype(want)
         rank = len(vi.type.tensor_type.shape.dim) if vi.type.tensor_type.HasField("shape") else a.ndim
+        if rank == 0 and a.ndim == 0:
+            scalars[vi.name] = a
+            continue
         if a.ndim != rank or a.ndim == 0:
             raise UsageError(f"input {vi.name!r}: the data have shape {list(a.shape)}, the model takes rank {rank} "
                              "with the samples on axis 0")
         feeds[vi.name] = np.ascontiguousarray(a)
+    if not feeds:
+        raise UsageError("the model has no input with samples on axis 0: nothing to calibrate or measure on")
     sizes = {n: int(a.shape[0]) for n, a in feeds.items()}
     if len(set(sizes.values())) > 1:
         raise UsageError(f"the inputs in {path} hold different numbers of samples on axis 0: {sizes}")
-    return feeds
+    return feeds, scalars
 
 
 def _fixed_batch(inputs: Sequence[onnx.ValueInfoProto]) -> int | None:
@@ -131,6 +140,7 @@ class OnnxModel:
 
     analysis: OnnxAnalysis
     feeds: Feeds  # every sample, by input name
+    scalars: Feeds  # rank-0 inputs, the same in every run
     labels: np.ndarray | None
     batch: int  # samples per ONNX Runtime run
     fixed_batch: bool = False  # the model takes exactly ``batch`` samples per run
@@ -148,8 +158,8 @@ class OnnxModel:
         else:
             path = Path(data)
             arrays = _read_arrays(path, "data")
-        feeds = _match_inputs(arrays, inputs, path)
-        n = next(iter(feeds.values())).shape[0] if feeds else 0
+        feeds, scalars = _match_inputs(arrays, inputs, path)
+        n = next(iter(feeds.values())).shape[0]
         if n == 0:
             raise UsageError(f"{path} holds no samples")
         lab = _labels(labels, arrays, feeds, n)
@@ -158,8 +168,8 @@ class OnnxModel:
         # shapes at one sample (or the batch the model fixes): the op graph, and so the plan's
         # fingerprint, do not depend on how many samples the data hold
         one = run_batch if fixed else 1
-        analysis = analyse_onnx(proto, example={k: v[:one] for k, v in feeds.items()}, name=label)
-        return cls(analysis, feeds, lab, run_batch, fixed)
+        analysis = analyse_onnx(proto, example={**{k: v[:one] for k, v in feeds.items()}, **scalars}, name=label)
+        return cls(analysis, feeds, scalars, lab, run_batch, fixed)
 
     # --- data -----------------------------------------------------------------------------------
     @property
@@ -172,7 +182,8 @@ class OnnxModel:
         n = self.samples if limit is None else min(self.samples, limit)
         if self.fixed_batch and n % self.batch:
             n = min(self.samples, math.ceil(n / self.batch) * self.batch)
-        return [{k: v[i:i + self.batch] for k, v in self.feeds.items()} for i in range(0, n, self.batch)]
+        return [{**{k: v[i:i + self.batch] for k, v in self.feeds.items()}, **self.scalars}
+                for i in range(0, n, self.batch)]
 
     def calibration(self) -> list[Feeds]:
         return self.batches(CALIBRATION_SAMPLES)
@@ -353,7 +364,7 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
     graph = model.analysis.graph
     prof = SensitivityProfile(model_name=graph.model_name, fingerprint=graph.fingerprint(), mode="exact",
                               measure=measure_name(kind), formats=fmts, errors=errors, ranges=ranges,
-                              local_errors=local, samples=sum(next(iter(b.values())).shape[0] for b in batches),
+                              local_errors=local, samples=sum(b[next(iter(model.feeds))].shape[0] for b in batches),
                               cost_passes=seconds / t_ref if t_ref > 0 else 0.0, rerun_fraction=1.0, seconds=seconds)
     prof.flags = explain(prof)
     return prof

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx_graph_models import block_opset13, init, loop_model, make, mlp_opset13, vi
+from onnx_graph_models import block_opset13, if_model, init, loop_model, make, mlp_opset13, vi
 from onnx import helper
 
 from autoprec.api import tune_onnx
@@ -285,6 +285,18 @@ def test_control_flow_stays_fp32_and_keeps_the_weights_its_body_reads() -> None:
     cast = producer[loop.input[2]]  # the fp16 MatMul's result goes back to fp32 for the Loop
     assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT
     assert r.metric.measure(r.onnx_model("emulate")) == r.plan.measured["metric_tuned"]
+
+
+@pytest.mark.parametrize("cond", [True, False])
+def test_a_scalar_input_is_fed_to_every_run(cond: bool) -> None:
+    """An If's condition is a rank-0 input: given once, it goes with every batch of samples."""
+    x = np.random.default_rng(4).standard_normal((300, 8)).astype(np.float32)
+    om = OnnxModel.load(if_model(), {"x": x, "c": np.array(cond)})
+    assert set(om.scalars) == {"c"} and len(om.batches()) == 2
+    assert all(b["c"].shape == () for b in om.batches())
+    r = tune_onnx(if_model(), {"x": x, "c": np.array(cond)}, fidelity_budget="1%")
+    assert r.plan.measured["drop"] <= r.plan.measured["allowed_drop"]
+    assert "control flow (If)" in r.onnx.analysis.reasons["branch"]
 
 
 @pytest.mark.parametrize("extra, message", [
