@@ -260,6 +260,9 @@ def _labels(labels: str | os.PathLike[str] | np.ndarray | None, arrays: Mapping[
     elif str(labels) in arrays and str(labels) not in feeds:
         lab = arrays[str(labels)]
     else:
+        if not Path(labels).is_file():
+            raise UsageError(f"no labels file at {labels}, and the data file has no array of that name "
+                             f"(it has {', '.join(sorted(arrays))})")
         found = _read_arrays(Path(labels), "labels")
         if len(found) != 1:
             raise UsageError(f"{labels} holds {len(found)} arrays ({', '.join(sorted(found))}); give a file with "
