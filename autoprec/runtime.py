@@ -227,6 +227,27 @@ def cuda_available() -> bool:
     return probe_provider(("cuda", "cpu"))[0] == "cuda"
 
 
+def latency_ms(model: bytes, feeds: dict[str, np.ndarray], provider: str = "cuda", warmup: int = 5,
+               runs: int = 50) -> float | None:
+    """Median wall time (ms) of one run of ``model`` on ``feeds`` on ``provider``, after ``warmup``
+    runs; None when ONNX Runtime does not really run it there (a CUDA request on a machine without
+    a GPU), so that no CPU time is ever reported as GPU latency."""
+    import statistics
+    import time
+
+    session = open_session(model, (provider,))
+    if session.provider != parse_providers(provider)[0]:
+        return None
+    for _ in range(warmup):
+        session.run(feeds)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(feeds)
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
 def ort_module(session: Session) -> Any:
     """``session`` as a torch module: takes torch tensors, returns a torch tensor (the first output;
     a tuple when the graph has several). Model files' evaluate() functions can call it."""

@@ -21,7 +21,6 @@ parity or its budget.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from autoprec.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
 from autoprec.formats import Precision  # noqa: E402
 from autoprec.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from autoprec.kinds import format_exclusion  # noqa: E402
-from autoprec.runtime import cuda_available, open_session  # noqa: E402
+from autoprec.runtime import cuda_available, latency_ms  # noqa: E402
 from autoprec.spec import load_model_spec  # noqa: E402
 from autoprec.verify import verify  # noqa: E402
 from passes import act_amax_from_profile  # noqa: E402
@@ -61,18 +60,10 @@ def _checked(model: onnx.ModelProto) -> bool:
 def _latency_ms(model: onnx.ModelProto, example) -> float:
     import torch
 
-    s = open_session(model.SerializeToString(), ("cuda",))
-    if s.provider != "cuda":
-        return float("nan")
-    x = tuple(torch.cat([t] * (LATENCY_BATCH // t.shape[0] + 1))[:LATENCY_BATCH] for t in example)
-    for _ in range(5):
-        s(*x)
-    times = []
-    for _ in range(LATENCY_RUNS):
-        t = time.perf_counter()
-        s(*x)
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    x = [torch.cat([t] * (LATENCY_BATCH // t.shape[0] + 1))[:LATENCY_BATCH].numpy() for t in example]
+    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    ms = latency_ms(model.SerializeToString(), dict(zip(names, x)), "cuda", runs=LATENCY_RUNS)
+    return float("nan") if ms is None else ms
 
 
 def bench(path: Path, budget: str, workdir: Path, cuda: bool) -> dict[str, object]:

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from autoprec.errors import UsageError
 from autoprec.formats import Precision
 from autoprec.quantize import fp8_scale, quantize
-from autoprec.runtime import Session, cuda_available, open_session, ort_module, parse_providers
+from autoprec.runtime import Session, cuda_available, latency_ms, open_session, ort_module, parse_providers
 
 
 def _model(nodes, inits=(), out_type=TensorProto.FLOAT) -> bytes:
@@ -51,6 +51,14 @@ def test_asking_for_cuda_reports_the_cpu_it_got(caplog, capfd) -> None:
     assert s2.provider == "cpu" and s2.requested[0] == "tensorrt"
     out, err = capfd.readouterr()
     assert "EP Error" not in out and "TensorRT" not in err
+
+
+def test_latency_is_measured_only_where_the_session_really_runs() -> None:
+    feeds = {"x": np.ones(1024, np.float32)}
+    ms = latency_ms(RELU, feeds, "cpu", warmup=1, runs=3)
+    assert ms is not None and ms > 0
+    if not cuda_available():
+        assert latency_ms(RELU, feeds, "cuda", warmup=1, runs=3) is None  # never CPU time labelled as GPU
 
 
 def test_cpu_session_and_torch_wrapper() -> None:
