@@ -108,6 +108,10 @@ def label_metric(labels: list[torch.Tensor], outputs_of: Callable[[Any], list[to
     if all(not lab.is_floating_point() for lab in labels):
         def accuracy(model: Any) -> float:
             outs = outputs_of(model)
+            if tuple(outs[0].shape[:-1]) != tuple(labels[0].shape) or outs[0].shape[-1] < 2:
+                raise UsageError(f"integer labels of shape {list(labels[0].shape)} need class scores on the last "
+                                 f"output axis, but the output has shape {list(outs[0].shape)}: give float labels "
+                                 "to be judged by mean squared error")
             right = sum(int((o.argmax(dim=-1) == lab.to(torch.int64)).sum()) for o, lab in zip(outs, labels))
             return right / sum(lab.numel() for lab in labels)
 

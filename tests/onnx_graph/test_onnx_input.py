@@ -179,6 +179,19 @@ def test_bad_data_is_one_line(tmp_path: Path, arrays: dict, labels: np.ndarray |
     assert "\n" not in str(e.value)
 
 
+def test_labels_choose_the_metric() -> None:
+    x = np.random.default_rng(5).standard_normal((20, 8)).astype(np.float32)
+    acc = OnnxModel.load(mlp_opset13(), {"x": x}, np.arange(20) % 3).metric()
+    mse = OnnxModel.load(mlp_opset13(), {"x": x}, np.zeros((20, 3), np.float32)).metric()
+    assert (acc.name, acc.higher_is_better, mse.name, mse.higher_is_better) == ("accuracy", True, "mse", False)
+    model = OnnxModel.load(mlp_opset13(), {"x": x}).analysis.model
+    y = OnnxModel.load(mlp_opset13(), {"x": x}).outputs(model)[0].numpy()
+    assert acc.measure(model) == float(np.mean(y.argmax(-1) == np.arange(20) % 3))
+    assert mse.measure(model) == pytest.approx(float(np.mean(y.astype(np.float64) ** 2)))
+    with pytest.raises(UsageError, match="need class scores on the last output axis"):
+        OnnxModel.load(mlp_opset13(), {"x": x}, np.zeros((20, 3), np.int64)).metric().measure(model)
+
+
 # --- agreement with the torch path ---------------------------------------------------------------------
 
 
