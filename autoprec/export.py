@@ -12,6 +12,10 @@
    the torch passes, with the same decisions: MapLayers (plan layers -> ONNX nodes through the
    exporter's metadata), AssignFormats, LowerWeights (16-bit / fp8 initializers), InsertCasts.
 
+A model given as an .onnx file takes the same passes after MapNodes in place of MapLayers
+(:func:`apply_plan_analysed`, :func:`export_analysed`): its plan's layers are the ONNX analyser's
+node names (:mod:`autoprec.onnx_graph`).
+
 Two graphs come out of one plan (``mode``): ``"deploy"``, with real 16-bit tensors and fp8 Q/DQ,
 for the CUDA / TensorRT providers; and ``"emulate"`` (``emulation=True``), which computes in fp32
 with every rounding explicit, so that ONNX Runtime's CPU provider, which computes fp16 nodes in
