@@ -52,7 +52,8 @@ from autoprec.opgraph import OpGraph, OpNode, Policy
 #: The opset ONNX inputs are upgraded to (fp8 QuantizeLinear/DequantizeLinear, blocked Q/DQ).
 TARGET_OPSET = 21
 
-_FLOAT_TYPES = frozenset({
+#: ONNX floating element types (fp32/fp64/16-bit/fp8): the values a precision plan can touch
+FLOAT_TYPES = frozenset({
     TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE,
     TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
     TensorProto.FLOAT8E5M2FNUZ,
@@ -478,7 +479,7 @@ class _Value:
 
     @property
     def is_float(self) -> bool:
-        return self.elem_type in _FLOAT_TYPES
+        return self.elem_type in FLOAT_TYPES
 
     @property
     def numel(self) -> int:
@@ -607,10 +608,9 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
         policy = policy_of(kind)
         if policy is Policy.ALWAYS and _unsupported_layer(node, kind, weight):
             policy = Policy.NEVER
-        if policy is Policy.ALWAYS:
-            bias_add = _bias_add(node, weight, inits, values, consumers)
-            if bias_add is not None:
-                groups[bias_add] = node.name  # the bias belongs to the layer, as in torch's linear
+        bias_add = _bias_add(node, weight, inits, values, consumers)
+        if policy is Policy.ALWAYS and bias_add is not None:
+            groups[bias_add[0]] = node.name  # the bias belongs to the layer, as in torch's linear
         # floating activations read (a value of unknown type, e.g. a custom op's output, may be one)
         act_ins = [i for i in dict.fromkeys(ins) if i not in inits and (values.get(i) is None or values[i].is_float)]
         if policy is not Policy.NONE and not float_out:
@@ -633,7 +633,7 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
             input_shapes=tuple(v.shape for v in in_vals if v.shape is not None),
             output_shape=out_v.shape if out_v is not None and out_v.shape is not None else (),
             flops=_flops(base, node, values) if policy is not Policy.NONE else 0,
-            weight_elems=_weight_elems(node, kind, weight, inits, values, consumers),
+            weight_elems=_weight_elems(node, weight, inits, values, bias_add[1] if bias_add else None),
             act_in_elems=sum(values[i].numel for i in act_ins if i in values),
             act_out_elems=sum(v.numel for v in outs if v is not None and v.is_float),
             weight=weight,
@@ -666,9 +666,10 @@ def _unsupported_layer(node: onnx.NodeProto, kind: str, weight: str | None) -> b
 
 
 def _bias_add(node: onnx.NodeProto, weight: str | None, inits: set[str], values: Mapping[str, _Value],
-              consumers: Mapping[str, list[onnx.NodeProto]]) -> str | None:
-    """The Add that adds a linear layer's bias to a MatMul's result, when it is its only reader and
-    the bias is a 1-D float constant: how exporters write ``nn.Linear`` on inputs of rank > 2."""
+              consumers: Mapping[str, list[onnx.NodeProto]]) -> tuple[str, str] | None:
+    """(the Add node, the bias initializer) that adds a linear layer's bias to a MatMul's result,
+    when the Add is its only reader and the bias is a 1-D float constant: how exporters write
+    ``nn.Linear`` on inputs of rank > 2."""
     if node.op_type != "MatMul" or weight is None or not node.output:
         return None
     users = consumers.get(node.output[0], [])
@@ -678,7 +679,9 @@ def _bias_add(node: onnx.NodeProto, weight: str | None, inits: set[str], values:
     if len(others) != 1 or others[0] not in inits:
         return None
     b = values.get(others[0])
-    return users[0].name if b is not None and b.is_float and b.shape is not None and len(b.shape) == 1 else None
+    if b is None or not b.is_float or b.shape is None or len(b.shape) != 1:
+        return None
+    return users[0].name, others[0]
 
 
 def _node_inputs(node: onnx.NodeProto) -> list[str]:
@@ -814,22 +817,17 @@ def _flops(kind: str, node: onnx.NodeProto, values: Mapping[str, _Value]) -> int
     return n_out
 
 
-def _weight_elems(node: onnx.NodeProto, kind: str, weight: str | None, inits: set[str],
-                  values: Mapping[str, _Value], consumers: Mapping[str, list[onnx.NodeProto]]) -> int:
-    """Parameter elements a layer reads: its weight and its bias -- Gemm's/Conv's C/B input, or for
-    a MatMul the 1-D constant of the Add that is its only consumer (how exporters write a linear
-    layer on 3-D inputs), counted as torch counts nn.Linear's bias."""
+def _weight_elems(node: onnx.NodeProto, weight: str | None, inits: set[str], values: Mapping[str, _Value],
+                  bias_add: str | None) -> int:
+    """Parameter elements a layer reads: its weight and its bias -- Gemm's/Conv's C/B input, or a
+    MatMul's ``bias_add`` constant (:func:`_bias_add`), counted as torch counts nn.Linear's bias."""
     if weight is None:
         return 0
     total = values[weight].numel
     if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2] in inits:
         total += values[node.input[2]].numel
-    elif node.op_type == "MatMul":
-        users = consumers.get(node.output[0], [])
-        if len(users) == 1 and users[0].op_type == "Add":
-            bias = [i for i in users[0].input if i in inits and values.get(i) is not None
-                    and values[i].shape is not None and len(values[i].shape) == 1]
-            total += values[bias[0]].numel if bias else 0
+    elif bias_add is not None:
+        total += values[bias_add].numel
     return total
 
 

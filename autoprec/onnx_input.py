@@ -42,7 +42,7 @@ from autoprec.errors import UsageError, first_line
 from autoprec.formats import DEFAULT_CANDIDATES, Precision
 from autoprec.kinds import format_exclusion
 from autoprec.metrics import Metric, fidelity_to, label_metric
-from autoprec.onnx_graph import OnnxAnalysis, analyse_onnx, graph_inputs, read_model
+from autoprec.onnx_graph import FLOAT_TYPES, OnnxAnalysis, analyse_onnx, graph_inputs, read_model
 from autoprec.profile import ErrorSum, Progress, RangeAccumulator, explain, measure_name, output_kind_of
 from autoprec.runtime import open_session
 from autoprec.semantics import act_arg_positions
@@ -124,9 +124,8 @@ def _fixed_batch(inputs: Sequence[onnx.ValueInfoProto]) -> int | None:
     return fixed.pop() if fixed else None
 
 
-def _batch_size(inputs: Sequence[onnx.ValueInfoProto], n: int) -> int:
-    """Samples per run: a batch axis fixed by the model, else :data:`RUN_BATCH`."""
-    b = _fixed_batch(inputs)
+def _batch_size(b: int | None, n: int) -> int:
+    """Samples per run: the batch ``b`` the model fixes on axis 0, else :data:`RUN_BATCH`."""
     if b is None:
         return min(RUN_BATCH, n)
     if n % b:
@@ -163,13 +162,13 @@ class OnnxModel:
         if n == 0:
             raise UsageError(f"{path} holds no samples")
         lab = _labels(labels, arrays, feeds, n)
-        run_batch = _batch_size(inputs, n)
-        fixed = _fixed_batch(inputs) is not None
+        fixed = _fixed_batch(inputs)
+        run_batch = _batch_size(fixed, n)
         # shapes at one sample (or the batch the model fixes): the op graph, and so the plan's
         # fingerprint, do not depend on how many samples the data hold
-        one = run_batch if fixed else 1
+        one = fixed or 1
         analysis = analyse_onnx(proto, example={**{k: v[:one] for k, v in feeds.items()}, **scalars}, name=label)
-        return cls(analysis, feeds, scalars, lab, run_batch, fixed)
+        return cls(analysis, feeds, scalars, lab, run_batch, fixed is not None)
 
     # --- data -----------------------------------------------------------------------------------
     @property
@@ -229,8 +228,7 @@ class OnnxModel:
     @staticmethod
     def _first_float_output(model: onnx.ModelProto) -> str:
         for o in model.graph.output:
-            if o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
-                                                onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            if o.type.tensor_type.elem_type in FLOAT_TYPES:
                 return o.name
         raise UsageError("the model has no floating-point output: nothing to measure errors on")
 

@@ -33,6 +33,7 @@ import onnx
 
 from autoprec.errors import PlanError, UsageError
 from autoprec.formats import Precision
+from autoprec.opgraph import OpGraph
 from autoprec.plan import PrecisionPlan
 from autoprec.spec import ModelSpec, load_model_spec
 
@@ -274,7 +275,7 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     report = VerifyReport(
         onnx_path=str(path), model=spec.name, file_mode=mode, provider=provider,
         provider_note=f"asked for {asked[0]}: {why}" if provider != asked[0] else "",
-        metric_graph=graph, formats=_counts(assignment, captured), parity=par, metric=metric.name,
+        metric_graph=graph, formats=_counts(assignment, captured.graph), parity=par, metric=metric.name,
         higher_is_better=metric.higher_is_better, allowed_drop=allowed, notes=notes)
     report.metric_onnx = float(metric.measure(ort_module(metric_session)))
     report.metric_torch_emulated = float(metric.measure(torch_emulated))
@@ -342,13 +343,9 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
     asked = parse_providers(providers)
     provider, why = probe_provider(asked)
     metric = om.metric()
-    counts: dict[str, int] = {}
-    for name in graph.layer_names():
-        f = assignment.get(name, Precision.FP32).value
-        counts[f] = counts.get(f, 0) + 1
     report = VerifyReport(onnx_path=str(path), model=graph.model_name, file_mode=mode, provider=provider,
                           provider_note=f"asked for {asked[0]}: {why}" if provider != asked[0] else "",
-                          metric_graph="emulation", formats=counts, parity=None, metric=metric.name,
+                          metric_graph="emulation", formats=_counts(assignment, graph), parity=None, metric=metric.name,
                           higher_is_better=metric.higher_is_better, allowed_drop=allowed,
                           parity_of="deployment graph on the GPU vs emulation graph on the CPU")
     report.metric_fp32 = float(metric.measure(om.analysis.model))
@@ -378,9 +375,10 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
     return report
 
 
-def _counts(assignment: Mapping[str, Precision], captured: Any) -> dict[str, int]:
+def _counts(assignment: Mapping[str, Precision], graph: OpGraph) -> dict[str, int]:
+    """Layers of ``graph`` per format under ``assignment`` (layers it leaves out are fp32)."""
     counts: dict[str, int] = {}
-    for name in captured.graph.layer_names():
+    for name in graph.layer_names():
         f = assignment.get(name, Precision.FP32).value
         counts[f] = counts.get(f, 0) + 1
     return counts

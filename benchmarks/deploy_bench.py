@@ -36,6 +36,7 @@ from autoprec.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
 from autoprec.formats import Precision  # noqa: E402
 from autoprec.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from autoprec.kinds import format_exclusion  # noqa: E402
+from autoprec.onnx_graph import graph_inputs  # noqa: E402
 from autoprec.runtime import cuda_available, latency_ms  # noqa: E402
 from autoprec.spec import load_model_spec  # noqa: E402
 from autoprec.verify import verify  # noqa: E402
@@ -61,7 +62,7 @@ def _latency_ms(model: onnx.ModelProto, example) -> float:
     import torch
 
     x = [torch.cat([t] * (LATENCY_BATCH // t.shape[0] + 1))[:LATENCY_BATCH].numpy() for t in example]
-    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    names = [i.name for i in graph_inputs(model)]
     ms = latency_ms(model.SerializeToString(), dict(zip(names, x)), "cuda", runs=LATENCY_RUNS)
     return float("nan") if ms is None else ms
 

@@ -179,7 +179,7 @@ def loss(model: nn.Module, batch) -> torch.Tensor:
 
 
 @functools.cache
-def _eval_windows() -> tuple[torch.Tensor, torch.Tensor]:
+def eval_windows() -> tuple[torch.Tensor, torch.Tensor]:
     """Up to EVAL_WINDOWS non-overlapping windows spread evenly over the held-out text."""
     _, held = zoo_common.stdlib_tokens()
     n_avail = (len(held) - 1) // CONTEXT
@@ -190,5 +190,5 @@ def _eval_windows() -> tuple[torch.Tensor, torch.Tensor]:
 
 def evaluate(model: nn.Module) -> float:
     """exp(mean next-token cross-entropy) over all positions of the held-out windows."""
-    x, y = _eval_windows()
+    x, y = eval_windows()
     return zoo_common.perplexity(model, x, y)

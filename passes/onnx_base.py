@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from autoprec.formats import Precision
-from autoprec.onnx_graph import referenced_names
+from autoprec.onnx_graph import FLOAT_TYPES, referenced_names  # noqa: F401  (FLOAT_TYPES re-exported)
 from passes.base import GraphPass, PassManager, PassResult
 
 # --- node metadata keys ------------------------------------------------------------------------
@@ -56,11 +56,6 @@ MODEL_FINGERPRINT = "autoprec.fingerprint"
 
 ROLE_CORE = "core"
 
-#: the ONNX element types of the formats (and fp64, which passes leave alone)
-FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE,
-                         TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
-                         TensorProto.FLOAT8E5M2FNUZ})
-
 _BY_ONNX_TYPE = {p.onnx_type: p for p in Precision}
 
 
@@ -82,12 +77,17 @@ def get_meta(node: onnx.NodeProto, key: str, default: str | None = None) -> str 
     return default
 
 
-def set_meta(node: onnx.NodeProto, key: str, value: str) -> None:
-    for p in node.metadata_props:
+def _set_prop(props: Any, key: str, value: str) -> None:
+    """Set ``key`` in a repeated StringStringEntryProto field (node or model metadata_props)."""
+    for p in props:
         if p.key == key:
             p.value = value
             return
-    node.metadata_props.add(key=key, value=value)
+    props.add(key=key, value=value)
+
+
+def set_meta(node: onnx.NodeProto, key: str, value: str) -> None:
+    _set_prop(node.metadata_props, key, value)
 
 
 def drop_meta(node: onnx.NodeProto, keys: Iterable[str]) -> None:
@@ -117,11 +117,7 @@ def model_meta(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def set_model_meta(model: onnx.ModelProto, key: str, value: str) -> None:
-    for p in model.metadata_props:
-        if p.key == key:
-            p.value = value
-            return
-    model.metadata_props.add(key=key, value=value)
+    _set_prop(model.metadata_props, key, value)
 
 
 # --- the pass framework ------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def _digits_data() -> tuple[np.ndarray, np.ndarray]:
 def _lm_data() -> tuple[np.ndarray, np.ndarray]:
     import char_transformer
 
-    x, y = char_transformer._eval_windows()  # the windows evaluate() scores
+    x, y = char_transformer.eval_windows()  # the windows evaluate() scores
     return x.numpy(), y.numpy()
 
 
