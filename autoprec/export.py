@@ -71,8 +71,9 @@ MIN_OPSET = 19
 
 #: node metadata a written file keeps by default: the layer a node computes, its format (where not
 #: fp32), what a pass inserted, and the reason for each layer's format. The exporter's stack traces
-#: and scopes, the passes' working notes and the inferred value_info go: on the zoo's small models
-#: they weigh as much as a tenth of an fp8 model (``keep_metadata=True`` keeps them).
+#: and scopes, its graph-level notes (torch.export's graph signature, which names parameters the
+#: passes replaced), the passes' working notes and the inferred value_info go: on the zoo's small
+#: models they weigh as much as a tenth of an fp8 model (``keep_metadata=True`` keeps them).
 COMPACT_METADATA = (LAYER, FORMAT, INSERTED, REASON)
 
 FP32 = Precision.FP32
@@ -236,7 +237,8 @@ def run_plan_passes(fp32_model: onnx.ModelProto, passes: list[OnnxPass], graph: 
 
 def compact_metadata(model: onnx.ModelProto) -> None:
     """Keep only :data:`COMPACT_METADATA` on the nodes (formats only where not fp32, reasons only on
-    the core node of each layer)."""
+    the core node of each layer) and no graph-level metadata (autoprec's own is the model's)."""
+    del model.graph.metadata_props[:]
     for n in model.graph.node:
         explain = get_meta(n, ROLE) == ROLE_CORE
         fp32 = get_meta(n, FORMAT) in (None, FP32.value)

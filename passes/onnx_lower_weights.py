@@ -77,7 +77,7 @@ class LowerWeights(OnnxPass):
         idx = GraphIndex(model)
         taken = all_names(model)
         made: dict[tuple[str, Precision], str] = {}  # (fp32 initializer, 16-bit format) -> stored name
-        made8: dict[tuple[str, Precision], tuple[str, str, str, int]] = {}  # -> (codes, scale, zero point, axis)
+        made8: dict[tuple[str, Precision], tuple[str, str, int]] = {}  # -> (codes, scale, axis)
         new_nodes: list[onnx.NodeProto] = []
         modified = False
         for n in idx.nodes:
@@ -93,8 +93,8 @@ class LowerWeights(OnnxPass):
                 key = (w_name, fmt)
                 if key not in made8:
                     made8[key] = self._fp8_initializers(model, taken, w_name, w, transposed, fmt)
-                codes, scale, zp, axis = made8[key]
-                dq = onnx.helper.make_node("DequantizeLinear", [codes, scale, zp], [unique_name(taken, f"{w_name}_dq")],
+                codes, scale, axis = made8[key]
+                dq = onnx.helper.make_node("DequantizeLinear", [codes, scale], [unique_name(taken, f"{w_name}_dq")],
                                            name=unique_name(taken, f"{n.name}_weight_dq"), axis=axis)
                 self._annotate(dq, n, f"{fmt} weight: codes x per-output-channel scale -> fp32")
                 new_nodes.append(dq)
@@ -126,17 +126,17 @@ class LowerWeights(OnnxPass):
 
     @staticmethod
     def _fp8_initializers(model: onnx.ModelProto, taken: set[str], w_name: str, w: np.ndarray, transposed: bool,
-                          fmt: Precision) -> tuple[str, str, str, int]:
+                          fmt: Precision) -> tuple[str, str, int]:
+        """(codes, scale, axis) initializers of an fp8 weight. No zero point: an fp8 one can only be 0,
+        DequantizeLinear takes the type from the codes, and a stored zero would cost a byte a channel."""
         codes, scale = fp8_weight(w.T if transposed else w, fmt)
         if transposed:
             codes = np.ascontiguousarray(codes.T)
         axis = 1 if transposed else 0
         c = make_tensor(unique_name(taken, f"{w_name}_{fmt.value}"), codes, fmt.onnx_type)
         s = make_tensor(unique_name(taken, f"{w_name}_scale"), scale, TensorProto.FLOAT)
-        z = make_tensor(unique_name(taken, f"{w_name}_zero_point"), np.zeros(scale.shape, fmt.numpy_dtype),
-                        fmt.onnx_type)
-        model.graph.initializer.extend([c, s, z])
-        return c.name, s.name, z.name, axis
+        model.graph.initializer.extend([c, s])
+        return c.name, s.name, axis
 
     @staticmethod
     def _annotate(new: onnx.NodeProto, layer_node: onnx.NodeProto, reason: str) -> None:

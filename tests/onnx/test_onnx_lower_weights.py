@@ -72,7 +72,7 @@ def test_conv_and_gemm_weights(exact_cnn, mode) -> None:
         assert producers[cores["c2"].input[1]].op_type == "Cast"
     dq = producers[cores["fc"].input[1]]
     assert dq.op_type == "DequantizeLinear" and attr(dq, "axis") == 0
-    assert [inits[i].data_type for i in dq.input] == [TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT, TensorProto.FLOAT8E4M3FN]
+    assert [inits[i].data_type for i in dq.input] == [TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT]  # no zero point
     assert list(inits[dq.input[1]].dims) == [6]  # one scale per output channel
     if mode == "emulate":  # runnable; small integer weights are exact in every format: same outputs
         assert np.array_equal(run_onnx(model, *exact_cnn.inputs), run_onnx(exact_cnn.fp32, *exact_cnn.inputs))
@@ -129,5 +129,7 @@ def test_stored_bytes(exact_cnn) -> None:
         assert sum(len(t.raw_data) for t in model.graph.initializer if t.data_type == elem_type) == size * n_weights
         assert not any(t.name.endswith(".weight") for t in model.graph.initializer)
     fp8 = _lower(exact_cnn, exact_cnn.uniform(E4M3), "deploy")
-    codes = [t for t in fp8.graph.initializer if t.data_type == TensorProto.FLOAT8E4M3FN and "zero_point" not in t.name]
-    assert sum(len(t.raw_data) for t in codes) == n_weights
+    codes = [t for t in fp8.graph.initializer if t.data_type == TensorProto.FLOAT8E4M3FN]
+    assert sum(len(t.raw_data) for t in codes) == n_weights  # no stored zero points
+    weight_dq = [n for n in fp8.graph.node if n.op_type == "DequantizeLinear" and get_meta(n, INSERTED) == "weight"]
+    assert weight_dq and all(len(n.input) == 2 for n in weight_dq)
