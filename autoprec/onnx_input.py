@@ -181,7 +181,7 @@ class OnnxModel:
         n = self.samples if limit is None else min(self.samples, limit)
         if self.fixed_batch and n % self.batch:
             n = min(self.samples, math.ceil(n / self.batch) * self.batch)
-        return [{**{k: v[i:i + self.batch] for k, v in self.feeds.items()}, **self.scalars}
+        return [{**{k: v[i:min(i + self.batch, n)] for k, v in self.feeds.items()}, **self.scalars}
                 for i in range(0, n, self.batch)]
 
     def calibration(self) -> list[Feeds]:

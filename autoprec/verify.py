@@ -182,37 +182,42 @@ def _nudged(batch: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(x * (1 + 2.0 ** -23) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in batch)
 
 
-def parity(torch_module: Any, session: Any, batches: Sequence[tuple[Any, ...]], narrowest: Precision,
-           logits: bool) -> Parity:
-    """Relative L2 and top-1 agreement between a torch module and an ORT session on ``batches``,
-    with the torch module's own noise floor (see :class:`Parity`)."""
-    import torch
+def _nudged_feeds(feeds: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`_nudged` for ONNX Runtime feeds (name -> numpy array)."""
+    import numpy as np
 
-    from autoprec.profile import first_tensor
+    return {k: (v * np.float32(1 + 2.0 ** -23)).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v
+            for k, v in feeds.items()}
 
+
+def compare_outputs(got: Sequence[Any], ref: Sequence[Any], narrowest: Precision, logits: bool,
+                    nudged: Sequence[Any] | None = None) -> Parity:
+    """Parity of ``got`` with the reference outputs ``ref`` (torch tensors, one per batch).
+
+    ``nudged``: the reference's outputs on the same batches with every floating input scaled by
+    1 + 2^-23, which measure its noise floor (None: no floor). ``narrowest``: the narrowest format
+    the plan uses; its epsilon is the tolerance unless the floor is larger (see :class:`Parity`).
+    """
     num = den = noise = 0.0
     same = same_raw = total = decided = elements = 0
-    with torch.no_grad():
-        for b in batches:
-            ref = first_tensor(torch_module(*b)).float()
-            nudged = first_tensor(torch_module(*_nudged(b))).float()
-            got = torch.from_numpy(session(*b)[0]).float()
-            if got.shape != ref.shape:
-                raise UsageError(f"the ONNX model's output has shape {tuple(got.shape)}, the torch model's "
-                                 f"{tuple(ref.shape)}")
-            elements += ref.numel()
-            num += float(((got - ref).double() ** 2).sum())
-            den += float((ref.double() ** 2).sum())
-            noise += float(((nudged - ref).double() ** 2).sum())
-            if logits:
-                agree = got.argmax(-1) == ref.argmax(-1)
-                top2 = ref.topk(min(2, ref.shape[-1]), dim=-1).values
-                margin = top2[..., 0] - top2[..., -1]
-                clear = margin > 2 * (got - ref).abs().amax(-1)
-                same_raw += int(agree.sum())
-                same += int((agree & clear).sum())
-                decided += int(clear.sum())
-                total += agree.numel()
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        g, r = g.float(), r.float()
+        if g.shape != r.shape:
+            raise UsageError(f"the ONNX model's output has shape {tuple(g.shape)}, the reference's {tuple(r.shape)}")
+        elements += r.numel()
+        num += float(((g - r).double() ** 2).sum())
+        den += float((r.double() ** 2).sum())
+        if nudged is not None:
+            noise += float(((nudged[i].float() - r).double() ** 2).sum())
+        if logits:
+            agree = g.argmax(-1) == r.argmax(-1)
+            top2 = r.topk(min(2, r.shape[-1]), dim=-1).values
+            margin = top2[..., 0] - top2[..., -1]
+            clear = margin > 2 * (g - r).abs().amax(-1)
+            same_raw += int(agree.sum())
+            same += int((agree & clear).sum())
+            decided += int(clear.sum())
+            total += agree.numel()
     rel = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
     if math.isnan(rel):
         rel = math.inf
@@ -222,6 +227,21 @@ def parity(torch_module: Any, session: Any, batches: Sequence[tuple[Any, ...]], 
     top1 = (same / decided if decided else 1.0) if logits and total else None
     return Parity(rel, top1, total if logits else elements, max(narrowest.eps, 2 * floor, MIN_TOLERANCE),
                   narrowest.value, floor, same_raw / total if logits and total else None, total - decided)
+
+
+def parity(torch_module: Any, session: Any, batches: Sequence[tuple[Any, ...]], narrowest: Precision,
+           logits: bool) -> Parity:
+    """Relative L2 and top-1 agreement between a torch module (the reference) and an ORT session
+    on ``batches``, with the torch module's own noise floor (see :class:`Parity`)."""
+    import torch
+
+    from autoprec.profile import first_tensor
+
+    with torch.no_grad():
+        ref = [first_tensor(torch_module(*b)) for b in batches]
+        nudged = [first_tensor(torch_module(*_nudged(b))) for b in batches]
+    got = [torch.from_numpy(session(*b)[0]) for b in batches]
+    return compare_outputs(got, ref, narrowest, logits, nudged)
 
 
 def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.PathLike[str],
@@ -325,9 +345,8 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
     """
     from dataclasses import replace
 
-    import numpy as np
-
     from autoprec.onnx_input import OnnxModel
+    from autoprec.profile import output_kind_of
     from autoprec.runtime import parse_providers, probe_provider
     from passes.onnx_base import MODEL_FINGERPRINT, model_meta
 
@@ -357,16 +376,10 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
         report.metric_torch_emulated = None
         report.notes.append(f"{metric.name} of the emulation graph on the CPU: {emulated:.6g}")
         batches = om.calibration()
-        got, want = gpu.outputs(model, batches), om.outputs(emulation, batches)
-        num = sum(float(((g.double() - w.double()) ** 2).sum()) for g, w in zip(got, want))
-        den = sum(float((w.double() ** 2).sum()) for w in want)
-        rel = math.sqrt(num / den) if den > 0 else 0.0
-        logits = want[0].dim() >= 2 and want[0].shape[-1] > 1
-        top1 = (float(np.mean(np.concatenate([(g.argmax(-1) == w.argmax(-1)).reshape(-1).numpy()
-                                              for g, w in zip(got, want)]))) if logits else None)
-        narrow = narrowest_format(assignment)
-        report.parity = Parity(rel, top1, sum(w.shape[0] for w in want), max(narrow.eps, MIN_TOLERANCE), narrow.value,
-                               top1_raw=top1)
+        want = om.outputs(emulation, batches)
+        report.parity = compare_outputs(gpu.outputs(model, batches), want, narrowest_format(assignment),
+                                        output_kind_of(want[0], None) == "logits",
+                                        om.outputs(emulation, [_nudged_feeds(b) for b in batches]))
     else:
         report.metric_onnx = emulated
         report.notes.append("parity: the model came as an .onnx file, so there is no torch emulation to compare "

@@ -7,7 +7,11 @@ budget), export the tuned deployment graph, run the ONNX checker (full_check), a
 
 - the file size against the fp32 export, for the tuned plan and for every layer in bf16, fp16 and
   fp8 (goals: all-16-bit <= 0.52, all-fp8 <= 0.28 where layer weights dominate the file; embedding
-  tables, which have no fp8, are bf16 in the fp8 figure);
+  tables, which have no fp8, are bf16 in the fp8 figure), and the bytes of the layers' weights
+  alone in those uniform files against fp32 (fp8: codes plus the per-channel fp32 scales, so
+  1/4 + 1/fan-in of fp32 per weight). The rest of a file is what no format changes: fp32 biases,
+  norm parameters and buffers, and the graph; on the zoo's smallest models it is what keeps the
+  file ratio above the goals;
 - the metric through ONNX Runtime against the torch emulation's and against the budget
   (autoprec.verify: on a CPU provider the metric runs on the emulation graph, and says so);
 - parity between the torch emulation and the ONNX emulation graph (relative L2, top-1 agreement);
@@ -39,8 +43,10 @@ from autoprec.kinds import format_exclusion  # noqa: E402
 from autoprec.onnx_graph import graph_inputs  # noqa: E402
 from autoprec.runtime import cuda_available, latency_ms  # noqa: E402
 from autoprec.spec import load_model_spec  # noqa: E402
+from autoprec.semantics import weight_arg_position  # noqa: E402
 from autoprec.verify import verify  # noqa: E402
 from passes import act_amax_from_profile  # noqa: E402
+from passes.onnx_base import INSERTED, KIND, ROLE, ROLE_CORE, GraphIndex, get_meta, weight_slot  # noqa: E402
 
 LATENCY_BATCH = 256
 LATENCY_RUNS = 50
@@ -67,6 +73,23 @@ def _latency_ms(model: onnx.ModelProto, example) -> float:
     return float("nan") if ms is None else ms
 
 
+def layer_weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers the layers read as weights in ``model`` (exported with
+    ``keep_metadata=True``): the tensor at each core node's weight slot, or the initializers of the
+    node LowerWeights put there (a 16-bit table's Cast, an fp8 weight's codes and scales)."""
+    idx = GraphIndex(model)
+    total = 0
+    for n in idx.nodes:
+        if get_meta(n, ROLE) != ROLE_CORE or weight_arg_position(get_meta(n, KIND) or "") is None:
+            continue
+        w = n.input[weight_slot(n)]
+        if w in idx.inits:
+            total += len(idx.inits[w].raw_data)
+        elif w in idx.producer and get_meta(idx.nodes[idx.producer[w]], INSERTED) == "weight":
+            total += sum(len(idx.inits[i].raw_data) for i in idx.nodes[idx.producer[w]].input if i in idx.inits)
+    return total
+
+
 def bench(path: Path, budget: str, workdir: Path, cuda: bool) -> dict[str, object]:
     spec = load_model_spec(path)
     t0 = time.perf_counter()
@@ -80,17 +103,22 @@ def bench(path: Path, budget: str, workdir: Path, cuda: bool) -> dict[str, objec
     base = apply_plan_onnx(fp32, captured, {}, amax)
     tuned = apply_plan_onnx(fp32, captured, plan.assignment, amax)
     size = base.ByteSize()
+    weights = layer_weight_bytes(apply_plan_onnx(fp32, captured, {}, amax, keep_metadata=True))
     ratios = {"tuned": tuned.ByteSize() / size}
+    weight_ratios = {}
     for fmt in (Precision.BF16, Precision.FP16, Precision.FP8_E4M3):
         uniform = {op.name: fmt if format_exclusion(op.kind, fmt) is None else Precision.BF16
                    for op in captured.graph.layers()}
         ratios[fmt.value] = apply_plan_onnx(fp32, captured, uniform, amax).ByteSize() / size
+        full = apply_plan_onnx(fp32, captured, uniform, amax, keep_metadata=True)
+        weight_ratios[fmt.value] = layer_weight_bytes(full) / weights
     onnx_path = atomic_write_bytes(workdir / f"{spec.name}.onnx", tuned.SerializeToString())
     plan_path = plan.save(workdir / f"{spec.name}.plan.json")
     report = verify(onnx_path, spec, plan_path)
     row: dict[str, object] = {
         "model": spec.name, "layers": len(captured.graph.layer_names()), "formats": plan.format_counts(),
         "checker": _checked(onnx.load(str(onnx_path))), "fp32_bytes": size, "ratios": ratios,
+        "weight_bytes": weights, "weight_ratios": weight_ratios,
         "metric": report.metric, "fp32": report.metric_fp32, "torch": report.metric_torch_emulated,
         "onnx": report.metric_onnx, "drop": report.drop, "allowed": report.allowed_drop,
         "within": report.within_budget, "graph": report.metric_graph, "provider": report.provider,
@@ -107,11 +135,12 @@ def bench(path: Path, budget: str, workdir: Path, cuda: bool) -> dict[str, objec
 def table(rows: list[dict[str, object]], budget: str, cuda: bool) -> str:
     lines = [f"Deployment of the tuned plans (budget {budget}); sizes relative to autoprec's fp32 export of the "
              "same model; metric and parity from autoprec.verify.", "",
-             "| model | formats | checker | bytes fp32 | tuned / bf16 / fp16 / fp8 | metric (graph) | fp32 -> "
-             "torch emul. -> ONNX | drop / allowed | parity rel L2 (tol) | top-1 agr. | ok |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | formats | checker | bytes fp32 | tuned / bf16 / fp16 / fp8 | layer weights: fp32 bytes, "
+             "bf16 / fp16 / fp8 | metric (graph) | fp32 -> torch emul. -> ONNX | drop / allowed | parity rel L2 (tol) "
+             "| top-1 agr. | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratios = r["ratios"]
+        ratios, wr = r["ratios"], r["weight_ratios"]
         counts = ", ".join(f"{k} {v}" for k, v in r["formats"].items())
         ok = r["checker"] and r["parity"] and r["within"] is not False
         top1 = f"{100 * r['top1']:.2f}%" if r["top1"] is not None else "-"
@@ -121,6 +150,7 @@ def table(rows: list[dict[str, object]], budget: str, cuda: bool) -> str:
         lines.append(
             f"| {r['model']} | {counts} | {'pass' if r['checker'] else 'FAIL'} | {r['fp32_bytes']:,} "
             f"| {ratios['tuned']:.3f} / {ratios['bf16']:.3f} / {ratios['fp16']:.3f} / {ratios['fp8_e4m3']:.3f} "
+            f"| {r['weight_bytes']:,}: {wr['bf16']:.3f} / {wr['fp16']:.3f} / {wr['fp8_e4m3']:.3f} "
             f"| {r['metric']} ({r['graph']}, {r['provider']}) | {r['fp32']:.4f} -> {r['torch']:.4f} -> {r['onnx']:.4f} "
             f"| {r['drop']:.4g} / {allowed} | {r['rel_l2']:.2e} ({r['tolerance']:.2e}) | {top1} "
             f"| {'yes' if ok else 'NO'} |")

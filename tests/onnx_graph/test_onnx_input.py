@@ -21,7 +21,7 @@ from autoprec.cli import main
 from autoprec.errors import PlanError, UsageError
 from autoprec.export import apply_plan_analysed
 from autoprec.formats import Precision
-from autoprec.onnx_input import OnnxModel, profile_onnx
+from autoprec.onnx_input import CALIBRATION_SAMPLES, OnnxModel, profile_onnx
 from autoprec.plan import PrecisionPlan
 from autoprec.profile import profile
 from autoprec.quantize import quantize
@@ -337,3 +337,27 @@ def test_cli_profile_onnx(legacy_cnn: tuple[Path, Path, Path], tmp_path: Path,
     assert "/conv1/Conv" in capsys.readouterr().out
     assert set(json.loads((tmp_path / "p.json").read_text())["errors"]) == {
         "/conv1/Conv", "/conv2/Conv", "/conv3/Conv", "/fc1/Gemm", "/fc2/Gemm"}
+
+
+def test_verify_compares_the_deployment_graph_with_the_emulation_graph(
+        legacy_cnn: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify's GPU branch, run here on the CPU provider: the metric comes from the deployment graph
+    and the parity compares its outputs with the emulation graph's (the GPU's numbers need a GPU; this
+    checks the branch itself: ORT's CPU provider has no 16-bit kernels for most ops, so the plan puts
+    only the classifier, whose output is the graph's, in fp8; the two graphs agree within fp8's eps)."""
+    import autoprec.runtime
+
+    onnx_path, data, labels = legacy_cnn
+    om = OnnxModel.load(onnx_path, data, labels)
+    plan = {om.analysis.graph.layer_names()[-1]: E4M3}
+    prof = profile_onnx(om, (E4M3,))
+    deployed = tmp_path / "deployed.onnx"
+    onnx.save(om.build(plan, act_amax_from_profile(prof), "deploy"), str(deployed))
+    monkeypatch.setattr(autoprec.runtime, "probe_provider", lambda providers: ("cuda", ""))
+    report = verify_onnx_input(deployed, onnx_path, data, labels, providers="cuda")
+    assert report.metric_graph == "deployment" and report.metric_torch_emulated is None
+    assert report.parity is not None and report.parity.ok, report.parity
+    assert report.parity.narrowest == E4M3.value and report.parity.positions == min(om.samples, CALIBRATION_SAMPLES)
+    assert any("emulation graph on the CPU" in n for n in report.notes)
+    assert report.metric_onnx == pytest.approx(om.metric().measure(om.build(plan, act_amax_from_profile(prof))),
+                                               abs=0.01)
