@@ -195,15 +195,25 @@ class OpGraph:
     def at_batch(self, batch: int) -> "OpGraph":
         """The same graph with FLOPs and activation sizes counted for ``batch`` samples.
 
-        Everything that depends on a graph input scales linearly with the batch; weights and
-        constants (ops fed only by parameters and buffers) do not. Shapes stay as captured, so the
-        fingerprint is unchanged. The cost model prices a deployment batch, not the example's.
+        Everything that depends on a graph input's values scales linearly with the batch; weights
+        and constants (ops fed only by parameters and buffers) do not, nor does what depends on an
+        input only through a shape query (``pos_emb(arange(x.size(1)))`` has as many rows at any
+        batch). Shapes stay as captured, so the fingerprint is unchanged. The cost model prices a
+        deployment batch, not the example's.
         """
         if batch <= 0 or not self.batch:
             raise ValueError("at_batch needs a positive batch and a graph that knows its example batch")
         f = batch / self.batch
-        inputs = [n.name for n in self.nodes if n.kind == "placeholder"]
-        live = set(inputs).union(*(nx.descendants(self.graph, i) for i in inputs)) if inputs else set()
+        live = {n.name for n in self.nodes if n.kind == "placeholder"}
+        todo = list(live)
+        while todo:
+            u = todo.pop()
+            if self._by_name[u].kind == "size":
+                continue  # a shape query: its consumers see the input's shape, not its values
+            for v in self.graph.successors(u):
+                if v not in live:
+                    live.add(v)
+                    todo.append(v)
         scaled = [replace(n, flops=round(n.flops * f), act_in_elems=round(n.act_in_elems * f),
                           act_out_elems=round(n.act_out_elems * f)) if n.name in live else n
                   for n in self.nodes]

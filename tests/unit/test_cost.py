@@ -197,3 +197,21 @@ def test_at_batch_scales_what_depends_on_inputs_only():
     assert big["x"].act_out_elems == 4 * g["x"].act_out_elems
     with pytest.raises(ValueError):
         qkv_graph().at_batch(16)  # a graph that does not know its example batch
+
+
+def test_at_batch_does_not_scale_what_reads_an_input_only_through_its_shape():
+    """``pos_emb(positions[:x.size(1)])`` copies as many rows at any batch; ``tok_emb(x)`` scales."""
+    node = OpNode
+    nodes = [node("x", "placeholder", "", Policy.NONE, output_shape=(2, 8)),
+             node("size", "size", "", Policy.NONE, input_shapes=((2, 8),), output_shape=()),
+             node("positions", "get_attr", "", Policy.NONE, output_shape=(64,)),
+             node("narrow", "narrow", "", Policy.NONE, output_shape=(8,)),
+             node("tok", "embedding", "tok", Policy.ALWAYS, flops=0, weight_elems=640, act_out_elems=2 * 8 * 16),
+             node("pos", "embedding", "pos", Policy.ALWAYS, flops=0, weight_elems=1024, act_out_elems=8 * 16),
+             node("add", "add", "", Policy.FOLLOW, act_in_elems=2 * 8 * 16 + 8 * 16, act_out_elems=2 * 8 * 16)]
+    edges = [("x", "size"), ("x", "tok"), ("positions", "narrow"), ("size", "narrow"), ("narrow", "pos"),
+             ("tok", "add"), ("pos", "add")]
+    big = OpGraph(nodes, edges, "lm", batch=2).at_batch(32)
+    assert big["tok"].act_out_elems == 16 * nodes[4].act_out_elems
+    assert big["pos"].act_out_elems == nodes[5].act_out_elems
+    assert big["add"].act_out_elems == 16 * nodes[6].act_out_elems
