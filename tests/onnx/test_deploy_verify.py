@@ -49,3 +49,20 @@ def test_verify_refuses_other_plans_models_and_files(exported, tmp_path) -> None
     onnx.save(m, str(plain))
     with pytest.raises(UsageError, match="not written by `autoprec export`"):
         verify(plain, MODEL)
+
+
+def test_verify_on_a_gpu_provider_measures_the_deployment_graph(tmp_path, zoo, monkeypatch) -> None:
+    """verify's GPU branch, run here where the CUDA request falls back to the CPU: the metric comes from
+    the deployment graph, and the report names the provider the session really got. Only the last
+    layer, whose output is the graph's, is low precision: ORT's CPU provider has no 16-bit kernels
+    for the ops around the others."""
+    import autoprec.runtime
+
+    plan = {"fc4": "fp8"}
+    path = export_onnx(MODEL, plan, zoo("cancer_mlp").amax, tmp_path / "head_fp8.onnx")
+    really = "cuda" if cuda_available() else "cpu"
+    monkeypatch.setattr(autoprec.runtime, "probe_provider", lambda providers: ("cuda", ""))
+    r = verify(path, MODEL, plan, providers="cuda")
+    assert r.metric_graph == "deployment"
+    assert r.provider == really
+    assert r.parity.ok and r.metric_onnx == pytest.approx(r.metric_torch_emulated, abs=1 / 142)
