@@ -236,14 +236,15 @@ def run_plan_passes(fp32_model: onnx.ModelProto, passes: list[OnnxPass], graph: 
 
 
 def compact_metadata(model: onnx.ModelProto) -> None:
-    """Keep only :data:`COMPACT_METADATA` on the nodes (formats only where not fp32, reasons only on
-    the core node of each layer) and no graph-level metadata (autoprec's own is the model's)."""
+    """Keep only :data:`COMPACT_METADATA` on the nodes (formats only where not fp32 and not on a
+    Cast, whose ``to`` says it; reasons only on the core node of each layer) and no graph-level
+    metadata (autoprec's own is the model's)."""
     del model.graph.metadata_props[:]
     for n in model.graph.node:
         explain = get_meta(n, ROLE) == ROLE_CORE
-        fp32 = get_meta(n, FORMAT) in (None, FP32.value)
+        said = get_meta(n, FORMAT) in (None, FP32.value) or n.op_type == "Cast"
         drop = {p.key for p in n.metadata_props if p.key not in COMPACT_METADATA
-                or (p.key == REASON and not explain) or (p.key == FORMAT and fp32)}
+                or (p.key == REASON and not explain) or (p.key == FORMAT and said)}
         if drop:
             drop_meta(n, drop)
 
