@@ -249,6 +249,10 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
            providers: str | Sequence[str] = "auto") -> VerifyReport:
     """Measure an exported model's metric through ONNX Runtime and its parity with the torch emulation.
 
+    On a CUDA / TensorRT provider both are taken on the file itself (the deployment graph, on the
+    GPU), and the emulation graph's parity on the CPU is a note; on a CPU provider both are taken on
+    the emulation graph, since ORT's CPU provider drops fp16 roundings and has no bf16 kernels.
+
     ``plan``: optional; when given it must be the plan the file was exported with (its measured
     ``allowed_drop`` then judges the metric). ``providers``: what to ask ONNX Runtime for.
     """
@@ -290,13 +294,20 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     batches = spec.calibration_data()
     y = first_tensor(captured.gm(*batches[0]))
     logits = output_kind_of(y, spec.output_kind) == "logits"
-    par = parity(torch_emulated, emu_session, batches, narrowest_format(assignment), logits)
+    narrow = narrowest_format(assignment)
+    par = parity(torch_emulated, metric_session, batches, narrow, logits)
+    parity_of = "torch emulation vs ONNX emulation graph"
+    if metric_session is not emu_session:  # the deployed graph on the GPU; the emulation graph's is a note
+        parity_of = f"torch emulation vs ONNX {graph} graph on {provider}"
+        emu = parity(torch_emulated, emu_session, batches, narrow, logits)
+        notes.append(f"parity torch emulation vs ONNX emulation graph on the CPU: relative L2 {emu.rel_l2:.3g} "
+                     f"(tolerance {emu.tolerance:.3g}): {'ok' if emu.ok else 'FAILED'}")
     metric = model_metric(spec, captured, batches)
     report = VerifyReport(
         onnx_path=str(path), model=spec.name, file_mode=mode, provider=provider,
         provider_note=f"asked for {asked[0]}: {why}" if provider != asked[0] else "",
         metric_graph=graph, formats=_counts(assignment, captured.graph), parity=par, metric=metric.name,
-        higher_is_better=metric.higher_is_better, allowed_drop=allowed, notes=notes)
+        higher_is_better=metric.higher_is_better, allowed_drop=allowed, notes=notes, parity_of=parity_of)
     report.metric_onnx = float(metric.measure(ort_module(metric_session)))
     report.metric_torch_emulated = float(metric.measure(torch_emulated))
     report.metric_fp32 = float(metric.measure(captured.gm))

@@ -52,8 +52,8 @@ def test_verify_refuses_other_plans_models_and_files(exported, tmp_path) -> None
 
 
 def test_verify_on_a_gpu_provider_measures_the_deployment_graph(tmp_path, zoo, monkeypatch) -> None:
-    """verify's GPU branch, run here where the CUDA request falls back to the CPU: the metric comes from
-    the deployment graph, and the report names the provider the session really got. Only the last
+    """verify's GPU branch, run here where the CUDA request falls back to the CPU: the metric and the
+    parity come from the deployment graph, and the report names the provider the session really got. Only the last
     layer, whose output is the graph's, is low precision: ORT's CPU provider has no 16-bit kernels
     for the ops around the others."""
     import autoprec.runtime
@@ -63,6 +63,6 @@ def test_verify_on_a_gpu_provider_measures_the_deployment_graph(tmp_path, zoo, m
     really = "cuda" if cuda_available() else "cpu"
     monkeypatch.setattr(autoprec.runtime, "probe_provider", lambda providers: ("cuda", ""))
     r = verify(path, MODEL, plan, providers="cuda")
-    assert r.metric_graph == "deployment"
-    assert r.provider == really
+    assert r.metric_graph == "deployment" and r.parity_of == f"torch emulation vs ONNX deployment graph on {really}"
+    assert r.provider == really and any(n.startswith("parity torch emulation vs ONNX emulation graph") for n in r.notes)
     assert r.parity.ok and r.metric_onnx == pytest.approx(r.metric_torch_emulated, abs=1 / 142)
