@@ -30,6 +30,7 @@ from autoprec.plan import PrecisionPlan, parse_pins
 from autoprec.profile import Progress, output_kind_of, first_tensor, profile
 from autoprec.report import TuneSummary, UniformResult
 from autoprec.search import ParetoPoint, SearchProblem, Strategy, get_strategy, pareto_sweep, solve, tune_loop
+from autoprec.semantics import needs_act_amax
 from autoprec.sensitivity import SensitivityProfile
 from autoprec.spec import ModelSpec, load_model_spec
 from passes import act_amax_from_profile, apply_plan
@@ -225,7 +226,7 @@ def apply_plan_file(model: str | Path | ModelSpec, plan: PrecisionPlan | str | P
     captured = capture(spec.model(), spec.example_inputs(), name=spec.name)
     plan.check_against(captured.graph)
     amax: dict[str, tuple[float, ...]] = {}
-    if any(f.is_fp8 for f in plan.assignment.values()):
+    if any(needs_act_amax(captured.graph[k].kind, f) for k, f in plan.assignment.items()):
         src = Path(profile_json) if profile_json else (plan_path.parent / "profile.json" if plan_path else None)
         if src is None or not src.is_file():
             raise UsageError(f"the plan has fp8 layers, whose scales come from calibration: give the profile.json "

@@ -37,10 +37,7 @@ def _progress() -> Progress:
                     transient=True, disable=not err_console.is_terminal)
 
 
-def _fmt_err(x: float | None) -> str:
-    """An error for the table; None: the layer cannot run in that format (an fp8 embedding)."""
-    if x is None:
-        return "-"
+def _fmt_err(x: float) -> str:
     return "inf" if not math.isfinite(x) else f"{x:.2e}"
 
 
@@ -109,7 +106,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         amax = f"{amax_in}/{r.output.amax:.3g}" if r else ""
         fl = prof.flags.get(op.name, [])
         table.add_row(op.name, op.kind, op.scope, _flops(op.flops),
-                      *[_fmt_err(prof.errors[op.name].get(f)) for f in prof.formats], amax,
+                      *[_fmt_err(prof.errors[op.name][f]) for f in prof.formats], amax,
                       "; ".join(x.split(":")[0] for x in fl))
     out.print(table)
     for name in [n for n in prof.errors if n in prof.flags]:

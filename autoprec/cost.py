@@ -241,13 +241,34 @@ class RooflineCostModel(CostModel):
         return max(compute, nbytes / self.target.bandwidth) + LAUNCH_OVERHEAD_S
 
     def layer_cost(self, op: OpNode, fmt: Precision) -> float:
-        """A lookup (embedding) stores its whole table but reads only the rows it copies: as many
-        table elements in ``fmt`` as it writes, whatever the vocabulary; it computes nothing."""
+        """A layer reads its weight and inputs in ``fmt`` and writes its output in ``fmt``'s output
+        format (bf16 for fp8).
+
+        A lookup (embedding) stores its whole table but, in fp32 or a 16-bit format, reads only the
+        rows it copies: as many table elements in ``fmt`` as it writes, whatever the vocabulary; it
+        computes nothing. An fp8 table is priced as the deployment graph runs it, not as an ideal
+        kernel would: ONNX has no Gather with per-row scales (and no fp8 Gather at all), so the
+        exported graph dequantizes the *whole* table to fp32 on every run (one kernel: read it in
+        fp8, write it in fp32), then gathers the rows from that copy and writes them in bf16 (a
+        second kernel). That costs more than a bf16 lookup (which reads and writes only its rows)
+        however few or many rows it copies, and grows with the vocabulary: under the latency
+        objective an fp8 table always loses to a 16-bit one. Under the memory objective it stores
+        one byte per element and wins; the fp32 copy is a transient workspace of the lookup, not a
+        stored weight or a value handed to another op, so it is not counted. (A runtime that folds
+        the constant DequantizeLinear at load instead -- ONNX Runtime does once its QDQ handling is
+        off, as in :func:`autoprec.runtime.open_session` -- keeps that fp32 copy for good: the
+        lookup is then fast but the table takes four bytes per element in memory, not one.)
+        """
         out_bytes = op.act_out_elems * fmt.compute_output.bytes
         if self.objective == "memory":
             return op.weight_elems * fmt.bytes + out_bytes
-        read = op.act_out_elems if op.kind in LOOKUP_KINDS else op.weight_elems + op.act_in_elems
-        return self._time(op.flops, read * fmt.bytes + out_bytes, fmt)
+        if op.kind not in LOOKUP_KINDS:
+            return self._time(op.flops, (op.weight_elems + op.act_in_elems) * fmt.bytes + out_bytes, fmt)
+        if not fmt.is_fp8:
+            return self._time(op.flops, op.act_out_elems * fmt.bytes + out_bytes, fmt)
+        f32 = Precision.FP32.bytes
+        dequantize = self._time(0, op.weight_elems * (fmt.bytes + f32))
+        return dequantize + self._time(0, op.act_out_elems * f32 + out_bytes)
 
     def follow_cost(self, op: OpNode, fmt: Precision) -> float:
         if op.kind in VIEW_KINDS:

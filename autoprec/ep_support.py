@@ -27,10 +27,12 @@ Sources of the built-in table (every entry records whether it is *documented* or
   the engine allows it (``trt_fp16_enable`` / ``trt_bf16_enable`` or a strongly typed network);
   ops TensorRT rejects fall back to the CUDA EP, which this table does not model.
 
-fp8 is never a compute type of an ONNX MatMul, Gemm or Conv (such a graph is invalid). An fp8
-layer is emitted as QuantizeLinear -> DequantizeLinear on its inputs followed by the ordinary op,
-so it is *legal* on an EP when fp8 QuantizeLinear and DequantizeLinear kernels exist there and the
-op runs in the dequantized format (fp32 is always available). What that buys differs:
+fp8 is never a compute type of an ONNX MatMul, Gemm, Conv or Gather (such a graph is invalid). An
+fp8 layer is emitted as QuantizeLinear -> DequantizeLinear on its inputs followed by the ordinary op,
+so it is *legal* on an EP when fp8 QuantizeLinear and DequantizeLinear kernels exist there, the
+op runs in the dequantized format (fp32 is always available) and a bf16 Cast writes its result. An
+fp8 embedding reads no activation: its table is DequantizeLinear'd (one scale per row), an fp32
+Gather looks the rows up and a Cast rounds them to bf16 (:data:`FP8_FORMS`). What that buys differs:
 
 - CPU: fp8 storage, product in fp32 -- faithful rounding, no speed-up (emulation).
 - CUDA: the same; a real fp8 GEMM would need the contrib op ``com.microsoft.GemmFloat8`` (sm89+),
@@ -88,11 +90,28 @@ LAYER_OPS: dict[str, tuple[str, ...]] = {
     "linear": ("Gemm", "MatMul"),  # the exporter writes Gemm for 2-D inputs, MatMul (+Add) otherwise
     "matmul": ("MatMul",), "bmm": ("MatMul",),
     "conv1d": ("Conv",), "conv2d": ("Conv",), "conv3d": ("Conv",),
-    "embedding": ("Gather",),  # the lookup reads the table initializer directly
+    "embedding": ("Gather",),  # the lookup reads the table initializer (fp8: through DequantizeLinear)
 }
 
-#: Ops whose fp8 form is "Q/DQ around the op": fp8 is legal through the Q/DQ pattern.
-QDQ_COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+
+class Fp8Form(NamedTuple):
+    """How autoprec emits a layer op in fp8: the kernels it needs, as (op type, format) with None
+    for the layer's fp8 format, and how a reason names them."""
+
+    kernels: tuple[tuple[str, Precision | None], ...]
+    via: str
+
+
+#: The fp8 form of each layer op, ending in the Cast of its result to bf16 (the output format of
+#: every fp8 layer). A product reads Q/DQ'd operands and runs in fp32; a lookup dequantizes its
+#: table (one scale per row) and gathers in fp32.
+FP8_FORMS: dict[str, Fp8Form] = {
+    **{op: Fp8Form((("QuantizeLinear", None), ("DequantizeLinear", None), (op, Precision.FP32),
+                    ("Cast", Precision.BF16)), "QuantizeLinear/DequantizeLinear")
+       for op in ("MatMul", "Gemm", "Conv")},
+    "Gather": Fp8Form((("DequantizeLinear", None), ("Gather", Precision.FP32), ("Cast", Precision.BF16)),
+                      "DequantizeLinear of the table, fp32 Gather, bf16 Cast"),
+}
 
 _SOURCES = {
     CPU: "ONNX Runtime 1.32.0 CPU kernel registry",
@@ -234,21 +253,31 @@ def supported(op_type: str, precision: Precision | str, provider: str, live: boo
     """Whether ``provider`` runs ``op_type`` in ``precision`` faithfully, as autoprec emits it.
 
     16-bit: a native kernel (on the CPU EP a missing fp16 kernel is "run" in fp32 between inserted
-    casts, which loses the rounding, so it counts as unsupported). fp8 for MatMul/Gemm/Conv: fp8
-    QuantizeLinear and DequantizeLinear kernels (the op itself then runs in fp32); fp8 for any other
-    op: a native kernel (Cast, Q/DQ, Reshape, ...).
+    casts, which loses the rounding, so it counts as unsupported). fp8 for MatMul/Gemm/Conv and for
+    an embedding's Gather: every kernel of its :data:`FP8_FORMS` entry (fp8 QuantizeLinear (not for
+    a Gather) and DequantizeLinear, the op itself in fp32, a bf16 Cast); fp8 for any other op: a
+    native kernel (Cast, Q/DQ, Reshape, ...).
     """
     prov, p = parse_provider(provider), _key(precision)
     if p is Precision.FP32:
         return Support(True, _D)
-    if p.is_fp8 and op_type in QDQ_COMPUTE_OPS:
-        for qdq in ("QuantizeLinear", "DequantizeLinear"):
-            s = kernel(qdq, p, prov, live)
-            if not s.ok:
-                return Support(False, s.source)
-        base = kernel(op_type, Precision.FP32, prov, live)
-        return Support(base.ok, f"{s.source}, via QuantizeLinear/DequantizeLinear")
+    if p.is_fp8 and op_type in FP8_FORMS:
+        missing = _fp8_form_gap(op_type, p, prov, live)
+        if missing is not None:
+            return Support(False, missing[2].source)
+        dq = kernel("DequantizeLinear", p, prov, live)
+        return Support(True, f"{dq.source}, via {FP8_FORMS[op_type].via}")
     return kernel(op_type, p, prov, live)
+
+
+def _fp8_form_gap(op_type: str, p: Precision, prov: str, live: bool) -> tuple[str, Precision, Support] | None:
+    """The first kernel of ``op_type``'s fp8 form that ``prov`` lacks: (op, format, answer); None: none."""
+    for op, q in FP8_FORMS[op_type].kernels:
+        fmt = p if q is None else q
+        s = kernel(op, fmt, prov, live)
+        if not s.ok:
+            return op, fmt, s
+    return None
 
 
 def reason(op_type: str, precision: Precision | str, provider: str, live: bool = True) -> str | None:
@@ -257,12 +286,11 @@ def reason(op_type: str, precision: Precision | str, provider: str, live: bool =
     s = supported(op_type, p, prov, live)
     if s.ok:
         return None
-    if p.is_fp8 and op_type in QDQ_COMPUTE_OPS:
-        for qdq in ("QuantizeLinear", "DequantizeLinear"):
-            q = kernel(qdq, p, prov, live)
-            if not q.ok:
-                return (f"{prov} has no {ONNX_TYPE[p]} {qdq} kernel ({q.source}), which an {p} "
-                        f"{op_type} needs")
+    if p.is_fp8 and op_type in FP8_FORMS:
+        missing = _fp8_form_gap(op_type, p, prov, live)
+        if missing is not None:
+            op, fmt, q = missing
+            return f"{prov} has no {ONNX_TYPE[fmt]} {op} kernel ({q.source}), which an {p} {op_type} needs"
     text = f"{prov} has no {p} {op_type} kernel ({s.source})"
     if prov == CPU and p is Precision.FP16:
         text += ": ONNX Runtime would compute it in fp32 between inserted casts, losing the fp16 rounding"

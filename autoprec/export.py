@@ -49,6 +49,7 @@ from autoprec.io import atomic_write_bytes
 from autoprec.onnx_graph import OnnxAnalysis
 from autoprec.opgraph import OpGraph
 from autoprec.plan import PrecisionPlan
+from autoprec.semantics import needs_act_amax
 from autoprec.sensitivity import SensitivityProfile
 from autoprec.spec import ModelSpec, load_model_spec
 from passes.onnx_assign_formats import AssignFormats, param_names
@@ -312,8 +313,8 @@ def build_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
         plan.check_against(captured.graph)  # same layers, kinds and shapes as the model it was made for
     assignment = _load_plan(plan)
     amax = _load_amax(profile)
-    if any(f.is_fp8 for f in assignment.values()) and amax is None:
-        fp8 = sorted(k for k, f in assignment.items() if f.is_fp8)
+    fp8 = sorted(k for k, f in assignment.items() if k in captured.graph and needs_act_amax(captured.graph[k].kind, f))
+    if fp8 and amax is None:
         raise PlanError(f"the plan runs {', '.join(fp8)} in fp8: give the profile.json of the tune run "
                         "(--profile) for their calibrated activation scales")
     fp32 = torch_to_onnx(module, example, opset)
@@ -345,7 +346,8 @@ def export_analysed(onnx_file: str | os.PathLike[str], data: str | os.PathLike[s
     plan = plan if isinstance(plan, PrecisionPlan) else PrecisionPlan.load(plan)
     plan.check_against(om.analysis.graph)
     amax = _load_amax(profile)
-    if any(f.is_fp8 for f in plan.assignment.values()) and amax is None:
+    graph = om.analysis.graph
+    if any(needs_act_amax(graph[k].kind, f) for k, f in plan.assignment.items()) and amax is None:
         raise PlanError("the plan has fp8 layers: give the profile.json of the tune run (--profile) for their "
                         "calibrated activation scales")
     model = om.build(plan.assignment, amax, "emulate" if emulation else "deploy")

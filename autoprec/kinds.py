@@ -6,14 +6,14 @@ normalised over fx (torch functions, methods, modules), torch.export (aten ops) 
 
 from __future__ import annotations
 
-from autoprec.formats import Precision
 from autoprec.opgraph import Policy
 
 LAYER_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "matmul", "bmm", "embedding"})
 
-#: Layers that look rows of their weight up by integer indices: they read no floating activation,
-#: compute nothing (their output in a format is the lookup of the weight rounded to it) and are
-#: priced as the rows they copy. An embedding table is the weight a language model stores first.
+#: Layers that look rows of their weight up by integer indices: they read no floating activation and
+#: compute nothing (their output in a format is the lookup of the weight rounded to it; in fp8, with
+#: one scale per row, rounded once more to bf16). An embedding table is the weight a language model
+#: stores first.
 LOOKUP_KINDS = frozenset({"embedding"})
 
 FOLLOW_KINDS = frozenset({
@@ -34,18 +34,6 @@ NEVER_KINDS = frozenset({
 
 # methods and attribute reads that produce no float tensor (shapes, dtypes)
 _META_METHODS = frozenset({"size", "dim", "numel", "shape", "dtype", "device", "type_as", "sym_size"})
-
-
-def format_exclusion(kind: str, fmt: Precision) -> str | None:
-    """Why a layer of ``kind`` can never run in ``fmt`` (None: it can).
-
-    fp8 weights need one scale per output channel (autoprec.semantics); for a lookup table that is
-    one scale per row, which a deployment would have to gather with the rows. No runtime that
-    autoprec targets does that (ONNX has no per-row-scaled Gather), so embeddings stop at 16 bits.
-    """
-    if kind in LOOKUP_KINDS and fmt.is_fp8:
-        return f"{kind} tables have no {fmt}: per-row scales are not supported"
-    return None
 
 
 def policy_of(kind: str) -> Policy:

@@ -40,7 +40,6 @@ from onnx import helper, numpy_helper
 
 from autoprec.errors import UsageError, first_line
 from autoprec.formats import DEFAULT_CANDIDATES, Precision
-from autoprec.kinds import format_exclusion
 from autoprec.metrics import Metric, fidelity_to, label_metric
 from autoprec.onnx_graph import FLOAT_TYPES, OnnxAnalysis, analyse_onnx, graph_inputs, read_model
 from autoprec.profile import ErrorSum, Progress, RangeAccumulator, explain, measure_name, output_kind_of
@@ -348,9 +347,6 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
         errors[x.name], local[x.name] = {}, {}
         own_ref = [torch.from_numpy(np.asarray(r[pos[x.output]], dtype=np.float32)) for r in base]
         for fmt in fmts:
-            if format_exclusion(x.kind, fmt) is not None:  # never a candidate (embedding tables in fp8)
-                done += 1
-                continue
             trial = model.build({x.name: fmt}, {x.name: amax[x.name]} if fmt.is_fp8 else None)
             acc, own = ErrorSum(kind), ErrorSum("values")
             for bi, res in enumerate(model.run(trial, batches, [x.output])):

@@ -34,9 +34,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from autoprec.capture import Captured
 from autoprec.errors import UsageError
 from autoprec.formats import DEFAULT_CANDIDATES, Precision
-from autoprec.kinds import LOOKUP_KINDS, format_exclusion
+from autoprec.kinds import LOOKUP_KINDS
 from autoprec.quantize import fp8_scale, quantize
-from autoprec.semantics import (LayerFormat, act_arg_positions, emulate_layer, quantize_activation,
+from autoprec.semantics import (LayerFormat, act_arg_positions, emulate_layer, lookup_rows, quantize_activation,
                                 quantize_weight, weight_arg_position)
 from autoprec.sensitivity import LayerRanges, RangeStats, SensitivityProfile
 from passes.fx_assign_formats import follow_roundings
@@ -264,7 +264,6 @@ class _LayerInfo:
     kind: str
     act_pos: tuple[int, ...]
     weight_pos: int | None
-    formats: tuple[Precision, ...]  # the profiled formats the layer's kind can run in
 
     @property
     def weight_batch_term(self) -> bool:
@@ -273,9 +272,8 @@ class _LayerInfo:
         return self.weight_pos is not None and self.kind not in LOOKUP_KINDS
 
 
-def _layers(captured: Captured, fmts: tuple[Precision, ...], only: Iterable[str] | None = None) -> list[_LayerInfo]:
-    """The layers to profile. A format the layer's kind cannot take (an fp8 embedding) is not
-    measured: no plan can give it, so the profile has no entry for it."""
+def _layers(captured: Captured, only: Iterable[str] | None = None) -> list[_LayerInfo]:
+    """The layers to profile (every layer is trialled in every profiled format)."""
     wanted = set(only) if only is not None else None
     out = []
     for op in captured.graph.layers():
@@ -283,8 +281,7 @@ def _layers(captured: Captured, fmts: tuple[Precision, ...], only: Iterable[str]
             continue
         node = captured.node(op.name)
         node.meta["autoprec_layer"] = True
-        out.append(_LayerInfo(node, op.kind, act_arg_positions(op.kind), weight_arg_position(op.kind),
-                              tuple(f for f in fmts if format_exclusion(op.kind, f) is None)))
+        out.append(_LayerInfo(node, op.kind, act_arg_positions(op.kind), weight_arg_position(op.kind)))
     return out
 
 
@@ -324,19 +321,20 @@ def profile(
         raise UsageError(f"unknown profile mode {mode!r}: use 'exact' or 'fast'")
     if not batches:
         raise UsageError("no calibration batches to profile on")
-    infos = _layers(captured, fmts, layers)
+    infos = _layers(captured, layers)
     runner = GraphRunner(captured.gm)
     # FOLLOW ops the plan {layer: fmt} runs in 16-bit (e.g. a GELU after a bf16 linear): each trial
     # rounds their results too, so a trial computes exactly what the applied plan computes.
     roundings = {(i.node.name, f): follow_roundings(captured.gm, captured.graph, {i.node.name: f})
-                 for i in infos for f in i.formats}
+                 for i in infos for f in fmts}
     t_ref = _time_reference(captured.gm, batches) if time_reference else 0.0
     t0 = time.perf_counter()
     if mode == "exact":
         errors, local, ranges, kind, samples, rerun_frac = _profile_exact(
-            runner, infos, batches, output_kind, progress, roundings)
+            runner, infos, fmts, batches, output_kind, progress, roundings)
     else:
-        errors, ranges, kind, samples = _profile_fast(runner, infos, batches, output_kind, progress, seed, roundings)
+        errors, ranges, kind, samples = _profile_fast(runner, infos, fmts, batches, output_kind, progress, seed,
+                                                      roundings)
         local, rerun_frac = {}, 0.0
     seconds = time.perf_counter() - t0
     prof = SensitivityProfile(
@@ -384,8 +382,9 @@ def _finish_ranges(infos: list[_LayerInfo], accs: dict[str, list[RangeAccumulato
 _Roundings = dict[tuple[str, Precision], dict[str, Precision]]
 
 
-def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tuple[Any, ...]],
-                   declared: str | None, progress: Progress | None, roundings: _Roundings):
+def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Precision, ...],
+                   batches: list[tuple[Any, ...]], declared: str | None, progress: Progress | None,
+                   roundings: _Roundings):
     accs: dict[str, list[RangeAccumulator]] = {}
     envs: list[dict[str, Any]] = []
     with torch.no_grad():
@@ -403,14 +402,14 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], batches: list[t
         prepared = [ErrorSum(kind).reference(y) for y in outputs]
         errors: dict[str, dict[Precision, float]] = {}
         local: dict[str, dict[Precision, float]] = {}
-        total = sum(len(i.formats) for i in infos)
+        total = len(infos) * len(fmts)
         done = 0
         recomputed = 0
         graph_nodes = sum(1 for n in runner.nodes if n.op not in ("placeholder", "get_attr", "output"))
         for info in infos:
             errors[info.node.name] = {}
             local[info.node.name] = {}
-            for fmt in info.formats:
+            for fmt in fmts:
                 lf = LayerFormat(fmt, tuple(r.amax for r in ranges[info.node.name].inputs))
                 acc = ErrorSum(kind)
                 own = ErrorSum("values")
@@ -473,8 +472,9 @@ def _rounding_delta(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(q - x, nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
-def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tuple[Any, ...]],
-                  declared: str | None, progress: Progress | None, seed: int, roundings: _Roundings):
+def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Precision, ...],
+                  batches: list[tuple[Any, ...]], declared: str | None, progress: Progress | None, seed: int,
+                  roundings: _Roundings):
     gen = torch.Generator().manual_seed(seed)
     accs: dict[str, list[RangeAccumulator]] = {}
     saved: list[dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]]] = []
@@ -554,13 +554,13 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tu
             amaxes = tuple(r.amax for r in ranges[name].inputs)
             w = _weight_value(runner, info) if info.weight_batch_term else None
             errors[name] = {}
-            for fmt in info.formats:
+            for fmt in fmts:
                 total = 0.0
                 dw = _rounding_delta(w, quantize_weight(w, fmt)) if w is not None else None
                 for bi, per in enumerate(saved):
                     ins, gins, out, gout = per[name]
                     batch = _batch_size(batches[bi])
-                    term = _per_sample_dot(gout, _rounding_delta(out, quantize(out, fmt.compute_output)), batch)
+                    term = _per_sample_dot(gout, _rounding_delta(out, _output_in(info, out, fmt)), batch)
                     for j, (x, g) in enumerate(zip(ins, gins)):
                         dx = _rounding_delta(x, quantize_activation(x, fmt, amaxes[j] if fmt.needs_scale else None))
                         d = _per_sample_dot(g, dx, batch)
@@ -583,6 +583,16 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tu
                 progress(len(batches) + li + 1, len(batches) + len(infos), name)
     samples = sum(_batch_size(b) for b in batches)
     return errors, ranges, kind or "logits", samples
+
+
+def _output_in(info: _LayerInfo, out: torch.Tensor, fmt: Precision) -> torch.Tensor:
+    """The fp32 output ``out`` of a layer with only its output rounding of ``fmt`` applied (its
+    input and weight roundings are terms of their own). A lookup's output is rows of its table, so
+    its output in ``fmt`` is those rows rounded as the table is (per-row scales in fp8), then to the
+    layer's output format."""
+    if info.kind in LOOKUP_KINDS:
+        return lookup_rows(out, fmt)
+    return quantize(out, fmt.compute_output)
 
 
 def _weight_node(info: _LayerInfo) -> fx.Node | None:
@@ -613,11 +623,7 @@ def _fmt_num(x: float) -> str:
 
 
 def explain(prof: SensitivityProfile) -> dict[str, list[str]]:
-    """Readable flags per layer: range hazards, and why the most sensitive layers are sensitive.
-
-    A layer has no error for a format its kind cannot take (an fp8 embedding): it gets no flag for
-    that format, and no fp8 range flag when the profile measured fp8 for other layers but not for it.
-    """
+    """Readable flags per layer: range hazards, and why the most sensitive layers are sensitive."""
     flags: dict[str, list[str]] = {}
     fmts = [f for f in prof.formats if f is not Precision.FP32]
     medians = {}
@@ -628,7 +634,6 @@ def explain(prof: SensitivityProfile) -> dict[str, list[str]]:
     for name, errs in prof.errors.items():
         out: list[str] = []
         r = prof.ranges.get(name)
-        no_fp8 = any(f.is_fp8 for f in fmts) and not any(f.is_fp8 for f in errs)  # its kind has none
         tensors = []
         if r is not None:
             tensors = [("input" if len(r.inputs) == 1 else f"input {i}", s) for i, s in enumerate(r.inputs)]
@@ -641,7 +646,7 @@ def explain(prof: SensitivityProfile) -> dict[str, list[str]]:
                            f"({100 * s.frac_over_fp16:.2g}% of values become inf)")
             if s.frac_underflow_fp16 > 0.01:
                 out.append(f"fp16 underflow: {100 * s.frac_underflow_fp16:.2g}% of {label} values below 6.1e-05")
-            if s.frac_fp8_flushed > 0.05 and not no_fp8:
+            if s.frac_fp8_flushed > 0.05:
                 out.append(f"fp8 flushes {100 * s.frac_fp8_flushed:.2g}% of nonzero {label} values to zero "
                            f"at scale {_fmt_num(s.fp8_scale)} (amax/rms {_fmt_num(s.amax / max(s.rms, 1e-30))})")
         for f in (f for f in fmts if f in errs):

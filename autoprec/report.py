@@ -136,7 +136,7 @@ def plot_sensitivity(path: Path, profile: SensitivityProfile, graph: OpGraph) ->
 
     layers = [n for n in graph.layer_names() if n in profile.errors]
     fmts = list(profile.formats)
-    # NaN: a format the layer's kind cannot take (an fp8 embedding), left blank
+    # NaN: a format the profile has no error for (one saved before embedding tables had fp8), left blank
     vals = np.array([[profile.errors[n].get(f, np.nan) for f in fmts] for n in layers], dtype=float)
     finite = vals[np.isfinite(vals) & (vals > 0)]
     floor = finite.min() if finite.size else 1e-12

@@ -25,7 +25,6 @@ from scipy.sparse import csr_array
 from autoprec.cost import CostModel, RooflineCostModel, cast_groups, memory_bytes
 from autoprec.errors import UsageError
 from autoprec.formats import Precision, parse_precision
-from autoprec.kinds import format_exclusion
 from autoprec.opgraph import OpGraph, OpNode, Policy
 from autoprec.plan import Alternative, Budget, LayerDecision, Pin, PrecisionPlan, TuneStep
 from autoprec.sensitivity import SensitivityProfile
@@ -43,7 +42,7 @@ class SearchProblem:
     support on the target, ...). ``budget`` is the default error budget, in the profile's units:
     a plan fits when the sum of its layers' profile errors is <= budget. ``ties`` defaults to
     ``graph.ties``. Pins are applied on top of candidates: ``--force`` wins over exclusions
-    (the user asked), never over the target's support or what the layer's kind can run in.
+    (the user asked), never over the target's support.
     """
 
     graph: OpGraph
@@ -67,8 +66,7 @@ class SearchProblem:
         excluded: Mapping[str, Mapping[Precision, str]] | None = None,
     ) -> "SearchProblem":
         """Offer ``formats`` (default: those the profile measured) to every layer, minus formats
-        its kind cannot take (fp8 embeddings), formats the target lacks and fp16 where the profile
-        saw values beyond fp16's range."""
+        the target lacks and fp16 where the profile saw values beyond fp16's range."""
         if profile.fingerprint and profile.fingerprint != graph.fingerprint():
             raise UsageError(f"the sensitivity profile was made for another model "
                              f"({profile.model_name or profile.fingerprint}): re-run profiling")
@@ -81,9 +79,7 @@ class SearchProblem:
         for op in graph.layers():
             why = dict((excluded or {}).get(op.name, {}))
             for f in offer:
-                if (kind_why := format_exclusion(op.kind, f)) is not None:
-                    why.setdefault(f, kind_why)
-                elif not cost_model.supports(f):
+                if not cost_model.supports(f):
                     why.setdefault(f, f"not supported on {cost_model.name}")
             over = _fp16_overflow(profile, op.name)
             if over is not None and Precision.FP16 in offer:
@@ -218,9 +214,7 @@ class _Compiled:
         errs = {f: max(0.0, float(v)) for f, v in prof.items() if math.isfinite(v)}  # < 0 is noise
         errs[FP32] = 0.0
         for f in sorted(offered - {FP32}, key=lambda f: f.rank):
-            if (kind_why := format_exclusion(op.kind, f)) is not None:
-                why.setdefault(f, kind_why)
-            elif not cm.supports(f):
+            if not cm.supports(f):
                 why.setdefault(f, f"not supported on {cm.name}")
             elif f not in prof:
                 why.setdefault(f, f"not profiled in {f}")
@@ -239,8 +233,6 @@ class _Compiled:
             pin, f = forced[0], forced[0].format
             if not cm.supports(f):
                 raise UsageError(f"{pin} asks for {f} but {cm.name} does not support it")
-            if (kind_why := format_exclusion(op.kind, f)) is not None:
-                raise UsageError(f"{pin} asks for {f} but {name} cannot take it: {kind_why}")
             if f not in errs:
                 errs[f] = 0.0
                 self.err_note[name] = f"its {f} error ({prof.get(f, 'not profiled')}) is not counted"

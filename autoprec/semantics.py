@@ -8,7 +8,10 @@ A layer (linear, conv, matmul/bmm) in format P (DESIGN.md):
 
 An embedding lookup is the same rule with no activation input: in a 16-bit format P it returns
 round_P(W)[idx], the table rounded to P and the rows copied exactly (its output rounding is then
-the identity). It has no fp8 form (:func:`autoprec.kinds.format_exclusion`).
+the identity). In fp8 it returns round_bf16(quantize_weight(W, fp8))[idx]: the table's output
+channels are its rows (dim 0), so the weight rule already gives one scale per row, and the rows
+are rounded to bf16 as the output of every fp8 layer is. It reads no activation, so it needs no
+calibrated amax.
 
 The profiler calls :func:`emulate_layer` on single layers; the fx apply pass builds the same
 computation into the rewritten graph, and oracle tests hold the two to the same bits.
@@ -23,7 +26,6 @@ import torch
 
 from autoprec.capture import layer_function
 from autoprec.formats import Precision
-from autoprec.kinds import format_exclusion
 from autoprec.quantize import channel_amax, fp8_scale, quantize
 
 # argument positions of the activation inputs and the weight, per layer kind (an embedding's
@@ -64,6 +66,21 @@ def quantize_weight(w: torch.Tensor, fmt: Precision) -> torch.Tensor:
     return quantize(w, fmt)
 
 
+def needs_act_amax(kind: str, fmt: Precision) -> bool:
+    """Whether a layer of ``kind`` in ``fmt`` needs the calibrated amax of its activation inputs:
+    fp8 layers that read any (an fp8 lookup reads none: its scales come from its table)."""
+    return fmt.needs_scale and bool(act_arg_positions(kind))
+
+
+def lookup_rows(rows: torch.Tensor, fmt: Precision) -> torch.Tensor:
+    """A lookup's result in ``fmt`` computed from the fp32 rows it copied (``W[idx]``), equal to
+    :func:`emulate_layer` on the whole table: each row of the result is a row of the table, and
+    :func:`quantize_weight` scales a table row by row (its output channels), so a row's fp8 scale is
+    its own amax. For a 16-bit ``fmt`` it is ``round_fmt(rows)``."""
+    q = quantize_weight(rows.reshape(-1, rows.shape[-1]), fmt).reshape(rows.shape)
+    return quantize(q, fmt.compute_output)
+
+
 def quantize_activation(x: torch.Tensor, fmt: Precision, amax: float | None) -> torch.Tensor:
     """Round an activation to ``fmt``; fp8 without a calibrated amax uses the tensor's own (dynamic)."""
     if fmt.needs_scale:
@@ -82,9 +99,6 @@ def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: 
     fn = layer_function(kind)
     if lf.fmt is Precision.FP32:
         return fn(*args, **kwargs)
-    why = format_exclusion(kind, lf.fmt)
-    if why is not None:
-        raise ValueError(why)
     a = list(args)
     for j, pos in enumerate(act_arg_positions(kind)):
         if torch.is_tensor(a[pos]):

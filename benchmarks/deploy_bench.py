@@ -7,14 +7,15 @@ budget), export the tuned deployment graph, run the ONNX checker (full_check), a
 
 - the file size against the fp32 export, for the tuned plan and for every layer in bf16, fp16 and
   fp8 (goals: all-16-bit <= 0.52, all-fp8 <= 0.28 where layer weights dominate the file; embedding
-  tables, which have no fp8, are bf16 in the fp8 figure), and the bytes of the layers' weights
-  alone in those uniform files against fp32 (fp8: codes plus the per-channel fp32 scales, so
-  1/4 + 1/fan-in of fp32 per weight). The rest of a file is what no format changes: fp32 biases,
+  tables are fp8 in the fp8 figure too, with one scale per row), and the bytes of the layers'
+  weights alone in those uniform files against fp32 (fp8: codes plus the per-channel fp32 scales,
+  so 1/4 + 1/fan-in of fp32 per weight). The rest of a file is what no format changes: fp32 biases,
   norm parameters and buffers, and the graph; on the zoo's smallest models it is what keeps the
   file ratio above the goals;
 - the metric through ONNX Runtime against the torch emulation's and against the budget
   (autoprec.verify: on a CPU provider the metric runs on the emulation graph, and says so);
-- parity between the torch emulation and the ONNX emulation graph (relative L2, top-1 agreement);
+- parity between the torch emulation and ONNX Runtime (relative L2, top-1 agreement): the emulation
+  graph on a CPU provider, the deployment graph itself on a GPU;
 - with a working CUDA provider, the latency of the fp32 and tuned deployment graphs (median of 50
   runs at batch 256); without one, a line saying it was skipped.
 
@@ -39,7 +40,6 @@ from autoprec.api import tune  # noqa: E402
 from autoprec.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
 from autoprec.formats import Precision  # noqa: E402
 from autoprec.io import atomic_write_bytes, atomic_write_text  # noqa: E402
-from autoprec.kinds import format_exclusion  # noqa: E402
 from autoprec.onnx_graph import graph_inputs  # noqa: E402
 from autoprec.runtime import cuda_available, latency_ms  # noqa: E402
 from autoprec.spec import load_model_spec  # noqa: E402
@@ -107,8 +107,7 @@ def bench(path: Path, budget: str, workdir: Path, cuda: bool) -> dict[str, objec
     ratios = {"tuned": tuned.ByteSize() / size}
     weight_ratios = {}
     for fmt in (Precision.BF16, Precision.FP16, Precision.FP8_E4M3):
-        uniform = {op.name: fmt if format_exclusion(op.kind, fmt) is None else Precision.BF16
-                   for op in captured.graph.layers()}
+        uniform = {op.name: fmt for op in captured.graph.layers()}
         ratios[fmt.value] = apply_plan_onnx(fp32, captured, uniform, amax).ByteSize() / size
         full = apply_plan_onnx(fp32, captured, uniform, amax, keep_metadata=True)
         weight_ratios[fmt.value] = layer_weight_bytes(full) / weights

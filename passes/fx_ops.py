@@ -15,7 +15,7 @@ native (``native=True``)
     E4M3 values times the static scale); the fp8 linear layer after it re-derives the fp8 codes
     (exact, see :func:`fp8_codes`) and runs ``torch._scaled_mm`` with fp32 accumulation, writing
     bf16. fp8 conv, matmul and bmm have no fp8 kernel in torch: native mode emulates those layers'
-    numerics and writes a real bf16 tensor.
+    numerics and writes a real bf16 tensor, as does an fp8 embedding lookup.
 
 Why a layer may re-round inputs a cast already rounded: rounding to a 16-bit format is idempotent,
 and so is the static fp8 quantize-dequantize (``q(q(x)) == q(x)``: ``fl(v*s)/s`` lies within 2^-23
@@ -127,10 +127,13 @@ def lowp_embedding(indices: torch.Tensor, weight: torch.Tensor, padding_idx: int
                    max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
                    sparse: bool = False, *, fmt: Precision, amax: Sequence[float] | None = None,
                    native: bool = False) -> torch.Tensor:
-    """``F.embedding`` in a 16-bit ``fmt``: the rows of the table rounded to ``fmt``.
+    """``F.embedding`` in ``fmt``: the rows of the table rounded to ``fmt`` (fp8: one scale per row,
+    the rows then rounded to bf16, :mod:`autoprec.semantics`).
 
     Native mode rounds the fp32 master table to a real 16-bit tensor at use and looks the rows up
-    in it, so the output is a 16-bit tensor (no arithmetic: exactly the emulated values).
+    in it, so the output is a 16-bit tensor (no arithmetic: exactly the emulated values). An fp8
+    table has no native lookup in torch: the emulated rows are written as a real bf16 tensor. The
+    gradient reaches the fp32 master table straight through the rounding in both modes.
     """
     return _layer("embedding", (indices, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse),
                   {}, fmt, amax, native)

@@ -6,7 +6,8 @@ deploy
     Tensors really are 16-bit: a node computes in its group's format where ONNX admits that type for
     the op (``compute_precision``), in fp32 otherwise (ONNX Conv and pooling have no bf16). A group
     hands its results to other groups in its value format (a Cast after it where it computed in
-    another type: fp8 layers compute on dequantized fp32 operands and write bf16). A node reading a
+    another type: fp8 layers compute on dequantized fp32 operands and write bf16; an fp8 embedding's
+    Gather looks its rows up in the table dequantized to fp32). A node reading a
     value of another type gets one shared ``Cast`` per (value, type); one-element constants and
     biases get a copy of the initializer in the type instead. fp8 layers read their activation
     through ``QuantizeLinear`` -> ``DequantizeLinear`` (FLOAT8E4M3FN zero point, static scale
@@ -18,10 +19,11 @@ emulate
     does: ``Cast(to P) -> Cast(to fp32)`` pairs round a value to a 16-bit format (ORT keeps the
     rounding of such a pair; fp16 nodes on its CPU provider drop it), Q/DQ rounds to fp8. Rounded are:
     a layer's activation inputs (to its format, when the value is in another), a layer's result (to
-    its value format; not an embedding's, whose Gather copies rows of the table LowerWeights already
-    rounded), the results of 16-bit FOLLOW ops that compute new values (not views, ReLU or
-    max-pooling: ``EXACT_FOLLOW_KINDS``) and the inputs a 16-bit FOLLOW op reads in another 16-bit
-    format.
+    its value format; not a 16-bit embedding's, whose Gather copies rows of a table LowerWeights
+    already stored in that format; an fp8 embedding's rows, dequantized with their per-row scales,
+    are rounded to bf16 like every fp8 layer's result), the results of 16-bit FOLLOW ops that
+    compute new values (not views, ReLU or max-pooling: ``EXACT_FOLLOW_KINDS``) and the inputs a
+    16-bit FOLLOW op reads in another 16-bit format.
 
 Each value is converted at most once per target (shared by every reader); a rounding of a group's
 result keeps the value's name (the producer's output is renamed), so graph outputs keep theirs.
@@ -166,7 +168,8 @@ class InsertCasts(OnnxPass):
         kind = get_meta(n, KIND) or ""
         value_fmt = fmt.compute_output if policy is Policy.ALWAYS else fmt
         if self.mode == "emulate":
-            rounds = fmt is not FP32 and ((policy is Policy.ALWAYS and kind not in LOOKUP_KINDS) or
+            copies = kind in LOOKUP_KINDS and value_fmt is fmt  # rows of a table already in its value format
+            rounds = fmt is not FP32 and ((policy is Policy.ALWAYS and not copies) or
                                           (policy is Policy.FOLLOW and kind not in EXACT_FOLLOW_KINDS))
             if rounds:
                 raw = self._rename_output(n, slot, v, "fp32", raw_of)

@@ -6,11 +6,13 @@ The fp32 initializer a layer reads is replaced, not cast at run time:
   rounds it) becomes a 16-bit initializer. In a deployment graph the MatMul/Gemm/Conv reads it
   directly when ONNX admits that type for the op; where it does not (ONNX Conv has no bf16), and in
   an emulation graph, a ``Cast`` to fp32 follows it (ORT folds it once, at session start). An
-  embedding's table is its Gather's input 0; Gather admits every type, so a deployment graph looks
-  the rows up in the 16-bit table and its result is already in the layer's format.
+  embedding's table is its Gather's input 0; Gather admits both 16-bit types, so a deployment graph
+  looks the rows up in the 16-bit table and its result is already in the layer's format.
 - fp8 layers: the weight becomes fp8 codes with one scale per output channel (amax / max of that
   channel, as semantics does) and a ``DequantizeLinear`` (axis = the output-channel axis) feeds the
   layer in fp32. The codes times the scales are bit for bit the torch emulation's rounded weight.
+  An fp8 embedding table is the same with axis 0 (its rows): ONNX Gather admits no fp8 type, so the
+  Gather looks its rows up in the dequantized fp32 table, and InsertCasts rounds them to bf16.
 
 Biases stay fp32 here (a deployment graph's 16-bit Gemm/Conv gets a 16-bit copy from InsertCasts,
 because ONNX ties its type to the weight's). Inserted nodes belong to the layer's group. In a
@@ -77,7 +79,9 @@ class LowerWeights(OnnxPass):
         idx = GraphIndex(model)
         taken = all_names(model)
         made: dict[tuple[str, Precision], str] = {}  # (fp32 initializer, 16-bit format) -> stored name
-        made8: dict[tuple[str, Precision], tuple[str, str, int]] = {}  # -> (codes, scale, axis)
+        # (fp32 initializer, fp8 format, transposed) -> (codes, scale, axis): a table that a Gather
+        # reads by rows and a MatMul reads by columns needs two sets of scales
+        made8: dict[tuple[str, Precision, bool], tuple[str, str, int]] = {}
         new_nodes: list[onnx.NodeProto] = []
         modified = False
         for n in idx.nodes:
@@ -90,10 +94,10 @@ class LowerWeights(OnnxPass):
             w = idx.array(w_name).astype(np.float32)
             transposed = n.op_type == "MatMul" or (n.op_type == "Gemm" and not attr(n, "transB", 0))
             if fmt.is_fp8:
-                key = (w_name, fmt)
-                if key not in made8:
-                    made8[key] = self._fp8_initializers(model, taken, w_name, w, transposed, fmt)
-                codes, scale, axis = made8[key]
+                key8 = (w_name, fmt, transposed)
+                if key8 not in made8:
+                    made8[key8] = self._fp8_initializers(model, taken, w_name, w, transposed, fmt)
+                codes, scale, axis = made8[key8]
                 dq = onnx.helper.make_node("DequantizeLinear", [codes, scale], [unique_name(taken, f"{w_name}_dq")],
                                            name=unique_name(taken, f"{n.name}_weight_dq"), axis=axis)
                 self._annotate(dq, n, f"{fmt} weight: codes x per-output-channel scale -> fp32")

@@ -1,5 +1,5 @@
-"""autoprec profile on the language model: its embedding layers read no floating input and have no
-fp8 trial, and the table, the JSON and the report's heatmap say so instead of failing."""
+"""autoprec profile on the language model: its embedding layers read no floating input (the table
+says so instead of failing) and are profiled in every format, fp8 (per-row scales) included."""
 
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ def test_profile_table_and_json_of_embedding_layers(tmp_path: Path, capsys: pyte
             for line in capsys.readouterr().out.splitlines() if line.startswith("│ ")}
     for name in ("tok_emb", "pos_emb"):
         kind, _, flops, bf16, fp16, fp8, amax = rows[name][:7]
-        assert (kind, flops, fp8) == ("embedding", "0", "-") and amax.startswith("-/"), rows[name]
-        assert float(bf16) > float(fp16) > 0
+        assert (kind, flops) == ("embedding", "0") and amax.startswith("-/"), rows[name]
+        assert float(fp8) > float(bf16) > float(fp16) > 0
     prof = SensitivityProfile.from_json(out.read_text())
-    assert set(prof.errors["tok_emb"]) == {Precision.BF16, Precision.FP16}
+    assert set(prof.errors["tok_emb"]) == {Precision.BF16, Precision.FP16, Precision.FP8_E4M3}
     assert Precision.FP8_E4M3 in prof.errors["head"]
-    # the report's heatmap leaves the missing cells blank
+    # the report's heatmap of a profile saved without some entries leaves those cells blank
+    del prof.errors["tok_emb"][Precision.FP8_E4M3]
     spec = load_model_spec(LM)
     graph = capture(spec.model(), spec.example_inputs(), name=spec.name).graph
     assert plot_sensitivity(tmp_path / "sensitivity.png", prof, graph).stat().st_size > 0

@@ -143,9 +143,9 @@ def test_profile_error_is_the_error_of_the_applied_single_layer_plan(tiny_attent
             assert acc.value() == prof.errors[layer][fmt], (layer, fmt)
 
 
-def test_embedding_profile_oracle_and_no_fp8(tiny_lm: nn.Module, token_batches) -> None:
+def test_embedding_profile_oracle_and_fp8(tiny_lm: nn.Module, token_batches) -> None:
     """Oracle for lookups: the exact error of (embedding, P) is apply_plan({embedding: P})'s error to
-    the bit. No fp8 trial for a table (no plan can give it); no activation input to take ranges of."""
+    the bit, fp8 (per-row scales) included. No activation input to take ranges of."""
     from autoprec.profile import ErrorSum
     from passes import apply_plan
 
@@ -154,11 +154,12 @@ def test_embedding_profile_oracle_and_no_fp8(tiny_lm: nn.Module, token_batches) 
     fast = profile(c, token_batches, mode="fast")
     for layer in ("tok", "pos"):
         for prof in (exact, fast):
-            assert set(prof.errors[layer]) == {BF16, FP16}, prof.mode
+            assert set(prof.errors[layer]) == {BF16, FP16, E4M3}, prof.mode
             r = prof.ranges[layer]
             assert r.inputs == () and r.weight is not None and r.output.amax == r.weight.amax
-            assert 0 < prof.errors[layer][FP16] < prof.errors[layer][BF16] < math.inf, prof.mode
-        for fmt in (BF16, FP16):
+            errs = prof.errors[layer]
+            assert 0 < errs[FP16] < errs[BF16] < errs[E4M3] < math.inf, prof.mode
+        for fmt in (BF16, FP16, E4M3):  # an fp8 table needs no calibrated amax
             gm = apply_plan(c, {layer: fmt})
             acc = ErrorSum("logits")
             with torch.no_grad():
@@ -170,11 +171,12 @@ def test_embedding_profile_oracle_and_no_fp8(tiny_lm: nn.Module, token_batches) 
 
 def test_fast_mode_counts_a_tables_rounding_once(tiny_lm: nn.Module) -> None:
     """A lookup's output is rows of its table: fast mode measures the table's rounding at the output
-    only. Counting it again as a weight term would double the estimate."""
+    only (in fp8 the rows rounded with their own per-row scales, then to bf16). Counting it again as
+    a weight term would double the estimate; rounding the rows to bf16 only would miss the fp8 error."""
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, 20, (16, 6), generator=g),) for _ in range(8)]
     c = capture(tiny_lm, batches[0])
-    exact = profile(c, batches, mode="exact", formats=(BF16, FP16))
-    fast = profile(c, batches, mode="fast", formats=(BF16, FP16))
-    for fmt in (BF16, FP16):
+    exact = profile(c, batches, mode="exact", formats=(BF16, FP16, E4M3))
+    fast = profile(c, batches, mode="fast", formats=(BF16, FP16, E4M3))
+    for fmt in (BF16, FP16, E4M3):
         assert 0.7 <= fast.errors["tok"][fmt] / exact.errors["tok"][fmt] <= 1.4, fmt

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import onnx
 import pytest
@@ -13,7 +13,6 @@ from deploy_models import ROOT, ExactCNN, ExactEmbed, ExactNet, integer_input
 from autoprec.capture import Captured, capture
 from autoprec.export import torch_to_onnx
 from autoprec.formats import Precision
-from autoprec.kinds import format_exclusion
 from autoprec.profile import profile
 from autoprec.spec import ModelSpec, load_model_spec
 from passes import act_amax_from_profile
@@ -35,13 +34,9 @@ class Case:
     def layers(self) -> list[str]:
         return self.captured.graph.layer_names()
 
-    def choices(self, layer: str, fmts: Sequence[Precision]) -> list[Precision]:
-        """The formats of ``fmts`` the layer's kind can run in (an embedding has no fp8)."""
-        return [f for f in fmts if format_exclusion(self.captured.graph[layer].kind, f) is None]
-
     def uniform(self, fmt: Precision) -> dict[str, Precision]:
-        """Every layer in ``fmt``; a layer that cannot take it (an fp8 embedding) in bf16."""
-        return {name: (self.choices(name, [fmt]) or [Precision.BF16])[0] for name in self.layers}
+        """Every layer (embedding tables included) in ``fmt``."""
+        return {name: fmt for name in self.layers}
 
 
 def _exact_case(name: str, module: torch.nn.Module, x: torch.Tensor) -> Case:

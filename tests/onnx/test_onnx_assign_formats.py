@@ -51,7 +51,7 @@ def _torch_formats(case, plan) -> collections.Counter:
 def _plans(case, n: int, seed: int) -> list[dict[str, Precision]]:
     rng = random.Random(seed)
     fmts = [FP32, BF16, FP16, E4M3]
-    return [case.uniform(BF16), case.uniform(E4M3)] + [{l: rng.choice(case.choices(l, fmts)) for l in case.layers}
+    return [case.uniform(BF16), case.uniform(E4M3)] + [{l: rng.choice(fmts) for l in case.layers}
                                                         for _ in range(n)]
 
 
@@ -105,11 +105,20 @@ def test_plan_errors(exact_net) -> None:
         _assign(exact_net, {"la": E4M3}, amax={})
 
 
-def test_an_fp8_table_is_a_plan_error(exact_embed) -> None:
-    with pytest.raises(PlanError, match=r"tok \(embedding tables have no fp8_e4m3: per-row scales"):
-        _assign(exact_embed, {"tok": E4M3, "head": E4M3})
+def test_tables_and_the_sum_after_them(exact_embed) -> None:
+    def add_of(model):
+        return next(n for n in model.graph.node if n.op_type == "Add" and get_meta(n, KIND) == "add"
+                    and get_meta(n, SCOPE) == "")
+
     # 16-bit tables: the sum of the two lookups runs in their format
     model = _assign(exact_embed, {"tok": FP16, "pos": FP16})
-    add = next(n for n in model.graph.node if n.op_type == "Add" and get_meta(n, KIND) == "add"
-               and get_meta(n, SCOPE) == "")
+    add = add_of(model)
     assert get_meta(add, FORMAT) == "fp16" and get_meta(add, REASON) == "follows tok (fp16)"
+    # fp8 tables read no activation (no amax needed, an empty one recorded) and write bf16 values
+    model = _assign(exact_embed, {"tok": E4M3, "pos": E4M3}, amax={})
+    gathers = [n for n in model.graph.node if get_meta(n, ROLE) == ROLE_CORE and get_meta(n, LAYER) != "head"]
+    assert sorted(get_meta(n, LAYER) for n in gathers) == ["pos", "tok"]
+    for n in gathers:
+        assert n.op_type == "Gather" and get_meta(n, FORMAT) == "fp8_e4m3", n.name
+        assert get_meta(n, VALUE_FORMAT) == "bf16" and json.loads(get_meta(n, ACT_AMAX)) == [], n.name
+    assert get_meta(add_of(model), FORMAT) == "bf16"

@@ -15,7 +15,7 @@ from passes.onnx_base import INSERTED, LAYER, ROLE, ROLE_CORE, OnnxPassManager, 
 from passes.onnx_lower_weights import LowerWeights
 from passes.onnx_map_layers import MapLayers
 
-BF16, FP16, E4M3 = Precision.BF16, Precision.FP16, Precision.FP8_E4M3
+BF16, FP16, E4M3, E5M2 = Precision.BF16, Precision.FP16, Precision.FP8_E4M3, Precision.FP8_E5M2
 
 
 def _lower(case, plan, mode):
@@ -79,10 +79,12 @@ def test_conv_and_gemm_weights(exact_cnn, mode) -> None:
 
 
 @pytest.mark.parametrize("mode", ["deploy", "emulate"])
-def test_embedding_tables(exact_embed, mode) -> None:
-    """A table is its Gather's input 0: stored 16-bit, read directly by a deployment graph's Gather
-    (which admits every type), through a Cast to fp32 in an emulation graph."""
-    plan = {"tok": FP16, "pos": BF16}
+@pytest.mark.parametrize("plan", [{"tok": FP16, "pos": BF16}, {"tok": E4M3, "pos": E5M2}], ids=["16-bit", "fp8"])
+def test_embedding_tables(exact_embed, mode, plan) -> None:
+    """A table is its Gather's input 0. 16-bit: stored 16-bit, read directly by a deployment graph's
+    Gather (which admits every type), through a Cast to fp32 in an emulation graph. fp8 (Gather
+    admits no fp8): one byte per element and one scale per row behind a DequantizeLinear on axis 0
+    without a zero point, in both graphs; the codes times the scales are semantics' rounded table."""
     model = _lower(exact_embed, plan, mode)
     cores = _cores(model)
     inits = {t.name: t for t in model.graph.initializer}
@@ -92,8 +94,17 @@ def test_embedding_tables(exact_embed, mode) -> None:
     for layer, fmt in plan.items():
         table = cores[layer].input[0]
         assert cores[layer].op_type == "Gather"
-        want = quantize_weight(params[f"{layer}.weight"].detach(), fmt).numpy()
+        w = params[f"{layer}.weight"].detach()
+        want = quantize_weight(w, fmt).numpy()
         assert np.array_equal(_weight_as_fp32(model, cores[layer]), want), layer
+        if fmt.is_fp8:
+            dq = producers[table]
+            assert dq.op_type == "DequantizeLinear" and attr(dq, "axis") == 0 and len(dq.input) == 2, layer
+            codes, scale = inits[dq.input[0]], inits[dq.input[1]]
+            assert codes.data_type == fmt.onnx_type and list(codes.dims) == list(w.shape), layer
+            assert len(codes.raw_data) == w.numel(), layer  # one byte per table element
+            assert scale.data_type == TensorProto.FLOAT and list(scale.dims) == [w.shape[0]], layer  # per row
+            continue
         stored = table if mode == "deploy" else producers[table].input[0]
         if mode == "emulate":
             assert producers[table].op_type == "Cast" and attr(producers[table], "to") == TensorProto.FLOAT

@@ -58,6 +58,10 @@ def test_cpu_rules_for_faithful_precision() -> None:
         # fp8: QuantizeLinear/DequantizeLinear exist, the product runs in fp32
         s = ep.supported("MatMul", E4M3, "cpu", live)
         assert s.ok and "QuantizeLinear/DequantizeLinear" in s.source
+        # an fp8 table: no fp8 Gather kernel, but DequantizeLinear of the table + fp32 Gather + bf16 Cast
+        assert not ep.kernel("Gather", E4M3, "cpu", live).ok
+        s = ep.supported("Gather", E4M3, "cpu", live)
+        assert s.ok and "DequantizeLinear of the table, fp32 Gather, bf16 Cast" in s.source
         assert ep.supported("Cast", E4M3, "cpu", live).ok
         assert not ep.supported("Add", E4M3, "cpu", live).ok
         assert ep.supported("MatMul", Precision.FP32, "cpu", live).ok
@@ -124,11 +128,13 @@ def test_exclusions_from_kinds_without_op_types() -> None:
     # linear may become Gemm or MatMul: both must be legal
     assert ep.exclusions(g, "cpu", [FP16], live=False)["fc"][FP16].startswith(
         "CPUExecutionProvider has no fp16 Gemm kernel")
-    # an embedding is a Gather of its table, which every provider runs in 16 bits
+    # an embedding is a Gather of its table, which every provider runs in 16 bits, and in fp8
+    # through the DequantizeLinear of its table (fp8 DequantizeLinear, fp32 Gather, bf16 Cast)
     emb = OpGraph([nodes[0], OpNode("emb", "embedding", "", Policy.ALWAYS, ((2, 8),), (2, 8, 4), 0, 40, 0, 64,
                                     "emb.weight")], [("x", "emb")])
     for provider in ("cpu", "cuda", "tensorrt"):
-        assert ep.exclusions(emb, provider, [BF16, FP16], live=False) == {}, provider
+        assert ep.exclusions(emb, provider, [BF16, FP16, E4M3], live=False) == {}, provider
+    assert ep.reason("Gather", E4M3, "cuda") is None
 
 
 def test_exclusions_feed_the_search() -> None:
@@ -149,3 +155,21 @@ def test_ep_support_imports_no_torch_and_no_runtime() -> None:
     code = ("import sys, autoprec.ep_support; "
             "assert not {'torch', 'onnxruntime', 'onnx'} & set(sys.modules), 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_fp8_form_is_refused_for_the_kernel_it_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every kernel of an fp8 form must exist: without a bf16 Cast neither an fp8 product nor an fp8
+    table can write its bf16 result; without fp8 QuantizeLinear only the products are refused (a
+    table reads no activation)."""
+    no_cast = {op: types for op, types in ep._TABLES[ep.TENSORRT].items() if op != "Cast"}
+    monkeypatch.setitem(ep._TABLES, ep.TENSORRT, no_cast)
+    for op in ("Gather", "MatMul"):
+        why = ep.reason(op, E4M3, "tensorrt", live=False)
+        assert why is not None and why.startswith("TensorrtExecutionProvider has no bfloat16 Cast kernel"), op
+        assert why.endswith(f"which an fp8_e4m3 {op} needs"), op
+    no_q = {op: types for op, types in ep._TABLES[ep.CUDA].items() if op != "QuantizeLinear"}
+    monkeypatch.setitem(ep._TABLES, ep.CUDA, no_q)
+    assert ep.reason("Gemm", E4M3, "cuda", live=False) == (
+        "CUDAExecutionProvider has no float8e4m3fn QuantizeLinear kernel (assumed: QuantizeLinear is not in "
+        "autoprec's table for CUDAExecutionProvider), which an fp8_e4m3 Gemm needs")
+    assert ep.supported("Gather", E4M3, "cuda", live=False).ok

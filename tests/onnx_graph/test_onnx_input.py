@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from autoprec.plan import PrecisionPlan
 from autoprec.profile import profile
 from autoprec.quantize import quantize
 from autoprec.runtime import open_session
+from autoprec.semantics import quantize_weight
 from autoprec.spec import load_model_spec
 from autoprec.verify import verify_onnx_input
 from passes import act_amax_from_profile, apply_plan
@@ -195,14 +198,36 @@ def test_labels_choose_the_metric() -> None:
 # --- agreement with the torch path ---------------------------------------------------------------------
 
 
-def test_legacy_export_emulation_agrees_with_torch_emulation(legacy_cnn: tuple[Path, Path, Path]) -> None:
+def _legacy_lm(module: torch.nn.Module) -> OnnxModel:
+    """TinyLM (tests/conftest.py: token and position tables) written by torch's legacy exporter at
+    opset 13, as scripts/onnx_example.py writes the zoo, with 128 sequences of token ids."""
+    tokens = np.random.default_rng(0).integers(0, 20, (128, 8))
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(module, (torch.from_numpy(tokens[:4]),), buf, dynamo=False, opset_version=13,
+                          input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}})
+    return OnnxModel.load(onnx.load_from_string(buf.getvalue()), {"input": tokens})
+
+
+@pytest.mark.parametrize("which", ["digits_cnn", "tiny_lm"])
+def test_legacy_export_emulation_agrees_with_torch_emulation(which: str, request: pytest.FixtureRequest) -> None:
     """The same plan applied to the torch model (torch passes) and to its ONNX export by other software
-    (analyser + ONNX passes) gives the same outputs: plan layers map by module scope."""
-    onnx_path, data, _ = legacy_cnn
-    om = OnnxModel.load(onnx_path, data)
-    spec = load_model_spec(ROOT / "models" / "digits_cnn.py")
-    cap = capture(spec.model(), spec.example_inputs(), name=spec.name)
-    torch_amax = act_amax_from_profile(profile(cap, spec.calibration_data(), mode="fast", time_reference=False))
+    (analyser + ONNX passes) gives the same outputs: plan layers map by module scope. tiny_lm's tables
+    are Gathers of initializers on the ONNX side, embedding layers on both, in every format (fp8:
+    DequantizeLinear with per-row scales, rows rounded to bf16)."""
+    if which == "digits_cnn":
+        onnx_path, data, _ = request.getfixturevalue("legacy_cnn")
+        om = OnnxModel.load(onnx_path, data)
+        spec = load_model_spec(ROOT / "models" / "digits_cnn.py")
+        module, calibration = spec.model(), spec.calibration_data()
+    else:
+        module = request.getfixturevalue("tiny_lm")
+        om = _legacy_lm(module)
+        calibration = [(torch.from_numpy(om.feeds["input"][i:i + 32]),) for i in range(0, 128, 32)]
+        assert [op.kind for op in om.analysis.graph.layers()][:2] == ["embedding", "embedding"]
+    cap = capture(module, calibration[0], name=which)
+    torch_amax = act_amax_from_profile(profile(cap, calibration, mode="fast", time_reference=False))
     by_scope = {op.scope: op.name for op in om.analysis.graph.layers()}
     assert sorted(by_scope) == sorted(cap.graph.layer_names())
     x = torch.from_numpy(om.feeds["input"][:128])
@@ -233,6 +258,46 @@ def test_profile_trial_is_the_applied_plan(legacy_cnn: tuple[Path, Path, Path]) 
     n = sum(r.shape[0] for r in ref)
     assert prof.errors[layer][E4M3] == pytest.approx(kl / n, rel=1e-9)
     assert all(0 < prof.errors[k][FP16] < prof.errors[k][E4M3] for k in prof.errors)
+
+
+def test_profile_onnx_trials_tables_in_fp8(tiny_lm: torch.nn.Module) -> None:
+    """Embedding tables of an ONNX input are profiled in fp8 like every layer, and a table's trial is
+    the model the plan {table: fp8} builds (no calibrated amax needed: it reads no activation)."""
+    om = _legacy_lm(tiny_lm)
+    prof = profile_onnx(om, (BF16, E4M3))
+    tables = [op.name for op in om.analysis.graph.layers() if op.kind == "embedding"]
+    assert len(tables) == 2 and set(prof.errors) == set(om.analysis.graph.layer_names())
+    for t in tables:
+        assert 0 < prof.errors[t][BF16] < prof.errors[t][E4M3] < math.inf, t
+    batches = om.calibration()
+    ref = om.outputs(om.analysis.model, batches)
+    got = om.outputs(om.build({tables[0]: E4M3}, None), batches)
+    lp = [torch.log_softmax(r.double(), -1) for r in ref]
+    kl = sum(float((p.exp() * (p - torch.log_softmax(g.double(), -1))).sum()) for p, g in zip(lp, got))
+    n = sum(r.shape[:-1].numel() for r in ref)
+    assert prof.errors[tables[0]][E4M3] == pytest.approx(kl / n, rel=1e-9)
+
+
+def test_a_table_read_by_a_gather_and_a_matmul_gets_scales_for_each() -> None:
+    """One initializer, two fp8 layers: the Gather's table takes a scale per row (axis 0), the
+    MatMul's weight one per output column (axis 1); neither may reuse the other's codes."""
+    table = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "idx"], ["rows"], name="emb"),
+             helper.make_node("MatMul", ["x", "table"], ["proj_out"], name="proj")]
+    model = make(nodes, [vi("idx", ["N", 3], onnx.TensorProto.INT64), vi("x", ["N", 5])],
+                 [vi("rows", ["N", 3, 4]), vi("proj_out", ["N", 4])], [init("table", table)])
+    feeds = {"idx": np.random.default_rng(4).integers(0, 5, (8, 3)),
+             "x": np.random.default_rng(5).standard_normal((8, 5)).astype(np.float32)}
+    om = OnnxModel.load(model, feeds)
+    assert [(op.name, op.kind) for op in om.analysis.graph.layers()] == [("emb", "embedding"), ("proj", "linear")]
+    built = om.build({"emb": E4M3, "proj": E4M3}, {"proj": (float(np.abs(feeds["x"]).max()),)})
+    dqs = [n for n in built.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in
+           {t.name for t in built.graph.initializer} and "table" in n.input[0]]
+    assert sorted(helper.get_attribute_value(a) for n in dqs for a in n.attribute if a.name == "axis") == [0, 1]
+    assert len({n.input[0] for n in dqs}) == 2
+    rows = open_session(built.SerializeToString(), "cpu").session.run(["rows"], feeds)[0]
+    want = quantize(quantize_weight(torch.from_numpy(table), E4M3), BF16)[torch.from_numpy(feeds["idx"])]
+    assert np.array_equal(rows, want.numpy())
 
 
 # --- tune end to end ------------------------------------------------------------------------------------

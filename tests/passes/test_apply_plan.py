@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import ml_dtypes
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -18,6 +20,7 @@ from passes.fx_assign_formats import follow_roundings
 from passes.fx_insert_casts import is_cast, is_round
 
 FP32, BF16, FP16, E4M3 = Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8_E4M3
+E5M2 = Precision.FP8_E5M2
 LOW = (BF16, FP16, E4M3)
 
 # Layers whose low-precision output reaches fp32 consumers only through ops that keep values
@@ -216,11 +219,13 @@ def _node_dtypes(gm: torch.fx.GraphModule, *inputs: torch.Tensor) -> dict[str, t
 
 
 def test_embedding_plan_equals_its_semantics(tiny_lm, token_batches, oracles) -> None:
-    """An embedding in P returns round_P(W)[idx]; a plan with embeddings computes what the
-    reference interpreter (semantics.emulate_layer per layer) computes, bit for bit."""
+    """An embedding in a 16-bit P returns round_P(W)[idx], in fp8 round_bf16(W quantized with one
+    scale per row)[idx]; a plan with embeddings computes what the reference interpreter
+    (semantics.emulate_layer per layer) computes, bit for bit."""
     (x,) = token_batches[0]
     c = capture(tiny_lm, (x,))
-    for plan in ({"tok": FP16}, {"pos": BF16}, {"tok": FP16, "pos": FP16, "fc": BF16, "head": FP16}):
+    for plan in ({"tok": FP16}, {"pos": BF16}, {"tok": FP16, "pos": FP16, "fc": BF16, "head": FP16},
+                 {"tok": E4M3}, {"tok": E4M3, "pos": E5M2, "fc": FP16}):
         with torch.no_grad():
             assert _same(apply_plan(c, plan)(x), oracles.reference(c, plan, {}, (x,))), plan
     table = c.gm.get_parameter("tok.weight")
@@ -228,8 +233,25 @@ def test_embedding_plan_equals_its_semantics(tiny_lm, token_batches, oracles) ->
     assert not torch.equal(want, table[x])  # fp16 rounds this table
     assert torch.equal(_node_values(apply_plan(c, {"tok": FP16}), x)["tok"], want)
     assert torch.equal(emulate_layer("embedding", (x, table), {}, LayerFormat(FP16)), want)
-    with pytest.raises(ValueError, match="per-row scales"):
-        emulate_layer("embedding", (x, table), {}, LayerFormat(E4M3))
+    # fp8 from its definition, with ml_dtypes' roundings: scale = row amax / 448, E4M3 codes
+    # (saturating), codes x scale in fp32, then bf16
+    w = table.detach().numpy()
+    scale = np.abs(w).max(axis=1, keepdims=True) / np.float32(E4M3.max)
+    codes = np.clip(w / scale, -E4M3.max, E4M3.max).astype(ml_dtypes.float8_e4m3fn)
+    rows = torch.from_numpy((codes.astype(np.float32) * scale).astype(ml_dtypes.bfloat16).astype(np.float32))
+    want8 = rows[x]
+    assert not torch.equal(want8, quantize(table, BF16)[x])  # fp8 rounds more than bf16 alone
+    assert torch.equal(emulate_layer("embedding", (x, table), {}, LayerFormat(E4M3)), want8)
+    for mode in ("emulate", "native"):
+        gm = apply_plan(c, {"tok": E4M3}, mode=mode)  # an fp8 table reads no activation: no amax
+        got = _node_values(gm, x)["tok"]
+        assert got.dtype == (torch.bfloat16 if mode == "native" else torch.float32), mode
+        assert torch.equal(got.float(), want8), mode
+        # it trains: the gradient reaches the fp32 master table, in the rows the batch looked up
+        gm(x).sum().backward()
+        grad = gm.get_parameter("tok.weight").grad
+        assert grad is not None and grad.dtype == torch.float32, mode
+        assert set(grad.abs().sum(1).nonzero().flatten().tolist()) == set(x.flatten().tolist()), mode
 
 
 def test_native_embedding_looks_rows_up_in_a_16_bit_table(tiny_lm, token_batches, monkeypatch) -> None:
@@ -270,8 +292,8 @@ def test_plan_errors(attn_case, tiny_lm) -> None:
     with pytest.raises(UsageError):
         apply_plan(c, {"q": BF16}, amax, mode="fast")
     lm = capture(tiny_lm, (torch.zeros(2, 3, dtype=torch.long),))
-    with pytest.raises(PlanError, match=r"tok \(embedding tables have no fp8_e4m3: per-row scales"):
-        apply_plan(lm, {"tok": E4M3, "fc": E4M3}, {"fc": (1.0,)})
+    with pytest.raises(PlanError, match="fp8 layer.s. fc have no calibrated activation amax"):
+        apply_plan(lm, {"tok": E4M3, "fc": E4M3}, {})  # the fp8 table needs none
     gm = apply_plan(c, {"q": "bf16", "fc1": "fp8"}, amax)  # strings are parsed at this edge
     fmts = {n.name: n.kwargs.get("fmt") for n in gm.graph.nodes}
     assert fmts["q"] is BF16 and fmts["fc1"] is E4M3

@@ -75,6 +75,23 @@ def test_a_lookup_costs_the_rows_it_copies_not_its_table():
     assert mem.layer_cost(emb, P.BF16) == 2 * vocab * dim + 2 * tokens * dim
 
 
+def test_an_fp8_lookup_dequantizes_its_whole_table():
+    """As exported (DequantizeLinear of the table, then Gather): read the table in fp8 and write it
+    in fp32, then gather fp32 rows and write them in bf16, two kernels. Slower than a bf16 lookup
+    at any vocabulary and batch; smaller under the memory objective (one byte per table element)."""
+    cm, mem = RooflineCostModel("h100"), RooflineCostModel("h100", "memory")
+    vocab, dim, tokens = 50_000, 1024, 4096
+    emb = layer(kind="embedding", w=vocab * dim, a_out=tokens * dim)
+    for f in (P.FP8_E4M3, P.FP8_E5M2):
+        nbytes = vocab * dim * (1 + 4) + tokens * dim * (4 + 2)
+        assert cm.layer_cost(emb, f) == pytest.approx(nbytes / 3.35e12 + 2 * LAUNCH_OVERHEAD_S)
+        assert cm.layer_cost(emb, f) > cm.layer_cost(emb, P.BF16)
+        assert mem.layer_cost(emb, f) == vocab * dim + 2 * tokens * dim < mem.layer_cost(emb, P.BF16)
+    for v, t in ((8, 10**6), (10**6, 1)):  # a tiny table read many times, a huge one read once
+        op = layer(kind="embedding", w=v * dim, a_out=t * dim)
+        assert cm.layer_cost(op, P.FP8_E4M3) > cm.layer_cost(op, P.BF16), (v, t)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 10**12), st.integers(0, 10**8), st.integers(0, 10**8), st.integers(0, 10**8),
        st.sampled_from(sorted(TARGETS)))

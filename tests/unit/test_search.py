@@ -232,28 +232,27 @@ def test_fp16_overflow_excluded_with_reason():
     assert plan.decision("l1").format is P.BF16 and plan.cast_cost > 0
 
 
-def test_embeddings_are_never_offered_fp8():
-    """A lookup table has no fp8 form (per-row scales): never a candidate, never chosen even where
-    fp8 would be free, the exclusion is a reason, and forcing it is a one-line error."""
+def test_fp8_tables_are_offered_and_priced_as_deployed():
+    """A lookup table can take fp8 (one scale per row). As deployed it dequantizes the whole table
+    on every run, so at equal (zero) error the latency objective keeps it 16-bit while the linears
+    go fp8, and the memory objective, which counts the table at one byte per element, takes fp8;
+    a pin can force it."""
     graph, profile = chain(2, dim=8192, tokens=2048)
     emb = OpNode("emb", "embedding", "emb", Policy.ALWAYS, weight_elems=50_000 * 8192, act_out_elems=2048 * 8192)
     graph = OpGraph([graph.nodes[0], emb, *graph.nodes[1:]], [("x", "emb"), ("emb", "l0"), *graph.edges[1:]], "lm")
     free = {n: {f: 0.0 for f in LOW} for n in graph.layer_names()}  # fp8 costs no error anywhere
     profile = SensitivityProfile("lm", graph.fingerprint(), "exact", "kl", profile.formats, free)
     prob = problem(graph, profile, 1.0)
-    assert prob.candidates["emb"] == (P.BF16, P.FP16)
-    assert prob.excluded["emb"][P.FP8_E4M3] == "embedding tables have no fp8_e4m3: per-row scales are not supported"
-    for name in ("milp", "greedy", "bisection:fp8", "uniform"):
+    assert prob.candidates["emb"] == LOW and prob.excluded["emb"] == {}
+    for name in ("milp", "greedy"):
         plan = solve(prob, name)
         assert not plan.decision("emb").format.is_fp8, name
-        assert any(d.format.is_fp8 for d in plan.decisions), name  # the linears do take fp8
-    assert "per-row scales are not supported" in solve(prob).decision("emb").reason
-    # a problem built without SearchProblem.build still refuses it
-    raw = SearchProblem(graph, profile, RooflineCostModel("h100"), 1.0, {n: LOW for n in graph.layer_names()})
-    assert P.FP8_E4M3 not in raw.compiled.units[raw.compiled.unit_of["emb"]].formats
-    with pytest.raises(UsageError, match="asks for fp8_e4m3 but emb cannot take it: embedding tables have no fp8") as e:
-        problem(graph, profile, pins=(parse_pin("fp8:e", "force"),)).compiled
-    assert "\n" not in str(e.value)
+        assert all(plan.decision(n).format.is_fp8 for n in ("l0", "l1")), name  # the linears do take fp8
+    assert prob.uniform_assignment(P.FP8_E4M3)["emb"] is P.FP8_E4M3
+    mem = SearchProblem.build(graph, profile, RooflineCostModel("h100", "memory"), 1.0)
+    assert solve(mem).decision("emb").format.is_fp8
+    forced = problem(graph, profile, pins=(parse_pin("fp8:e", "force"),))
+    assert solve(forced).decision("emb").format is P.FP8_E4M3
 
 
 def test_a100_reasons_say_fp8_is_unsupported():
