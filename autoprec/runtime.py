@@ -16,6 +16,12 @@ the session fails to load). ``LayerNormFusionL1`` is disabled too: it fuses a de
 (ReduceMean/Sub/Pow/.../Div, as exporters before opset 17 write it) and takes the Cast in front of it
 along, so that behind a bf16 rounding (Cast to bf16, Cast back to fp32) the fused op binds bf16 and
 fp32 to one type and the session fails to load.
+
+CUDA sessions are opened with ``use_tf32=0``: since onnxruntime 1.17 the CUDA provider otherwise
+runs fp32 MatMul/Gemm (cuBLAS) and Conv (cuDNN) on TF32 tensor cores, which round their inputs to
+10 mantissa bits, so a layer the plan keeps in fp32 would not be fp32, and the fp32 baseline's
+metric and latency would be TF32's. TensorRT has no such session option; only the process-wide
+``NVIDIA_TF32_OVERRIDE=0`` turns TF32 off there, and autoprec leaves that to the user.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ AUTO = ("cuda", "cpu")
 #: graph rewrites that are wrong for fp8 zero points or bf16 roundings (see the module docstring)
 DISABLED_OPTIMIZERS = ("ReluQuantRewrite", "ClipQuantRewrite", "LayerNormFusionL1")
 OPTIMIZATION = ("all", "extended", "basic", "none")
+#: provider options autoprec sets (see the module docstring: fp32 stays fp32 on the GPU)
+PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"cuda": {"use_tf32": "0"}}
 
 _warned: set[tuple[str, str]] = set()
 
@@ -169,6 +177,7 @@ def open_session(path_or_bytes: str | os.PathLike[str] | bytes, providers: str |
         raise UsageError(f"unknown optimization level {optimization!r}: use one of {', '.join(OPTIMIZATION)}")
     available = set(ort.get_available_providers())
     asked = [PROVIDERS[p] for p in wanted if PROVIDERS[p] in available]
+    short = [_SHORT[a] for a in asked]
     missing = [p for p in wanted if PROVIDERS[p] not in available]
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -183,7 +192,9 @@ def open_session(path_or_bytes: str | os.PathLike[str] | bytes, providers: str |
     ctx = _captured_output() if quiet else contextlib.nullcontext([])
     with ctx as captured:
         try:
-            sess = ort.InferenceSession(model, so, providers=asked, disabled_optimizers=list(DISABLED_OPTIMIZERS))
+            sess = ort.InferenceSession(model, so, providers=asked,
+                                        provider_options=[PROVIDER_OPTIONS.get(p, {}) for p in short],
+                                        disabled_optimizers=list(DISABLED_OPTIMIZERS))
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NotImplemented)
             err = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"ONNX Runtime cannot open the model on {', '.join(_SHORT.get(a, a) for a in asked)}: "

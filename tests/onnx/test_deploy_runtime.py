@@ -53,6 +53,29 @@ def test_asking_for_cuda_reports_the_cpu_it_got(caplog, capfd) -> None:
     assert "EP Error" not in out and "TensorRT" not in err
 
 
+def test_cuda_sessions_keep_fp32_out_of_tf32(monkeypatch) -> None:
+    """The CUDA provider is asked for use_tf32=0 (ORT's default runs fp32 GEMMs and convolutions on
+    TF32 tensor cores); other providers get no options."""
+    import onnxruntime as ort
+
+    seen: list[tuple[list[str], list[dict[str, str]]]] = []
+    real = ort.InferenceSession
+
+    def spy(model, so, providers, provider_options, **kw):
+        seen.append((list(providers), list(provider_options)))
+        return real(model, so, providers=providers, provider_options=provider_options, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    open_session(RELU, ("tensorrt", "cuda", "cpu"))
+    available = set(ort.get_available_providers())
+    options = dict(zip(*seen[-1]))
+    if "CUDAExecutionProvider" in available:
+        assert options["CUDAExecutionProvider"] == {"use_tf32": "0"}
+    if "TensorrtExecutionProvider" in available:
+        assert options["TensorrtExecutionProvider"] == {}
+    assert options["CPUExecutionProvider"] == {}
+
+
 def test_latency_is_measured_only_where_the_session_really_runs() -> None:
     feeds = {"x": np.ones(1024, np.float32)}
     ms = latency_ms(RELU, feeds, "cpu", warmup=1, runs=3)
