@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from autoprec.capture import Captured, capture
-from autoprec.cost import CostModel, RooflineCostModel
+from autoprec.cost import CostModel, ProviderCostModel, RooflineCostModel
 from autoprec.ep_support import exclusions
 from autoprec.errors import AutoprecError, UsageError
 from autoprec.formats import DEFAULT_CANDIDATES, Precision, parse_precisions
@@ -112,7 +112,9 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     to the fp32 metric, or an absolute drop such as 0.005. ``metric`` overrides the model's.
     ``batch``: the deployment batch the cost model prices (samples per inference call).
     ``provider``: an ONNX Runtime execution provider (cpu, cuda, tensorrt) the plan will run on:
-    formats it has no faithful kernel for are never offered (each exclusion is a reason).
+    formats it has no faithful kernel for are never offered (each exclusion is a reason), and each
+    layer is priced in the format it computes in there (:class:`~autoprec.cost.ProviderCostModel`:
+    fp8 is an fp32 op between Q/DQ except on TensorRT).
     """
     _check_batch(batch)
     t0 = time.perf_counter()
@@ -180,6 +182,8 @@ def _search_verified(run: _Run, fmts: tuple[Precision, ...], target: str, object
     metric, reference, prof = run.metric, run.reference, run.profile
     allowed = run.budget.allowed_drop(reference)
     cost = cost_model or RooflineCostModel(target, objective)
+    if provider:  # priced as that provider runs the deployed graph (fp8 is fp32 compute off TensorRT)
+        cost = ProviderCostModel(cost, provider)
     pins = parse_pins(keep, "keep") + parse_pins(force, "force")
     deploy_graph = run.graph.at_batch(batch) if run.graph.batch else run.graph
     excluded = exclusions(deploy_graph, provider, fmts, run.op_types) if provider else None

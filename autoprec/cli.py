@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--formats", default=None, help="candidate formats (default: bf16,fp16,fp8_e4m3)")
     tu.add_argument("--provider", default=None,
                     help="ONNX Runtime execution provider the plan deploys on (cpu, cuda, tensorrt): formats it "
-                         "cannot run per op are never offered (default: no restriction)")
+                         "cannot run per op are never offered, and layers are priced as it runs them (fp8 is "
+                         "fp32 compute between Q/DQ except on tensorrt) (default: the target GPU's own kernels)")
     tu.add_argument("--strategy", default="milp", help="milp (default), greedy, bisection[:FORMAT] or uniform")
     tu.add_argument("--keep", action="append", default=[], metavar="FMT:REGEX",
                     help="keep layers whose scope, name or kind matches REGEX at FMT or wider, e.g. fp32:'head|embed'")

@@ -23,6 +23,7 @@ import abc
 from dataclasses import dataclass
 from typing import Mapping
 
+from autoprec.ep_support import compute_format, parse_provider
 from autoprec.errors import UsageError
 from autoprec.formats import Precision
 from autoprec.kinds import LOOKUP_KINDS
@@ -298,6 +299,40 @@ class RooflineCostModel(CostModel):
         if self.objective == "memory":
             return elems * dst.bytes
         return elems * (src.bytes + dst.bytes) / self.target.bandwidth + LAUNCH_OVERHEAD_S
+
+
+class ProviderCostModel(CostModel):
+    """``base`` priced as an ONNX Runtime execution provider runs the deployed graph: each layer at
+    the format it computes in there (:func:`autoprec.ep_support.compute_format`). On the CPU and
+    CUDA providers an fp8 layer is an fp32 op on dequantized operands whose fp8 weight ONNX Runtime
+    dequantizes once, at session start: it costs what the fp32 layer costs, and its quantize casts
+    come on top, so the search keeps fp8 for providers that fuse it into an fp8 kernel (TensorRT).
+    Casts, FOLLOW and fixed ops are ``base``'s.
+    """
+
+    def __init__(self, base: CostModel, provider: str) -> None:
+        self.base = base
+        self.provider = parse_provider(provider)
+        self.name = base.name
+        self.objective = base.objective
+
+    def __repr__(self) -> str:
+        return f"ProviderCostModel({self.base!r}, {self.provider!r})"
+
+    def supports(self, fmt: Precision) -> bool:
+        return self.base.supports(fmt)
+
+    def layer_cost(self, op: OpNode, fmt: Precision) -> float:
+        return self.base.layer_cost(op, compute_format(fmt, self.provider))
+
+    def cast_cost(self, elems: int, src: Precision, dst: Precision) -> float:
+        return self.base.cast_cost(elems, src, dst)
+
+    def follow_cost(self, op: OpNode, fmt: Precision) -> float:
+        return self.base.follow_cost(op, fmt)
+
+    def fixed_cost(self, op: OpNode) -> float:
+        return self.base.fixed_cost(op)
 
 
 def cost_model(target: str | Target = DEFAULT_TARGET, objective: str = "latency") -> RooflineCostModel:

@@ -113,6 +113,22 @@ FP8_FORMS: dict[str, Fp8Form] = {
                       "DequantizeLinear of the table, fp32 Gather, bf16 Cast"),
 }
 
+#: Providers that fuse an fp8 layer's QuantizeLinear/DequantizeLinear pairs into an fp8 kernel
+#: (assumed for TensorRT on sm89+, see the module docstring). Elsewhere the layer op runs in fp32 on
+#: dequantized operands, and ONNX Runtime folds the DequantizeLinear of a constant weight into an
+#: fp32 initializer when the session starts.
+FUSES_FP8 = frozenset({TENSORRT})
+
+
+def compute_format(precision: Precision | str, provider: str) -> Precision:
+    """The format a layer planned in ``precision`` computes in on ``provider``, as autoprec emits
+    it: the format itself, except fp8 where the provider does not fuse Q/DQ (then fp32)."""
+    p = _key(precision)
+    if p.is_fp8 and parse_provider(provider) not in FUSES_FP8:
+        return Precision.FP32
+    return p
+
+
 _SOURCES = {
     CPU: "ONNX Runtime 1.32.0 CPU kernel registry",
     CUDA: "ONNX Runtime OperatorKernels.md, CUDA section",

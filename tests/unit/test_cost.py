@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoprec.cost import (
-    LAUNCH_OVERHEAD_S, TARGETS, CostModel, RooflineCostModel, cast_groups, get_target, memory_bytes,
+    LAUNCH_OVERHEAD_S, TARGETS, CostModel, ProviderCostModel, RooflineCostModel, cast_groups, get_target,
+    memory_bytes,
 )
 from autoprec.errors import UsageError
 from autoprec.formats import Precision
@@ -232,3 +233,38 @@ def test_at_batch_does_not_scale_what_reads_an_input_only_through_its_shape():
     assert big["tok"].act_out_elems == 16 * nodes[4].act_out_elems
     assert big["pos"].act_out_elems == nodes[5].act_out_elems
     assert big["add"].act_out_elems == 16 * nodes[6].act_out_elems
+
+
+def test_provider_prices_layers_as_it_runs_them():
+    """ORT's CPU and CUDA providers run an fp8 layer as an fp32 op between Q/DQ: it costs the fp32
+    layer; TensorRT fuses Q/DQ into an fp8 kernel: the base model's fp8 cost. 16-bit is unchanged."""
+    base = RooflineCostModel("h100")
+    big = layer(flops=2 * 4096**3, w=4096**2, a_in=4096**2, a_out=4096**2)
+    for prov in ("cuda", "CPUExecutionProvider"):
+        cm = ProviderCostModel(base, prov)
+        assert cm.layer_cost(big, P.FP8_E4M3) == base.layer_cost(big, P.FP32)
+        assert cm.layer_cost(big, P.BF16) == base.layer_cost(big, P.BF16)
+    trt = ProviderCostModel(base, "tensorrt")
+    assert trt.layer_cost(big, P.FP8_E4M3) == base.layer_cost(big, P.FP8_E4M3)
+    assert trt.cast_cost(100, P.FP32, P.FP8_E4M3) == base.cast_cost(100, P.FP32, P.FP8_E4M3)
+    assert trt.name == base.name and trt.objective == base.objective
+    with pytest.raises(UsageError, match="unknown execution provider"):
+        ProviderCostModel(base, "rocm")
+
+
+def test_search_for_cuda_leaves_fp8_to_tensorrt():
+    """Equal errors everywhere: on TensorRT the search picks fp8; priced for ORT's CUDA provider,
+    where fp8 is fp32 compute plus quantize casts, it picks a 16-bit format."""
+    n = 4096
+    g = OpGraph([OpNode("x", "placeholder", "", Policy.NONE, act_out_elems=n * n),
+                 layer("fc", flops=2 * n**3, w=n * n, a_in=n * n, a_out=n * n), OpNode("out", "output", "", Policy.NONE)],
+                [("x", "fc"), ("fc", "out")], "big")
+    errors = {n: {f: 1e-6 for f in (P.BF16, P.FP16, P.FP8_E4M3)} for n in g.layer_names()}
+    prof = SensitivityProfile("big", g.fingerprint(), "exact", "kl", (P.FP32, P.BF16, P.FP16, P.FP8_E4M3), errors)
+    picks = {}
+    for prov in ("tensorrt", "cuda"):
+        plan = solve(SearchProblem.build(g, prof, ProviderCostModel(RooflineCostModel("h100"), prov), budget=1.0),
+                     "milp")
+        picks[prov] = set(plan.assignment.values())
+    assert Precision.FP8_E4M3 in picks["tensorrt"]
+    assert Precision.FP8_E4M3 not in picks["cuda"] and picks["cuda"] <= {P.BF16, P.FP16}
