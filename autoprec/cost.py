@@ -187,6 +187,11 @@ class CostModel(abc.ABC):
         """Whether the hardware behind this model offers ``fmt``."""
         return True
 
+    def compute_note(self, fmt: Precision) -> str | None:
+        """Why a layer in ``fmt`` gets no faster math than the format says (None: it does); the
+        search's reasons quote it."""
+        return None
+
     def breakdown(self, graph: OpGraph, assignment: Mapping[str, Precision]) -> CostBreakdown:
         """Cost of ``graph`` with ``assignment`` (layer -> format; missing layers are fp32)."""
         fmt = {n: assignment.get(n, Precision.FP32) for n in graph.layer_names()}
@@ -324,6 +329,12 @@ class ProviderCostModel(CostModel):
 
     def layer_cost(self, op: OpNode, fmt: Precision) -> float:
         return self.base.layer_cost(op, compute_format(fmt, self.provider))
+
+    def compute_note(self, fmt: Precision) -> str | None:
+        runs = compute_format(fmt, self.provider)
+        if runs is fmt:
+            return self.base.compute_note(fmt)
+        return f"{self.provider} computes it in {runs} between QuantizeLinear/DequantizeLinear"
 
     def cast_cost(self, elems: int, src: Precision, dst: Precision) -> float:
         return self.base.cast_cost(elems, src, dst)

@@ -362,11 +362,14 @@ class _Compiled:
                 text = f"kept at {f} by the {strategy} strategy ({cheaper[0]} would be cheaper and fit)"
             else:
                 text = "cheapest format within budget"
-                narrower = [g for g in alts if g.rank > f.rank and g not in u.notes]
-                if narrower:
-                    names = "/".join(str(g) for g in sorted(narrower, key=lambda g: g.rank))
-                    text += (f"; {names} would cost more here: the casts at its boundaries outweigh "
-                             f"its faster math")
+                narrower = sorted((g for g in alts if g.rank > f.rank and g not in u.notes), key=lambda g: g.rank)
+                slow = {g: note for g in narrower if (note := self.p.cost_model.compute_note(g))}
+                faster = [g for g in narrower if g not in slow]
+                if faster:
+                    text += (f"; {'/'.join(str(g) for g in faster)} would cost more here: the casts at its "
+                             f"boundaries outweigh its faster math")
+                for g, note in slow.items():
+                    text += f"; {g} would cost more here: {note}, so it adds only casts"
             if f is not FP32 or alts:
                 # formats the layer was never offered: say why (overflow, target or provider support)
                 lost = _excluded_text(u.notes.items())

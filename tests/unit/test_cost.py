@@ -266,5 +266,8 @@ def test_search_for_cuda_leaves_fp8_to_tensorrt():
         plan = solve(SearchProblem.build(g, prof, ProviderCostModel(RooflineCostModel("h100"), prov), budget=1.0),
                      "milp")
         picks[prov] = set(plan.assignment.values())
+        reason = next(d.reason for d in plan.decisions if d.layer == "fc")
+        assert ("CUDAExecutionProvider computes it in fp32 between QuantizeLinear/DequantizeLinear" in reason) \
+            == (prov == "cuda"), reason
     assert Precision.FP8_E4M3 in picks["tensorrt"]
     assert Precision.FP8_E4M3 not in picks["cuda"] and picks["cuda"] <= {P.BF16, P.FP16}
