@@ -26,6 +26,7 @@ import torch
 
 from autoprec.capture import layer_function
 from autoprec.formats import Precision
+from autoprec.kinds import LOOKUP_KINDS
 from autoprec.quantize import channel_amax, fp8_scale, quantize
 
 # argument positions of the activation inputs and the weight, per layer kind (an embedding's
@@ -99,6 +100,8 @@ def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: 
     fn = layer_function(kind)
     if lf.fmt is Precision.FP32:
         return fn(*args, **kwargs)
+    if kind in LOOKUP_KINDS and weight_q is None:  # the rows it copies, not the whole table
+        return lookup_rows(fn(*args, **kwargs), lf.fmt)
     a = list(args)
     for j, pos in enumerate(act_arg_positions(kind)):
         if torch.is_tensor(a[pos]):

@@ -33,6 +33,7 @@ import torch
 
 from autoprec.capture import layer_function
 from autoprec.formats import Precision
+from autoprec.kinds import LOOKUP_KINDS
 from autoprec.quantize import channel_amax, fp8_scale, quantize
 from autoprec.semantics import LayerFormat, emulate_layer, quantize_activation
 
@@ -130,10 +131,10 @@ def lowp_embedding(indices: torch.Tensor, weight: torch.Tensor, padding_idx: int
     """``F.embedding`` in ``fmt``: the rows of the table rounded to ``fmt`` (fp8: one scale per row,
     the rows then rounded to bf16, :mod:`autoprec.semantics`).
 
-    Native mode rounds the fp32 master table to a real 16-bit tensor at use and looks the rows up
-    in it, so the output is a 16-bit tensor (no arithmetic: exactly the emulated values). An fp8
-    table has no native lookup in torch: the emulated rows are written as a real bf16 tensor. The
-    gradient reaches the fp32 master table straight through the rounding in both modes.
+    Both modes look the fp32 rows up first and round only those (:func:`autoprec.semantics.lookup_rows`:
+    the same values as rounding the table, at the cost of the rows, not of the vocabulary). Native
+    mode writes a real 16-bit tensor (an fp8 table, which has no native lookup in torch, its rows
+    as bf16). The gradient reaches the fp32 master table straight through the rounding in both modes.
     """
     return _layer("embedding", (indices, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse),
                   {}, fmt, amax, native)
@@ -160,6 +161,8 @@ def _layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], fmt: Precis
         fargs = tuple(_tree(lambda t: t.float(), a) for a in args)
         return emulate_layer(kind, fargs, kwargs, lf).to(fmt.compute_output.torch_dtype)
     dt = fmt.torch_dtype
+    if kind in LOOKUP_KINDS:  # round the rows it copies, not the whole table: the same values
+        return layer_function(kind)(*args, **kwargs).to(dt)
     nargs = tuple(_tree(lambda t: t if t.dtype == dt else t.to(dt), a) for a in args)
     return layer_function(kind)(*nargs, **kwargs)
 
