@@ -189,11 +189,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if _is_onnx(args.model):
         from autoprec.export import export_analysed
 
-        out = export_analysed(args.model, args.data, args.plan, profile, args.output, emulation=args.emulation)
+        out = export_analysed(args.model, args.data, args.plan, profile, args.output, emulation=args.emulation,
+                              io=args.io)
     else:
-        out = export_onnx(args.model, args.plan, profile, args.output, opset=args.opset, emulation=args.emulation)
+        out = export_onnx(args.model, args.plan, profile, args.output, opset=args.opset, emulation=args.emulation,
+                          io=args.io)
     what = ("emulation graph: fp32 compute with every rounding explicit, for ONNX Runtime's CPU provider"
             if args.emulation else "deployment graph: 16-bit tensors and fp8 Q/DQ, for the CUDA / TensorRT providers")
+    if args.io != "fp32":
+        what += f"; its inputs and outputs are {args.io}"
     _console().print(f"Wrote {out} ({out.stat().st_size / 1e6:.2f} MB), the {what}.", highlight=False)
     return 0
 
@@ -279,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "runs faithfully, instead of the deployment graph")
     ex.add_argument("--opset", type=int, default=21, help="ONNX opset, 19 or later (default 21); .onnx models are "
                                                           "upgraded to 21")
+    ex.add_argument("--io", default="fp32", choices=("fp32", "fp16"),
+                    help="format of the deployment graph's inputs and outputs (default fp32; fp16 for a serving "
+                         "stack that holds its tensors in fp16: the inputs are then rounded to fp16 by the caller)")
     ex.set_defaults(func=cmd_export)
 
     ve = sub.add_parser("verify", help="metric through ONNX Runtime and parity with the torch emulation")

@@ -54,9 +54,10 @@ from autoprec.sensitivity import SensitivityProfile
 from autoprec.spec import ModelSpec, load_model_spec
 from passes.onnx_assign_formats import AssignFormats, param_names
 from passes.onnx_base import (FORMAT, INSERTED, LAYER, MODEL_ACT_AMAX, MODEL_ASSIGNMENT, MODEL_FINGERPRINT,
-                              MODEL_MODE, MODEL_NAME, REASON, ROLE, ROLE_CORE, OnnxPass, OnnxPassManager, drop_meta,
-                              get_meta, infer_types, model_meta, set_model_meta)
+                              MODEL_IO, MODEL_MODE, MODEL_NAME, REASON, ROLE, ROLE_CORE, OnnxPass, OnnxPassManager,
+                              drop_meta, get_meta, infer_types, model_meta, set_model_meta)
 from passes.onnx_insert_casts import InsertCasts
+from passes.onnx_io_format import IO_FORMATS, IOFormat
 from passes.onnx_lower_weights import MODES, LowerWeights
 from passes.onnx_map_layers import CLASS_HIERARCHY, MapLayers, aten_kind, literal_list
 from passes.onnx_map_nodes import MapNodes
@@ -321,23 +322,44 @@ def build_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
     return apply_plan_onnx(fp32, captured, assignment, amax, mode), captured
 
 
+def set_io_format(model: onnx.ModelProto, io: Precision | str) -> onnx.ModelProto:
+    """A copy of ``model``, a graph written by this module, with its graph inputs and outputs in
+    ``io`` (fp32, the default: ``model`` itself; fp16: :mod:`passes.onnx_io_format`; an emulation
+    graph rounds them to it instead), recorded in its metadata."""
+    fmt = parse_precision(io)
+    if fmt is FP32:
+        return model
+    if fmt not in IO_FORMATS:
+        raise UsageError(f"graph inputs and outputs can be {' or '.join(f.value for f in IO_FORMATS)}, not {fmt}: "
+                         "ONNX Runtime's Python API has no numpy type for bf16 or fp8")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    model = OnnxPassManager([IOFormat(fmt, model_meta(copy).get(MODEL_MODE, "deploy"))]).run(copy).graph
+    set_model_meta(model, MODEL_IO, fmt.value)
+    del model.graph.value_info[:]
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def export_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
                 plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any] | None,
                 profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None,
-                out_path: str | os.PathLike[str], opset: int = DEFAULT_OPSET, emulation: bool = False) -> Path:
+                out_path: str | os.PathLike[str], opset: int = DEFAULT_OPSET, emulation: bool = False,
+                io: Precision | str = FP32) -> Path:
     """Export the model file's model with ``plan`` applied to ``out_path`` (written atomically).
 
     ``emulation=False`` writes the deployment graph (16-bit tensors, fp8 Q/DQ) for CUDA / TensorRT;
     ``emulation=True`` the fp32 graph with explicit rounding that ORT's CPU provider runs faithfully.
+    ``io``: the format of the deployment graph's inputs and outputs (:func:`set_io_format`).
     """
     model, _ = build_onnx(spec_or_model_file, plan, profile, opset, "emulate" if emulation else "deploy")
-    return atomic_write_bytes(Path(out_path), model.SerializeToString())
+    return atomic_write_bytes(Path(out_path), set_io_format(model, io).SerializeToString())
 
 
 def export_analysed(onnx_file: str | os.PathLike[str], data: str | os.PathLike[str] | Mapping[str, Any],
                     plan: PrecisionPlan | str | os.PathLike[str],
                     profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None,
-                    out_path: str | os.PathLike[str], emulation: bool = False) -> Path:
+                    out_path: str | os.PathLike[str], emulation: bool = False, io: Precision | str = FP32) -> Path:
     """:func:`export_onnx` for a model given as an .onnx file: apply a plan `autoprec tune` made
     for it. ``data`` (its inputs, as for tuning) sizes the symbolic dimensions the plan was made at."""
     from autoprec.onnx_input import OnnxModel
@@ -351,5 +373,5 @@ def export_analysed(onnx_file: str | os.PathLike[str], data: str | os.PathLike[s
         raise PlanError("the plan has fp8 layers: give the profile.json of the tune run (--profile) for their "
                         "calibrated activation scales")
     model = om.build(plan.assignment, amax, "emulate" if emulation else "deploy")
-    return atomic_write_bytes(Path(out_path), model.SerializeToString())
+    return atomic_write_bytes(Path(out_path), set_io_format(model, io).SerializeToString())
 

@@ -205,7 +205,7 @@ class OnnxModel:
         session = open_session(m.SerializeToString(), self.providers)
         out_name = self._first_float_output(model)
         names = [out_name, *extra]
-        return [session.session.run(names, b) for b in batches]
+        return [session.run(b, names) for b in batches]
 
     def time_reference(self, batches: Sequence[Feeds]) -> float:
         """Seconds of one fp32 run over ``batches`` on an open session (best of 3): the unit of

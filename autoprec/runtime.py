@@ -35,7 +35,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -55,6 +55,8 @@ OPTIMIZATION = ("all", "extended", "basic", "none")
 PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"cuda": {"use_tf32": "0"}}
 
 _warned: set[tuple[str, str]] = set()
+#: numpy types of the float tensor types ORT's Python API feeds (it has none for bf16)
+_NUMPY_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
 @dataclass
@@ -82,8 +84,17 @@ class Session:
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, feeds)
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Run on named inputs (``outputs``: the values to return, default the graph's outputs). A
+        floating array takes the graph's declared float type first: an fp16 input gets fp32 data
+        rounded to fp16, as a caller feeding fp16 would round it."""
+        declared = {i.name: _NUMPY_FLOATS.get(i.type) for i in self.session.get_inputs()}
+
+        def typed(name: str, v: np.ndarray) -> np.ndarray:
+            want = declared.get(name)
+            return v.astype(want, copy=False) if want is not None and np.issubdtype(v.dtype, np.floating) else v
+
+        return self.session.run(None if outputs is None else list(outputs), {k: typed(k, v) for k, v in feeds.items()})
 
     def __call__(self, *inputs: Any) -> list[np.ndarray]:
         """Run on positional inputs (numpy arrays or torch tensors), in the graph's input order."""
@@ -272,7 +283,9 @@ def ort_module(session: Session) -> Any:
             self.session = session
 
         def forward(self, *inputs: Any) -> Any:
-            outs = [torch.from_numpy(np.ascontiguousarray(o)) for o in session(*inputs)]
+            # fp16 outputs (a graph exported with fp16 outputs) widen to fp32, exactly, for the metric
+            outs = [torch.from_numpy(np.ascontiguousarray(o.astype(np.float32) if o.dtype == np.float16 else o))
+                    for o in session(*inputs)]
             return outs[0] if len(outs) == 1 else tuple(outs)
 
         def extra_repr(self) -> str:

@@ -171,9 +171,20 @@ def _check_same_plan(recorded: Mapping[str, Precision], given: Mapping[str, Prec
                         + (f" and {len(diff) - 5} more" if len(diff) > 5 else ""))
 
 
-def narrowest_format(assignment: Mapping[str, Precision]) -> Precision:
-    used = [f for f in assignment.values()]
-    return max(used, key=lambda f: f.rank) if used else Precision.FP32
+def narrowest_format(assignment: Mapping[str, Precision], io: Precision = Precision.FP32) -> Precision:
+    """The narrowest format of a plan's layers and of the graph's inputs and outputs (``io``)."""
+    return max([io, *assignment.values()], key=lambda f: f.rank)
+
+
+def _io_format(model: onnx.ModelProto, notes: list[str]) -> Precision:
+    """The format of an exported file's graph inputs and outputs (recorded by `export --io`); a
+    note says so when it is not fp32."""
+    from passes.onnx_base import MODEL_IO, model_meta
+
+    io = Precision(model_meta(model).get(MODEL_IO, Precision.FP32.value))
+    if io is not Precision.FP32:
+        notes.append(f"the file takes and returns {io}: fp32 data is rounded to {io} at its inputs")
+    return io
 
 
 def _nudged(batch: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -258,7 +269,7 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     """
     from autoprec.api import model_metric
     from autoprec.capture import capture
-    from autoprec.export import apply_plan_onnx, torch_to_onnx
+    from autoprec.export import apply_plan_onnx, set_io_format, torch_to_onnx
     from autoprec.profile import first_tensor, output_kind_of
     from autoprec.runtime import open_session, ort_module, parse_providers, probe_provider
     from passes import apply_plan
@@ -275,15 +286,16 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
         raise PlanError(f"{path} was exported from another model than {spec.path.name} "
                         f"(fingerprint {recorded_fp} != {captured.graph.fingerprint()})")
     torch_emulated = apply_plan(captured, assignment, amax or None, mode="emulate")
+    notes: list[str] = []
+    io = _io_format(model, notes)
     if mode == "emulate":
         emulation = model
     else:
         fp32 = torch_to_onnx(module, example, opset_of(model))
-        emulation = apply_plan_onnx(fp32, captured, assignment, amax or None, "emulate")
+        emulation = set_io_format(apply_plan_onnx(fp32, captured, assignment, amax or None, "emulate"), io)
     emu_session = open_session(emulation.SerializeToString(), "cpu")
     asked = parse_providers(providers)
     provider, why = probe_provider(asked)
-    notes: list[str] = []
     if provider in ("cuda", "tensorrt"):
         metric_session = open_session(str(path), providers)
         provider, why = metric_session.provider, metric_session.reason
@@ -294,7 +306,7 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     batches = spec.calibration_data()
     y = first_tensor(captured.gm(*batches[0]))
     logits = output_kind_of(y, spec.output_kind) == "logits"
-    narrow = narrowest_format(assignment)
+    narrow = narrowest_format(assignment, io)
     par = parity(torch_emulated, metric_session, batches, narrow, logits)
     parity_of = "torch emulation vs ONNX emulation graph"
     if metric_session is not emu_session:  # the deployed graph on the GPU; the emulation graph's is a note
@@ -356,6 +368,7 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
     """
     from dataclasses import replace
 
+    from autoprec.export import set_io_format
     from autoprec.onnx_input import OnnxModel
     from autoprec.profile import output_kind_of
     from autoprec.runtime import parse_providers, probe_provider
@@ -369,14 +382,16 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
     if recorded_fp and recorded_fp != graph.fingerprint():
         raise PlanError(f"{path} was not tuned from {Path(source).name} (fingerprint {recorded_fp} != "
                         f"{graph.fingerprint()})")
-    emulation = model if mode == "emulate" else om.build(assignment, amax or None, "emulate")
+    notes: list[str] = []
+    io = _io_format(model, notes)
+    emulation = model if mode == "emulate" else set_io_format(om.build(assignment, amax or None, "emulate"), io)
     asked = parse_providers(providers)
     provider, why = probe_provider(asked)
     metric = om.metric()
     report = VerifyReport(onnx_path=str(path), model=graph.model_name, file_mode=mode, provider=provider,
                           provider_note=f"asked for {asked[0]}: {why}" if provider != asked[0] else "",
                           metric_graph="emulation", formats=_counts(assignment, graph), parity=None, metric=metric.name,
-                          higher_is_better=metric.higher_is_better, allowed_drop=allowed,
+                          higher_is_better=metric.higher_is_better, allowed_drop=allowed, notes=notes,
                           parity_of="deployment graph on the GPU vs emulation graph on the CPU")
     report.metric_fp32 = float(metric.measure(om.analysis.model))
     emulated = float(metric.measure(emulation))
@@ -388,7 +403,7 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
         report.notes.append(f"{metric.name} of the emulation graph on the CPU: {emulated:.6g}")
         batches = om.calibration()
         want = om.outputs(emulation, batches)
-        report.parity = compare_outputs(gpu.outputs(model, batches), want, narrowest_format(assignment),
+        report.parity = compare_outputs(gpu.outputs(model, batches), want, narrowest_format(assignment, io),
                                         output_kind_of(want[0], None) == "logits",
                                         om.outputs(emulation, [_nudged_feeds(b) for b in batches]))
     else:

@@ -66,3 +66,13 @@ def test_verify_on_a_gpu_provider_measures_the_deployment_graph(tmp_path, zoo, m
     assert r.metric_graph == "deployment" and r.parity_of == f"torch emulation vs ONNX deployment graph on {really}"
     assert r.provider == really and any(n.startswith("parity torch emulation vs ONNX emulation graph") for n in r.notes)
     assert r.parity.ok and r.metric_onnx == pytest.approx(r.metric_torch_emulated, abs=1 / 142)
+
+
+def test_verify_a_file_with_fp16_inputs_and_outputs(tmp_path, zoo) -> None:
+    """export --io fp16: verify measures the emulation of that file (inputs and outputs rounded to
+    fp16), says so, and holds parity at fp16's eps at least."""
+    path = export_onnx(MODEL, PLAN, zoo("cancer_mlp").amax, tmp_path / "half.onnx", io="fp16")
+    r = verify(path, MODEL, PLAN)
+    assert r.ok and r.parity.narrowest == "fp8_e4m3" and any("takes and returns fp16" in n for n in r.notes)
+    r16 = verify(export_onnx(MODEL, {}, None, tmp_path / "half32.onnx", io="fp16"), MODEL, {})
+    assert r16.parity.narrowest == "fp16" and r16.parity.ok  # fp32 layers: the tolerance is fp16's

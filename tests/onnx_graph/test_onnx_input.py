@@ -333,6 +333,14 @@ def test_cli_tunes_a_legacy_export_end_to_end(legacy_cnn: tuple[Path, Path, Path
     assert report.metric_onnx == m["metric_tuned"] and report.within_budget
     with pytest.raises(PlanError, match="was not tuned from"):
         verify_onnx_input(out / "digits_cnn.tuned.onnx", mlp_path(tmp_path), {"x": np.ones((2, 8), np.float32)})
+    # fp16 inputs and outputs on request; verify measures the emulation of that file
+    half = tmp_path / "half.onnx"
+    assert main(["export", str(onnx_path), "--data", str(data), "--plan", str(out / "plan.json"), "-o", str(half),
+                 "--io", "fp16"]) == 0
+    assert [i.type.tensor_type.elem_type for i in onnx.load(half).graph.input] == [onnx.TensorProto.FLOAT16]
+    report = verify_onnx_input(half, onnx_path, data, labels, out / "plan.json", "cpu")
+    assert report.ok and any("takes and returns fp16" in n for n in report.notes)
+    assert report.metric_onnx == pytest.approx(m["metric_tuned"], abs=0.01)
 
 
 def test_api_tunes_a_hand_built_model_on_fidelity() -> None:
