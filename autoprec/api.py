@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -69,13 +69,23 @@ class TuneResult:
     captured: Captured | None = None  # torch models: the capture the plan applies to
     module: Any = None  # torch models: the emulated tuned module (trains; runs on CPU)
     onnx: OnnxModel | None = None  # .onnx models: the analysed model and its data
+    spec: ModelSpec | None = None  # torch models: the model file's contract (for the ONNX export)
+    _fp32_onnx: Any = field(default=None, init=False, repr=False, compare=False)
 
     def onnx_model(self, mode: str = "deploy") -> Any:
-        """.onnx models: the tuned ONNX model (deploy: 16-bit tensors and fp8 Q/DQ for CUDA /
-        TensorRT; emulate: fp32 compute with every rounding explicit, for ORT's CPU provider)."""
-        if self.onnx is None:
-            raise UsageError("this tune result is for a torch model: export it with autoprec.export.export_onnx")
-        return self.onnx.build(self.plan.assignment, act_amax_from_profile(self.profile), mode)
+        """The tuned ONNX model (deploy: 16-bit tensors and fp8 Q/DQ for CUDA / TensorRT; emulate:
+        fp32 compute with every rounding explicit, for ORT's CPU provider). A torch model is
+        exported once (torch.onnx) and both graphs come from that export."""
+        from autoprec.export import apply_plan_onnx, torch_to_onnx
+
+        amax = act_amax_from_profile(self.profile)
+        if self.onnx is not None:
+            return self.onnx.build(self.plan.assignment, amax, mode)
+        if self.spec is None or self.captured is None:
+            raise UsageError("this tune result holds no model to export: export it with autoprec.export.export_onnx")
+        if self._fp32_onnx is None:
+            self._fp32_onnx = torch_to_onnx(self.spec.model(), self.spec.example_inputs())
+        return apply_plan_onnx(self._fp32_onnx, self.captured, self.plan.assignment, amax, mode)
 
 
 def model_metric(spec: ModelSpec, captured: Captured, batches: list[tuple[Any, ...]]) -> Metric:
@@ -134,7 +144,8 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     plan, summary, uniforms, pareto = _search_verified(run, fmts, target, objective, strategy, keep, force,
                                                        cost_model, batch, provider, t0)
     module = apply_plan(captured, plan.assignment, amax)
-    return TuneResult(plan, prof, captured.graph, metric, summary, uniforms, pareto, captured=captured, module=module)
+    return TuneResult(plan, prof, captured.graph, metric, summary, uniforms, pareto, captured=captured, module=module,
+                      spec=spec)
 
 
 def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: str | Path | Any = None,

@@ -149,11 +149,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
             result = api.tune(args.model, args.budget, profile_mode=args.profile_mode or "fast", **common)
     plan = result.plan
     files = [plan.save(out_dir / "plan.json"), atomic_write_text(out_dir / "profile.json", result.profile.to_json())]
-    if onnx_input:  # the tuned model itself: the deployment graph, and the graph ORT's CPU runs faithfully
-        stem = Path(args.model).stem
-        files += [atomic_write_bytes(out_dir / f"{stem}.tuned.onnx", result.onnx_model("deploy").SerializeToString()),
-                  atomic_write_bytes(out_dir / f"{stem}.emulation.onnx",
-                                     result.onnx_model("emulate").SerializeToString())]
+    # the tuned model itself: the deployment graph, and the graph ORT's CPU provider runs faithfully
+    stem = Path(args.model).stem
+    files += [atomic_write_bytes(out_dir / f"{stem}.tuned.onnx", result.onnx_model("deploy").SerializeToString()),
+              atomic_write_bytes(out_dir / f"{stem}.emulation.onnx", result.onnx_model("emulate").SerializeToString())]
     analysis = result.onnx.analysis if result.onnx is not None else None
     files += write_report(out_dir, plan, result.profile, result.graph, result.summary, result.uniforms,
                           result.pareto, fixed=analysis.reasons if analysis else None,
@@ -267,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="force matching layers to FMT, e.g. bf16:'blocks\\.0\\.'")
     tu.add_argument("--profile-mode", choices=("fast", "exact"), default=None,
                     help="sensitivity estimate used by the search (default: fast; .onnx models: exact, the only one)")
-    tu.add_argument("--out", metavar="DIR", help="output folder (default: out/<model name>); for an .onnx model it "
-                                                 "also gets <name>.tuned.onnx and <name>.emulation.onnx")
+    tu.add_argument("--out", metavar="DIR", help="output folder (default: out/<model name>): plan.json, profile.json, "
+                                                 "report.md, plots, <name>.tuned.onnx and <name>.emulation.onnx")
     tu.add_argument("--json", action="store_true", help="print the plan and summary as JSON on stdout")
     tu.set_defaults(func=cmd_tune)
 

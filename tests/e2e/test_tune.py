@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from autoprec.cli import main
 from autoprec.errors import PlanError
 from autoprec.formats import Precision
 from autoprec.plan import PrecisionPlan
+from passes.onnx_base import MODEL_MODE, model_meta
 
 ROOT = Path(__file__).resolve().parents[2]
 CNN = str(ROOT / "models" / "digits_cnn.py")
@@ -44,6 +46,14 @@ def test_cli_tune_writes_plan_profile_report_and_plots(cnn_run: tuple[Path, int]
     report = (out / "report.md").read_text()
     assert "## Layers" in report and "## Uniform plans" in report
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+    # the tuned model as ONNX: the deployment graph is what `autoprec export` writes, byte for byte
+    tuned = onnx.load(out / "digits_cnn.tuned.onnx")
+    onnx.checker.check_model(tuned, full_check=True)
+    assert model_meta(tuned)[MODEL_MODE] == "deploy" and model_meta(onnx.load(out / "digits_cnn.emulation.onnx"))[
+        MODEL_MODE] == "emulate"
+    again = out.parent / "again.onnx"
+    assert main(["export", CNN, "--plan", str(out / "plan.json"), "-o", str(again)]) == 0
+    assert again.read_bytes() == (out / "digits_cnn.tuned.onnx").read_bytes()
 
 
 def test_plan_refuses_another_model(cnn_run: tuple[Path, int]) -> None:
