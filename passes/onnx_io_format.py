@@ -141,8 +141,10 @@ class IOFormat(OnnxPass):
     def _pair(self, taken: set[str], src: str, dst: str) -> list[onnx.NodeProto]:
         """Cast ``src`` to the I/O format and back to fp32 as ``dst`` (ORT keeps the rounding of such a pair)."""
         mid = unique_name(taken, f"{src}_as_{self.fmt.value}")
-        pair = [onnx.helper.make_node("Cast", [src], [mid], name=unique_name(taken, f"{mid}_Cast"), to=self.fmt.onnx_type),
-                onnx.helper.make_node("Cast", [mid], [dst], name=unique_name(taken, f"{dst}_Cast"), to=TensorProto.FLOAT)]
+        pair = [onnx.helper.make_node("Cast", [src], [mid], name=unique_name(taken, f"{mid}_Cast"),
+                                      to=self.fmt.onnx_type),
+                onnx.helper.make_node("Cast", [mid], [dst], name=unique_name(taken, f"{dst}_Cast"),
+                                      to=TensorProto.FLOAT)]
         for c in pair:
             set_meta(c, INSERTED, "round")
         return pair
