@@ -70,22 +70,24 @@ class TuneResult:
     module: Any = None  # torch models: the emulated tuned module (trains; runs on CPU)
     onnx: OnnxModel | None = None  # .onnx models: the analysed model and its data
     spec: ModelSpec | None = None  # torch models: the model file's contract (for the ONNX export)
+    provider: str | None = None  # the ONNX Runtime provider the plan was tuned for (its deployment graph's)
     _fp32_onnx: Any = field(default=None, init=False, repr=False, compare=False)
 
     def onnx_model(self, mode: str = "deploy") -> Any:
         """The tuned ONNX model (deploy: 16-bit tensors and fp8 Q/DQ for CUDA / TensorRT; emulate:
         fp32 compute with every rounding explicit, for ORT's CPU provider). A torch model is
-        exported once (torch.onnx) and both graphs come from that export."""
+        exported once (torch.onnx) and both graphs come from that export. The deployment graph
+        follows the kernels of the provider the plan was tuned for, when one was named."""
         from autoprec.export import apply_plan_onnx, torch_to_onnx
 
         amax = act_amax_from_profile(self.profile)
         if self.onnx is not None:
-            return self.onnx.build(self.plan.assignment, amax, mode)
+            return self.onnx.build(self.plan.assignment, amax, mode, self.provider)
         if self.spec is None or self.captured is None:
             raise UsageError("this tune result holds no model to export: export it with autoprec.export.export_onnx")
         if self._fp32_onnx is None:
             self._fp32_onnx = torch_to_onnx(self.spec.model(), self.spec.example_inputs())
-        return apply_plan_onnx(self._fp32_onnx, self.captured, self.plan.assignment, amax, mode)
+        return apply_plan_onnx(self._fp32_onnx, self.captured, self.plan.assignment, amax, mode, provider=self.provider)
 
 
 def model_metric(spec: ModelSpec, captured: Captured, batches: list[tuple[Any, ...]]) -> Metric:
@@ -145,7 +147,7 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
                                                        cost_model, batch, provider, t0)
     module = apply_plan(captured, plan.assignment, amax)
     return TuneResult(plan, prof, captured.graph, metric, summary, uniforms, pareto, captured=captured, module=module,
-                      spec=spec)
+                      spec=spec, provider=provider)
 
 
 def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: str | Path | Any = None,
@@ -177,7 +179,7 @@ def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: s
                lambda a: om.build(a, amax), om.analysis.op_types)
     plan, summary, uniforms, pareto = _search_verified(run, fmts, target, objective, strategy, keep, force,
                                                        cost_model, batch, provider, t0)
-    return TuneResult(plan, prof, om.analysis.graph, metric, summary, uniforms, pareto, onnx=om)
+    return TuneResult(plan, prof, om.analysis.graph, metric, summary, uniforms, pareto, onnx=om, provider=provider)
 
 
 def _check_batch(batch: int) -> None:

@@ -189,14 +189,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         from autoprec.export import export_analysed
 
         out = export_analysed(args.model, args.data, args.plan, profile, args.output, emulation=args.emulation,
-                              io=args.io)
+                              io=args.io, provider=args.provider)
     else:
         out = export_onnx(args.model, args.plan, profile, args.output, opset=args.opset, emulation=args.emulation,
-                          io=args.io)
+                          io=args.io, provider=args.provider)
     what = ("emulation graph: fp32 compute with every rounding explicit, for ONNX Runtime's CPU provider"
             if args.emulation else "deployment graph: 16-bit tensors and fp8 Q/DQ, for the CUDA / TensorRT providers")
     if args.io != "fp32":
         what += f"; its inputs and outputs are {args.io}"
+    if args.provider and not args.emulation:
+        what += f"; ops {args.provider} has no 16-bit kernel for compute in fp32 between casts"
     _console().print(f"Wrote {out} ({out.stat().st_size / 1e6:.2f} MB), the {what}.", highlight=False)
     return 0
 
@@ -282,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "runs faithfully, instead of the deployment graph")
     ex.add_argument("--opset", type=int, default=21, help="ONNX opset, 19 or later (default 21); .onnx models are "
                                                           "upgraded to 21")
+    ex.add_argument("--provider", default=None,
+                    help="ONNX Runtime provider the deployment graph is for (cpu, cuda, tensorrt): a node it has no "
+                         "kernel for in its 16-bit format computes in fp32 between casts, with the plan's rounding "
+                         "(default: ONNX's schemas decide; `tune --provider` does this for the files it writes)")
     ex.add_argument("--io", default="fp32", choices=("fp32", "fp16"),
                     help="format of the deployment graph's inputs and outputs (default fp32; fp16 for a serving "
                          "stack that holds its tensors in fp16: the inputs are then rounded to fp16 by the caller)")

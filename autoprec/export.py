@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import onnx
 
 from autoprec.capture import Captured, capture
+from autoprec.ep_support import parse_provider
 from autoprec.errors import AutoprecError, PlanError, UsageError
 from autoprec.formats import Precision, parse_precision
 from autoprec.io import atomic_write_bytes
@@ -54,8 +55,8 @@ from autoprec.sensitivity import SensitivityProfile
 from autoprec.spec import ModelSpec, load_model_spec
 from passes.onnx_assign_formats import AssignFormats, param_names
 from passes.onnx_base import (FORMAT, INSERTED, LAYER, MODEL_ACT_AMAX, MODEL_ASSIGNMENT, MODEL_FINGERPRINT,
-                              MODEL_IO, MODEL_MODE, MODEL_NAME, REASON, ROLE, ROLE_CORE, OnnxPass, OnnxPassManager,
-                              drop_meta, get_meta, infer_types, model_meta, set_model_meta)
+                              MODEL_IO, MODEL_MODE, MODEL_NAME, MODEL_PROVIDER, REASON, ROLE, ROLE_CORE, OnnxPass,
+                              OnnxPassManager, drop_meta, get_meta, infer_types, model_meta, set_model_meta)
 from passes.onnx_insert_casts import InsertCasts
 from passes.onnx_io_format import IO_FORMATS, IOFormat
 from passes.onnx_lower_weights import MODES, LowerWeights
@@ -167,17 +168,18 @@ def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFA
 
 
 def onnx_passes(captured: Captured, assignment: Mapping[str, Precision],
-                act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy") -> list[OnnxPass]:
+                act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy",
+                provider: str | None = None) -> list[OnnxPass]:
     """The ONNX pass sequence :func:`apply_plan_onnx` runs."""
     if mode not in MODES:
         raise UsageError(f"unknown ONNX mode {mode!r}: use 'deploy' (16-bit tensors, fp8 Q/DQ) or 'emulate'")
-    return [MapLayers(captured, assignment), AssignFormats(captured.graph, assignment, act_amax, param_names(captured)), LowerWeights(mode),
-            InsertCasts(param_names(captured), mode)]
+    return [MapLayers(captured, assignment), AssignFormats(captured.graph, assignment, act_amax, param_names(captured)),
+            LowerWeights(mode, provider), InsertCasts(param_names(captured), mode, provider)]
 
 
 def apply_plan_onnx(fp32_model: onnx.ModelProto, captured: Captured, assignment: Mapping[str, Precision | str],
                     act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy",
-                    keep_metadata: bool = False) -> onnx.ModelProto:
+                    keep_metadata: bool = False, provider: str | None = None) -> onnx.ModelProto:
     """A copy of ``fp32_model`` (from :func:`torch_to_onnx` of the captured model) running ``assignment``.
 
     ``captured``: the same model, captured (plan layer names and weights come from it).
@@ -186,22 +188,23 @@ def apply_plan_onnx(fp32_model: onnx.ModelProto, captured: Captured, assignment:
     The result passes ``onnx.checker.check_model(full_check=True)``.
     """
     plan = {name: parse_precision(p) for name, p in assignment.items()}
-    return run_plan_passes(fp32_model, onnx_passes(captured, plan, act_amax, mode), captured.graph, plan, act_amax,
-                           mode, keep_metadata)
+    return run_plan_passes(fp32_model, onnx_passes(captured, plan, act_amax, mode, provider), captured.graph, plan,
+                           act_amax, mode, keep_metadata, provider)
 
 
 def analysed_passes(analysis: OnnxAnalysis, assignment: Mapping[str, Precision],
-                    act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy") -> list[OnnxPass]:
+                    act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy",
+                    provider: str | None = None) -> list[OnnxPass]:
     """The ONNX pass sequence for a model given as an .onnx file (see :func:`apply_plan_analysed`)."""
     if mode not in MODES:
         raise UsageError(f"unknown ONNX mode {mode!r}: use 'deploy' (16-bit tensors, fp8 Q/DQ) or 'emulate'")
-    return [MapNodes(analysis), AssignFormats(analysis.graph, assignment, act_amax), LowerWeights(mode),
-            InsertCasts(frozenset(), mode)]
+    return [MapNodes(analysis), AssignFormats(analysis.graph, assignment, act_amax), LowerWeights(mode, provider),
+            InsertCasts(frozenset(), mode, provider)]
 
 
 def apply_plan_analysed(analysis: OnnxAnalysis, assignment: Mapping[str, Precision | str],
                         act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy",
-                        keep_metadata: bool = False) -> onnx.ModelProto:
+                        keep_metadata: bool = False, provider: str | None = None) -> onnx.ModelProto:
     """The analysed ONNX model (:func:`autoprec.onnx_graph.analyse_onnx`) running ``assignment``.
 
     The same passes as :func:`apply_plan_onnx` after MapNodes in place of MapLayers: the plan's
@@ -209,15 +212,16 @@ def apply_plan_analysed(analysis: OnnxAnalysis, assignment: Mapping[str, Precisi
     the model's code (it does not make a 16-bit op fp32), as there are no torch parameters to tell.
     """
     plan = {name: parse_precision(p) for name, p in assignment.items()}
-    return run_plan_passes(analysis.model, analysed_passes(analysis, plan, act_amax, mode), analysis.graph, plan,
-                           act_amax, mode, keep_metadata)
+    return run_plan_passes(analysis.model, analysed_passes(analysis, plan, act_amax, mode, provider), analysis.graph,
+                           plan, act_amax, mode, keep_metadata, provider)
 
 
 def run_plan_passes(fp32_model: onnx.ModelProto, passes: list[OnnxPass], graph: OpGraph,
                     plan: Mapping[str, Precision], act_amax: Mapping[str, tuple[float, ...]] | None, mode: str,
-                    keep_metadata: bool) -> onnx.ModelProto:
-    """Run ``passes`` on a copy of ``fp32_model``, record the plan in the model's metadata and check
-    the result with ``onnx.checker`` (full_check)."""
+                    keep_metadata: bool, provider: str | None = None) -> onnx.ModelProto:
+    """Run ``passes`` on a copy of ``fp32_model``, record the plan (and the provider a deployment
+    graph was written for) in the model's metadata and check the result with ``onnx.checker``
+    (full_check)."""
     model = onnx.ModelProto()
     model.CopyFrom(fp32_model)
     model = OnnxPassManager(passes).run(model).graph
@@ -230,6 +234,8 @@ def run_plan_passes(fp32_model: onnx.ModelProto, passes: list[OnnxPass], graph: 
                                                      sort_keys=True))
     set_model_meta(model, MODEL_NAME, graph.model_name)
     set_model_meta(model, MODEL_FINGERPRINT, graph.fingerprint())
+    if provider is not None and mode == "deploy":
+        set_model_meta(model, MODEL_PROVIDER, parse_provider(provider))
     model = infer_types(model)
     onnx.checker.check_model(model, full_check=True)
     if not keep_metadata:
@@ -297,12 +303,15 @@ def _load_amax(profile: SensitivityProfile | str | os.PathLike[str] | Mapping[st
 def build_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
                plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any] | None,
                profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None = None,
-               opset: int = DEFAULT_OPSET, mode: str = "deploy") -> tuple[onnx.ModelProto, Captured]:
+               opset: int = DEFAULT_OPSET, mode: str = "deploy",
+               provider: str | None = None) -> tuple[onnx.ModelProto, Captured]:
     """The model file's model with ``plan`` applied, as an in-memory ONNX model (and its capture).
 
     ``plan``: a PrecisionPlan, a plan.json path or a {layer: format} mapping (None: all fp32).
     ``profile``: a SensitivityProfile, a profile.json path or a {layer: (amax, ...)} mapping; it is
     needed when the plan has fp8 layers (their static activation scales come from its calibration).
+    ``provider``: the ONNX Runtime provider a deployment graph is for: a node it has no kernel for
+    in its group's 16-bit format computes in fp32 between the casts (None: ONNX's schemas decide).
     """
     spec = spec_or_model_file if isinstance(spec_or_model_file, ModelSpec) else load_model_spec(spec_or_model_file)
     module = spec.model()
@@ -319,7 +328,7 @@ def build_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
         raise PlanError(f"the plan runs {', '.join(fp8)} in fp8: give the profile.json of the tune run "
                         "(--profile) for their calibrated activation scales")
     fp32 = torch_to_onnx(module, example, opset)
-    return apply_plan_onnx(fp32, captured, assignment, amax, mode), captured
+    return apply_plan_onnx(fp32, captured, assignment, amax, mode, provider=provider), captured
 
 
 def set_io_format(model: onnx.ModelProto, io: Precision | str) -> onnx.ModelProto:
@@ -345,21 +354,23 @@ def export_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
                 plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any] | None,
                 profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None,
                 out_path: str | os.PathLike[str], opset: int = DEFAULT_OPSET, emulation: bool = False,
-                io: Precision | str = FP32) -> Path:
+                io: Precision | str = FP32, provider: str | None = None) -> Path:
     """Export the model file's model with ``plan`` applied to ``out_path`` (written atomically).
 
     ``emulation=False`` writes the deployment graph (16-bit tensors, fp8 Q/DQ) for CUDA / TensorRT;
     ``emulation=True`` the fp32 graph with explicit rounding that ORT's CPU provider runs faithfully.
     ``io``: the format of the deployment graph's inputs and outputs (:func:`set_io_format`).
+    ``provider``: the provider the deployment graph is for (:func:`build_onnx`).
     """
-    model, _ = build_onnx(spec_or_model_file, plan, profile, opset, "emulate" if emulation else "deploy")
+    model, _ = build_onnx(spec_or_model_file, plan, profile, opset, "emulate" if emulation else "deploy", provider)
     return atomic_write_bytes(Path(out_path), set_io_format(model, io).SerializeToString())
 
 
 def export_analysed(onnx_file: str | os.PathLike[str], data: str | os.PathLike[str] | Mapping[str, Any],
                     plan: PrecisionPlan | str | os.PathLike[str],
                     profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None,
-                    out_path: str | os.PathLike[str], emulation: bool = False, io: Precision | str = FP32) -> Path:
+                    out_path: str | os.PathLike[str], emulation: bool = False, io: Precision | str = FP32,
+                    provider: str | None = None) -> Path:
     """:func:`export_onnx` for a model given as an .onnx file: apply a plan `autoprec tune` made
     for it. ``data`` (its inputs, as for tuning) sizes the symbolic dimensions the plan was made at."""
     from autoprec.onnx_input import OnnxModel
@@ -372,6 +383,6 @@ def export_analysed(onnx_file: str | os.PathLike[str], data: str | os.PathLike[s
     if any(needs_act_amax(graph[k].kind, f) for k, f in plan.assignment.items()) and amax is None:
         raise PlanError("the plan has fp8 layers: give the profile.json of the tune run (--profile) for their "
                         "calibrated activation scales")
-    model = om.build(plan.assignment, amax, "emulate" if emulation else "deploy")
+    model = om.build(plan.assignment, amax, "emulate" if emulation else "deploy", provider)
     return atomic_write_bytes(Path(out_path), set_io_format(model, io).SerializeToString())
 

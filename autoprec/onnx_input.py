@@ -188,11 +188,12 @@ class OnnxModel:
 
     # --- graphs and runs ------------------------------------------------------------------------
     def build(self, assignment: Mapping[str, Precision], act_amax: Mapping[str, tuple[float, ...]] | None = None,
-              mode: str = "emulate") -> onnx.ModelProto:
-        """The model running ``assignment`` (emulate: what ORT's CPU provider runs faithfully)."""
+              mode: str = "emulate", provider: str | None = None) -> onnx.ModelProto:
+        """The model running ``assignment`` (emulate: what ORT's CPU provider runs faithfully;
+        deploy: for ``provider``'s kernels, :func:`autoprec.export.build_onnx`)."""
         from autoprec.export import apply_plan_analysed
 
-        return apply_plan_analysed(self.analysis, assignment, act_amax, mode)
+        return apply_plan_analysed(self.analysis, assignment, act_amax, mode, provider=provider)
 
     def run(self, model: onnx.ModelProto, batches: Sequence[Feeds], extra: Sequence[str] = ()) -> list[list[np.ndarray]]:
         """Per batch: the model's first floating output, then the values named in ``extra``."""

@@ -53,6 +53,7 @@ MODEL_ASSIGNMENT = "autoprec.assignment"  # JSON {layer: format}
 MODEL_ACT_AMAX = "autoprec.act_amax"  # JSON {layer: [amax, ...]} of fp8 layers
 MODEL_NAME = "autoprec.model"
 MODEL_FINGERPRINT = "autoprec.fingerprint"
+MODEL_PROVIDER = "autoprec.provider"  # the provider whose kernels a deployment graph's compute types follow
 MODEL_IO = "autoprec.io"  # format of the graph's inputs and outputs when not fp32 ("fp16")
 
 ROLE_CORE = "core"

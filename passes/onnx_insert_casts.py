@@ -4,7 +4,8 @@ Two graphs come out of the same decisions (AssignFormats) and the same weights (
 
 deploy
     Tensors really are 16-bit: a node computes in its group's format where ONNX admits that type for
-    the op (``compute_precision``), in fp32 otherwise (ONNX Conv and pooling have no bf16). A group
+    the op and the target provider, when one is named, has a kernel for it (``compute_precision``),
+    in fp32 otherwise (ONNX Conv and pooling have no bf16; ORT's CUDA provider no bf16 Erf). A group
     hands its results to other groups in its value format (a Cast after it where it computed in
     another type: fp8 layers compute on dequantized fp32 operands and write bf16; an fp8 embedding's
     Gather looks its rows up in the table dequantized to fp32). A node reading a
@@ -67,11 +68,12 @@ def _type_name(elem_type: int) -> str:
 class InsertCasts(OnnxPass):
     """Insert the shared casts (deploy) or roundings (emulate) the decided formats call for."""
 
-    def __init__(self, params: frozenset[str] = frozenset(), mode: str = "deploy") -> None:
+    def __init__(self, params: frozenset[str] = frozenset(), mode: str = "deploy", provider: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown ONNX mode {mode!r}: use one of {MODES}")
         self.params = params
         self.mode = mode
+        self.provider = provider  # deployment graphs: the provider whose kernels decide (None: any)
 
     # --- the rewrite ------------------------------------------------------------------------------
     def call(self, model: onnx.ModelProto) -> OnnxPassResult:
@@ -97,7 +99,8 @@ class InsertCasts(OnnxPass):
             g = group_of[i]
             fmt = node_format(n) or FP32
             policy = Policy(get_meta(n, POLICY) or "none")
-            ct = compute_precision(n, idx.opset, fmt, self.mode) if policy in (Policy.ALWAYS, Policy.FOLLOW) else FP32
+            ct = (compute_precision(n, idx.opset, fmt, self.mode, self.provider)
+                  if policy in (Policy.ALWAYS, Policy.FOLLOW) else FP32)
             self._rewrite_inputs(n, g, fmt, policy, ct, prod_group, raw_of)
             if self.mode == "deploy" and n.op_type == "Cast" and attr(n, "to") in FLOAT_TYPES and ct is not FP32:
                 set_attr(n, "to", ct.onnx_type)  # a float -> float Cast inside a 16-bit group
@@ -157,6 +160,12 @@ class InsertCasts(OnnxPass):
             # deploy: every input the schema ties to the output's type is read in the compute type
             if not (k < len(tied) and tied[k]):
                 continue
+            if ct is FP32 and fmt is not FP32 and not internal and self._st.get(u) != fmt.onnx_type and (
+                    (policy is Policy.ALWAYS and k in act_slots)
+                    or (policy is Policy.FOLLOW and not is_scalar_constant(idx, u, self.params))):
+                # a 16-bit op on an fp32 kernel (no kernel in its format): its inputs still carry
+                # the format's rounding, as in the emulation graph; then they widen to fp32 below
+                u = self._typed_initializer(u, fmt) if u in idx.inits else self._cast_input(u, fmt.onnx_type, n)
             want = ct.onnx_type
             if self._st.get(u) == want:
                 continue

@@ -27,6 +27,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
+from autoprec.ep_support import kernel
 from autoprec.formats import Precision
 from autoprec.quantize import channel_amax, fp8_scale
 from autoprec.semantics import weight_arg_position
@@ -40,13 +41,22 @@ FP32 = Precision.FP32
 MODES = ("deploy", "emulate")
 
 
-def compute_precision(node: onnx.NodeProto, opset: int, fmt: Precision, mode: str) -> Precision:
+def compute_precision(node: onnx.NodeProto, opset: int, fmt: Precision, mode: str,
+                      provider: str | None = None) -> Precision:
     """The element format a node computes in: its group's 16-bit format where the graph is a
-    deployment graph and ONNX admits the type for the op; fp32 otherwise (fp8 layers compute on
-    dequantized fp32 operands; emulation graphs compute everything in fp32)."""
+    deployment graph, ONNX admits the type for the op and the target ``provider`` (when one is
+    named) has a kernel for it (:func:`autoprec.ep_support.kernel`); fp32 otherwise. fp8 layers
+    compute on dequantized fp32 operands, and emulation graphs compute everything in fp32.
+
+    An fp32 node in a 16-bit group reads values already in the group's format and its result is
+    rounded to it where it leaves the group: the plan's numerics, on a kernel the provider has."""
     if mode == "emulate" or fmt is FP32 or fmt.is_fp8:
         return FP32
-    return fmt if admits(node, opset, fmt.onnx_type) else FP32
+    if not admits(node, opset, fmt.onnx_type):
+        return FP32
+    if provider is not None and not kernel(node.op_type, fmt, provider).ok:
+        return FP32
+    return fmt
 
 
 def fp8_weight(w_torch_layout: np.ndarray, fmt: Precision) -> tuple[np.ndarray, np.ndarray]:
@@ -68,10 +78,11 @@ def _reads_weight(node: onnx.NodeProto, fmt: Precision | None) -> bool:
 class LowerWeights(OnnxPass):
     """Replace the fp32 weight initializer of every 16-bit and fp8 layer."""
 
-    def __init__(self, mode: str = "deploy") -> None:
+    def __init__(self, mode: str = "deploy", provider: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown ONNX mode {mode!r}: use one of {MODES}")
         self.mode = mode
+        self.provider = provider  # deployment graphs: the provider whose kernels decide (None: any)
         # a deployment graph's 16-bit weights meet fp32 activations until InsertCasts runs
         self.type_consistent = mode == "emulate"
 
@@ -110,11 +121,12 @@ class LowerWeights(OnnxPass):
                     model.graph.initializer.append(t)
                     made[key] = t.name
                 stored = made[key]
-                if compute_precision(n, idx.opset, fmt, self.mode) is fmt:
+                if compute_precision(n, idx.opset, fmt, self.mode, self.provider) is fmt:
                     n.input[slot] = stored
                 else:
                     why = ("emulation: the layer computes in fp32 on the rounded weight" if self.mode == "emulate"
-                           else f"ONNX {n.op_type} admits no {fmt}: fp32 compute on the {fmt} weight")
+                           else f"no {fmt} {n.op_type} (ONNX schema or the provider's kernels): fp32 compute on "
+                                f"the {fmt} weight")
                     c = onnx.helper.make_node("Cast", [stored], [unique_name(taken, f"{stored}_fp32")],
                                               name=unique_name(taken, f"{n.name}_weight_cast"), to=TensorProto.FLOAT)
                     self._annotate(c, n, why)

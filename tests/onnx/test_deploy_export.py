@@ -100,3 +100,41 @@ def test_bytes_of_the_language_model(zoo) -> None:
     for fmt, bound in ((Precision.BF16, 0.52), (Precision.FP16, 0.52), (Precision.FP8_E4M3, 0.285)):
         size = apply_plan_onnx(case.fp32, case.captured, case.uniform(fmt), case.amax).ByteSize()
         assert size <= bound * fp32, (fmt, size / fp32)
+
+
+def _producer(model: onnx.ModelProto, value: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if value in n.output)
+
+
+def test_a_16_bit_layer_on_an_fp32_kernel_reads_rounded_inputs(zoo) -> None:
+    """ONNX Conv has no bf16: a bf16 convolution computes in fp32, on its input rounded to bf16
+    (a Cast to bf16 and back), as the plan's numerics say."""
+    case = zoo("digits_cnn")
+    model = apply_plan_onnx(case.fp32, case.captured, {name: Precision.BF16 for name in case.layers}, case.amax)
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 3
+    for conv in convs:
+        widen = _producer(model, conv.input[0])
+        assert widen.op_type == "Cast" and widen.attribute[0].i == onnx.TensorProto.FLOAT
+        assert types[widen.input[0]] == onnx.TensorProto.BFLOAT16, conv.name
+
+
+def test_deployment_graph_follows_the_providers_kernels(zoo) -> None:
+    """Written for ORT's CUDA provider, an all-bf16 language model runs its MatMuls in bf16 (CUDA has
+    them) and its Gelu in fp32 between casts (CUDA has no bf16 Gelu); the file records the provider."""
+    case = zoo("char_transformer")
+    plan = {name: Precision.BF16 for name in case.layers}
+    generic = apply_plan_onnx(case.fp32, case.captured, plan, case.amax)
+    cuda = apply_plan_onnx(case.fp32, case.captured, plan, case.amax, provider="cuda")
+    onnx.checker.check_model(cuda, full_check=True)
+
+    def input_types(model: onnx.ModelProto, op: str) -> set[int]:
+        types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+        types.update({t.name: t.data_type for t in model.graph.initializer})
+        return {types.get(n.input[0]) for n in model.graph.node if n.op_type == op}
+
+    assert input_types(generic, "Gelu") == {onnx.TensorProto.BFLOAT16}
+    assert input_types(cuda, "Gelu") == {onnx.TensorProto.FLOAT}
+    assert onnx.TensorProto.BFLOAT16 in input_types(cuda, "MatMul")
+    assert {p.key: p.value for p in cuda.metadata_props}["autoprec.provider"] == "CUDAExecutionProvider"

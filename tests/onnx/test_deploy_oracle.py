@@ -70,3 +70,20 @@ def test_resnet18_oracle(zoo) -> None:
         p = parity(apply_plan(case.captured, plan, case.amax), open_session(model.SerializeToString(), "cpu"),
                    [batch], narrowest_format(plan), logits=True)
         assert p.ok, (sorted({f.value for f in plan.values()}), p)
+
+
+@pytest.mark.parametrize("name", ["cancer_mlp", "digits_cnn", "digits_resnet", "char_transformer"])
+def test_deployment_graph_for_the_cpu_provider_is_the_emulation_graph(zoo, name) -> None:
+    """A deployment graph written for a provider computes each op in its 16-bit format only where the
+    provider has the kernel, else in fp32 between casts that keep the plan's rounding. ORT's CPU
+    provider has almost no 16-bit kernels, so for it the deployment graph runs the emulation's
+    arithmetic: the same outputs, bit for bit (16-bit tensors, fp8 Q/DQ and all)."""
+    case = zoo(name)
+    batch = case.spec.calibration_data()[0]
+    for plan in _plans(case, seed=len(case.name))[:3] + _plans(case, seed=7)[-1:]:
+        deploy = apply_plan_onnx(case.fp32, case.captured, plan, case.amax, "deploy", provider="cpu")
+        emulate = apply_plan_onnx(case.fp32, case.captured, plan, case.amax, "emulate")
+        assert any(t.data_type != 1 for t in deploy.graph.initializer if "weight" in t.name)  # really 16/8-bit
+        got = open_session(deploy.SerializeToString(), "cpu")(*batch)[0]
+        assert np.array_equal(got, open_session(emulate.SerializeToString(), "cpu")(*batch)[0]), \
+            sorted({f.value for f in plan.values()})
