@@ -187,6 +187,16 @@ def _io_format(model: onnx.ModelProto, notes: list[str]) -> Precision:
     return io
 
 
+def _runs_on_cpu(model: onnx.ModelProto, provider: str) -> bool:
+    """Whether ``model`` is a deployment graph written for ORT's CPU provider (`--provider cpu`) and
+    the session is on the CPU: its ops then compute in 16 bits only where the CPU has the kernel,
+    so the file itself computes the plan faithfully there and verify measures it directly."""
+    from passes.onnx_base import MODEL_MODE, MODEL_PROVIDER, model_meta
+
+    meta = model_meta(model)
+    return provider == "cpu" and meta.get(MODEL_MODE) == "deploy" and meta.get(MODEL_PROVIDER) == "CPUExecutionProvider"
+
+
 def _nudged(batch: tuple[Any, ...]) -> tuple[Any, ...]:
     import torch
 
@@ -261,8 +271,9 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     """Measure an exported model's metric through ONNX Runtime and its parity with the torch emulation.
 
     On a CUDA / TensorRT provider both are taken on the file itself (the deployment graph, on the
-    GPU), and the emulation graph's parity on the CPU is a note; on a CPU provider both are taken on
-    the emulation graph, since ORT's CPU provider drops fp16 roundings and has no bf16 kernels.
+    GPU), and the emulation graph's parity on the CPU is a note. On a CPU provider both are taken on
+    the emulation graph, since ORT's CPU provider drops fp16 roundings and has no bf16 kernels, unless
+    the file is a deployment graph written for it (`--provider cpu`): that one is measured itself.
 
     ``plan``: optional; when given it must be the plan the file was exported with (its measured
     ``allowed_drop`` then judges the metric). ``providers``: what to ask ONNX Runtime for.
@@ -296,7 +307,7 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     emu_session = open_session(emulation.SerializeToString(), "cpu")
     asked = parse_providers(providers)
     provider, why = probe_provider(asked)
-    if provider in ("cuda", "tensorrt"):
+    if provider in ("cuda", "tensorrt") or _runs_on_cpu(model, provider):
         metric_session = open_session(str(path), providers)
         provider, why = metric_session.provider, metric_session.reason
         graph = "deployment" if mode == "deploy" else "emulation"
@@ -309,7 +320,7 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     narrow = narrowest_format(assignment, io)
     par = parity(torch_emulated, metric_session, batches, narrow, logits)
     parity_of = "torch emulation vs ONNX emulation graph"
-    if metric_session is not emu_session:  # the deployed graph on the GPU; the emulation graph's is a note
+    if metric_session is not emu_session:  # the deployed graph itself; the emulation graph's is a note
         parity_of = f"torch emulation vs ONNX {graph} graph on {provider}"
         emu = parity(torch_emulated, emu_session, batches, narrow, logits)
         notes.append(f"parity torch emulation vs ONNX emulation graph on the CPU: relative L2 {emu.rel_l2:.3g} "
@@ -361,10 +372,11 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
                       providers: str | Sequence[str] = "auto") -> VerifyReport:
     """:func:`verify` for a model tuned from an .onnx file (``source``, with its ``data`` and ``labels``).
 
-    There is no torch model. On a CUDA / TensorRT provider the metric runs on the deployment graph
-    and the parity compares its outputs with the emulation graph's on ONNX Runtime's CPU provider;
-    on a CPU provider the metric runs on the emulation graph (rebuilt from ``source`` and the
-    recorded plan) and there is nothing to compare it with.
+    There is no torch model. On a CUDA / TensorRT provider, or on the CPU for a deployment graph
+    written for it (`--provider cpu`), the metric runs on the file itself and the parity compares
+    its outputs with the emulation graph's on ONNX Runtime's CPU provider; otherwise, on a CPU
+    provider, the metric runs on the emulation graph (rebuilt from ``source`` and the recorded plan)
+    and there is nothing to compare it with.
     """
     from dataclasses import replace
 
@@ -392,10 +404,10 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
                           provider_note=f"asked for {asked[0]}: {why}" if provider != asked[0] else "",
                           metric_graph="emulation", formats=_counts(assignment, graph), parity=None, metric=metric.name,
                           higher_is_better=metric.higher_is_better, allowed_drop=allowed, notes=notes,
-                          parity_of="deployment graph on the GPU vs emulation graph on the CPU")
+                          parity_of="deployment graph vs emulation graph on the CPU")
     report.metric_fp32 = float(metric.measure(om.analysis.model))
     emulated = float(metric.measure(emulation))
-    if provider in ("cuda", "tensorrt"):
+    if provider in ("cuda", "tensorrt") or _runs_on_cpu(model, provider):
         gpu = replace(om, providers=provider)
         report.metric_graph = "deployment" if mode == "deploy" else "emulation"
         report.metric_onnx = float(gpu.metric().measure(model))

@@ -76,3 +76,14 @@ def test_verify_a_file_with_fp16_inputs_and_outputs(tmp_path, zoo) -> None:
     assert r.ok and r.parity.narrowest == "fp8_e4m3" and any("takes and returns fp16" in n for n in r.notes)
     r16 = verify(export_onnx(MODEL, {}, None, tmp_path / "half32.onnx", io="fp16"), MODEL, {})
     assert r16.parity.narrowest == "fp16" and r16.parity.ok  # fp32 layers: the tolerance is fp16's
+
+
+def test_verify_measures_a_file_written_for_the_cpu_itself(tmp_path, zoo) -> None:
+    """export --provider cpu: every op the CPU has no 16-bit kernel for computes in fp32 between
+    rounding casts, so the file computes the plan faithfully on the CPU and verify measures it."""
+    path = export_onnx(MODEL, PLAN, zoo("cancer_mlp").amax, tmp_path / "cpu.onnx", provider="cpu")
+    r = verify(path, MODEL, PLAN, providers="cpu")
+    assert r.provider == "cpu" and r.metric_graph == "deployment" and r.parity_of.endswith("deployment graph on cpu")
+    assert r.ok and r.parity.rel_l2 < 1e-6
+    assert r.metric_onnx == verify(export_onnx(MODEL, PLAN, zoo("cancer_mlp").amax, tmp_path / "e.onnx"), MODEL,
+                                   PLAN, providers="cpu").metric_onnx

@@ -341,6 +341,13 @@ def test_cli_tunes_a_legacy_export_end_to_end(legacy_cnn: tuple[Path, Path, Path
     report = verify_onnx_input(half, onnx_path, data, labels, out / "plan.json", "cpu")
     assert report.ok and any("takes and returns fp16" in n for n in report.notes)
     assert report.metric_onnx == pytest.approx(m["metric_tuned"], abs=0.01)
+    # written for the CPU provider, the deployment graph itself is measured, and equals the emulation
+    cpu = tmp_path / "cpu.onnx"
+    assert main(["export", str(onnx_path), "--data", str(data), "--plan", str(out / "plan.json"), "-o", str(cpu),
+                 "--provider", "cpu"]) == 0
+    report = verify_onnx_input(cpu, onnx_path, data, labels, out / "plan.json", "cpu")
+    assert report.metric_graph == "deployment" and report.parity is not None and report.parity.rel_l2 == 0.0
+    assert report.ok and report.metric_onnx == m["metric_tuned"]
 
 
 def test_api_tunes_a_hand_built_model_on_fidelity() -> None:
