@@ -17,7 +17,9 @@ budget), export the tuned deployment graph, run the ONNX checker (full_check), a
 - parity between the torch emulation and ONNX Runtime (relative L2, top-1 agreement): the emulation
   graph on a CPU provider, the deployment graph itself on a GPU;
 - with a working CUDA provider, the latency of the fp32 and tuned deployment graphs (median of 50
-  runs at batch 256); without one, a line saying it was skipped.
+  runs at batch 256), the plan then tuned and written for that provider (``--provider cuda``: fp8
+  there is fp32 compute between Q/DQ, and ops without a 16-bit CUDA kernel compute in fp32); without
+  one, a line saying it was skipped.
 
 Prints a markdown table (and writes it to --out); exits 1 if a tuned model fails the checker, its
 parity or its budget.
@@ -94,14 +96,15 @@ def bench(path: Path, budget: str, workdir: Path, cuda: bool) -> dict[str, objec
     spec = load_model_spec(path)
     t0 = time.perf_counter()
     kw = {"budget": budget} if spec.evaluate is not None else {"fidelity_budget": budget}
-    result = tune(spec, **kw)
+    provider = "cuda" if cuda else None  # on a GPU: priced and written for ORT's CUDA provider
+    result = tune(spec, provider=provider, **kw)
     t_tune = time.perf_counter() - t0
     captured, plan = result.captured, result.plan
     amax = act_amax_from_profile(result.profile)
     module = spec.model()
     fp32 = torch_to_onnx(module, spec.example_inputs())
-    base = apply_plan_onnx(fp32, captured, {}, amax)
-    tuned = apply_plan_onnx(fp32, captured, plan.assignment, amax)
+    base = apply_plan_onnx(fp32, captured, {}, amax, provider=provider)
+    tuned = apply_plan_onnx(fp32, captured, plan.assignment, amax, provider=provider)
     size = base.ByteSize()
     weights = layer_weight_bytes(apply_plan_onnx(fp32, captured, {}, amax, keep_metadata=True))
     ratios = {"tuned": tuned.ByteSize() / size}
