@@ -23,7 +23,7 @@ import abc
 from dataclasses import dataclass
 from typing import Mapping
 
-from autoprec.ep_support import compute_format, parse_provider
+from autoprec.ep_support import compute_format, follow_format, parse_provider
 from autoprec.errors import UsageError
 from autoprec.formats import Precision
 from autoprec.kinds import LOOKUP_KINDS
@@ -312,12 +312,14 @@ class ProviderCostModel(CostModel):
     CUDA providers an fp8 layer is an fp32 op on dequantized operands whose fp8 weight ONNX Runtime
     dequantizes once, at session start: it costs what the fp32 layer costs, and its quantize casts
     come on top, so the search keeps fp8 for providers that fuse it into an fp8 kernel (TensorRT).
-    Casts, FOLLOW and fixed ops are ``base``'s.
+    A FOLLOW op without a kernel in its format there costs fp32 plus two casts
+    (:func:`autoprec.ep_support.follow_format`). Casts and fixed ops are ``base``'s.
     """
 
     def __init__(self, base: CostModel, provider: str) -> None:
         self.base = base
         self.provider = parse_provider(provider)
+        self._follow: dict[tuple[str, Precision], Precision] = {}  # (kind, format) -> the format it runs in
         self.name = base.name
         self.objective = base.objective
 
@@ -340,7 +342,16 @@ class ProviderCostModel(CostModel):
         return self.base.cast_cost(elems, src, dst)
 
     def follow_cost(self, op: OpNode, fmt: Precision) -> float:
-        return self.base.follow_cost(op, fmt)
+        """A FOLLOW op the provider has no kernel for in ``fmt`` (a bf16 Gelu on CUDA) runs in fp32
+        between a cast of its input and a cast of its result, as the deployment graph has it."""
+        key = (op.kind, fmt)
+        if key not in self._follow:
+            self._follow[key] = follow_format(op.kind, fmt, self.provider)
+        runs = self._follow[key]
+        if runs is fmt:
+            return self.base.follow_cost(op, fmt)
+        return (self.base.follow_cost(op, runs) + self.base.cast_cost(op.act_in_elems, fmt, runs)
+                + self.base.cast_cost(op.act_out_elems, runs, fmt))
 
     def fixed_cost(self, op: OpNode) -> float:
         return self.base.fixed_cost(op)

@@ -93,6 +93,33 @@ LAYER_OPS: dict[str, tuple[str, ...]] = {
     "embedding": ("Gather",),  # the lookup reads the table initializer (fp8: through DequantizeLinear)
 }
 
+#: ONNX ops that compute a FOLLOW op of each kind that does arithmetic (views and data movement are
+#: exact in any format and left out), every form an exporter may write (a GELU: opset-20 Gelu, or
+#: the erf form).
+FOLLOW_OPS: dict[str, tuple[str, ...]] = {
+    "relu": ("Relu",), "gelu": ("Gelu", "Erf"), "silu": ("Sigmoid", "Mul"), "sigmoid": ("Sigmoid",),
+    "tanh": ("Tanh",), "leaky_relu": ("LeakyRelu",), "hardtanh": ("Clip",), "elu": ("Elu",), "erf": ("Erf",),
+    "neg": ("Neg",), "abs": ("Abs",), "add": ("Add",), "iadd": ("Add",), "sub": ("Sub",), "mul": ("Mul",),
+    "imul": ("Mul",), "div": ("Div",), "truediv": ("Div",), "max_pool1d": ("MaxPool",), "max_pool2d": ("MaxPool",),
+    "avg_pool1d": ("AveragePool",), "avg_pool2d": ("AveragePool",),
+    "adaptive_avg_pool1d": ("GlobalAveragePool", "ReduceMean"),
+    "adaptive_avg_pool2d": ("GlobalAveragePool", "ReduceMean"),
+    "adaptive_max_pool2d": ("GlobalMaxPool",), "masked_fill": ("Where",), "where": ("Where",), "pad": ("Pad",),
+    "interpolate": ("Resize",),
+}
+
+
+def follow_format(kind: str, precision: Precision | str, provider: str, live: bool = True) -> Precision:
+    """The format a FOLLOW op of ``kind`` planned in ``precision`` computes in on ``provider``, as
+    a deployment graph written for it runs it: the format itself where the provider has a kernel
+    for every op the kind may be exported as, else fp32 between casts (views, data movement and
+    kinds without arithmetic keep the format)."""
+    p = _key(precision)
+    ops = FOLLOW_OPS.get(kind)
+    if p is Precision.FP32 or not ops or all(kernel(op, p, provider, live).ok for op in ops):
+        return p
+    return Precision.FP32
+
 
 class Fp8Form(NamedTuple):
     """How autoprec emits a layer op in fp8: the kernels it needs, as (op type, format) with None

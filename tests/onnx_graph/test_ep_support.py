@@ -173,3 +173,17 @@ def test_an_fp8_form_is_refused_for_the_kernel_it_lacks(monkeypatch: pytest.Monk
         "CUDAExecutionProvider has no float8e4m3fn QuantizeLinear kernel (assumed: QuantizeLinear is not in "
         "autoprec's table for CUDAExecutionProvider), which an fp8_e4m3 Gemm needs")
     assert ep.supported("Gather", E4M3, "cuda", live=False).ok
+
+
+def test_follow_ops_name_follow_kinds_and_known_ops() -> None:
+    """Every FOLLOW kind with arithmetic maps to ONNX ops the built-in tables know (a typo would make
+    follow_format price the op in fp32 everywhere); ReLU keeps bf16 on CUDA, a bf16 GELU does not."""
+    from autoprec.ep_support import FOLLOW_OPS, follow_format, table_ops
+    from autoprec.kinds import FOLLOW_KINDS
+
+    assert set(FOLLOW_OPS) <= FOLLOW_KINDS
+    known = set(table_ops("cuda")) | set(table_ops("cpu"))
+    assert {op for ops in FOLLOW_OPS.values() for op in ops} - known == {"Elu"}  # in no table: fp32 where 16-bit
+    assert follow_format("relu", "bf16", "cuda", live=False) is Precision.BF16
+    assert follow_format("gelu", "bf16", "cuda", live=False) is Precision.FP32
+    assert follow_format("view", "bf16", "cpu", live=False) is Precision.BF16  # no arithmetic: any format

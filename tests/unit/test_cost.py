@@ -10,6 +10,7 @@ from autoprec.cost import (
     LAUNCH_OVERHEAD_S, TARGETS, CostModel, ProviderCostModel, RooflineCostModel, cast_groups, get_target,
     memory_bytes,
 )
+from autoprec.ep_support import follow_format
 from autoprec.errors import UsageError
 from autoprec.formats import Precision
 from autoprec.opgraph import OpGraph, OpNode, Policy
@@ -271,3 +272,22 @@ def test_search_for_cuda_leaves_fp8_to_tensorrt():
             == (prov == "cuda"), reason
     assert Precision.FP8_E4M3 in picks["tensorrt"]
     assert Precision.FP8_E4M3 not in picks["cuda"] and picks["cuda"] <= {P.BF16, P.FP16}
+
+
+def test_provider_prices_a_follow_op_without_a_kernel_in_fp32_between_casts():
+    """ORT's CUDA provider has no bf16 Gelu in autoprec's table: a bf16 GELU there runs in fp32
+    between two casts, as the deployment graph written for it does; fp16 and ReLU keep their price.
+    (A machine whose live CUDA registry lists a bf16 Gelu prices it as bf16.)"""
+    assert follow_format("gelu", P.BF16, "cuda", live=False) is P.FP32
+    assert follow_format("gelu", P.FP16, "cuda", live=False) is P.FP16
+    base = RooflineCostModel("h100")
+    cuda = ProviderCostModel(base, "cuda")
+    n = 1 << 20
+    gelu = OpNode("g", "gelu", "g", Policy.FOLLOW, act_in_elems=n, act_out_elems=n)
+    relu = OpNode("r", "relu", "r", Policy.FOLLOW, act_in_elems=n, act_out_elems=n)
+    if follow_format("gelu", P.BF16, "cuda") is P.FP32:
+        assert cuda.follow_cost(gelu, P.BF16) == pytest.approx(
+            base.follow_cost(gelu, P.FP32) + base.cast_cost(n, P.BF16, P.FP32) + base.cast_cost(n, P.FP32, P.BF16))
+        assert cuda.follow_cost(gelu, P.BF16) > base.follow_cost(gelu, P.BF16)
+    assert cuda.follow_cost(gelu, P.FP16) == base.follow_cost(gelu, P.FP16)
+    assert cuda.follow_cost(relu, P.BF16) == base.follow_cost(relu, P.BF16)
