@@ -5,7 +5,7 @@ Two graphs come out of the same decisions (AssignFormats) and the same weights (
 deploy
     Tensors really are 16-bit: a node computes in its group's format where ONNX admits that type for
     the op and the target provider, when one is named, has a kernel for it (``compute_precision``),
-    in fp32 otherwise (ONNX Conv and pooling have no bf16; ORT's CUDA provider no bf16 Erf). A group
+    in fp32 otherwise (ONNX Conv and pooling have no bf16; ORT's CUDA provider no bf16 Where). A group
     hands its results to other groups in its value format (a Cast after it where it computed in
     another type: fp8 layers compute on dequantized fp32 operands and write bf16; an fp8 embedding's
     Gather looks its rows up in the table dequantized to fp32). A node reading a
