@@ -187,14 +187,18 @@ def _io_format(model: onnx.ModelProto, notes: list[str]) -> Precision:
     return io
 
 
-def _runs_on_cpu(model: onnx.ModelProto, provider: str) -> bool:
-    """Whether ``model`` is a deployment graph written for ORT's CPU provider (`--provider cpu`) and
-    the session is on the CPU: its ops then compute in 16 bits only where the CPU has the kernel,
-    so the file itself computes the plan faithfully there and verify measures it directly."""
+def _measures_the_file(model: onnx.ModelProto, provider: str) -> bool:
+    """Whether verify measures ``model`` itself on ``provider`` rather than its emulation graph: on
+    a GPU provider, and on the CPU for a deployment graph written for it (`--provider cpu`), whose
+    ops compute in 16 bits only where the CPU has the kernel, so that it computes the plan
+    faithfully there."""
+    from autoprec.ep_support import CPU
     from passes.onnx_base import MODEL_MODE, MODEL_PROVIDER, model_meta
 
+    if provider in ("cuda", "tensorrt"):
+        return True
     meta = model_meta(model)
-    return provider == "cpu" and meta.get(MODEL_MODE) == "deploy" and meta.get(MODEL_PROVIDER) == "CPUExecutionProvider"
+    return provider == "cpu" and meta.get(MODEL_MODE) == "deploy" and meta.get(MODEL_PROVIDER) == CPU
 
 
 def _nudged(batch: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -307,7 +311,7 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     emu_session = open_session(emulation.SerializeToString(), "cpu")
     asked = parse_providers(providers)
     provider, why = probe_provider(asked)
-    if provider in ("cuda", "tensorrt") or _runs_on_cpu(model, provider):
+    if _measures_the_file(model, provider):
         metric_session = open_session(str(path), providers)
         provider, why = metric_session.provider, metric_session.reason
         graph = "deployment" if mode == "deploy" else "emulation"
@@ -319,7 +323,7 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     logits = output_kind_of(y, spec.output_kind) == "logits"
     narrow = narrowest_format(assignment, io)
     par = parity(torch_emulated, metric_session, batches, narrow, logits)
-    parity_of = "torch emulation vs ONNX emulation graph"
+    parity_of = VerifyReport.parity_of  # the default: torch emulation vs ONNX emulation graph
     if metric_session is not emu_session:  # the deployed graph itself; the emulation graph's is a note
         parity_of = f"torch emulation vs ONNX {graph} graph on {provider}"
         emu = parity(torch_emulated, emu_session, batches, narrow, logits)
@@ -407,7 +411,7 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
                           parity_of="deployment graph vs emulation graph on the CPU")
     report.metric_fp32 = float(metric.measure(om.analysis.model))
     emulated = float(metric.measure(emulation))
-    if provider in ("cuda", "tensorrt") or _runs_on_cpu(model, provider):
+    if _measures_the_file(model, provider):
         gpu = replace(om, providers=provider)
         report.metric_graph = "deployment" if mode == "deploy" else "emulation"
         report.metric_onnx = float(gpu.metric().measure(model))

@@ -45,10 +45,9 @@ from autoprec.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from autoprec.onnx_graph import graph_inputs  # noqa: E402
 from autoprec.runtime import cuda_available, latency_ms  # noqa: E402
 from autoprec.spec import load_model_spec  # noqa: E402
-from autoprec.semantics import weight_arg_position  # noqa: E402
 from autoprec.verify import verify  # noqa: E402
 from passes import act_amax_from_profile  # noqa: E402
-from passes.onnx_base import INSERTED, KIND, ROLE, ROLE_CORE, GraphIndex, get_meta, weight_slot  # noqa: E402
+from passes.onnx_base import INSERTED, LAYER, GraphIndex, get_meta, weight_slot  # noqa: E402
 
 LATENCY_BATCH = 256
 LATENCY_RUNS = 50
@@ -76,13 +75,14 @@ def _latency_ms(model: onnx.ModelProto, example) -> float:
 
 
 def layer_weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers the layers read as weights in ``model`` (exported with
-    ``keep_metadata=True``): the tensor at each core node's weight slot, or the initializers of the
-    node LowerWeights put there (a 16-bit table's Cast, an fp8 weight's codes and scales)."""
+    """Bytes of the initializers the layers read as weights in ``model``: the tensor at the weight
+    slot of each layer's MatMul/Gemm/Conv/Gather, or the initializers of the node LowerWeights put
+    there (a 16-bit weight's Cast, an fp8 weight's codes and scales). A product of two activations
+    reads none."""
     idx = GraphIndex(model)
     total = 0
     for n in idx.nodes:
-        if get_meta(n, ROLE) != ROLE_CORE or weight_arg_position(get_meta(n, KIND) or "") is None:
+        if not get_meta(n, LAYER) or n.op_type not in ("MatMul", "Gemm", "Conv", "Gather"):
             continue
         w = n.input[weight_slot(n)]
         if w in idx.inits:
@@ -105,15 +105,13 @@ def bench(path: Path, budget: str, workdir: Path, cuda: bool) -> dict[str, objec
     fp32 = torch_to_onnx(module, spec.example_inputs())
     base = apply_plan_onnx(fp32, captured, {}, amax, provider=provider)
     tuned = apply_plan_onnx(fp32, captured, plan.assignment, amax, provider=provider)
-    size = base.ByteSize()
-    weights = layer_weight_bytes(apply_plan_onnx(fp32, captured, {}, amax, keep_metadata=True))
+    size, weights = base.ByteSize(), layer_weight_bytes(base)
     ratios = {"tuned": tuned.ByteSize() / size}
     weight_ratios = {}
     for fmt in (Precision.BF16, Precision.FP16, Precision.FP8_E4M3):
-        uniform = {op.name: fmt for op in captured.graph.layers()}
-        ratios[fmt.value] = apply_plan_onnx(fp32, captured, uniform, amax).ByteSize() / size
-        full = apply_plan_onnx(fp32, captured, uniform, amax, keep_metadata=True)
-        weight_ratios[fmt.value] = layer_weight_bytes(full) / weights
+        uniform = apply_plan_onnx(fp32, captured, {op.name: fmt for op in captured.graph.layers()}, amax)
+        ratios[fmt.value] = uniform.ByteSize() / size
+        weight_ratios[fmt.value] = layer_weight_bytes(uniform) / weights
     onnx_path = atomic_write_bytes(workdir / f"{spec.name}.onnx", tuned.SerializeToString())
     plan_path = plan.save(workdir / f"{spec.name}.plan.json")
     report = verify(onnx_path, spec, plan_path)
@@ -151,7 +149,7 @@ def table(rows: list[dict[str, object]], budget: str, cuda: bool) -> str:
         allowed = f"{r['allowed']:.4g}" if r["allowed"] is not None else "-"
         lines.append(
             f"| {r['model']} | {counts} | {'pass' if r['checker'] else 'FAIL'} | {r['fp32_bytes']:,} "
-            f"| {ratios['tuned']:.3f} / {ratios['bf16']:.3f} / {ratios['fp16']:.3f} / {ratios['fp8_e4m3']:.3f} "
+            f"| {ratios['tuned']:.4f} / {ratios['bf16']:.4f} / {ratios['fp16']:.4f} / {ratios['fp8_e4m3']:.4f} "
             f"| {r['weight_bytes']:,}: {wr['bf16']:.3f} / {wr['fp16']:.3f} / {wr['fp8_e4m3']:.3f} "
             f"| {r['metric']} ({r['graph']}, {r['provider']}) | {r['fp32']:.4f} -> {r['torch']:.4f} -> {r['onnx']:.4f} "
             f"| {r['drop']:.4g} / {allowed} | {r['rel_l2']:.2e} ({r['tolerance']:.2e}) | {top1} "

@@ -59,22 +59,22 @@ class IOFormat(OnnxPass):
                 continue
             vi.type.tensor_type.elem_type = t
             modified = True
-            fp32_readers = []
+            fp32_readers: dict[int, onnx.NodeProto] = {}  # by node index: a node may read the input twice
             for i, _ in idx.consumers.get(vi.name, []):
                 n = idx.nodes[i]
                 if n.op_type == "Cast" and attr(n, "to") == t and get_meta(n, INSERTED) and n.output[0] not in \
                         idx.outputs:
                     dropped.add(i)  # its readers read the input itself
                     rename[n.output[0]] = vi.name
-                elif n.op_type not in SHAPE_READERS and n not in fp32_readers:
-                    fp32_readers.append(n)
+                elif n.op_type not in SHAPE_READERS:
+                    fp32_readers[i] = n
             if fp32_readers:
                 widened = unique_name(taken, f"{vi.name}_fp32")
                 c = onnx.helper.make_node("Cast", [vi.name], [widened], name=unique_name(taken, f"{widened}_Cast"),
                                           to=TensorProto.FLOAT)
                 set_meta(c, INSERTED, "cast")
                 new_nodes.append(c)
-                for n in fp32_readers:
+                for n in fp32_readers.values():
                     n.input[:] = [widened if x == vi.name else x for x in n.input]
         for i, n in enumerate(idx.nodes):
             if i in dropped:
