@@ -62,6 +62,7 @@ from passes.onnx_io_format import IO_FORMATS, IOFormat
 from passes.onnx_lower_weights import MODES, LowerWeights
 from passes.onnx_map_layers import CLASS_HIERARCHY, MapLayers, aten_kind, literal_list
 from passes.onnx_map_nodes import MapNodes
+from passes.onnx_split_bias import SplitBias
 
 if TYPE_CHECKING:
     import onnx_ir
@@ -174,7 +175,7 @@ def onnx_passes(captured: Captured, assignment: Mapping[str, Precision],
     if mode not in MODES:
         raise UsageError(f"unknown ONNX mode {mode!r}: use 'deploy' (16-bit tensors, fp8 Q/DQ) or 'emulate'")
     return [MapLayers(captured, assignment), AssignFormats(captured.graph, assignment, act_amax, param_names(captured)),
-            LowerWeights(mode, provider), InsertCasts(param_names(captured), mode, provider)]
+            SplitBias(), LowerWeights(mode, provider), InsertCasts(param_names(captured), mode, provider)]
 
 
 def apply_plan_onnx(fp32_model: onnx.ModelProto, captured: Captured, assignment: Mapping[str, Precision | str],
@@ -198,8 +199,8 @@ def analysed_passes(analysis: OnnxAnalysis, assignment: Mapping[str, Precision],
     """The ONNX pass sequence for a model given as an .onnx file (see :func:`apply_plan_analysed`)."""
     if mode not in MODES:
         raise UsageError(f"unknown ONNX mode {mode!r}: use 'deploy' (16-bit tensors, fp8 Q/DQ) or 'emulate'")
-    return [MapNodes(analysis), AssignFormats(analysis.graph, assignment, act_amax), LowerWeights(mode, provider),
-            InsertCasts(frozenset(), mode, provider)]
+    return [MapNodes(analysis), AssignFormats(analysis.graph, assignment, act_amax), SplitBias(),
+            LowerWeights(mode, provider), InsertCasts(frozenset(), mode, provider)]
 
 
 def apply_plan_analysed(analysis: OnnxAnalysis, assignment: Mapping[str, Precision | str],

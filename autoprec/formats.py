@@ -78,6 +78,10 @@ class Precision(enum.Enum):
         return self in (Precision.FP8_E4M3, Precision.FP8_E5M2)
 
     @property
+    def is_16bit(self) -> bool:
+        return self in (Precision.BF16, Precision.FP16)
+
+    @property
     def needs_scale(self) -> bool:
         """fp8 ranges are too narrow for raw activations: values are divided by a scale first."""
         return self.is_fp8

@@ -36,8 +36,8 @@ from autoprec.errors import UsageError
 from autoprec.formats import DEFAULT_CANDIDATES, Precision
 from autoprec.kinds import LOOKUP_KINDS
 from autoprec.quantize import fp8_scale, quantize
-from autoprec.semantics import (LayerFormat, act_arg_positions, emulate_layer, lookup_rows, quantize_activation,
-                                quantize_weight, weight_arg_position)
+from autoprec.semantics import (LayerFormat, act_arg_positions, bias_view, emulate_layer, finish, lookup_rows,
+                                quantize_activation, quantize_weight, split_bias, weight_arg_position)
 from autoprec.sensitivity import LayerRanges, RangeStats, SensitivityProfile
 from passes.fx_assign_formats import follow_roundings
 
@@ -484,6 +484,7 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
     kind = declared
     positions = 0
     denom = 0.0
+    biases: dict[str, torch.Tensor | None] = {}  # a layer's bias (a parameter: the same in every batch)
     params = dict(runner.gm.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
     for p in params.values():
@@ -491,7 +492,6 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
     try:
         for bi, b in enumerate(batches):
             taps: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}
-            args_seen: dict[str, tuple[Any, ...]] = {}
 
             def hook(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                 info = next(i for i in infos if i.node is node)
@@ -510,7 +510,8 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
                     out.requires_grad_(True)
                 out.retain_grad()
                 taps[node.name] = (ins, out)
-                args_seen[node.name] = tuple(a)
+                bias = split_bias(info.kind, args, kwargs)[2]
+                biases[node.name] = bias.detach() if bias is not None else None
                 _collect_ranges(info, tuple(x.detach() if torch.is_tensor(x) else x for x in a), out.detach(), accs)
                 return out
 
@@ -560,7 +561,7 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
                 for bi, per in enumerate(saved):
                     ins, gins, out, gout = per[name]
                     batch = _batch_size(batches[bi])
-                    term = _per_sample_dot(gout, _rounding_delta(out, _output_in(info, out, fmt)), batch)
+                    term = _per_sample_dot(gout, _rounding_delta(out, _output_in(info, out, fmt, biases.get(name))), batch)
                     for j, (x, g) in enumerate(zip(ins, gins)):
                         dx = _rounding_delta(x, quantize_activation(x, fmt, amaxes[j] if fmt.needs_scale else None))
                         d = _per_sample_dot(g, dx, batch)
@@ -585,14 +586,17 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
     return errors, ranges, kind or "logits", samples
 
 
-def _output_in(info: _LayerInfo, out: torch.Tensor, fmt: Precision) -> torch.Tensor:
+def _output_in(info: _LayerInfo, out: torch.Tensor, fmt: Precision, bias: torch.Tensor | None) -> torch.Tensor:
     """The fp32 output ``out`` of a layer with only its output rounding of ``fmt`` applied (its
-    input and weight roundings are terms of their own). A lookup's output is rows of its table, so
-    its output in ``fmt`` is those rows rounded as the table is (per-row scales in fp8), then to the
+    input and weight roundings are terms of their own): :func:`autoprec.semantics.finish` of the
+    product ``out - bias`` (exact to fp32 rounding). A lookup's output is rows of its table, so its
+    output in ``fmt`` is those rows rounded as the table is (per-row scales in fp8), then to the
     layer's output format."""
     if info.kind in LOOKUP_KINDS:
         return lookup_rows(out, fmt)
-    return quantize(out, fmt.compute_output)
+    if bias is None:
+        return quantize(out, fmt.compute_output)
+    return finish(info.kind, out - bias_view(info.kind, bias), bias, fmt)
 
 
 def _weight_node(info: _LayerInfo) -> fx.Node | None:

@@ -3,8 +3,16 @@
 A layer (linear, conv, matmul/bmm) in format P (DESIGN.md):
 - its activation inputs are rounded to P (fp8: per-tensor static scale from calibration amax),
 - its weight is rounded to P (fp8: per-output-channel scale from the weight's own amax),
-- the product is computed and accumulated in fp32 (bias added in fp32),
+- the product is computed and accumulated in fp32,
 - the output is rounded to P for 16-bit formats, to bf16 for fp8 (an fp8 GEMM writes bf16).
+
+A bias (linear, conv) is added as a deployed graph adds it (:func:`finish`). In a 16-bit format the
+product is rounded to P, then the bias, rounded to P, is added and the sum rounded to P again:
+``round_P(round_P(x @ W) + round_P(b))``. ONNX types say so -- a 16-bit MatMul/Gemm/Conv writes P,
+and the Add after it reads and writes P -- so every provider computes it (the ONNX export moves a
+16-bit Gemm's or Conv's bias into such an Add: a fused bias would round once on some kernels and
+twice on others). An fp8 layer computes on dequantized fp32 operands: its bias is added in fp32
+and the sum rounded once, to bf16.
 
 An embedding lookup is the same rule with no activation input: in a 16-bit format P it returns
 round_P(W)[idx], the table rounded to P and the rows copied exactly (its output rounding is then
@@ -34,6 +42,7 @@ from autoprec.quantize import channel_amax, fp8_scale, quantize
 _ACT_ARGS = {"linear": (0,), "conv1d": (0,), "conv2d": (0,), "conv3d": (0,), "matmul": (0, 1), "bmm": (0, 1),
              "embedding": ()}
 _WEIGHT_ARG = {"linear": 1, "conv1d": 1, "conv2d": 1, "conv3d": 1, "embedding": 1}
+_BIAS_ARG = {"linear": 2, "conv1d": 2, "conv2d": 2, "conv3d": 2}
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,42 @@ def quantize_weight(w: torch.Tensor, fmt: Precision) -> torch.Tensor:
     if fmt.needs_scale:
         return quantize(w, fmt, fp8_scale(channel_amax(w), fmt))
     return quantize(w, fmt)
+
+
+def split_bias(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor | None]:
+    """A layer call without its bias, and the bias (None when the layer has none)."""
+    pos = _BIAS_ARG.get(kind)
+    if pos is None:
+        return args, kwargs, None
+    if "bias" in kwargs:
+        kw = dict(kwargs)
+        return args, kw, kw.pop("bias")
+    if len(args) > pos and args[pos] is not None:
+        a = list(args)
+        b, a[pos] = a[pos], None
+        return tuple(a), kwargs, b
+    return args, kwargs, None
+
+
+def bias_view(kind: str, bias: torch.Tensor) -> torch.Tensor:
+    """``bias`` shaped to broadcast over a layer's output: the last axis of a linear layer's, the
+    channel axis of a convolution's (the one before its spatial axes, batched or not)."""
+    if kind == "linear":
+        return bias
+    return bias.reshape(-1, *([1] * int(kind[-2])))  # conv1d / conv2d / conv3d
+
+
+def finish(kind: str, product: torch.Tensor, bias: torch.Tensor | None, fmt: Precision) -> torch.Tensor:
+    """A layer's result in ``fmt`` from its fp32-accumulated ``product`` and its fp32 ``bias``
+    (module docstring): 16-bit ``round_P(round_P(product) + round_P(bias))``, fp8
+    ``round_bf16(product + bias)``, without a bias the product rounded to ``fmt.compute_output``."""
+    if bias is None:
+        return quantize(product, fmt.compute_output)
+    b = bias_view(kind, bias)
+    if fmt.is_fp8:
+        return quantize(product + b, fmt.compute_output)
+    return quantize(quantize(product, fmt) + quantize(b, fmt), fmt)
 
 
 def needs_act_amax(kind: str, fmt: Precision) -> bool:
@@ -109,5 +154,5 @@ def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: 
     wpos = weight_arg_position(kind)
     if wpos is not None and torch.is_tensor(a[wpos]):
         a[wpos] = weight_q if weight_q is not None else quantize_weight(a[wpos], lf.fmt)
-    out = fn(*a, **kwargs)
-    return quantize(out, lf.fmt.compute_output)
+    a2, kw, bias = split_bias(kind, tuple(a), kwargs)
+    return finish(kind, fn(*a2, **kw), bias, lf.fmt)

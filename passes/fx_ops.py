@@ -11,7 +11,8 @@ emulate (``native=False``)
 
 native (``native=True``)
     16-bit values are real bf16/fp16 tensors and 16-bit layers run on 16-bit operands (weights cast
-    at use from the fp32 master). An fp8 activation cast is a quantize-dequantize (fp32 tensor of
+    at use from the fp32 master); a layer's bias is a 16-bit add after the product, as
+    :func:`autoprec.semantics.finish` says (not the GEMM's fused bias, which rounds once). An fp8 activation cast is a quantize-dequantize (fp32 tensor of
     E4M3 values times the static scale); the fp8 linear layer after it re-derives the fp8 codes
     (exact, see :func:`fp8_codes`) and runs ``torch._scaled_mm`` with fp32 accumulation, writing
     bf16. fp8 conv, matmul and bmm have no fp8 kernel in torch: native mode emulates those layers'
@@ -35,7 +36,7 @@ from autoprec.capture import layer_function
 from autoprec.formats import Precision
 from autoprec.kinds import LOOKUP_KINDS
 from autoprec.quantize import channel_amax, fp8_scale, quantize
-from autoprec.semantics import LayerFormat, emulate_layer, quantize_activation
+from autoprec.semantics import LayerFormat, bias_view, emulate_layer, quantize_activation, split_bias
 
 FP32 = Precision.FP32
 
@@ -164,7 +165,9 @@ def _layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], fmt: Precis
     if kind in LOOKUP_KINDS:  # round the rows it copies, not the whole table: the same values
         return layer_function(kind)(*args, **kwargs).to(dt)
     nargs = tuple(_tree(lambda t: t if t.dtype == dt else t.to(dt), a) for a in args)
-    return layer_function(kind)(*nargs, **kwargs)
+    nargs, kw, bias = split_bias(kind, nargs, kwargs)
+    y = layer_function(kind)(*nargs, **kw)  # the product, rounded once to the 16-bit format
+    return y if bias is None else y + bias_view(kind, bias.to(dt))  # a 16-bit add: rounded again
 
 
 # --- native fp8 linear ------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ emulate
     CPU provider computes exactly what the torch emulation (``passes.apply_plan(mode="emulate")``)
     does: ``Cast(to P) -> Cast(to fp32)`` pairs round a value to a 16-bit format (ORT keeps the
     rounding of such a pair; fp16 nodes on its CPU provider drop it), Q/DQ rounds to fp8. Rounded are:
-    a layer's activation inputs (to its format, when the value is in another), a layer's result (to
+    a layer's activation inputs (to its format, when the value is in another), the product and the
+    bias a 16-bit layer's bias Add reads (:func:`autoprec.semantics.finish`), a layer's result (to
     its value format; not a 16-bit embedding's, whose Gather copies rows of a table LowerWeights
     already stored in that format; an fp8 embedding's rows, dequantized with their per-row scales,
     are rounded to bf16 like every fp8 layer's result), the results of 16-bit FOLLOW ops that
@@ -128,6 +129,7 @@ class InsertCasts(OnnxPass):
         core = get_meta(n, ROLE) == ROLE_CORE
         kind = get_meta(n, KIND) or ""
         act_slots = act_arg_positions(kind) if core and fmt is not FP32 else ()
+        bias_add = self._is_bias_add(n, g, fmt, policy)
         amax = node_amax(n)
         tied = same_type_inputs(n, idx.opset)
         for k, u in enumerate(list(n.input)):
@@ -146,6 +148,10 @@ class InsertCasts(OnnxPass):
                 self._modified = True
                 continue
             if self.mode == "emulate":
+                if bias_add:  # the product and the bias, each rounded to the layer's format
+                    n.input[k] = self._round_input(u, fmt, n)
+                    self._modified = True
+                    continue
                 if internal or fmt is FP32 or policy not in (Policy.ALWAYS, Policy.FOLLOW):
                     continue
                 if policy is Policy.ALWAYS and k not in act_slots:
@@ -160,9 +166,10 @@ class InsertCasts(OnnxPass):
             # deploy: every input the schema ties to the output's type is read in the compute type
             if not (k < len(tied) and tied[k]):
                 continue
-            if ct is FP32 and fmt is not FP32 and not internal and self._st.get(u) != fmt.onnx_type and (
-                    (policy is Policy.ALWAYS and k in act_slots)
-                    or (policy is Policy.FOLLOW and not is_scalar_constant(idx, u, self.params))):
+            if ct is FP32 and fmt is not FP32 and self._st.get(u) != fmt.onnx_type and (
+                    bias_add or (not internal and (
+                        (policy is Policy.ALWAYS and k in act_slots)
+                        or (policy is Policy.FOLLOW and not is_scalar_constant(idx, u, self.params))))):
                 # a 16-bit op on an fp32 kernel (no kernel in its format): its inputs still carry
                 # the format's rounding, as in the emulation graph; then they widen to fp32 below
                 u = self._typed_initializer(u, fmt) if u in idx.inits else self._cast_input(u, fmt.onnx_type, n)
@@ -197,6 +204,19 @@ class InsertCasts(OnnxPass):
             self._emit_cast(raw, FLOAT, v, n, "cast", "graph outputs are fp32")
 
     # --- building blocks --------------------------------------------------------------------------
+    def _is_bias_add(self, n: onnx.NodeProto, g: str | None, fmt: Precision, policy: Policy) -> bool:
+        """Whether ``n`` adds a 16-bit layer's bias to its product (an Add of the layer's group that
+        reads its core node's result: the exporter's MatMul + Add, or SplitBias's): it reads both
+        rounded to the layer's format (:func:`autoprec.semantics.finish`)."""
+        if policy is not Policy.ALWAYS or not fmt.is_16bit or n.op_type != "Add" or get_meta(n, ROLE) == ROLE_CORE:
+            return False
+        idx = self._idx
+        for u in n.input:
+            p = idx.producer.get(u)
+            if p is not None and get_meta(idx.nodes[p], ROLE) == ROLE_CORE and get_meta(idx.nodes[p], GROUP) == g:
+                return True
+        return False
+
     def _value_format(self, u: str) -> Precision:
         p = self._idx.producer.get(u)
         if p is None:

@@ -14,8 +14,8 @@ The fp32 initializer a layer reads is replaced, not cast at run time:
   An fp8 embedding table is the same with axis 0 (its rows): ONNX Gather admits no fp8 type, so the
   Gather looks its rows up in the dequantized fp32 table, and InsertCasts rounds them to bf16.
 
-Biases stay fp32 here (a deployment graph's 16-bit Gemm/Conv gets a 16-bit copy from InsertCasts,
-because ONNX ties its type to the weight's). Inserted nodes belong to the layer's group. In a
+Biases stay fp32 here: a 16-bit layer's bias is read by its own Add (SplitBias), which InsertCasts
+gives a copy in the layer's format; an fp8 layer adds its bias in fp32. Inserted nodes belong to the layer's group. In a
 deployment graph the result is type-consistent only after InsertCasts, so this pass checks the
 graph's structure, not its types.
 """

@@ -1,4 +1,5 @@
-"""The runtime functions of rewritten graphs: idempotent casts, native fp8 GEMM vs emulation."""
+"""The runtime functions of rewritten graphs: idempotent casts, native fp8 GEMM vs emulation, and
+how a layer's bias meets its product in each format."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from autoprec.formats import Precision
 from autoprec.quantize import quantize
-from autoprec.semantics import LayerFormat, emulate_layer, quantize_activation
+from autoprec.semantics import LayerFormat, emulate_layer, quantize_activation, quantize_weight
 from passes import fx_ops
 
 FP32, BF16, FP16, E4M3, E5M2 = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8_E4M3,
@@ -74,3 +75,39 @@ def test_native_fp8_without_a_kernel_is_emulated_in_bf16(oracles) -> None:
                         fmt=E4M3, amax=(3.0, 2.0), native=True)
     want = emulate_layer("bmm", (a, b), {}, LayerFormat(E4M3, (3.0, 2.0)))
     assert y.dtype == torch.bfloat16 and torch.equal(y.float(), want)
+
+
+def _bias_case(kind: str, oracles) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    if kind == "linear":
+        return (oracles.randn((4, 7, 48)), oracles.randn((40, 48), seed=3) * 0.2), oracles.randn((40,), seed=4)
+    return (oracles.randn((2, 3, 9, 9)), oracles.randn((5, 3, 3, 3), seed=3) * 0.3), oracles.randn((5,), seed=4) * 3
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("fmt", [BF16, FP16], ids=str)
+def test_a_16_bit_layer_rounds_its_product_then_adds_its_rounded_bias(oracles, kind, fmt) -> None:
+    """round_P(round_P(x @ W) + round_P(b)): what a 16-bit MatMul/Conv followed by a 16-bit Add
+    computes on every ONNX Runtime provider; a fused bias rounded once would not be that."""
+    (x, w), b = _bias_case(kind, oracles)
+    f = torch.nn.functional.linear if kind == "linear" else torch.nn.functional.conv2d
+    xq, wq = quantize(x, fmt), quantize(w, fmt)
+    view = b if kind == "linear" else b.reshape(-1, 1, 1)
+    want = quantize(quantize(f(xq, wq), fmt) + quantize(view, fmt), fmt)
+    got = emulate_layer(kind, (x, w, b), {}, LayerFormat(fmt))
+    assert torch.equal(got, want)
+    assert not torch.equal(got, quantize(f(xq, wq, b), fmt))  # one rounding differs somewhere
+    assert torch.equal(emulate_layer(kind, (x, w), {"bias": b}, LayerFormat(fmt)), want)  # bias as a keyword
+    # native mode: the product on 16-bit operands, then a 16-bit add (not the GEMM's fused bias)
+    lowp = fx_ops.LAYER_OPS[kind]
+    nat = lowp(x, w, b, fmt=fmt, native=True)
+    assert nat.dtype == fmt.torch_dtype
+    product = lowp(x, w, None, fmt=fmt, native=True)
+    assert torch.equal(nat, product + view.to(fmt.torch_dtype))
+
+
+def test_an_fp8_layer_adds_its_bias_in_fp32_and_rounds_once(oracles) -> None:
+    (x, w), b = _bias_case("linear", oracles)
+    lf = LayerFormat(E4M3, (3.0,))
+    xq = quantize_activation(x, E4M3, 3.0)
+    want = quantize(torch.nn.functional.linear(xq, quantize_weight(w, E4M3), b), BF16)
+    assert torch.equal(emulate_layer("linear", (x, w, b), {}, lf), want)
