@@ -11,7 +11,8 @@ For each core Gemm (C an initializer, or any C when ``beta`` is 1) and Conv (B a
 16-bit layer: the node loses the input, and an Add in the layer's group (same metadata, no role)
 adds it to the product under the node's output name. Gemm's ``beta`` is folded into a copy of C;
 Conv's B is stored as ``[M, 1, ...]`` so it broadcasts over the spatial axes. An all-zero bias (the
-exporter writes one for a convolution without a bias) is dropped: the layer has none. fp32 layers keep
+exporter writes one for a convolution without a bias) is dropped from every layer, whatever its
+format: adding zeros changes nothing (but the sign of a zero), and the file is smaller. fp32 layers keep
 their fused bias (nothing is rounded between), and so do fp8 layers (their bias is an fp32 add
 before the single rounding to bf16, which the fused form computes).
 
@@ -31,6 +32,15 @@ from passes.onnx_base import (ACT_AMAX, ROLE, ROLE_CORE, GraphIndex, OnnxPass, O
 _BIAS_SLOT = {"Gemm": 2, "Conv": 2}
 
 
+def _zero_bias(node: onnx.NodeProto, idx: GraphIndex) -> bool:
+    """Whether ``node`` is a layer's core Gemm/Conv whose bias is an initializer of zeros."""
+    slot = _BIAS_SLOT.get(node.op_type)
+    if get_meta(node, ROLE) != ROLE_CORE or slot is None or len(node.input) <= slot:
+        return False
+    bias = node.input[slot]
+    return bias in idx.inits and not np.any(idx.array(bias))
+
+
 def _splits(node: onnx.NodeProto, idx: GraphIndex) -> bool:
     """Whether ``node`` is the core of a 16-bit layer whose bias this pass moves."""
     fmt = node_format(node)
@@ -46,7 +56,8 @@ def _splits(node: onnx.NodeProto, idx: GraphIndex) -> bool:
 
 
 class SplitBias(OnnxPass):
-    """Give the bias of every 16-bit Gemm/Conv layer an Add of its own after the product."""
+    """Give the bias of every 16-bit Gemm/Conv layer an Add of its own after the product, and drop
+    every layer's bias of zeros."""
 
     def call(self, model: onnx.ModelProto) -> OnnxPassResult:
         idx = GraphIndex(model)
@@ -56,14 +67,14 @@ class SplitBias(OnnxPass):
         modified = False
         for n in idx.nodes:
             nodes.append(n)
+            if _zero_bias(n, idx):  # the exporter's zeros for a layer without a bias, in any format
+                del n.input[_BIAS_SLOT[n.op_type]:]
+                modified = True
+                continue
             if not _splits(n, idx):
                 continue
             slot = _BIAS_SLOT[n.op_type]
             bias = n.input[slot]
-            if bias in idx.inits and not np.any(idx.array(bias)):
-                del n.input[slot:]  # the exporter's zeros for a layer without a bias: nothing to add
-                modified = True
-                continue
             beta = float(attr(n, "beta", 1.0)) if n.op_type == "Gemm" else 1.0
             if n.op_type == "Conv" or beta != 1.0:
                 b = idx.array(bias).astype(np.float32)
@@ -99,5 +110,6 @@ class SplitBias(OnnxPass):
         super().check(model)
         idx = GraphIndex(model)
         for n in idx.nodes:
-            if _splits(n, idx):
-                raise OnnxPassError(f"{self.name}: 16-bit layer node {n.name} still adds its bias itself")
+            if _splits(n, idx) or _zero_bias(n, idx):
+                raise OnnxPassError(f"{self.name}: layer node {n.name} still adds a bias of zeros or, in 16-bit, "
+                                    "its bias itself")

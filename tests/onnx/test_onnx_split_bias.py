@@ -1,5 +1,5 @@
 """SplitBias: a 16-bit Gemm/Conv layer's bias moves into an Add after the product (ops after, the
-fp32 function unchanged, validity); fp32 and fp8 layers keep their fused bias."""
+fp32 function unchanged, validity); fp32 and fp8 layers keep their fused bias; zero biases go."""
 
 from __future__ import annotations
 
@@ -53,15 +53,19 @@ def test_a_16_bit_conv_moves_its_bias_into_an_add(exact_cnn) -> None:
 
 def test_fp32_and_fp8_layers_keep_their_fused_bias(exact_cnn) -> None:
     model = _split(exact_cnn, {"c1": E4M3})
-    assert len(_core(model, "c1").input) == 3 and len(_core(model, "fc").input) == 3
+    assert len(_core(model, "c1").input) == 3  # fp8: an fp32 add before the one rounding
+    fp32 = OnnxPassManager([SplitBias()]).run(_gemm_model(1.0, "fp32")).graph
+    assert len(next(n for n in fp32.graph.node if n.op_type == "Gemm").input) == 3
+    # zeros are dropped whatever the format: c2's (no bias in torch) and fc's (a zero bias)
+    assert len(_core(model, "c2").input) == 2 and len(_core(model, "fc").input) == 2
 
 
-def _gemm_model(beta: float) -> onnx.ModelProto:
+def _gemm_model(beta: float, fmt: str = "fp16") -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((5, 3)).astype(np.float32), "w")
     c = numpy_helper.from_array(rng.standard_normal((5,)).astype(np.float32), "c")
     node = helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", transB=1, beta=beta)
-    for key, value in ((ROLE, ROLE_CORE), (FORMAT, "fp16"), (LAYER, "fc")):
+    for key, value in ((ROLE, ROLE_CORE), (FORMAT, fmt), (LAYER, "fc")):
         set_meta(node, key, value)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])], [w, c])
