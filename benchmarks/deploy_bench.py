@@ -9,9 +9,10 @@ budget), export the tuned deployment graph, run the ONNX checker (full_check), a
   fp8 (goals: all-16-bit <= 0.52, all-fp8 <= 0.28 where layer weights dominate the file; embedding
   tables are fp8 in the fp8 figure too, with one scale per row), and the bytes of the layers'
   weights alone in those uniform files against fp32 (fp8: codes plus the per-channel fp32 scales,
-  so 1/4 + 1/fan-in of fp32 per weight). The rest of a file is what no format changes: fp32 biases,
-  norm parameters and buffers, and the graph; on the zoo's smallest models it is what keeps the
-  file ratio above the goals;
+  so 1/4 + 1/fan-in of fp32 per weight). The rest of a file is what no format changes (norm parameters
+  and buffers, an fp8 layer's fp32 bias and scales) and the graph, which grows by the casts and a
+  16-bit layer's bias Add; on the zoo's smallest models it is what keeps the file ratio above the
+  goals. Both files drop the exporter's all-zero biases (SplitBias);
 - the metric through ONNX Runtime against the torch emulation's and against the budget
   (autoprec.verify: on a CPU provider the metric runs on the emulation graph, and says so);
 - parity between the torch emulation and ONNX Runtime (relative L2, top-1 agreement): the emulation

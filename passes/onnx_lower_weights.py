@@ -15,9 +15,9 @@ The fp32 initializer a layer reads is replaced, not cast at run time:
   Gather looks its rows up in the dequantized fp32 table, and InsertCasts rounds them to bf16.
 
 Biases stay fp32 here: a 16-bit layer's bias is read by its own Add (SplitBias), which InsertCasts
-gives a copy in the layer's format; an fp8 layer adds its bias in fp32. Inserted nodes belong to the layer's group. In a
-deployment graph the result is type-consistent only after InsertCasts, so this pass checks the
-graph's structure, not its types.
+gives a copy in the layer's format; an fp8 layer adds its bias in fp32. Inserted nodes belong to
+the layer's group. In a deployment graph the result is type-consistent only after InsertCasts, so
+this pass checks the graph's structure, not its types.
 """
 
 from __future__ import annotations
