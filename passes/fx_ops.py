@@ -12,7 +12,8 @@ emulate (``native=False``)
 native (``native=True``)
     16-bit values are real bf16/fp16 tensors and 16-bit layers run on 16-bit operands (weights cast
     at use from the fp32 master); a layer's bias is a 16-bit add after the product, as
-    :func:`autoprec.semantics.finish` says (not the GEMM's fused bias, which rounds once). An fp8 activation cast is a quantize-dequantize (fp32 tensor of
+    :func:`autoprec.semantics.finish` says (not the GEMM's fused bias, which rounds once). An fp8
+    activation cast is a quantize-dequantize (fp32 tensor of
     E4M3 values times the static scale); the fp8 linear layer after it re-derives the fp8 codes
     (exact, see :func:`fp8_codes`) and runs ``torch._scaled_mm`` with fp32 accumulation, writing
     bf16. fp8 conv, matmul and bmm have no fp8 kernel in torch: native mode emulates those layers'

@@ -12,9 +12,13 @@ For each core Gemm (C an initializer, or any C when ``beta`` is 1) and Conv (B a
 adds it to the product under the node's output name. Gemm's ``beta`` is folded into a copy of C;
 Conv's B is stored as ``[M, 1, ...]`` so it broadcasts over the spatial axes. An all-zero bias (the
 exporter writes one for a convolution without a bias) is dropped from every layer, whatever its
-format: adding zeros changes nothing (but the sign of a zero), and the file is smaller. fp32 layers keep
-their fused bias (nothing is rounded between), and so do fp8 layers (their bias is an fp32 add
-before the single rounding to bf16, which the fused form computes).
+format: adding zeros changes nothing (but the sign of a zero), and the file is smaller. fp32
+layers keep their fused bias (nothing is rounded between), and so do fp8 layers (their bias is an
+fp32 add before the single rounding to bf16, which the fused form computes).
+
+ONNX Runtime may fuse such an Add back: its MatMulAddFusion turns a 16-bit MatMul + Add into a Gemm
+(one rounding on cuBLAS) where the MatMul's input shape is static; autoprec's exports have a
+dynamic batch, and a Gemm followed by an Add is not fused.
 
 Runs after AssignFormats (it reads the layer's format) and before LowerWeights.
 """
