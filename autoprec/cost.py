@@ -23,10 +23,10 @@ import abc
 from dataclasses import dataclass
 from typing import Mapping
 
-from autoprec.ep_support import compute_format, follow_format, parse_provider
+from autoprec.ep_support import TENSORRT, compute_format, follow_format, parse_provider
 from autoprec.errors import UsageError
 from autoprec.formats import Precision
-from autoprec.kinds import LOOKUP_KINDS
+from autoprec.kinds import BIAS_KINDS, LOOKUP_KINDS
 from autoprec.opgraph import OpGraph, OpNode, Policy
 
 #: Seconds of fixed overhead per kernel launch. A few microseconds is what a CUDA launch plus the
@@ -313,7 +313,9 @@ class ProviderCostModel(CostModel):
     dequantizes once, at session start: it costs what the fp32 layer costs, and its quantize casts
     come on top, so the search keeps fp8 for providers that fuse it into an fp8 kernel (TensorRT).
     A FOLLOW op without a kernel in its format there costs fp32 plus two casts
-    (:func:`autoprec.ep_support.follow_format`). Casts and fixed ops are ``base``'s.
+    (:func:`autoprec.ep_support.follow_format`). A layer's bias that the deployed graph adds in an
+    Add of its own, outside the product's kernel, costs that Add (:func:`separate_bias_add`); TensorRT
+    fuses every bias. Casts and fixed ops are ``base``'s.
     """
 
     def __init__(self, base: CostModel, provider: str) -> None:
@@ -330,7 +332,10 @@ class ProviderCostModel(CostModel):
         return self.base.supports(fmt)
 
     def layer_cost(self, op: OpNode, fmt: Precision) -> float:
-        return self.base.layer_cost(op, compute_format(fmt, self.provider))
+        runs = compute_format(fmt, self.provider)
+        cost = self.base.layer_cost(op, runs)
+        add = separate_bias_add(op, runs) if self.provider != TENSORRT else None
+        return cost if add is None else cost + self.base.follow_cost(add, runs)
 
     def compute_note(self, fmt: Precision) -> str | None:
         runs = compute_format(fmt, self.provider)
@@ -355,6 +360,21 @@ class ProviderCostModel(CostModel):
 
     def fixed_cost(self, op: OpNode) -> float:
         return self.base.fixed_cost(op)
+
+
+def separate_bias_add(op: OpNode, runs: Precision) -> OpNode | None:
+    """The Add that adds layer ``op``'s bias after its product in the deployed graph, when it is a
+    node of its own, for a layer computing in ``runs``: a 16-bit layer's always (SplitBias: its
+    product is rounded before the bias is added), and in any format a linear layer's on more than
+    two dimensions (the exporter's MatMul + Add). None where the bias is fused into the Gemm/Conv
+    (fp32, and fp8 layers computing in fp32) or the layer has none. A layer with a bias reads it as
+    its third input (the capture's and the ONNX analyser's input shapes)."""
+    if op.kind not in BIAS_KINDS or len(op.input_shapes) < 3:
+        return None
+    if not (runs.is_16bit or (op.kind == "linear" and len(op.output_shape) > 2)):
+        return None
+    return OpNode(f"{op.name}.bias", "add", op.scope, Policy.FOLLOW, input_shapes=(op.output_shape,),
+                  output_shape=op.output_shape, act_in_elems=op.act_out_elems, act_out_elems=op.act_out_elems)
 
 
 def cost_model(target: str | Target = DEFAULT_TARGET, objective: str = "latency") -> RooflineCostModel:

@@ -16,6 +16,9 @@ LAYER_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "matmul", "bmm"
 #: stores first.
 LOOKUP_KINDS = frozenset({"embedding"})
 
+#: Layers that may add a bias to their product (their third argument; see autoprec.semantics.finish).
+BIAS_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
+
 FOLLOW_KINDS = frozenset({
     "relu", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardtanh", "elu", "erf", "neg", "abs",
     "add", "sub", "mul", "div", "truediv", "iadd", "imul",

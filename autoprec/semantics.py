@@ -34,7 +34,7 @@ import torch
 
 from autoprec.capture import layer_function
 from autoprec.formats import Precision
-from autoprec.kinds import LOOKUP_KINDS
+from autoprec.kinds import BIAS_KINDS, LOOKUP_KINDS
 from autoprec.quantize import channel_amax, fp8_scale, quantize
 
 # argument positions of the activation inputs and the weight, per layer kind (an embedding's
@@ -42,7 +42,7 @@ from autoprec.quantize import channel_amax, fp8_scale, quantize
 _ACT_ARGS = {"linear": (0,), "conv1d": (0,), "conv2d": (0,), "conv3d": (0,), "matmul": (0, 1), "bmm": (0, 1),
              "embedding": ()}
 _WEIGHT_ARG = {"linear": 1, "conv1d": 1, "conv2d": 1, "conv3d": 1, "embedding": 1}
-_BIAS_ARG = {"linear": 2, "conv1d": 2, "conv2d": 2, "conv3d": 2}
+_BIAS_ARG = {kind: 2 for kind in BIAS_KINDS}
 
 
 @dataclass(frozen=True)

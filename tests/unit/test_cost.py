@@ -253,6 +253,38 @@ def test_provider_prices_layers_as_it_runs_them():
         ProviderCostModel(base, "rocm")
 
 
+def test_provider_prices_a_bias_added_outside_the_product():
+    """On ORT's CUDA/CPU providers a 16-bit layer's bias is an Add of its own (its product is rounded
+    first), while fp32 and fp8 (fp32 compute) fuse it into the Gemm/Conv; a linear layer on 3-D
+    inputs is MatMul + Add in every format. TensorRT fuses every bias; a layer without one pays nothing."""
+    base = RooflineCostModel("h100")
+    cuda, trt = ProviderCostModel(base, "cuda"), ProviderCostModel(base, "tensorrt")
+    n = 1 << 16
+
+    def lin(out_shape, bias=True):
+        shapes = ((n, 128), (128, 128), (128,)) if bias else ((n, 128), (128, 128))
+        return OpNode("fc", "linear", "fc", Policy.ALWAYS, input_shapes=shapes, output_shape=out_shape,
+                      flops=2 * n * 128 * 128, weight_elems=128 * 129, act_in_elems=n * 128, act_out_elems=n * 128)
+
+    def add_cost(fmt):  # an Add reading and writing the layer's output in fmt, one launch
+        return 2 * n * 128 * fmt.bytes / base.target.bandwidth + LAUNCH_OVERHEAD_S
+
+    gemm, matmul = lin((n, 128)), lin((n // 64, 64, 128))
+    for fmt in (P.BF16, P.FP16):
+        assert cuda.layer_cost(gemm, fmt) == pytest.approx(base.layer_cost(gemm, fmt) + add_cost(fmt))
+        assert trt.layer_cost(gemm, fmt) == base.layer_cost(gemm, fmt)
+        assert cuda.layer_cost(lin((n, 128), bias=False), fmt) == base.layer_cost(gemm, fmt)
+    assert cuda.layer_cost(gemm, P.FP32) == base.layer_cost(gemm, P.FP32)
+    assert cuda.layer_cost(gemm, P.FP8_E4M3) == base.layer_cost(gemm, P.FP32)
+    for fmt, runs in ((P.FP32, P.FP32), (P.FP8_E4M3, P.FP32), (P.BF16, P.BF16)):
+        assert cuda.layer_cost(matmul, fmt) == pytest.approx(base.layer_cost(matmul, runs) + add_cost(runs))
+    conv = OpNode("c", "conv2d", "c", Policy.ALWAYS, input_shapes=((8, 3, 32, 32), (16, 3, 3, 3), (16,)),
+                  output_shape=(8, 16, 32, 32), flops=2 * 8 * 16 * 32 * 32 * 27, weight_elems=16 * 28,
+                  act_in_elems=8 * 3 * 32 * 32, act_out_elems=8 * 16 * 32 * 32)
+    assert cuda.layer_cost(conv, P.FP16) > base.layer_cost(conv, P.FP16)
+    assert cuda.layer_cost(conv, P.FP32) == base.layer_cost(conv, P.FP32)
+
+
 def test_search_for_cuda_leaves_fp8_to_tensorrt():
     """Equal errors everywhere: on TensorRT the search picks fp8; priced for ORT's CUDA provider,
     where fp8 is fp32 compute plus quantize casts, it picks a 16-bit format."""
