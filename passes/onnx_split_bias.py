@@ -3,8 +3,8 @@
 A 16-bit layer computes ``round_P(round_P(x @ W) + round_P(b))`` (:func:`autoprec.semantics.finish`).
 An Add after the product says that in ONNX types on every provider: the product node writes P and
 the Add reads and writes P. A bias fused into the Gemm (input C) or the Conv (input B) does not: ORT's
-CUDA Gemm adds C inside cuBLAS before its single rounding, while its Conv adds B after rounding, and
-the CPU provider computes both in fp32. The exporter already writes a linear layer on more than two
+CUDA Gemm adds C inside cuBLAS before its single rounding; its Conv adds B in the cuDNN frontend
+graph or with a cudnnAddTensor after rounding, by version; the CPU provider computes both in fp32. The exporter already writes a linear layer on more than two
 dimensions as MatMul + Add, which this pass leaves as it is.
 
 For each core Gemm (C an initializer, or any C when ``beta`` is 1) and Conv (B an initializer) of a
