@@ -15,3 +15,4 @@ bench: setup
 	.venv/bin/python benchmarks/tune_bench.py
 	.venv/bin/python benchmarks/deploy_bench.py
 	.venv/bin/python benchmarks/onnx_input_bench.py
+	.venv/bin/python benchmarks/bias_rounding.py
