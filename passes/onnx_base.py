@@ -322,6 +322,21 @@ def all_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
+def set_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+    """Make ``nodes`` the graph's nodes (a pass's rewrite, in order) and drop the initializers no
+    node reads any more."""
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    remove_unused_initializers(model)
+
+
+def mark_layer(node: onnx.NodeProto, layer: str, core: bool) -> None:
+    """Say that ``node`` computes plan layer ``layer`` (its core node: MatMul/Gemm/Conv/Gather)."""
+    set_meta(node, LAYER, layer)
+    if core:
+        set_meta(node, ROLE, ROLE_CORE)
+
+
 def remove_unused_initializers(model: onnx.ModelProto) -> int:
     """Drop initializers no node reads (a control-flow subgraph's outer-scope reads count) and no
     graph output names; return how many went."""

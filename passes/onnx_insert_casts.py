@@ -53,8 +53,8 @@ from passes.onnx_assign_formats import is_scalar_constant
 from passes.onnx_base import (FLOAT_TYPES, FORMAT, GROUP, INSERTED, KIND, LAYER, POLICY, REASON, ROLE, ROLE_CORE,
                               SCOPE, GraphIndex, OnnxPass, OnnxPassError, OnnxPassResult, all_names, attr, get_meta,
                               infer_types, make_tensor, node_amax, node_format, node_value_format,
-                              output_follows_inputs, precision_of_type, remove_unused_initializers, rounded_array,
-                              same_type_inputs, set_attr, set_meta, unique_name)
+                              output_follows_inputs, precision_of_type, rounded_array,
+                              same_type_inputs, set_attr, set_meta, set_nodes, unique_name)
 from passes.onnx_lower_weights import MODES, compute_precision
 
 FP32 = Precision.FP32
@@ -117,9 +117,7 @@ class InsertCasts(OnnxPass):
                 if v in ext_out:
                     self._rewrite_output(n, slot, v, fmt, policy, ct, raw_of, v in idx.outputs)
         if self._modified:
-            del model.graph.node[:]
-            model.graph.node.extend(self._nodes)
-            remove_unused_initializers(model)
+            set_nodes(model, self._nodes)
             del model.graph.value_info[:]
         return OnnxPassResult(model, self._modified)
 

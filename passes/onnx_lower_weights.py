@@ -34,7 +34,7 @@ from autoprec.semantics import weight_arg_position
 from passes.fx_ops import fp8_codes
 from passes.onnx_base import (FORMAT, GROUP, INSERTED, KIND, LAYER, POLICY, REASON, ROLE, ROLE_CORE, SCOPE,
                               VALUE_FORMAT, GraphIndex, OnnxPass, OnnxPassError, OnnxPassResult, admits, all_names, attr,
-                              get_meta, make_tensor, node_format, remove_unused_initializers, rounded_array, set_meta,
+                              get_meta, make_tensor, node_format, rounded_array, set_meta, set_nodes,
                               unique_name, weight_slot)
 
 FP32 = Precision.FP32
@@ -135,9 +135,7 @@ class LowerWeights(OnnxPass):
             new_nodes.append(n)
             modified = True
         if modified:
-            del model.graph.node[:]
-            model.graph.node.extend(new_nodes)
-            remove_unused_initializers(model)
+            set_nodes(model, new_nodes)
         return OnnxPassResult(model, modified)
 
     @staticmethod

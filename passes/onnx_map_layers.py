@@ -36,7 +36,7 @@ from autoprec.errors import PlanError
 from autoprec.formats import Precision
 from autoprec.semantics import weight_arg_position
 from passes.onnx_base import (GROUP, KIND, LAYER, ROLE, ROLE_CORE, SCOPE, GraphIndex, OnnxPass, OnnxPassError,
-                              OnnxPassResult, attr, get_meta, set_meta, weight_slot)
+                              OnnxPassResult, attr, get_meta, mark_layer, set_meta, weight_slot)
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +249,7 @@ class MapLayers(OnnxPass):
         for n in model.graph.node:
             m = by_group.get(get_meta(n, GROUP) or "")
             if m is not None:
-                set_meta(n, LAYER, m.layer)
-                if n.name == m.core:
-                    set_meta(n, ROLE, ROLE_CORE)
+                mark_layer(n, m.layer, n.name == m.core)
         return OnnxPassResult(model, modified=False)  # metadata only
 
     def check(self, model: onnx.ModelProto) -> None:

@@ -17,7 +17,7 @@ import onnx
 from autoprec.errors import PlanError
 from autoprec.onnx_graph import OnnxAnalysis
 from passes.onnx_base import GROUP, KIND, LAYER, ROLE, ROLE_CORE, SCOPE, OnnxPass, OnnxPassError, OnnxPassResult, \
-    get_meta, set_meta
+    get_meta, mark_layer, set_meta
 
 
 class MapNodes(OnnxPass):
@@ -39,9 +39,7 @@ class MapNodes(OnnxPass):
             set_meta(n, KIND, head.kind)
             set_meta(n, SCOPE, head.scope)
             if head.is_layer:
-                set_meta(n, LAYER, head.name)
-                if n.name == head.name:
-                    set_meta(n, ROLE, ROLE_CORE)
+                mark_layer(n, head.name, n.name == head.name)
         return OnnxPassResult(model, modified=False)  # metadata only
 
     def check(self, model: onnx.ModelProto) -> None:

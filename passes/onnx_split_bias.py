@@ -30,8 +30,8 @@ import onnx
 from onnx import TensorProto
 
 from passes.onnx_base import (ACT_AMAX, ROLE, ROLE_CORE, GraphIndex, OnnxPass, OnnxPassError, OnnxPassResult,
-                              all_names, attr, get_meta, make_tensor, node_format, remove_unused_initializers,
-                              set_attr, unique_name)
+                              all_names, attr, get_meta, make_tensor, node_format,
+                              set_attr, set_nodes, unique_name)
 
 _BIAS_SLOT = {"Gemm": 2, "Conv": 2}
 
@@ -105,9 +105,7 @@ class SplitBias(OnnxPass):
             nodes.append(add)
             modified = True
         if modified:
-            del model.graph.node[:]
-            model.graph.node.extend(nodes)
-            remove_unused_initializers(model)
+            set_nodes(model, nodes)
         return OnnxPassResult(model, modified)
 
     def check(self, model: onnx.ModelProto) -> None:
