@@ -21,7 +21,10 @@ CUDA sessions are opened with ``use_tf32=0``: since onnxruntime 1.17 the CUDA pr
 runs fp32 MatMul/Gemm (cuBLAS) and Conv (cuDNN) on TF32 tensor cores, which round their inputs to
 10 mantissa bits, so a layer the plan keeps in fp32 would not be fp32, and the fp32 baseline's
 metric and latency would be TF32's. TensorRT has no such session option; only the process-wide
-``NVIDIA_TF32_OVERRIDE=0`` turns TF32 off there, and autoprec leaves that to the user.
+``NVIDIA_TF32_OVERRIDE=0`` turns TF32 off there, and autoprec leaves that to the user. They are
+also opened with ``fuse_conv_bias=0`` (ORT's default, pinned): ORT folds a 16-bit Conv's bias Add
+back into the Conv (``ConvAddFusion``), and only unfused does its CUDA Conv add the bias after
+rounding the product, as a 16-bit layer's rule has it (:mod:`passes.onnx_split_bias`).
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ AUTO = ("cuda", "cpu")
 #: graph rewrites that are wrong for fp8 zero points or bf16 roundings (see the module docstring)
 DISABLED_OPTIMIZERS = ("ReluQuantRewrite", "ClipQuantRewrite", "LayerNormFusionL1")
 OPTIMIZATION = ("all", "extended", "basic", "none")
-#: provider options autoprec sets (see the module docstring: fp32 stays fp32 on the GPU)
-PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"cuda": {"use_tf32": "0"}}
+#: provider options autoprec sets (see the module docstring: fp32 stays fp32 on the GPU, and a 16-bit
+#: Conv adds its bias after rounding its product)
+PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"cuda": {"use_tf32": "0", "fuse_conv_bias": "0"}}
 
 _warned: set[tuple[str, str]] = set()
 #: numpy types of the float tensor types ORT's Python API feeds (it has none for bf16)

@@ -55,7 +55,8 @@ def test_asking_for_cuda_reports_the_cpu_it_got(caplog, capfd) -> None:
 
 def test_cuda_sessions_keep_fp32_out_of_tf32(monkeypatch) -> None:
     """The CUDA provider is asked for use_tf32=0 (ORT's default runs fp32 GEMMs and convolutions on
-    TF32 tensor cores); other providers get no options."""
+    TF32 tensor cores) and fuse_conv_bias=0 (a 16-bit Conv rounds its product before its bias); other
+    providers get no options."""
     import onnxruntime as ort
 
     seen: list[tuple[list[str], list[dict[str, str]]]] = []
@@ -70,7 +71,7 @@ def test_cuda_sessions_keep_fp32_out_of_tf32(monkeypatch) -> None:
     available = set(ort.get_available_providers())
     options = dict(zip(*seen[-1]))
     if "CUDAExecutionProvider" in available:
-        assert options["CUDAExecutionProvider"] == {"use_tf32": "0"}
+        assert options["CUDAExecutionProvider"] == {"use_tf32": "0", "fuse_conv_bias": "0"}
     if "TensorrtExecutionProvider" in available:
         assert options["TensorrtExecutionProvider"] == {}
     assert options["CPUExecutionProvider"] == {}
