@@ -59,6 +59,7 @@ from passes.onnx_base import (FORMAT, INSERTED, LAYER, MODEL_ACT_AMAX, MODEL_ASS
                               OnnxPassManager, drop_meta, get_meta, infer_types, model_meta, set_model_meta)
 from passes.onnx_insert_casts import InsertCasts
 from passes.onnx_io_format import IO_FORMATS, IOFormat
+from passes.onnx_keep_roundings import KeepRoundings
 from passes.onnx_lower_weights import MODES, LowerWeights
 from passes.onnx_map_layers import CLASS_HIERARCHY, MapLayers, aten_kind, literal_list
 from passes.onnx_map_nodes import MapNodes
@@ -175,7 +176,8 @@ def onnx_passes(captured: Captured, assignment: Mapping[str, Precision],
     if mode not in MODES:
         raise UsageError(f"unknown ONNX mode {mode!r}: use 'deploy' (16-bit tensors, fp8 Q/DQ) or 'emulate'")
     return [MapLayers(captured, assignment), AssignFormats(captured.graph, assignment, act_amax, param_names(captured)),
-            SplitBias(), LowerWeights(mode, provider), InsertCasts(param_names(captured), mode, provider)]
+            SplitBias(), LowerWeights(mode, provider), InsertCasts(param_names(captured), mode, provider),
+            KeepRoundings()]
 
 
 def apply_plan_onnx(fp32_model: onnx.ModelProto, captured: Captured, assignment: Mapping[str, Precision | str],
@@ -200,7 +202,7 @@ def analysed_passes(analysis: OnnxAnalysis, assignment: Mapping[str, Precision],
     if mode not in MODES:
         raise UsageError(f"unknown ONNX mode {mode!r}: use 'deploy' (16-bit tensors, fp8 Q/DQ) or 'emulate'")
     return [MapNodes(analysis), AssignFormats(analysis.graph, assignment, act_amax), SplitBias(),
-            LowerWeights(mode, provider), InsertCasts(frozenset(), mode, provider)]
+            LowerWeights(mode, provider), InsertCasts(frozenset(), mode, provider), KeepRoundings()]
 
 
 def apply_plan_analysed(analysis: OnnxAnalysis, assignment: Mapping[str, Precision | str],
