@@ -16,3 +16,4 @@ bench: setup
 	.venv/bin/python benchmarks/deploy_bench.py
 	.venv/bin/python benchmarks/onnx_input_bench.py
 	.venv/bin/python benchmarks/bias_rounding.py
+	.venv/bin/python benchmarks/scale_fusion.py
