@@ -10,7 +10,7 @@ provider, which runs the same rewrites on fp32 graphs):
   constant into a Gemm with C, however dynamic the batch, and a static-shaped N-D one with a 1-D
   constant into Reshape + Gemm + Reshape: cuBLAS adds C before its single rounding;
 - ``BiasGeluFusion`` (level 2, CPU and CUDA) folds an Add of a 1-D constant into the Gelu after it,
-  which then reads the sum unrounded (as do the other level-2 fusions that look for a 1-D bias);
+  which then reads the sum unrounded;
 - ``MatMulScaleFusion`` (level 2, CPU and CUDA) folds a Mul or Div by a one-element constant before
   or after a MatMul into a FusedMatMul's ``alpha``, which scales the accumulator before its single
   rounding (attention's ``q @ k^T * scale``: on the all-bf16 char_transformer this alone moves the
@@ -20,7 +20,7 @@ provider, which runs the same rewrites on fp32 graphs):
 So, where a node computes in 16 bits (fp16/bf16 types, as the file says):
 
 - a constant an Add reads is stored at the rank of the Add's result (``[1, ..., 1, N]``), which
-  broadcasts to the same sum and which none of those patterns accepts;
+  broadcasts to the same sum and which neither pattern accepts;
 - a MatMul of two matrices whose result an Add of a constant reads becomes a Gemm without C: the
   same product, and ORT fuses no Gemm with an Add;
 - a one-element constant a Mul or Div next to a MatMul reads (the scale) is repeated along an axis
@@ -77,7 +77,9 @@ class KeepRoundings(OnnxPass):
         shapes = _shapes(model)
         idx = GraphIndex(model)
         groups = _group_sizes(idx)
-        taken = all_names(model)
+        self._model, self._idx, self._taken = model, idx, all_names(model)
+        self._listed = {v.name for v in list(model.graph.input) + list(model.graph.output)}
+        self._made: dict[tuple[str, tuple[int, ...]], str] = {}  # (initializer, dims) -> the one stored so
         modified = False
         for n in idx.nodes:
             if not _is_16bit(shapes, n.output[0] if n.output else ""):
@@ -86,7 +88,7 @@ class KeepRoundings(OnnxPass):
                 for k in _lower_rank_constants(n, idx, shapes):
                     rank = len(shapes[n.output[0]][1])
                     dims = list(idx.inits[n.input[k]].dims)
-                    self._reshape(model, idx, n, k, [*([1] * (rank - len(dims))), *dims], taken)
+                    n.input[k] = self._stored(n.input[k], [*([1] * (rank - len(dims))), *dims])
                     modified = True
             elif n.op_type == "MatMul" and _matrix_product_with_added_constant(n, idx, shapes):
                 n.op_type = "Gemm"  # the same product: alpha 1, no transposes, no C
@@ -95,45 +97,42 @@ class KeepRoundings(OnnxPass):
                 for k in _scale_slots(n, idx, shapes, groups):
                     axis = _static_axis(shapes.get(n.input[1 - k]))
                     if axis is not None:
-                        self._widen(model, idx, n, k, axis, taken)
+                        rank, at, size = axis
+                        n.input[k] = self._stored(n.input[k], [size if d == at else 1 for d in range(rank)])
                         modified = True
         if modified:
             set_nodes(model, list(model.graph.node))
         return OnnxPassResult(model, modified)
 
-    @staticmethod
-    def _reshape(model: onnx.ModelProto, idx: GraphIndex, node: onnx.NodeProto, slot: int, dims: list[int],
-                 taken: set[str]) -> None:
-        """Store the initializer ``node`` reads at ``slot`` with ``dims`` (a renamed copy when another
-        node reads it too, or the graph lists it as an input or output)."""
-        old = idx.inits[node.input[slot]]
-        t = old
-        listed = {v.name for v in list(model.graph.input) + list(model.graph.output)}
-        if len(idx.consumers.get(old.name, [])) > 1 or old.name in listed:
+    def _stored(self, name: str, dims: list[int]) -> str:
+        """Initializer ``name``'s values broadcast to ``dims`` (a reshape, or a one-element constant
+        repeated), made once per (initializer, dims): in place where only one node reads it and the
+        graph does not list it, else as a new initializer. Returns the name to read."""
+        key = (name, tuple(dims))
+        if key in self._made:
+            return self._made[key]
+        old = self._idx.inits[name]
+        if int(np.prod(dims)) != _numel(old):  # a scale repeated along an axis
+            value = numpy_helper.to_array(old).reshape(())
+            t = make_tensor(unique_name(self._taken, f"{name}_x{int(np.prod(dims))}"),
+                            np.full(dims, value, dtype=value.dtype), old.data_type)
+            self._model.graph.initializer.append(t)
+        elif len(self._idx.consumers.get(name, [])) > 1 or name in self._listed:
             t = TensorProto()
             t.CopyFrom(old)
-            t.name = unique_name(taken, f"{old.name}_{'x'.join(map(str, dims))}")
-            model.graph.initializer.append(t)
-            node.input[slot] = t.name
-        del t.dims[:]
-        t.dims.extend(dims)
-        for k in reversed([k for k, v in enumerate(model.graph.value_info) if v.name == t.name]):
-            del model.graph.value_info[k]
-
-    @staticmethod
-    def _widen(model: onnx.ModelProto, idx: GraphIndex, node: onnx.NodeProto, slot: int, axis: tuple[int, int, int],
-               taken: set[str]) -> None:
-        """Make the one-element initializer ``node`` reads at ``slot`` a tensor of that value,
-        ``size`` long on ``axis`` of a rank-``rank`` operand and 1 elsewhere (a new initializer)."""
-        old = idx.inits[node.input[slot]]
-        rank, at, size = axis
-        dims = [1] * rank
-        dims[at] = size
-        value = numpy_helper.to_array(old).reshape(())
-        t = make_tensor(unique_name(taken, f"{old.name}_x{size}"), np.full(dims, value, dtype=value.dtype),
-                        old.data_type)
-        model.graph.initializer.append(t)
-        node.input[slot] = t.name
+            t.name = unique_name(self._taken, f"{name}_{'x'.join(map(str, dims))}")
+            del t.dims[:]
+            t.dims.extend(dims)
+            self._model.graph.initializer.append(t)
+        else:
+            t = old
+            del t.dims[:]
+            t.dims.extend(dims)
+            vi = self._model.graph.value_info
+            for k in reversed([k for k, v in enumerate(vi) if v.name == name]):
+                del vi[k]
+        self._made[key] = t.name
+        return t.name
 
     def check(self, model: onnx.ModelProto) -> None:
         super().check(model)

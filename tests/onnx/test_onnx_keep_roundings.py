@@ -15,9 +15,10 @@ import torch
 from deploy_models import run_onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from autoprec.capture import capture
+from autoprec.capture import Captured, capture
 from autoprec.export import analysed_passes, onnx_passes, run_plan_passes, torch_to_onnx
 from autoprec.formats import Precision
+from autoprec.onnx_graph import OnnxAnalysis
 from autoprec.onnx_input import OnnxModel
 from autoprec.runtime import DISABLED_OPTIMIZERS
 from passes.onnx_base import OnnxPassError
@@ -63,35 +64,31 @@ def fp32_twin(model: onnx.ModelProto) -> onnx.ModelProto:
     return twin
 
 
-def _deploy(case: tuple, plan: dict, keep: bool) -> onnx.ModelProto:
-    """The fp16 deployment graph for the CUDA provider, with or without KeepRoundings."""
-    kind, fp32, a, b = case
-    if kind == "torch":
-        passes, graph = onnx_passes(a, plan, {}, "deploy", "cuda"), a.graph
-    else:
-        passes, graph = analysed_passes(a, plan, {}, "deploy", "cuda"), a.graph
-    if not keep:
-        passes = [p for p in passes if not isinstance(p, KeepRoundings)]
-    return run_plan_passes(fp32, passes, graph, plan, {}, "deploy", False, "cuda")
+def _deploy(source: Captured | OnnxAnalysis, fp32: onnx.ModelProto, plan: dict, keep: bool) -> onnx.ModelProto:
+    """The fp16 deployment graph for the CUDA provider of a captured torch model (with its fp32
+    export) or an analysed .onnx model, with or without KeepRoundings."""
+    build = onnx_passes if isinstance(source, Captured) else analysed_passes
+    passes = [p for p in build(source, plan, {}, "deploy", "cuda") if keep or not isinstance(p, KeepRoundings)]
+    return run_plan_passes(fp32, passes, source.graph, plan, {}, "deploy", False, "cuda")
 
 
 @pytest.fixture
-def attention_case(tiny_attention) -> tuple:
+def attention_case(tiny_attention) -> tuple[Captured, onnx.ModelProto, np.ndarray]:
     x = torch.randn(3, 6, 32)
     captured = capture(tiny_attention, (x,), name="tiny_attention")
-    return "torch", torch_to_onnx(tiny_attention, (x,)), captured, x.numpy()
+    return captured, torch_to_onnx(tiny_attention, (x,)), x.numpy()
 
 
 def test_attention_keeps_its_bias_adds_and_scale_apart(attention_case) -> None:
     """Unguarded, ORT folds fc1's bias Add into a BiasGelu and the score scale into a FusedMatMul;
     guarded, the 16-bit Adds read constants at their result's rank, the scale is no longer a scalar,
     and no fusion happens."""
-    _, _, captured, x = attention_case
+    captured, fp32, x = attention_case
     plan = {name: FP16 for name in captured.graph.layer_names()}
-    bare = _deploy(attention_case, plan, keep=False)
+    bare = _deploy(captured, fp32, plan, keep=False)
     fused = Counter(ort_optimized(fp32_twin(bare)))
     assert fused["BiasGelu"] == 1 and fused["FusedMatMul"] >= 1  # the patterns are live in this ORT
-    deploy = _deploy(attention_case, plan, keep=True)
+    deploy = _deploy(captured, fp32, plan, keep=True)
     kept = Counter(ort_optimized(fp32_twin(deploy)))
     assert kept["BiasGelu"] == 0 and kept["FusedMatMul"] == 0
     assert kept["Add"] == Counter(n.op_type for n in deploy.graph.node)["Add"]
@@ -123,10 +120,9 @@ def test_a_2d_dense_layer_becomes_a_gemm_that_ort_leaves_apart_from_its_add() ->
     deployment graph as ORT loads it (MatMulAddFusion runs before the CPU provider's own casts)."""
     x = np.random.default_rng(4).standard_normal((6, 8)).astype(np.float32)
     analysis = OnnxModel.load(_dense_model(), {"x": x}).analysis
-    case = ("onnx", analysis.model, analysis, x)
     plan = {name: FP16 for name in analysis.graph.layer_names()}
-    assert Counter(ort_optimized(_deploy(case, plan, keep=False)))["Add"] == 0  # fused into Gemm with C
-    deploy = _deploy(case, plan, keep=True)
+    assert Counter(ort_optimized(_deploy(analysis, analysis.model, plan, keep=False)))["Add"] == 0  # fused into Gemm with C
+    deploy = _deploy(analysis, analysis.model, plan, keep=True)
     assert [n.op_type for n in deploy.graph.node if n.op_type in ("MatMul", "Gemm")] == ["Gemm", "Gemm"]
     inits = {t.name: list(t.dims) for t in deploy.graph.initializer}
     assert sorted(inits[n.input[1]] for n in deploy.graph.node if n.op_type == "Add") == [[1, 4], [1, 16]]
@@ -156,7 +152,7 @@ def test_the_scalars_of_a_decomposed_gelu_are_left_to_the_gelu() -> None:
     x = np.random.default_rng(6).standard_normal((5, 8)).astype(np.float32)
     analysis = OnnxModel.load(_erf_gelu_model(), {"x": x}).analysis
     plan = {name: FP16 for name in analysis.graph.layer_names()}
-    deploy = _deploy(("onnx", analysis.model, analysis, x), plan, keep=True)
+    deploy = _deploy(analysis, analysis.model, plan, keep=True)
     inits = {t.name: t for t in deploy.graph.initializer}
     scalars = [int(np.prod(inits[u].dims)) for n in deploy.graph.node if n.op_type in ("Mul", "Div")
                for u in n.input if u in inits]
