@@ -17,3 +17,4 @@ bench: setup
 	.venv/bin/python benchmarks/onnx_input_bench.py
 	.venv/bin/python benchmarks/bias_rounding.py
 	.venv/bin/python benchmarks/scale_fusion.py
+	.venv/bin/python benchmarks/ort_overhead.py

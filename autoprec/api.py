@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -28,7 +30,7 @@ from autoprec.onnx_input import OnnxModel, profile_onnx
 from autoprec.opgraph import OpGraph
 from autoprec.plan import PrecisionPlan, parse_pins
 from autoprec.profile import Progress, output_kind_of, first_tensor, profile
-from autoprec.report import TuneSummary, UniformResult
+from autoprec.report import LatencyCheck, TuneSummary, UniformResult
 from autoprec.search import ParetoPoint, SearchProblem, Strategy, get_strategy, pareto_sweep, solve, tune_loop
 from autoprec.semantics import needs_act_amax
 from autoprec.sensitivity import SensitivityProfile
@@ -38,6 +40,12 @@ from passes import act_amax_from_profile, apply_plan
 #: Samples per inference call the cost model prices by default: throughput serving. At small
 #: batches the zoo's models are launch-bound on an H100 and no format beats fp32's zero casts.
 DEPLOY_BATCH = 1024
+
+#: how much faster (as a fraction) a measured candidate must run than the searched plan to replace
+#: it: below that, two timings of one graph can differ by as much (interleaved medians on an H100)
+SPEED_MARGIN = 0.03
+
+log = logging.getLogger(__name__)
 
 __all__ = ["capture", "profile", "load_model_spec", "profile_model", "SearchProblem", "solve", "apply_plan",
            "act_amax_from_profile", "apply_plan_file", "tune", "tune_onnx", "TuneResult", "RooflineCostModel",
@@ -111,13 +119,16 @@ class _Run:
     budget: DropBudget
     build: Callable[[dict[str, Precision]], Any]  # assignment -> what metric.measure takes
     op_types: dict[str, str] | None = None  # ONNX op type per node, where known
+    deploy: Callable[[dict[str, Precision]], bytes] | None = None  # assignment -> serialized deployment graph
+    feeds: Callable[[int], tuple[dict[str, Any], int]] | None = None  # batch -> (graph inputs, samples in them)
 
 
 def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fidelity_budget: str | float | None = None,
          target: str = "h100", objective: str = "latency", formats: Iterable[str | Precision] | None = None,
          strategy: str | Strategy = "milp", keep: Iterable[str] = (), force: Iterable[str] = (),
          profile_mode: str = "fast", cost_model: CostModel | None = None, metric: Metric | None = None,
-         batch: int = DEPLOY_BATCH, provider: str | None = None, progress: Progress | None = None) -> TuneResult:
+         batch: int = DEPLOY_BATCH, provider: str | None = None, progress: Progress | None = None,
+         timing: bool = True) -> TuneResult:
     """Find the fastest per-layer plan whose *measured* metric drop stays within the budget.
 
     ``budget`` (models with evaluate()) or ``fidelity_budget`` (models without): "0.5%" relative
@@ -127,6 +138,10 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     formats it has no faithful kernel for are never offered (each exclusion is a reason), and each
     layer is priced in the format it computes in there (:class:`~autoprec.cost.ProviderCostModel`:
     fp8 is an fp32 op between Q/DQ except on TensorRT).
+    ``timing``: where ``provider`` is cuda and really runs here (a GPU), time the deployment graphs
+    of the searched plan, of the fastest uniform plan within budget and of all-fp32, and adopt the
+    fastest (:func:`_against_latency`): the cost model's choice checked by a measurement, as the
+    budget is by an evaluation. A plan tuned on a GPU may therefore depend on those timings.
     """
     _check_batch(batch)
     t0 = time.perf_counter()
@@ -143,6 +158,8 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     amax = act_amax_from_profile(prof)
     run = _Run(spec.name, captured.graph, prof, metric, reference, t_eval, drop_budget,
                lambda a: apply_plan(captured, a, amax))
+    if timing:
+        run.deploy, run.feeds = _torch_deployment(spec, captured, amax, provider)
     plan, summary, uniforms, pareto = _search_verified(run, fmts, target, objective, strategy, keep, force,
                                                        cost_model, batch, provider, t0)
     module = apply_plan(captured, plan.assignment, amax)
@@ -155,14 +172,15 @@ def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: s
               target: str = "h100", objective: str = "latency", formats: Iterable[str | Precision] | None = None,
               strategy: str | Strategy = "milp", keep: Iterable[str] = (), force: Iterable[str] = (),
               cost_model: CostModel | None = None, metric: Metric | None = None, batch: int = DEPLOY_BATCH,
-              provider: str | None = None, progress: Progress | None = None) -> TuneResult:
+              provider: str | None = None, progress: Progress | None = None, timing: bool = True) -> TuneResult:
     """:func:`tune` for a model given as an .onnx file, measured on ONNX Runtime.
 
     ``data``: an .npz with the model's inputs (see :mod:`autoprec.onnx_input`); ``labels``: an
     .npy, or the name of an array in ``data``. With labels the budget is a drop of accuracy
     (integer labels) or of mean squared error (float labels); without them, a ``fidelity_budget``
     on agreement with the fp32 model. ``metric.measure`` takes an ONNX ModelProto.
-    Profiling is exact (ONNX Runtime has no backward pass for the fast estimate).
+    Profiling is exact (ONNX Runtime has no backward pass for the fast estimate). ``timing``: as
+    :func:`tune`'s.
     """
     _check_batch(batch)
     t0 = time.perf_counter()
@@ -177,6 +195,9 @@ def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: s
     amax = act_amax_from_profile(prof)
     run = _Run(name, om.analysis.graph, prof, metric, reference, t_eval, drop_budget,
                lambda a: om.build(a, amax), om.analysis.op_types)
+    if timing:
+        run.deploy = lambda a: om.build(a, amax, "deploy", provider).SerializeToString()
+        run.feeds = functools.partial(_onnx_feeds, om)
     plan, summary, uniforms, pareto = _search_verified(run, fmts, target, objective, strategy, keep, force,
                                                        cost_model, batch, provider, t0)
     return TuneResult(plan, prof, om.analysis.graph, metric, summary, uniforms, pareto, onnx=om, provider=provider)
@@ -215,17 +236,24 @@ def _search_verified(run: _Run, fmts: tuple[Precision, ...], target: str, object
     # only compared against them (its choices may encode constraints we cannot see)
     plan, uniforms = _against_uniform(problem, plan, lambda a: metric.drop(reference, evaluate(a)), allowed,
                                       adopt=isinstance(strategy, str))
+    timed = None
+    if provider and objective == "latency":
+        plan, timed = _against_latency(problem, plan, uniforms, run, provider, batch, adopt=isinstance(strategy, str))
     tuned_value = evaluate(plan.assignment)
     plan = plan.with_measured(metric=metric.name, metric_fp32=reference, metric_tuned=tuned_value,
                               drop=metric.drop(reference, tuned_value), allowed_drop=allowed,
                               budget=str(run.budget), evaluations=search_evals,
                               baseline_evaluations=len(measured) - search_evals)
+    if timed is not None:
+        plan = plan.with_measured(latency_provider=timed.provider, latency_batch=timed.batch,
+                                  latency_ms=dict(timed.ms), latency_chosen=timed.chosen)
     pareto = pareto_sweep(problem, strategy, _sweep_budgets(prof))
     seconds = time.perf_counter() - t0
     best_u = max((u for u in uniforms if u.within_budget), key=lambda u: u.speedup, default=None)
     summary = TuneSummary(run.name, metric.name, metric.higher_is_better, reference, tuned_value, str(run.budget),
                           allowed, plan.speedup, _ratio(plan.memory_bytes, plan.fp32_memory_bytes), best_u,
-                          len(measured) + 1, seconds, seconds / run.eval_seconds if run.eval_seconds > 0 else 0.0)
+                          len(measured) + 1, seconds, seconds / run.eval_seconds if run.eval_seconds > 0 else 0.0,
+                          timed)
     return plan, summary, uniforms, pareto
 
 
@@ -303,6 +331,90 @@ def _against_uniform(problem: SearchProblem, plan: PrecisionPlan, drop_of: Calla
             plan = replace(problem.make_plan(up.assignment, math.inf, f"{plan.strategy}+uniform"),
                            budget=plan.budget, steps=plan.steps, measured=plan.measured)
     return plan, results
+
+
+def _against_latency(problem: SearchProblem, plan: PrecisionPlan, uniforms: list[UniformResult], run: _Run,
+                     provider: str, batch: int, adopt: bool) -> tuple[PrecisionPlan, LatencyCheck | None]:
+    """Where ``provider`` is cuda and really runs here, time the deployment graphs of the searched
+    plan, the fastest uniform plan within budget and all-fp32 (GPU-resident inputs, interleaved
+    rounds: :func:`autoprec.runtime.latencies_ms`), and adopt the fastest when it beats the searched
+    plan by more than :data:`SPEED_MARGIN` (and ``adopt``). All three are within budget.
+
+    The cost model prices kernels from peak rates; on small tensors a GPU runs 16-bit kernels no
+    faster than fp32 ones while each cast still costs a launch, so a plan it predicts faster can be
+    slower (measured: a 16-layer ResNet on 16x16 images, 0.71x of fp32 on an H100). TensorRT is not
+    timed: building its engines takes minutes per graph. Without the provider, nothing is timed."""
+    from autoprec.ep_support import CUDA, parse_provider
+    from autoprec.runtime import latencies_ms, probe_provider
+
+    if run.deploy is None or run.feeds is None or parse_provider(provider) != CUDA:
+        return plan, None
+    if probe_provider(("cuda", "cpu"))[0] != "cuda":
+        return plan, None
+    candidates = {"tuned": dict(plan.assignment)}
+    best = max((u for u in uniforms if u.within_budget), key=lambda u: u.speedup, default=None)
+    if best is not None:
+        candidates[f"all-{best.format}"] = problem.uniform_assignment(best.format)
+    candidates["all-fp32"] = problem.uniform_assignment(Precision.FP32)
+    unique: dict[str, dict[str, Precision]] = {}
+    for name, assignment in candidates.items():
+        if assignment not in unique.values():
+            unique[name] = assignment
+    feeds, samples = run.feeds(batch)
+    log.info("timing %d deployment graphs on cuda at batch %d", len(unique), samples)
+    try:
+        ms = latencies_ms([run.deploy(a) for a in unique.values()], [feeds] * len(unique), "cuda", resident=True,
+                          warmup=5, runs=30, rounds=3)
+    except Exception as exc:  # ORT's own exception types (an out-of-memory batch, a kernel it lacks)
+        log.warning("could not time the plans on cuda (%s); the plan stays the cost model's choice", exc)
+        return plan, None
+    times = {name: t for name, t in zip(unique, ms) if t is not None}
+    if "tuned" not in times:
+        return plan, None
+    fastest = min(times, key=lambda n: times[n])
+    chosen = "tuned"
+    if adopt and fastest != "tuned" and times[fastest] < times["tuned"] * (1 - SPEED_MARGIN):
+        chosen = fastest
+        why = (f"timed on cuda at batch {samples}: {fastest} ran in {times[fastest]:.3g} ms, the searched plan in "
+               f"{times['tuned']:.3g} ms")
+        new = problem.make_plan(unique[fastest], math.inf, f"{plan.strategy}+timed", notes=(why,))
+        decisions = tuple(replace(d, reason=f"{why}; {d.reason}") for d in new.decisions)
+        plan = replace(new, decisions=decisions, budget=plan.budget, steps=plan.steps, measured=plan.measured)
+    return plan, LatencyCheck("cuda", samples, tuple(times.items()), chosen)
+
+
+def _torch_deployment(spec: ModelSpec, captured: Captured, amax: Mapping[str, tuple[float, ...]], provider: str | None
+                      ) -> tuple[Callable[[dict[str, Precision]], bytes], Callable[[int], tuple[dict[str, Any], int]]]:
+    """(assignment -> deployment graph, batch -> its inputs) for a torch model: exported once, and
+    only when first asked for (a run without a GPU never exports)."""
+    from autoprec.export import apply_plan_onnx, torch_to_onnx
+    from autoprec.onnx_graph import graph_inputs
+
+    fp32 = functools.cache(lambda: torch_to_onnx(spec.model(), spec.example_inputs()))
+
+    def deploy(assignment: dict[str, Precision]) -> bytes:
+        return apply_plan_onnx(fp32(), captured, assignment, amax, provider=provider).SerializeToString()
+
+    def feeds(batch: int) -> tuple[dict[str, Any], int]:
+        import torch
+
+        example = spec.example_inputs()
+        arrays = [torch.cat([t] * (batch // t.shape[0] + 1))[:batch].numpy() for t in example]
+        return dict(zip([i.name for i in graph_inputs(fp32())], arrays)), batch
+
+    return deploy, feeds
+
+
+def _onnx_feeds(om: OnnxModel, batch: int) -> tuple[dict[str, Any], int]:
+    """An .onnx model's first data batch repeated to ``batch`` samples (its own batch where the
+    model fixes it), with the sample count."""
+    import numpy as np
+
+    first = om.batches()[0]
+    if om.fixed_batch:
+        return first, om.batch
+    arrays = {k: np.concatenate([v] * (batch // len(v) + 1))[:batch] for k, v in first.items() if k in om.feeds}
+    return {**first, **arrays}, batch
 
 
 def _sweep_budgets(prof: SensitivityProfile, n: int = 10) -> list[float]:

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from autoprec.errors import AutoprecError, UsageError
 from autoprec.formats import DEFAULT_CANDIDATES, parse_precisions
+from autoprec.runtime import set_runtime_log
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
@@ -140,7 +141,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
         common = dict(fidelity_budget=args.fidelity_budget, target=args.target, objective=args.objective,
                       formats=args.formats, strategy=args.strategy, keep=args.keep, force=args.force,
-                      batch=args.batch, provider=args.provider, progress=progress)
+                      batch=args.batch, provider=args.provider, progress=progress, timing=not args.no_timing)
         if onnx_input:
             if args.profile_mode == "fast":
                 raise UsageError(_EXACT_ONLY.format(flag="--profile-mode"))
@@ -261,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ONNX Runtime execution provider the plan deploys on (cpu, cuda, tensorrt): formats it "
                          "cannot run per op are never offered, and layers are priced as it runs them (fp8 is "
                          "fp32 compute between Q/DQ except on tensorrt) (default: the target GPU's own kernels)")
+    tu.add_argument("--no-timing", action="store_true",
+                    help="with --provider cuda on a machine with a GPU: do not time the searched plan against the "
+                         "fastest uniform plan within budget and all-fp32 (the fastest measured is adopted by default)")
     tu.add_argument("--strategy", default="milp", help="milp (default), greedy, bisection[:FORMAT] or uniform")
     tu.add_argument("--keep", action="append", default=[], metavar="FMT:REGEX",
                     help="keep layers whose scope, name or kind matches REGEX at FMT or wider, e.g. fp32:'head|embed'")
@@ -310,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    set_runtime_log(debug=args.debug)
     try:
         return int(args.func(args))
     except AutoprecError as exc:

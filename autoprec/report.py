@@ -31,6 +31,26 @@ class UniformResult:
 
 
 @dataclass(frozen=True)
+class LatencyCheck:
+    """The measured latency of candidate plans' deployment graphs on the provider they were tuned for,
+    where it really runs (a GPU): the check of the cost model's choice (:func:`autoprec.api.tune`)."""
+
+    provider: str
+    batch: int  # samples per run
+    ms: tuple[tuple[str, float], ...]  # (candidate, median ms with inputs and outputs on the GPU)
+    chosen: str  # the candidate the plan is: "tuned" unless a measured one was faster
+
+    def line(self) -> str:
+        times = dict(self.ms)
+        parts = ", ".join(f"{name} {t:.3g} ms" for name, t in self.ms)
+        verdict = "kept the searched plan" if self.chosen == "tuned" else f"adopted {self.chosen}, the fastest"
+        speed = ""
+        if "all-fp32" in times:
+            speed = f"; the plan runs at {times['all-fp32'] / times[self.chosen]:.2f}x all-fp32's speed"
+        return f"measured on {self.provider} at batch {self.batch} (GPU-resident): {parts}; {verdict}{speed}"
+
+
+@dataclass(frozen=True)
 class TuneSummary:
     """The figures the CLI prints and the report opens with."""
 
@@ -47,6 +67,7 @@ class TuneSummary:
     evaluations: int
     seconds: float
     eval_passes: float  # tune wall time in units of one fp32 evaluation
+    timing: LatencyCheck | None = None  # measured latencies, where the provider runs here
 
     @property
     def drop(self) -> float:
@@ -66,6 +87,8 @@ class TuneSummary:
                        f"(measured drop {u.measured_drop:.4g}); tuned plan is {self.speedup / u.speedup:.2f}x that")
         else:
             out.append("no uniform low-precision plan meets the budget")
+        if self.timing is not None:
+            out.append(self.timing.line())
         out.append(f"{self.evaluations} full evaluations; tuning took {self.seconds:.1f} s "
                    f"= {self.eval_passes:.1f} fp32 evaluations")
         return out

@@ -59,6 +59,10 @@ OPTIMIZATION = ("all", "extended", "basic", "none")
 PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"cuda": {"use_tf32": "0", "fuse_conv_bias": "0"}}
 
 _warned: set[tuple[str, str]] = set()
+#: severity for ONNX Runtime's process-wide default logger, set by :func:`set_runtime_log` (None: ORT's own)
+_log_severity: int | None = None
+#: the source file, line and C++ function ORT writes in front of an error's reason
+_ORT_SOURCE = re.compile(r"\S+\.(?:cc|cpp|h):\d+ (?:\S+\(.*?\)(?: const)? )?")
 #: numpy types of the float tensor types ORT's Python API feeds (it has none for bf16)
 _NUMPY_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -97,11 +101,15 @@ class Session:
         """Run on named inputs (``outputs``: the values to return, default the graph's outputs). A
         floating array takes the graph's declared float type first: an fp16 input gets fp32 data
         rounded to fp16, as a caller feeding fp16 would round it."""
-        def typed(name: str, v: np.ndarray) -> np.ndarray:
+        return self.session.run(None if outputs is None else list(outputs), self.typed(feeds))
+
+    def typed(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``feeds`` with each floating array in its input's declared float type."""
+        def one(name: str, v: np.ndarray) -> np.ndarray:
             want = self._declared_floats.get(name)
             return v.astype(want, copy=False) if want is not None and np.issubdtype(v.dtype, np.floating) else v
 
-        return self.session.run(None if outputs is None else list(outputs), {k: typed(k, v) for k, v in feeds.items()})
+        return {k: one(k, v) for k, v in feeds.items()}
 
     def __call__(self, *inputs: Any) -> list[np.ndarray]:
         """Run on positional inputs (numpy arrays or torch tensors), in the graph's input order."""
@@ -179,6 +187,29 @@ def _why_not(text: str, wanted: str) -> str:
     return ""
 
 
+def set_runtime_log(debug: bool) -> None:
+    """How much ONNX Runtime's process-wide logger prints while sessions run (the CLI's ``--debug``).
+
+    Session creation is captured already (:func:`open_session`'s ``quiet``), but a run logs through
+    ORT's default logger: on the CUDA provider (onnxruntime 1.31, H100) the cuDNN frontend logs
+    "No execution plans support the graph" as an error while it picks the algorithm of a 16-bit
+    convolution, and the session then runs it (the deployed models' parity and metric on the GPU
+    are those of the emulation). Without ``debug`` only fatal lines are shown; a failed run still
+    raises with ORT's message. Applied to the sessions opened from now on (ORT is imported lazily)."""
+    global _log_severity
+    _log_severity = 2 if debug else 4
+
+
+def _ort_error(exc: Exception) -> str:
+    """ORT's message without the source location and C++ signature it prefixes to the reason
+    ("/onnxruntime_src/.../model.cc:256 onnxruntime::Model::Model(...) Unsupported model IR version")."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    last = _ORT_SOURCE.sub("", text.splitlines()[-1])
+    return last[:300]
+
+
 def open_session(path_or_bytes: str | os.PathLike[str] | bytes, providers: str | Sequence[str] = "auto", *,
                  optimization: str = "all", threads: int | None = None, quiet: bool = True) -> Session:
     """Open an ORT session on the first usable provider of ``providers``; report what it got.
@@ -191,6 +222,8 @@ def open_session(path_or_bytes: str | os.PathLike[str] | bytes, providers: str |
     import onnxruntime as ort
 
     wanted = parse_providers(providers)
+    if _log_severity is not None:
+        ort.set_default_logger_severity(_log_severity)
     if optimization not in OPTIMIZATION:
         raise UsageError(f"unknown optimization level {optimization!r}: use one of {', '.join(OPTIMIZATION)}")
     available = set(ort.get_available_providers())
@@ -214,7 +247,7 @@ def open_session(path_or_bytes: str | os.PathLike[str] | bytes, providers: str |
                                         provider_options=[PROVIDER_OPTIONS.get(p, {}) for p in short],
                                         disabled_optimizers=list(DISABLED_OPTIMIZERS))
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NotImplemented)
-            err = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            err = _ort_error(exc)
             raise UsageError(f"ONNX Runtime cannot open the model on {', '.join(_SHORT.get(a, a) for a in asked)}: "
                              f"{err}") from exc
     text = "".join(captured)
@@ -256,25 +289,62 @@ def cuda_available() -> bool:
     return probe_provider(("cuda", "cpu"))[0] == "cuda"
 
 
-def latency_ms(model: bytes, feeds: dict[str, np.ndarray], provider: str = "cuda", warmup: int = 5,
-               runs: int = 50) -> float | None:
-    """Median wall time (ms) of one run of ``model`` on ``feeds`` on ``provider``, after ``warmup``
-    runs; None when ONNX Runtime does not really run it there (a CUDA request on a machine without
-    a GPU), so that no CPU time is ever reported as GPU latency."""
+def _runner(session: Session, feeds: Mapping[str, np.ndarray], resident: bool) -> Any:
+    """A callable running ``session`` once on ``feeds``: ``session.run`` on host arrays, or with
+    ``resident`` (on a GPU provider) through an IOBinding whose inputs and outputs stay on the GPU."""
+    if not resident or session.provider == "cpu":
+        return functools.partial(session.run, feeds)
+    import onnxruntime as ort
+
+    binding = session.session.io_binding()
+    for name, value in session.typed(feeds).items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", 0))
+    for name in session.output_names:
+        binding.bind_output(name, "cuda")
+    return functools.partial(session.session.run_with_iobinding, binding)
+
+
+def latencies_ms(models: Sequence[bytes], feeds: Sequence[Mapping[str, np.ndarray]], provider: str = "cuda", *,
+                 resident: bool = False, warmup: int = 10, runs: int = 60, rounds: int = 6) -> list[float | None]:
+    """Median wall time (ms) of one run of each of ``models`` (on its ``feeds``) on ``provider``;
+    None for a model ONNX Runtime does not really run there (a CUDA request on a machine without a
+    GPU), so that no CPU time is ever reported as GPU latency.
+
+    The models are timed in turn, ``rounds`` times ``runs / rounds`` runs each after ``warmup`` runs,
+    so that a drift of the machine (GPU clocks, a busy host) falls on all of them alike rather than
+    on whichever is timed last; the median is over all of a model's runs.
+
+    By default a run is ``session.run`` on host arrays, as an application calls it: on a GPU that
+    includes copying the inputs to the device and the outputs back, which a large input (a batch of
+    224x224 images) makes a sizeable share of the time whatever the plan. ``resident=True`` keeps
+    inputs and outputs on the GPU (ORT's IOBinding), so the time is the graph's alone: the figure
+    a precision plan changes. ORT synchronises the device at the end of each run either way."""
     import statistics
     import time
 
-    session = open_session(model, (provider,))
-    if session.provider != parse_providers(provider)[0]:
-        return None
-    for _ in range(warmup):
-        session.run(feeds)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run(feeds)
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    want = parse_providers(provider)[0]
+    steps: list[Any] = []
+    for model, feed in zip(models, feeds, strict=True):
+        session = open_session(model, (provider,))
+        steps.append(_runner(session, feed, resident) if session.provider == want else None)
+    times: list[list[float]] = [[] for _ in steps]
+    for step in steps:
+        for _ in range(warmup if step else 0):
+            step()
+    per_round = max(1, runs // rounds)
+    for _ in range(rounds):
+        for step, got in zip(steps, times):
+            for _ in range(per_round if step else 0):
+                t = time.perf_counter()
+                step()
+                got.append(time.perf_counter() - t)
+    return [1000 * statistics.median(t) if t else None for t in times]
+
+
+def latency_ms(model: bytes, feeds: Mapping[str, np.ndarray], provider: str = "cuda", *, resident: bool = False,
+               warmup: int = 10, runs: int = 60) -> float | None:
+    """:func:`latencies_ms` of one model."""
+    return latencies_ms([model], [feeds], provider, resident=resident, warmup=warmup, runs=runs)[0]
 
 
 def ort_module(session: Session) -> Any:

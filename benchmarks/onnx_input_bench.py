@@ -10,7 +10,8 @@ within), the formats, the estimated speedup against the best uniform plan within
 exact profile's cost in fp32 runs and the tuning time, and the size of the tuned deployment graph
 against the input file. With a working CUDA provider the plan is tuned and written for it
 (``provider="cuda"``), and the benchmark also records the ORT CUDA latency of the
-input model and of the tuned deployment graph (median of 50 runs of one 256-sample batch) and the
+input model and of the tuned deployment graph (median of 50 runs of one 256-sample batch;
+``session.run`` on host arrays, then with inputs and outputs resident on the GPU) and the
 accuracy of the deployment graph measured on the GPU next to the CPU emulation's
 (autoprec.verify.verify_onnx_input); without one it says so. Exits 1 when a plan is over budget,
 fails the ONNX checker, or (on a GPU) fails its parity with the emulation graph.
@@ -31,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from autoprec.api import tune_onnx  # noqa: E402
 from autoprec.io import atomic_write_bytes  # noqa: E402
-from autoprec.runtime import cuda_available, latency_ms  # noqa: E402
+from autoprec.runtime import cuda_available, latencies_ms, set_runtime_log  # noqa: E402
 from autoprec.verify import verify_onnx_input  # noqa: E402
 
 
@@ -52,9 +53,11 @@ def main(argv: list[str]) -> tuple[str, bool]:
              "| best uniform | profile (fp32 runs) | tune time | tuned / input bytes |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     ok = True
+    set_runtime_log(debug=False)
     cuda = cuda_available()
-    gpu = ["| model | ORT CUDA fp32 | tuned | speedup | accuracy, deployment graph on the GPU | CPU emulation "
-           "| parity rel L2 |", "|---|---|---|---|---|---|---|"]
+    gpu = ["| model | ORT CUDA fp32 | tuned | speedup | resident: fp32 | tuned | speedup "
+           "| accuracy, deployment graph on the GPU | CPU emulation | parity rel L2 |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             onnx_path, data, labels = ex.write_example(name, Path(tmp))
@@ -73,12 +76,14 @@ def main(argv: list[str]) -> tuple[str, bool]:
             ratio = deploy.ByteSize() / onnx_path.stat().st_size
             if cuda:
                 feeds = r.onnx.batches()[0]
-                ms = [latency_ms(m, feeds, "cuda") for m in (r.onnx.analysis.model.SerializeToString(),
-                                                             deploy.SerializeToString())]
+                models = [r.onnx.analysis.model.SerializeToString(), deploy.SerializeToString()]
+                ms = [t for resident in (False, True)
+                      for t in latencies_ms(models, [feeds] * 2, "cuda", resident=resident)]
                 tuned_path = atomic_write_bytes(Path(tmp) / f"{name}.tuned.onnx", deploy.SerializeToString())
                 v = verify_onnx_input(tuned_path, onnx_path, data, labels, providers="cuda")
                 ok &= v.ok
-                gpu.append(f"| {name} | {ms[0]:.3f} ms | {ms[1]:.3f} ms | {ms[0] / ms[1]:.2f}x | {v.metric_onnx:.4f} "
+                gpu.append(f"| {name} | {ms[0]:.3f} ms | {ms[1]:.3f} ms | {ms[0] / ms[1]:.2f}x | {ms[2]:.3f} ms "
+                           f"| {ms[3]:.3f} ms | {ms[2] / ms[3]:.2f}x | {v.metric_onnx:.4f} "
                            f"({v.provider}) | {s.metric_tuned:.4f} | {v.parity.rel_l2:.3g} |")
             lines.append(f"| {name} | {s.metric_fp32:.4f} -> {s.metric_tuned:.4f} | {s.drop:.4g} / {s.allowed_drop:.4g} "
                          f"| {'yes' if within else 'NO'} | {counts} | {plan.speedup:.2f}x "

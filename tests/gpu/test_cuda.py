@@ -95,6 +95,23 @@ def test_latency_is_measured_on_cuda(ort_cuda) -> None:
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
-    ms = latency_ms(model, {"x": np.ones((64, 64), np.float32)}, "cuda", warmup=1, runs=3)
-    assert ms is not None and ms > 0
+    # IR version pinned: onnx's default can be newer than the onnxruntime beside it reads
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10).SerializeToString()
+    for resident in (False, True):
+        ms = latency_ms(model, {"x": np.ones((64, 64), np.float32)}, "cuda", warmup=1, runs=3, resident=resident)
+        assert ms is not None and ms > 0
+
+
+def test_tune_times_its_plan_on_cuda(ort_cuda) -> None:
+    """On a GPU, tune --provider cuda times the searched plan against all-fp32 (and the fastest
+    uniform plan within budget) and keeps the fastest: the plan then runs at least as fast as
+    all-fp32 did, up to the timing margin."""
+    from autoprec.api import SPEED_MARGIN, tune
+
+    r = tune(ROOT / "models" / "digits_cnn.py", "0.5%", provider="cuda")
+    t = r.summary.timing
+    assert t is not None and t.provider == "cuda" and t.batch == 1024
+    ms = dict(t.ms)
+    assert {"tuned", "all-fp32"} <= set(ms) and t.chosen in ms
+    assert ms[t.chosen] <= ms["all-fp32"] / (1 - SPEED_MARGIN)
+    assert r.plan.measured["latency_chosen"] == t.chosen and r.summary.drop <= r.summary.allowed_drop

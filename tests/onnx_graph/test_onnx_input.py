@@ -32,7 +32,7 @@ from autoprec.semantics import quantize_weight
 from autoprec.spec import load_model_spec
 from autoprec.verify import verify_onnx_input
 from passes import act_amax_from_profile, apply_plan
-from passes.onnx_base import GROUP, LAYER, ROLE, ROLE_CORE, OnnxPassManager, get_meta
+from passes.onnx_base import GROUP, LAYER, MODEL_MODE, ROLE, ROLE_CORE, OnnxPassManager, get_meta, model_meta
 from passes.onnx_map_nodes import MapNodes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -441,3 +441,28 @@ def test_verify_compares_the_deployment_graph_with_the_emulation_graph(
     assert any("emulation graph on the CPU" in n for n in report.notes)
     assert report.metric_onnx == pytest.approx(om.metric().measure(om.build(plan, act_amax_from_profile(prof))),
                                                abs=0.01)
+
+
+def test_tune_onnx_times_deployment_graphs_where_cuda_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tune_onnx's timing check (ORT's timing faked: the test machines have no GPU) times deployment
+    graphs for cuda fed with the data repeated to the priced batch, and adopts the fastest."""
+    import autoprec.runtime as runtime
+
+    seen = []
+
+    def fake(models, feeds, provider="cuda", **kw):
+        seen.append((models, feeds, kw))
+        return [1.0] + [0.5] * (len(models) - 1)  # every candidate beats the searched plan
+
+    monkeypatch.setattr(runtime, "probe_provider", lambda providers="auto": ("cuda", ""))
+    monkeypatch.setattr(runtime, "latencies_ms", fake)
+    r = tune_onnx(block_opset13(), _block_data(), fidelity_budget="2%", provider="cuda", batch=200)
+    (models, feeds, kw), = seen
+    assert kw["resident"] and feeds[0]["x"].shape == (200, 6, 8)
+    for m in models:
+        model = onnx.load_from_string(m)
+        assert model_meta(model)[MODEL_MODE] == "deploy"
+        onnx.checker.check_model(model, full_check=True)
+    t = r.summary.timing
+    assert t is not None and t.batch == 200 and len(t.ms) == len(models)
+    assert t.chosen == ("tuned" if len(models) == 1 else t.ms[1][0]) and r.plan.measured["latency_chosen"] == t.chosen
