@@ -12,7 +12,8 @@ The total cost of a plan is a sum of independent parts, which is what lets the M
   :meth:`CostModel.follow_cost`; FOLLOW ops owned by an fp32 source are a fixed cost;
 - every other op (NEVER ops stay fp32): :meth:`CostModel.fixed_cost`;
 - one cast per (value, destination format) at each format boundary: :meth:`CostModel.cast_cost`
-  over the :func:`cast_groups` of the graph.
+  over the :func:`cast_groups` of the graph, the casts back to fp32 in front of NEVER ops and the
+  graph's outputs included.
 
 This module imports no torch.
 """
@@ -114,27 +115,35 @@ class CastGroup:
 
     A cast is paid once per destination format that differs from the producer's output format,
     however many consumers share it (DESIGN.md: one cast per (value, format)). ``producer`` is a
-    layer name, or "" for an fp32 source (graph input or NEVER op).
+    layer name, or "" for an fp32 source (graph input or NEVER op). ``to_fp32``: the value also
+    feeds an op that is fp32 whatever the plan (a NEVER op or the graph's output), so fp32 is a
+    destination too; ``consumers`` holds the layers alone (and may then be empty).
     """
 
     producer: str
     consumers: tuple[str, ...]
     elems: int
+    to_fp32: bool = False
 
 
 def cast_groups(graph: OpGraph) -> list[CastGroup]:
-    """Group ``graph.layer_edges()`` by the value the consumers read.
+    """Group ``graph.layer_edges()`` and ``graph.fp32_sink_edges()`` by the value the consumers read.
 
     Two consumers read the same value when they have the same upstream layer, the same direct
     predecessors and the same element count (q/k/v projections after one LayerNorm, say).
     """
     groups: dict[tuple[str, tuple[str, ...], int], list[str]] = {}
+    sinks: set[tuple[str, tuple[str, ...], int]] = set()
     for producer, consumer, elems in graph.layer_edges():
         key = (producer, tuple(sorted(graph.predecessors(consumer))), int(elems))
         members = groups.setdefault(key, [])
         if consumer not in members:
             members.append(consumer)
-    return [CastGroup(p, tuple(c), n) for (p, _, n), c in groups.items()]
+    for producer, consumer, elems in graph.fp32_sink_edges():
+        key = (producer, tuple(sorted(graph.predecessors(consumer))), int(elems))
+        groups.setdefault(key, [])
+        sinks.add(key)
+    return [CastGroup(k[0], tuple(c), k[2], k in sinks) for k, c in groups.items()]
 
 
 def output_format(fmt: Precision | None) -> Precision:
@@ -209,7 +218,8 @@ class CostModel(abc.ABC):
         casts = 0.0
         for g in cast_groups(graph):
             src = output_format(fmt[g.producer] if g.producer else None)
-            for dst in sorted({fmt[c] for c in g.consumers} - {src}, key=lambda p: p.rank):
+            dsts = {fmt[c] for c in g.consumers} | ({Precision.FP32} if g.to_fp32 else set())
+            for dst in sorted(dsts - {src}, key=lambda p: p.rank):
                 casts += self.cast_cost(g.elems, src, dst)
         return CostBreakdown(layers, follow, fixed, casts)
 

@@ -146,6 +146,23 @@ class OpGraph:
                 out.append((src, layer.name, min(per_source[src], layer.act_in_elems)))
         return out
 
+    def fp32_sink_edges(self) -> list[tuple[str, str, int]]:
+        """(producer layer, fp32 consumer, elements) pairs linked through FOLLOW ops only, where the
+        consumer computes in fp32 whatever the plan: a NEVER op (a norm, softmax, reduction) or the
+        graph's output. A 16-bit or fp8 producer's value is cast back to fp32 there, once per value
+        (:func:`autoprec.cost.cast_groups` shares it with fp32 layer consumers of the same value).
+        ``elements`` is the size of the value the consumer reads."""
+        out: list[tuple[str, str, int]] = []
+        for n in self.nodes:
+            if not (n.policy is Policy.NEVER or n.kind == "output"):
+                continue
+            for p in self.predecessors(n.name):
+                size = self._by_name[p].act_out_elems
+                for src in sorted(self._layer_sources_of(p) - {""}):
+                    if size:
+                        out.append((src, n.name, size))
+        return out
+
     def _layer_sources_of(self, pred: str) -> set[str]:
         """Sources (as in :meth:`_layer_sources`) of the value a consumer reads from ``pred``."""
         op = self._by_name[pred]

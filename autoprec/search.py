@@ -195,6 +195,7 @@ class _Compiled:
         self.groups = cast_groups(graph)
         self.g_src = [self.unit_of[g.producer] if g.producer else None for g in self.groups]
         self.g_dst = [tuple(sorted({self.unit_of[c] for c in g.consumers})) for g in self.groups]
+        self.g_fp32 = [g.to_fp32 for g in self.groups]  # fp32 is a destination whatever the plan
         self.groups_of: list[list[int]] = [[] for _ in self.units]
         for gi, (s, ds) in enumerate(zip(self.g_src, self.g_dst)):
             for u in sorted(set(ds) | ({s} if s is not None else set())):
@@ -245,7 +246,8 @@ class _Compiled:
         g, s = self.groups[gi], self.g_src[gi]
         src = FP32 if s is None else fmt[s].compute_output
         total = 0.0
-        for d in sorted({fmt[u] for u in self.g_dst[gi]} - {src}, key=lambda f: f.rank):
+        dsts = {fmt[u] for u in self.g_dst[gi]} | ({FP32} if self.g_fp32[gi] else set())
+        for d in sorted(dsts - {src}, key=lambda f: f.rank):
             key = (g.elems, src, d)
             if key not in self._cast_cache:
                 self._cast_cache[key] = self.p.cost_model.cast_cost(g.elems, src, d)
@@ -278,7 +280,7 @@ class _Compiled:
             for gi in self.groups_of[ui]:
                 if ui not in self.g_dst[gi]:
                     continue  # as a producer: same output format, same casts
-                if len(self.g_dst[gi]) > 1 or self.g_src[gi] == ui:
+                if len(self.g_dst[gi]) > 1 or self.g_fp32[gi] or self.g_src[gi] == ui:
                     return False  # a cast shared with other consumers may favour f
                 n = self.groups[gi].elems
                 for s in {FP32, Precision.BF16, Precision.FP16}:
@@ -506,8 +508,8 @@ class MilpStrategy:
             return {x[(su, f)]: 1.0 for f in opts[su] if f.compute_output is s}
 
         per_consumer: list[dict[tuple[Precision, Precision], dict[int, float] | None]] = []
-        for du in dus:
-            dsts = opts[du]
+        # an fp32 sink (NEVER op, graph output) is a consumer whose only format is fp32
+        for du, dsts in [(du, opts[du]) for du in dus] + ([(None, [FP32])] if c.g_fp32[gi] else []):
             pairs: dict[tuple[Precision, Precision], dict[int, float] | None] = {}  # None: always 1
             if len(srcs) == 1 and len(dsts) == 1:
                 pairs[(srcs[0], dsts[0])] = None
@@ -530,7 +532,7 @@ class MilpStrategy:
                 cost = c.p.cost_model.cast_cost(g.elems, s, d) if s is not d else 0.0
                 if cost <= 0 or terms is None or (s, d) in always:
                     continue
-                if len(dus) == 1:
+                if len(per_consumer) == 1:
                     for i, a in terms.items():
                         m.cost[i] += cscale * cost * a
                     continue

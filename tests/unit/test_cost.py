@@ -140,15 +140,18 @@ def qkv_graph() -> OpGraph:
 
 def test_cast_groups_share_one_cast_per_value():
     g = qkv_graph()
-    groups = {(x.producer, x.consumers) for x in cast_groups(g)}
-    assert ("", ("q", "k", "v")) in groups  # the LayerNorm output, read by three projections
+    groups = {(x.producer, x.consumers, x.to_fp32) for x in cast_groups(g)}
+    assert ("", ("q", "k", "v"), False) in groups  # the LayerNorm output, read by three projections
+    # qk's output feeds the softmax and av's the graph output (through relu and a view): both are
+    # fp32 whatever the plan
+    assert ("qk", (), True) in groups and ("av", (), True) in groups
     cm = RooflineCostModel("h100")
     all16 = {n: P.FP16 for n in g.layer_names()}
     b = cm.breakdown(g, all16)
     # one fp32 -> fp16 cast for ln's output (not three), one for the softmax output av reads;
-    # qk reads q and k, already fp16: no cast
+    # qk reads q and k, already fp16: no cast; qk's and av's results go back to fp32
     # (each cast moves the 1000 elements of the value it converts, not av's whole 2000-element input)
-    expected = cm.cast_cost(1000, P.FP32, P.FP16) + cm.cast_cost(1000, P.FP32, P.FP16)
+    expected = 2 * cm.cast_cost(1000, P.FP32, P.FP16) + 2 * cm.cast_cost(1000, P.FP16, P.FP32)
     assert b.casts == pytest.approx(expected)
     assert cm.breakdown(g, {}).casts == 0.0
 
@@ -165,9 +168,11 @@ def test_plan_cost_sums_layers_follow_fixed_and_casts():
     assert cm.follow_cost(g["view"], P.FP16) == 0.0  # views move no bytes
     assert b.fixed == fp32.fixed  # NEVER ops stay fp32 whatever the plan
     assert b.layers < fp32.layers
-    # casts: ln -> fp8 (quantize), q,k (write bf16) -> qk bf16 needs none; v (bf16) -> av fp16
+    # casts: ln -> fp8 (quantize), q,k (write bf16) -> qk bf16 needs none; v (bf16) -> av fp16;
+    # qk (bf16) -> softmax and av (fp16) -> output go back to fp32
     assert b.casts == pytest.approx(cm.cast_cost(1000, P.FP32, P.FP8_E4M3) + cm.cast_cost(1000, P.FP32, P.FP16)
-                                    + cm.cast_cost(1000, P.BF16, P.FP16))
+                                    + cm.cast_cost(1000, P.BF16, P.FP16) + cm.cast_cost(1000, P.BF16, P.FP32)
+                                    + cm.cast_cost(1000, P.FP16, P.FP32))
 
 
 def test_memory_objective_counts_weights_in_their_format():
@@ -323,3 +328,23 @@ def test_provider_prices_a_follow_op_without_a_kernel_in_fp32_between_casts():
         assert cuda.follow_cost(gelu, P.BF16) > base.follow_cost(gelu, P.BF16)
     assert cuda.follow_cost(gelu, P.FP16) == base.follow_cost(gelu, P.FP16)
     assert cuda.follow_cost(relu, P.BF16) == base.follow_cost(relu, P.BF16)
+
+
+def test_a_16_bit_conv_before_an_fp32_norm_pays_the_cast_back():
+    """conv -> batch_norm (NEVER, fp32) -> relu -> conv -> output: each 16-bit conv's result is cast
+    back to fp32 (for the norm, for the graph output), and the norm's result cast to the second
+    conv's format; all-fp32 pays no cast."""
+    n = 4096
+    nodes = [OpNode("x", "placeholder", "", Policy.NONE, act_out_elems=n),
+             layer("c1", flops=2 * n * 64, w=64, a_in=n, a_out=n, kind="conv2d"),
+             OpNode("bn", "batch_norm", "bn", Policy.NEVER, act_in_elems=n, act_out_elems=n),
+             OpNode("relu", "relu", "relu", Policy.FOLLOW, act_in_elems=n, act_out_elems=n),
+             layer("c2", flops=2 * n * 64, w=64, a_in=n, a_out=n, kind="conv2d"),
+             OpNode("out", "output", "", Policy.NONE)]
+    g = OpGraph(nodes, [("x", "c1"), ("c1", "bn"), ("bn", "relu"), ("relu", "c2"), ("c2", "out")], "convbn")
+    assert g.fp32_sink_edges() == [("c1", "bn", n), ("c2", "out", n)]
+    cm = RooflineCostModel("h100")
+    assert cm.breakdown(g, {}).casts == 0.0
+    fp16 = {"c1": P.FP16, "c2": P.FP16}
+    assert cm.breakdown(g, fp16).casts == pytest.approx(
+        2 * cm.cast_cost(n, P.FP32, P.FP16) + 2 * cm.cast_cost(n, P.FP16, P.FP32))
