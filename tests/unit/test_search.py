@@ -51,9 +51,10 @@ def models(draw, max_layers: int = 7) -> tuple[OpGraph, SensitivityProfile]:
         readers.setdefault(src, []).append(name)
         cur = name
         elems[cur] = out
-        for j, extra in enumerate(draw(st.lists(st.sampled_from(["relu", "softmax", "add", "view"]), max_size=2))):
+        extras = st.sampled_from(["relu", "softmax", "batch_norm", "add", "view"])
+        for j, extra in enumerate(draw(st.lists(extras, max_size=2))):
             op = f"{extra}{i}_{j}"
-            pol = Policy.NEVER if extra == "softmax" else Policy.FOLLOW
+            pol = Policy.NEVER if extra in ("softmax", "batch_norm") else Policy.FOLLOW
             nodes.append(OpNode(op, extra, f"blocks.{i // 2}", pol, act_in_elems=out, act_out_elems=out))
             edges.append((cur, op))
             if extra == "add" and len(values) > 1:
