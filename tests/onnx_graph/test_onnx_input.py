@@ -466,3 +466,31 @@ def test_tune_onnx_times_deployment_graphs_where_cuda_runs(monkeypatch: pytest.M
     t = r.summary.timing
     assert t is not None and t.batch == 200 and len(t.ms) == len(models)
     assert t.chosen == ("tuned" if len(models) == 1 else t.ms[1][0]) and r.plan.measured["latency_chosen"] == t.chosen
+
+
+def test_a_decomposed_16_bit_gelu_computes_in_fp32_and_rounds_once() -> None:
+    """block_opset13's erf GELU (Div, Erf, Add, Mul, Mul) in fp16: the emulation rounds the group's
+    result once, so the deployment graph computes the five nodes in fp32 between one Cast in and
+    one Cast out (in fp16 each node would round on a GPU); the layers around it stay fp16."""
+    from passes.onnx_base import infer_types
+
+    om = OnnxModel.load(block_opset13(), _block_data())
+    plan = {n: FP16 for n in om.analysis.graph.layer_names()}
+    for provider in (None, "cuda"):
+        model = infer_types(om.build(plan, {}, "deploy", provider))
+        onnx.checker.check_model(model, full_check=True)
+        types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)}
+        producer = {o: n for n in model.graph.node for o in n.output}
+        erf = next(n for n in model.graph.node if n.op_type == "Erf")
+        gelu = [erf, producer[erf.input[0]]]  # the Div before it, then Add, Mul, Mul after it
+        while len(gelu) < 5:
+            gelu.append(next(n for n in model.graph.node if set(n.input) & {o for m in gelu for o in m.output}
+                             and n not in gelu and n.op_type in ("Add", "Mul")))
+        assert sorted(n.op_type for n in gelu) == ["Add", "Div", "Erf", "Mul", "Mul"]
+        assert all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in gelu)
+        into = producer[gelu[1].input[0]]  # the Div reads the fp16 MatMul + bias through one Cast
+        assert into.op_type == "Cast" and into.attribute[0].i == onnx.TensorProto.FLOAT
+        out = [n for n in model.graph.node if n.op_type == "Cast" and n.input[0] in {m.output[0] for m in gelu}]
+        assert len(out) == 1 and out[0].attribute[0].i == onnx.TensorProto.FLOAT16
+        # the layers around it stay fp16
+        assert {types[n.output[0]] for n in model.graph.node if n.op_type == "MatMul"} == {onnx.TensorProto.FLOAT16}
