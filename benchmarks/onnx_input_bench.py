@@ -10,8 +10,9 @@ within), the formats, the estimated speedup against the best uniform plan within
 exact profile's cost in fp32 runs and the tuning time, and the size of the tuned deployment graph
 against the input file. With a working CUDA provider the plan is tuned and written for it
 (``provider="cuda"``), and the benchmark also records the ORT CUDA latency of the
-input model and of the tuned deployment graph (median of 50 runs of one 256-sample batch;
-``session.run`` on host arrays, then with inputs and outputs resident on the GPU) and the
+input model and of the tuned deployment graph (median of 60 runs of one 256-sample batch, the two
+graphs in interleaved rounds; ``session.run`` on host arrays, then with inputs and outputs resident
+on the GPU) and the
 accuracy of the deployment graph measured on the GPU next to the CPU emulation's
 (autoprec.verify.verify_onnx_input); without one it says so. Exits 1 when a plan is over budget,
 fails the ONNX checker, or (on a GPU) fails its parity with the emulation graph.
