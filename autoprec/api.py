@@ -158,13 +158,22 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     amax = act_amax_from_profile(prof)
     run = _Run(spec.name, captured.graph, prof, metric, reference, t_eval, drop_budget,
                lambda a: apply_plan(captured, a, amax))
+    @functools.cache
+    def fp32_onnx() -> Any:
+        from autoprec.export import torch_to_onnx
+
+        return torch_to_onnx(spec.model(), spec.example_inputs())
+
     if timing:
-        run.deploy, run.feeds = _torch_deployment(spec, captured, amax, provider)
+        run.deploy, run.feeds = _torch_deployment(spec, captured, amax, provider, fp32_onnx)
     plan, summary, uniforms, pareto = _search_verified(run, fmts, target, objective, strategy, keep, force,
                                                        cost_model, batch, provider, t0)
     module = apply_plan(captured, plan.assignment, amax)
-    return TuneResult(plan, prof, captured.graph, metric, summary, uniforms, pareto, captured=captured, module=module,
-                      spec=spec, provider=provider)
+    result = TuneResult(plan, prof, captured.graph, metric, summary, uniforms, pareto, captured=captured,
+                        module=module, spec=spec, provider=provider)
+    if fp32_onnx.cache_info().currsize:  # exported for the timing check: writing the file reuses it
+        result._fp32_onnx = fp32_onnx()
+    return result
 
 
 def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: str | Path | Any = None,
@@ -383,14 +392,14 @@ def _against_latency(problem: SearchProblem, plan: PrecisionPlan, uniforms: list
     return plan, LatencyCheck("cuda", samples, tuple(times.items()), chosen)
 
 
-def _torch_deployment(spec: ModelSpec, captured: Captured, amax: Mapping[str, tuple[float, ...]], provider: str | None
+def _torch_deployment(spec: ModelSpec, captured: Captured, amax: Mapping[str, tuple[float, ...]], provider: str | None,
+                      fp32: Callable[[], Any]
                       ) -> tuple[Callable[[dict[str, Precision]], bytes], Callable[[int], tuple[dict[str, Any], int]]]:
-    """(assignment -> deployment graph, batch -> its inputs) for a torch model: exported once, and
-    only when first asked for (a run without a GPU never exports)."""
-    from autoprec.export import apply_plan_onnx, torch_to_onnx
+    """(assignment -> deployment graph, batch -> its inputs) for a torch model whose fp32 export
+    ``fp32`` returns (cached: exported once, and only when first asked for, so a run without a GPU
+    never exports)."""
+    from autoprec.export import apply_plan_onnx
     from autoprec.onnx_graph import graph_inputs
-
-    fp32 = functools.cache(lambda: torch_to_onnx(spec.model(), spec.example_inputs()))
 
     def deploy(assignment: dict[str, Precision]) -> bytes:
         return apply_plan_onnx(fp32(), captured, assignment, amax, provider=provider).SerializeToString()

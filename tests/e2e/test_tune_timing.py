@@ -54,6 +54,7 @@ def test_a_faster_measured_fp32_graph_replaces_the_searched_plan(monkeypatch: py
     assert isinstance(x, np.ndarray) and x.shape[0] == 1024
     for m in models:
         onnx.checker.check_model(onnx.load_from_string(m), full_check=True)
+    assert r.onnx_model("deploy").SerializeToString() in models  # the file tune writes is a graph it timed
 
 
 def test_the_searched_plan_stays_when_it_is_fastest_or_within_the_noise(monkeypatch: pytest.MonkeyPatch) -> None:
