@@ -79,14 +79,14 @@ class TuneResult:
     onnx: OnnxModel | None = None  # .onnx models: the analysed model and its data
     spec: ModelSpec | None = None  # torch models: the model file's contract (for the ONNX export)
     provider: str | None = None  # the ONNX Runtime provider the plan was tuned for (its deployment graph's)
-    _fp32_onnx: Any = field(default=None, init=False, repr=False, compare=False)
+    _fp32_onnx: Callable[[], Any] | None = field(default=None, repr=False, compare=False)  # torch models' export
 
     def onnx_model(self, mode: str = "deploy") -> Any:
         """The tuned ONNX model (deploy: 16-bit tensors and fp8 Q/DQ for CUDA / TensorRT; emulate:
         fp32 compute with every rounding explicit, for ORT's CPU provider). A torch model is
         exported once (torch.onnx) and both graphs come from that export. The deployment graph
         follows the kernels of the provider the plan was tuned for, when one was named."""
-        from autoprec.export import apply_plan_onnx, torch_to_onnx
+        from autoprec.export import apply_plan_onnx
 
         amax = act_amax_from_profile(self.profile)
         if self.onnx is not None:
@@ -94,8 +94,9 @@ class TuneResult:
         if self.spec is None or self.captured is None:
             raise UsageError("this tune result holds no model to export: export it with autoprec.export.export_onnx")
         if self._fp32_onnx is None:
-            self._fp32_onnx = torch_to_onnx(self.spec.model(), self.spec.example_inputs())
-        return apply_plan_onnx(self._fp32_onnx, self.captured, self.plan.assignment, amax, mode, provider=self.provider)
+            self._fp32_onnx = _fp32_export(self.spec)
+        return apply_plan_onnx(self._fp32_onnx(), self.captured, self.plan.assignment, amax, mode,
+                               provider=self.provider)
 
 
 def model_metric(spec: ModelSpec, captured: Captured, batches: list[tuple[Any, ...]]) -> Metric:
@@ -158,22 +159,14 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     amax = act_amax_from_profile(prof)
     run = _Run(spec.name, captured.graph, prof, metric, reference, t_eval, drop_budget,
                lambda a: apply_plan(captured, a, amax))
-    @functools.cache
-    def fp32_onnx() -> Any:
-        from autoprec.export import torch_to_onnx
-
-        return torch_to_onnx(spec.model(), spec.example_inputs())
-
+    fp32_onnx = _fp32_export(spec)  # exported once, when first needed: the timing check, then the file
     if timing:
         run.deploy, run.feeds = _torch_deployment(spec, captured, amax, provider, fp32_onnx)
     plan, summary, uniforms, pareto = _search_verified(run, fmts, target, objective, strategy, keep, force,
                                                        cost_model, batch, provider, t0)
     module = apply_plan(captured, plan.assignment, amax)
-    result = TuneResult(plan, prof, captured.graph, metric, summary, uniforms, pareto, captured=captured,
-                        module=module, spec=spec, provider=provider)
-    if fp32_onnx.cache_info().currsize:  # exported for the timing check: writing the file reuses it
-        result._fp32_onnx = fp32_onnx()
-    return result
+    return TuneResult(plan, prof, captured.graph, metric, summary, uniforms, pareto, captured=captured,
+                      module=module, spec=spec, provider=provider, _fp32_onnx=fp32_onnx)
 
 
 def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: str | Path | Any = None,
@@ -354,11 +347,9 @@ def _against_latency(problem: SearchProblem, plan: PrecisionPlan, uniforms: list
     slower (measured: a 16-layer ResNet on 16x16 images, 0.71x of fp32 on an H100). TensorRT is not
     timed: building its engines takes minutes per graph. Without the provider, nothing is timed."""
     from autoprec.ep_support import CUDA, parse_provider
-    from autoprec.runtime import latencies_ms, probe_provider
+    from autoprec.runtime import cuda_available, latencies_ms
 
-    if run.deploy is None or run.feeds is None or parse_provider(provider) != CUDA:
-        return plan, None
-    if probe_provider(("cuda", "cpu"))[0] != "cuda":
+    if run.deploy is None or run.feeds is None or parse_provider(provider) != CUDA or not cuda_available():
         return plan, None
     candidates = {"tuned": dict(plan.assignment)}
     best = max((u for u in uniforms if u.within_budget), key=lambda u: u.speedup, default=None)
@@ -392,23 +383,31 @@ def _against_latency(problem: SearchProblem, plan: PrecisionPlan, uniforms: list
     return plan, LatencyCheck("cuda", samples, tuple(times.items()), chosen)
 
 
+def _fp32_export(spec: ModelSpec) -> Callable[[], Any]:
+    """The model's fp32 ONNX export (torch.onnx), made on the first call and kept."""
+    @functools.cache
+    def export() -> Any:
+        from autoprec.export import torch_to_onnx
+
+        return torch_to_onnx(spec.model(), spec.example_inputs())
+
+    return export
+
+
 def _torch_deployment(spec: ModelSpec, captured: Captured, amax: Mapping[str, tuple[float, ...]], provider: str | None,
                       fp32: Callable[[], Any]
                       ) -> tuple[Callable[[dict[str, Precision]], bytes], Callable[[int], tuple[dict[str, Any], int]]]:
     """(assignment -> deployment graph, batch -> its inputs) for a torch model whose fp32 export
-    ``fp32`` returns (cached: exported once, and only when first asked for, so a run without a GPU
-    never exports)."""
+    ``fp32`` returns (:func:`_fp32_export`: a run without a GPU never exports)."""
     from autoprec.export import apply_plan_onnx
     from autoprec.onnx_graph import graph_inputs
+    from autoprec.runtime import repeat_to
 
     def deploy(assignment: dict[str, Precision]) -> bytes:
         return apply_plan_onnx(fp32(), captured, assignment, amax, provider=provider).SerializeToString()
 
     def feeds(batch: int) -> tuple[dict[str, Any], int]:
-        import torch
-
-        example = spec.example_inputs()
-        arrays = [torch.cat([t] * (batch // t.shape[0] + 1))[:batch].numpy() for t in example]
+        arrays = [repeat_to(t.numpy(), batch) for t in spec.example_inputs()]
         return dict(zip([i.name for i in graph_inputs(fp32())], arrays)), batch
 
     return deploy, feeds
@@ -417,13 +416,12 @@ def _torch_deployment(spec: ModelSpec, captured: Captured, amax: Mapping[str, tu
 def _onnx_feeds(om: OnnxModel, batch: int) -> tuple[dict[str, Any], int]:
     """An .onnx model's first data batch repeated to ``batch`` samples (its own batch where the
     model fixes it), with the sample count."""
-    import numpy as np
+    from autoprec.runtime import repeat_to
 
     first = om.batches()[0]
     if om.fixed_batch:
         return first, om.batch
-    arrays = {k: np.concatenate([v] * (batch // len(v) + 1))[:batch] for k, v in first.items() if k in om.feeds}
-    return {**first, **arrays}, batch
+    return {**first, **{k: repeat_to(v, batch) for k, v in first.items() if k in om.feeds}}, batch
 
 
 def _sweep_budgets(prof: SensitivityProfile, n: int = 10) -> list[float]:

@@ -304,6 +304,11 @@ def _runner(session: Session, feeds: Mapping[str, np.ndarray], resident: bool) -
     return functools.partial(session.session.run_with_iobinding, binding)
 
 
+def repeat_to(array: np.ndarray, n: int) -> np.ndarray:
+    """``array``'s samples (axis 0) repeated, then cut, to ``n``: a batch of the size to time."""
+    return np.concatenate([array] * (n // len(array) + 1))[:n]
+
+
 def latencies_ms(models: Sequence[bytes], feeds: Sequence[Mapping[str, np.ndarray]], provider: str = "cuda", *,
                  resident: bool = False, warmup: int = 10, runs: int = 60, rounds: int = 6) -> list[float | None]:
     """Median wall time (ms) of one run of each of ``models`` (on its ``feeds``) on ``provider``;

@@ -46,7 +46,7 @@ from autoprec.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
 from autoprec.formats import Precision  # noqa: E402
 from autoprec.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from autoprec.onnx_graph import graph_inputs  # noqa: E402
-from autoprec.runtime import cuda_available, latencies_ms, set_runtime_log  # noqa: E402
+from autoprec.runtime import cuda_available, latencies_ms, repeat_to, set_runtime_log  # noqa: E402
 from autoprec.spec import load_model_spec  # noqa: E402
 from autoprec.verify import verify  # noqa: E402
 from passes import act_amax_from_profile  # noqa: E402
@@ -71,9 +71,7 @@ def _checked(model: onnx.ModelProto) -> bool:
 def _latencies_ms(base: onnx.ModelProto, tuned: onnx.ModelProto, example, resident: bool) -> list[float]:
     """ORT CUDA latency of (fp32, tuned, fp32 again), timed in interleaved rounds: the two fp32
     figures differ by the measurement's noise."""
-    import torch
-
-    x = [torch.cat([t] * (LATENCY_BATCH // t.shape[0] + 1))[:LATENCY_BATCH].numpy() for t in example]
+    x = [repeat_to(t.numpy(), LATENCY_BATCH) for t in example]
     feeds = dict(zip([i.name for i in graph_inputs(base)], x))
     models = [m.SerializeToString() for m in (base, tuned, base)]
     ms = latencies_ms(models, [feeds] * 3, "cuda", runs=LATENCY_RUNS, resident=resident)
