@@ -75,7 +75,7 @@ class TuneResult:
     uniforms: list[UniformResult]
     pareto: list[ParetoPoint]
     captured: Captured | None = None  # torch models: the capture the plan applies to
-    module: Any = None  # torch models: the emulated tuned module (trains; runs on CPU)
+    module: Any = None  # torch models: the emulated tuned module (inference: batch norms folded; runs on CPU)
     onnx: OnnxModel | None = None  # .onnx models: the analysed model and its data
     spec: ModelSpec | None = None  # torch models: the model file's contract (for the ONNX export)
     provider: str | None = None  # the ONNX Runtime provider the plan was tuned for (its deployment graph's)

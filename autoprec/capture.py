@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from autoprec.bn_fold import fold_fx_batch_norms
 from autoprec.errors import CaptureError
 from autoprec.kinds import LAYER_KINDS, LOOKUP_KINDS, policy_of  # noqa: F401  (re-exported)
 from autoprec.opgraph import OpGraph, OpNode, Policy
@@ -118,6 +119,15 @@ class Captured:
     graph: OpGraph
     method: str  # "fx" | "export"
     example_inputs: tuple[Any, ...]
+    #: (convolution layer, batch norm) pairs folded into one convolution (autoprec.bn_fold)
+    folded_norms: tuple[tuple[str, str], ...] = ()
+
+    def notes(self) -> list[str]:
+        """What capture changed in the model, for the report."""
+        if not self.folded_norms:
+            return []
+        pairs = ", ".join(f"{norm} into {conv}" for conv, norm in self.folded_norms)
+        return [f"folded {len(self.folded_norms)} batch norm(s) into the convolution before them, in fp32: {pairs}"]
 
     def node(self, name: str) -> fx.Node:
         for n in self.gm.graph.nodes:
@@ -126,10 +136,14 @@ class Captured:
         raise KeyError(name)
 
 
-def capture(model: nn.Module, example_inputs: tuple[Any, ...], name: str = "", method: str = "auto") -> Captured:
+def capture(model: nn.Module, example_inputs: tuple[Any, ...], name: str = "", method: str = "auto",
+            fold_norms: bool = True) -> Captured:
     """Capture ``model`` for profiling and rewriting; raise CaptureError with the reasons on failure.
 
     ``method``: "auto" (fx, else export), "fx" or "export".
+    ``fold_norms``: fold each inference batch norm into the convolution before it, in fp32, as the
+    ONNX export does (:mod:`autoprec.bn_fold`): the plan then describes the deployed inference
+    graph. The user's model is not changed. Pass False for a module that trains its norms.
     """
     model = model.eval()
     errors: list[str] = []
@@ -159,10 +173,16 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...], name: str = "", m
     if errors:
         log.info("capture fell back to torch.export: %s", "; ".join(errors))
     normalise(gm, used)
+    folded: list[tuple[str, str]] = []
+    if fold_norms:
+        gm, folded = fold_fx_batch_norms(gm)
+        if folded:
+            log.info("folded %d batch norm(s) into their convolutions", len(folded))
     _propagate_shapes(gm, example_inputs)
     graph = build_opgraph(gm, name or type(model).__name__)
     graph.batch = next((int(x.shape[0]) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
-    return Captured(gm=gm, graph=graph, method=used, example_inputs=tuple(example_inputs))
+    return Captured(gm=gm, graph=graph, method=used, example_inputs=tuple(example_inputs),
+                    folded_norms=tuple(folded))
 
 
 def _batch_dynamic(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -157,7 +157,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     analysis = result.onnx.analysis if result.onnx is not None else None
     files += write_report(out_dir, plan, result.profile, result.graph, result.summary, result.uniforms,
                           result.pareto, fixed=analysis.reasons if analysis else None,
-                          notes=analysis.notes if analysis else ())
+                          notes=analysis.notes if analysis else result.captured.notes())
     if args.json:
         print(json.dumps({"plan": plan.to_dict(), "summary": asdict(result.summary),
                           "files": [str(f) for f in files]}, sort_keys=True, default=str))

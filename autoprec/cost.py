@@ -10,9 +10,8 @@ The total cost of a plan is a sum of independent parts, which is what lets the M
 - each layer (``Policy.ALWAYS``) in its format: :meth:`CostModel.layer_cost`;
 - each FOLLOW op in the output format of the layer that owns it (``OpGraph.follow_owner``):
   :meth:`CostModel.follow_cost`; FOLLOW ops owned by an fp32 source are a fixed cost;
-- every other op (NEVER ops stay fp32): :meth:`CostModel.fixed_cost`, but for a batch norm right
-  after a convolution (``OpGraph.folded_norms``), which costs that only when the convolution is not
-  fp32: runtimes fold it into an fp32 convolution (:func:`folded_norm_cost`);
+- every other op (NEVER ops stay fp32): :meth:`CostModel.fixed_cost` (an inference batch norm
+  after a convolution is not among them: capture folds it into the convolution, :mod:`autoprec.bn_fold`);
 - one cast per (value, destination format) at each format boundary: :meth:`CostModel.cast_cost`
   over the :func:`cast_groups` of the graph, the casts back to fp32 in front of NEVER ops and the
   graph's outputs included.
@@ -207,13 +206,10 @@ class CostModel(abc.ABC):
         """Cost of ``graph`` with ``assignment`` (layer -> format; missing layers are fp32)."""
         fmt = {n: assignment.get(n, Precision.FP32) for n in graph.layer_names()}
         owner = graph.follow_owner()
-        folded = graph.folded_norms()
         layers = follow = fixed = 0.0
         for op in graph.nodes:
             if op.policy is Policy.ALWAYS:
                 layers += self.layer_cost(op, fmt[op.name])
-            elif op.name in folded:
-                fixed += folded_norm_cost(self, op, fmt[folded[op.name]])
             elif op.policy is Policy.FOLLOW and owner.get(op.name):
                 follow += self.follow_cost(op, fmt[owner[op.name]].compute_output)
             elif op.policy is Policy.FOLLOW:
@@ -231,15 +227,6 @@ class CostModel(abc.ABC):
     def plan_cost(self, graph: OpGraph, assignment: Mapping[str, Precision]) -> float:
         """Total cost: layers + FOLLOW ops + fixed ops + casts."""
         return self.breakdown(graph, assignment).total
-
-
-def folded_norm_cost(cm: CostModel, op: OpNode, conv_format: Precision) -> float:
-    """Cost of batch norm ``op`` right after a convolution in ``conv_format``: none behind an fp32
-    convolution, which ONNX Runtime (``ConvBNFusion``, every provider) and TensorRT fold it into;
-    its own :meth:`CostModel.fixed_cost` behind any other format, where the deployed graph keeps a
-    Cast between them (measured with ORT's CUDA provider: no BatchNormalization kernel runs in an
-    fp32 ResNet, one per convolution when they are fp16)."""
-    return 0.0 if conv_format is Precision.FP32 else cm.fixed_cost(op)
 
 
 class RooflineCostModel(CostModel):

@@ -4,10 +4,11 @@
                        "digits_cnn.onnx")
 
 1. :func:`torch_to_onnx` exports the fp32 model with the dynamo exporter (batch dimension dynamic,
-   weights inside the file), without the exporter's rewrite rules (they fold BatchNorm into the
-   convolution before it, which would change what a 16-bit convolution rounds), then folds
-   constants only, except embedding lookups: a lookup of constant positions (``pos_emb(arange(T))``
-   with T fixed by the example) would become an fp32 constant, out of reach of the plan.
+   weights inside the file), without the exporter's rewrite rules, then folds constants, except
+   embedding lookups: a lookup of constant positions (``pos_emb(arange(T))`` with T fixed by the
+   example) would become an fp32 constant, out of reach of the plan. Inference batch norms are
+   folded into the convolution before them by :mod:`autoprec.bn_fold`, the numerics the capture
+   folds them with (the exporter's own fold is not that definition, so its rules stay off).
 2. :func:`apply_plan_onnx` runs the ONNX passes (``passes/onnx_*``) that apply the same plan as
    the torch passes, with the same decisions: MapLayers (plan layers -> ONNX nodes through the
    exporter's metadata), AssignFormats, LowerWeights (16-bit / fp8 initializers), InsertCasts.
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import onnx
 
+from autoprec.bn_fold import fold_onnx_batch_norms
 from autoprec.capture import Captured, capture
 from autoprec.ep_support import parse_provider
 from autoprec.errors import AutoprecError, PlanError, UsageError
@@ -136,7 +138,9 @@ def _keep_lookups(node: onnx_ir.Node) -> bool | None:
 
 
 def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """The fp32 model as ONNX: dynamo exporter, dynamic batch, constants folded, nothing fused."""
+    """The fp32 model as ONNX: dynamo exporter, dynamic batch, constants folded, inference batch
+    norms folded into their convolutions as :func:`autoprec.capture.capture` folds them, nothing
+    else fused."""
     import torch
     from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
     from onnxscript import ir
@@ -163,6 +167,7 @@ def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFA
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(ir_model)
         RemoveUnusedNodesPass()(ir_model)
         proto = ir.serde.serialize_model(ir_model)
+    fold_onnx_batch_norms(proto)  # as capture folds them: the same weights, bit for bit
     return infer_types(proto)
 
 

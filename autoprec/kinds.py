@@ -19,7 +19,7 @@ LOOKUP_KINDS = frozenset({"embedding"})
 #: Layers that may add a bias to their product (their third argument; see autoprec.semantics.finish).
 BIAS_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
 
-#: Convolutions: an inference-mode batch norm right after one folds into it (OpGraph.folded_norms).
+#: Convolutions: an inference-mode batch norm right after one folds into it (autoprec.bn_fold).
 CONV_KINDS = frozenset({"conv1d", "conv2d", "conv3d"})
 
 FOLLOW_KINDS = frozenset({

@@ -13,9 +13,11 @@ Preprocessing, in order:
    are all initializers and whose op only moves or converts data (Identity, Cast, Transpose,
    Reshape, Squeeze, Unsqueeze, Flatten) are evaluated -- e.g. a weight stored transposed and fed
    through Transpose becomes one initializer the MatMul reads directly;
-3. give every node a unique name (``node.name``, else ``"<op_type>_<index>"``) in the ModelProto,
+3. fold each inference ``BatchNormalization`` that alone reads a ``Conv`` into it, in fp32
+   (:mod:`autoprec.bn_fold`, the fold a torch model's capture and export make);
+4. give every node a unique name (``node.name``, else ``"<op_type>_<index>"``) in the ModelProto,
    so plans and passes can address nodes;
-4. shape inference (strict, with data propagation; non-strict if strict fails), kept in
+5. shape inference (strict, with data propagation; non-strict if strict fails), kept in
    ``value_info`` with the model's own symbolic dims.
 
 The op graph has one :class:`OpNode` per top-level ONNX node plus one ``placeholder`` per graph
@@ -45,6 +47,7 @@ import onnx
 import onnx.defs
 from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
 
+from autoprec.bn_fold import fold_onnx_batch_norms
 from autoprec.kinds import LOOKUP_KINDS, NEVER_KINDS, policy_of
 from autoprec.errors import CaptureError, UsageError, first_line
 from autoprec.opgraph import OpGraph, OpNode, Policy
@@ -210,6 +213,9 @@ def preprocess(model: onnx.ModelProto, target_opset: int = TARGET_OPSET) -> tupl
     folded = fold_constants(model)
     if folded:
         notes.append(f"folded {folded} constant node(s) into initializers")
+    norms = fold_onnx_batch_norms(model)
+    if norms:
+        notes.append(f"folded {len(norms)} batch norm(s) into the convolution before them, in fp32")
     renamed = name_nodes(model)
     if renamed:
         notes.append(f"named {renamed} unnamed or duplicate node(s)")

@@ -146,25 +146,6 @@ class OpGraph:
                 out.append((src, layer.name, min(per_source[src], layer.act_in_elems)))
         return out
 
-    def folded_norms(self) -> dict[str, str]:
-        """Map each batch norm that reads a convolution's output, and is its only reader, to that
-        convolution. ONNX Runtime (``ConvBNFusion``) and TensorRT fold such an inference-mode norm
-        into an fp32 convolution's weights, so it costs nothing there; behind a convolution in
-        another format the deployed graph has a Cast between them and the norm runs on its own."""
-        from autoprec.kinds import CONV_KINDS  # kinds imports this module
-
-        out: dict[str, str] = {}
-        for n in self.nodes:
-            if n.kind != "batch_norm" or n.policy is not Policy.NEVER:
-                continue
-            preds = self.predecessors(n.name)
-            if len(preds) != 1:
-                continue
-            conv = self._by_name[preds[0]]
-            if conv.is_layer and conv.kind in CONV_KINDS and self.successors(conv.name) == [n.name]:
-                out[n.name] = conv.name
-        return out
-
     def fp32_sink_edges(self) -> list[tuple[str, str, int]]:
         """(producer layer, fp32 consumer, elements) pairs linked through FOLLOW ops only, where the
         consumer computes in fp32 whatever the plan: a NEVER op (a norm, softmax, reduction) or the

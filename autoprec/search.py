@@ -22,7 +22,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
-from autoprec.cost import CostModel, RooflineCostModel, cast_groups, folded_norm_cost, memory_bytes
+from autoprec.cost import CostModel, RooflineCostModel, cast_groups, memory_bytes
 from autoprec.errors import UsageError
 from autoprec.formats import Precision, parse_precision
 from autoprec.opgraph import OpGraph, OpNode, Policy
@@ -138,15 +138,10 @@ class _Compiled:
         self.err_note: dict[str, str] = {}
         owner = graph.follow_owner()
         owned: dict[str, list[OpNode]] = {}
-        folded = graph.folded_norms()
-        norm_of = {conv: graph[norm] for norm, conv in folded.items()}
-        self.folded_convs = frozenset(norm_of)  # convolutions an fp32 batch norm folds into
         self.fixed = 0.0
         for op in graph.nodes:
             if op.policy is Policy.FOLLOW and owner.get(op.name):
                 owned.setdefault(owner[op.name], []).append(op)
-            elif op.name in folded:
-                continue  # priced with its convolution: free behind fp32, where it is folded
             elif op.policy is Policy.FOLLOW:
                 self.fixed += cm.follow_cost(op, FP32)
             elif op.policy is not Policy.ALWAYS:
@@ -160,7 +155,6 @@ class _Compiled:
                 pin_of[op.name] = pin
             self.layer_cost[op.name] = {
                 f: cm.layer_cost(op, f) + sum(cm.follow_cost(x, f.compute_output) for x in owned.get(op.name, ()))
-                + (folded_norm_cost(cm, norm_of[op.name], f) if op.name in norm_of else 0.0)
                 for f in allowed[op.name]}
         # tie groups -> units (union-find over layer names)
         parent = {op.name: op.name for op in layers}
@@ -361,10 +355,7 @@ class _Compiled:
             elif f is FP32 and not alts:
                 text = _excluded_text(u.notes.items()) or "no other candidate format"
             elif f is FP32 and not cheaper:
-                costs = "the casts around a lower format"
-                if any(n in self.folded_convs for n in u.layers):
-                    costs += " and the batch norm it would no longer fold"
-                text = f"fp32 is cheapest here: {costs} cost more than it saves"
+                text = "fp32 is cheapest here: the casts around a lower format cost more than it saves"
             elif cheaper and min(u.error[g] for g in cheaper) > remaining:
                 g = min(cheaper, key=lambda g: (u.error[g], g.rank))
                 gap = f"sensitivity {u.error[g]:.1e} in {g} exceeds the remaining budget {max(remaining, 0.0):.1e}"

@@ -348,36 +348,3 @@ def test_a_16_bit_conv_before_an_fp32_norm_pays_the_cast_back():
     fp16 = {"c1": P.FP16, "c2": P.FP16}
     assert cm.breakdown(g, fp16).casts == pytest.approx(
         2 * cm.cast_cost(n, P.FP32, P.FP16) + 2 * cm.cast_cost(n, P.FP16, P.FP32))
-
-
-def test_a_batch_norm_folds_into_an_fp32_convolution_only():
-    """conv -> batch_norm: ONNX Runtime and TensorRT fold the norm into an fp32 convolution, so it
-    costs nothing there; behind a 16-bit convolution it runs on its own (a Cast in between). The
-    search prices it the same way, and says why a convolution stays fp32."""
-    n = 1 << 16
-    nodes = [OpNode("x", "placeholder", "", Policy.NONE, act_out_elems=n),
-             layer("c1", flops=2 * n * 8, w=64, a_in=n, a_out=n, kind="conv2d"),
-             OpNode("bn", "batch_norm", "bn", Policy.NEVER, act_in_elems=n, act_out_elems=n),
-             OpNode("relu", "relu", "relu", Policy.FOLLOW, act_in_elems=n, act_out_elems=n),
-             layer("fc", flops=2 * n * 8, w=64, a_in=n, a_out=n),
-             OpNode("bn2", "batch_norm", "bn2", Policy.NEVER, act_in_elems=n, act_out_elems=n),
-             OpNode("out", "output", "", Policy.NONE)]
-    edges = [("x", "c1"), ("c1", "bn"), ("bn", "relu"), ("relu", "fc"), ("fc", "bn2"), ("bn2", "out")]
-    g = OpGraph(nodes, edges, "convbn")
-    assert g.folded_norms() == {"bn": "c1"}  # bn2 reads a linear layer: nothing folds it
-    cm = RooflineCostModel("h100")
-    bn, bn2 = cm.fixed_cost(g["bn"]), cm.fixed_cost(g["bn2"])
-    relu = cm.follow_cost(g["relu"], P.FP32)  # after the fp32 norm: fixed too
-    assert cm.breakdown(g, {}).fixed == pytest.approx(relu + bn2)
-    assert cm.breakdown(g, {"c1": P.FP16}).fixed == pytest.approx(relu + bn + bn2)
-    assert cm.breakdown(g, {"fc": P.FP16}).fixed == pytest.approx(relu + bn2)
-    errors = {"c1": {f: 1e-6 for f in (P.BF16, P.FP16)}, "fc": {f: 1e-6 for f in (P.BF16, P.FP16)}}
-    prof = SensitivityProfile("convbn", g.fingerprint(), "exact", "kl", (P.FP32, P.BF16, P.FP16), errors)
-    prob = SearchProblem.build(g, prof, cm, formats=(P.BF16, P.FP16))
-    for fmt in ({}, {"c1": P.FP16}, {"c1": P.FP16, "fc": P.BF16}):
-        plan = prob.make_plan({"c1": fmt.get("c1", P.FP32), "fc": fmt.get("fc", P.FP32)}, 1.0, "test")
-        assert plan.cost == pytest.approx(cm.plan_cost(g, plan.assignment), rel=1e-12)
-    # this small a convolution gains nothing in 16 bits that pays for the casts and the norm
-    plan = solve(SearchProblem.build(g, prof, cm, budget=1.0, formats=(P.BF16, P.FP16)), "milp")
-    assert plan.decision("c1").format is P.FP32
-    assert "the batch norm it would no longer fold" in plan.decision("c1").reason
