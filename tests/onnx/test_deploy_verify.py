@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import onnx
 import pytest
 from deploy_models import ROOT
@@ -9,7 +11,7 @@ from deploy_models import ROOT
 from autoprec.errors import PlanError, UsageError
 from autoprec.export import export_onnx
 from autoprec.runtime import cuda_available
-from autoprec.verify import verify
+from autoprec.verify import Parity, VerifyReport, near_tie_note, verify
 
 MODEL = ROOT / "models" / "cancer_mlp.py"
 PLAN = {"fc1": "fp8", "fc2": "bf16", "fc3": "fp16", "fc4": "fp32"}
@@ -87,3 +89,19 @@ def test_verify_measures_a_file_written_for_the_cpu_itself(tmp_path, zoo) -> Non
     assert r.ok and r.parity.rel_l2 < 1e-6
     assert r.metric_onnx == verify(export_onnx(MODEL, PLAN, zoo("cancer_mlp").amax, tmp_path / "e.onnx"), MODEL,
                                    PLAN, providers="cpu").metric_onnx
+
+
+def test_a_budget_missed_only_at_near_ties_is_explained() -> None:
+    """ONNX Runtime over budget while the torch emulation of the same plan is within it, and every
+    position where they differ a near tie: the verdict stands, and a note says where it comes from."""
+    par = Parity(rel_l2=3e-3, top1_agreement=1.0, positions=32, tolerance=6e-3, narrowest="fp16",
+                 top1_raw=31 / 32, near_ties=3)
+    report = VerifyReport(onnx_path="m.onnx", model="m", file_mode="emulate", provider="cpu", provider_note="",
+                          metric_graph="emulation", formats={"fp16": 1}, parity=par, metric="top1_agreement",
+                          allowed_drop=0.005, metric_onnx=31 / 32, metric_torch_emulated=1.0, metric_fp32=1.0)
+    assert report.within_budget is False and not report.ok
+    assert "differs from it at 1 of 32 positions, all near ties" in near_tie_note(report)
+    over = replace(report, metric_torch_emulated=31 / 32)  # the plan itself is over budget
+    decided = replace(report, parity=replace(par, top1_agreement=0.9))  # a decided position differs
+    within = replace(report, metric_onnx=1.0)
+    assert near_tie_note(over) is near_tie_note(decided) is near_tie_note(within) is None
