@@ -298,8 +298,8 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     captured = capture(module, example, name=spec.name)
     recorded_fp = model_meta(model).get(MODEL_FINGERPRINT)
     if recorded_fp and recorded_fp != captured.graph.fingerprint():
-        raise PlanError(f"{path} was exported from another model than {spec.path.name} "
-                        f"(fingerprint {recorded_fp} != {captured.graph.fingerprint()})")
+        raise PlanError(f"{path} was exported from another model than {spec.path.name}, or by an older autoprec "
+                        f"(fingerprint {recorded_fp} != {captured.graph.fingerprint()}): export it again")
     torch_emulated = apply_plan(captured, assignment, amax or None, mode="emulate")
     notes: list[str] = []
     io = _io_format(model, notes)

@@ -45,6 +45,12 @@ def test_verify_refuses_other_plans_models_and_files(exported, tmp_path) -> None
         verify(path, MODEL, {**PLAN, "fc2": "fp16"})
     with pytest.raises(PlanError, match="does not fit|another model"):
         verify(path, ROOT / "models" / "digits_cnn.py")
+    stale = tmp_path / "stale.onnx"  # the model's graph changed since (or capture did: batch norm folding)
+    m = onnx.load(str(path))
+    next(p for p in m.metadata_props if p.key == "autoprec.fingerprint").value = "0" * 16
+    onnx.save(m, str(stale))
+    with pytest.raises(PlanError, match="another model than cancer_mlp.py, or by an older autoprec"):
+        verify(stale, MODEL, PLAN)
     plain = tmp_path / "plain.onnx"
     m = onnx.load(str(path))
     del m.metadata_props[:]
