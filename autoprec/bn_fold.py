@@ -24,6 +24,7 @@ its norms (``capture(..., fold_norms=False)``).
 from __future__ import annotations
 
 import copy
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -190,7 +191,7 @@ def _norm_of(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any] | None:
         if arg is None:
             return None
         if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            return _get(gm, str(arg.target))
+            return attrgetter(str(arg.target))(gm)
         raise LookupError(arg)
 
     try:
@@ -223,13 +224,6 @@ def _norm_of(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any] | None:
     return None
 
 
-def _get(gm: Any, target: str) -> Any:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _set_param(gm: Any, target: str, value: Any) -> None:
     """Make ``target`` (a dotted path on ``gm``) a parameter holding ``value``."""
     import torch.nn as nn
@@ -257,8 +251,7 @@ def _conv_weights(conv: Any) -> tuple[Any, Any] | None:
         return None  # transposed: its weight's output channels are on axis 1
     w = conv.args[1] if len(conv.args) > 1 else conv.kwargs.get("weight")
     b = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
-    if not isinstance(w, fx.Node) or w.op != "get_attr" or len(w.users) != 1 \
-            or sum(n.op == "get_attr" and n.target == w.target for n in conv.graph.nodes) != 1:
+    if not isinstance(w, fx.Node) or w.op != "get_attr" or not _own(w):
         return None
     if b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr"):
         return None
@@ -283,9 +276,9 @@ def _foldable(gm: Any) -> list[tuple[Any, dict[str, Any], tuple[Any, Any]]]:
         ws = _conv_weights(norm["input"])
         if ws is None:
             continue
-        weight = _get(gm, str(ws[0].target))
+        weight = attrgetter(str(ws[0].target))(gm)
         params = [norm[k] for k in ("mean", "var", "gamma", "beta")] + [weight]
-        params += [_get(gm, str(ws[1].target))] if ws[1] is not None else []
+        params += [attrgetter(str(ws[1].target))(gm)] if ws[1] is not None else []
         if all(p is None or p.dtype == torch.float32 for p in params) \
                 and _shapes_fold(weight, int(norm["mean"].numel())):
             out.append((node, norm, ws))
@@ -312,9 +305,9 @@ def fold_fx_batch_norms(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[tuple[
 
     for node, norm, (w, b) in _foldable(gm):
         conv = norm["input"]
-        fw, fb = fold_batch_norm(arr(_get(gm, str(w.target))), arr(_get(gm, str(b.target))) if b is not None else None,
-                                 arr(norm["mean"]), arr(norm["var"]), arr(norm["gamma"]), arr(norm["beta"]),
-                                 float(norm["eps"]))
+        bias = attrgetter(str(b.target))(gm) if b is not None else None
+        fw, fb = fold_batch_norm(arr(attrgetter(str(w.target))(gm)), arr(bias), arr(norm["mean"]), arr(norm["var"]),
+                                 arr(norm["gamma"]), arr(norm["beta"]), float(norm["eps"]))
         _set_param(gm, str(w.target), torch.from_numpy(fw))
         bias_target = folded_bias_name(str(w.target))
         if not (b is not None and str(b.target) == bias_target and _own(b)):
@@ -345,6 +338,6 @@ def fold_fx_batch_norms(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[tuple[
 
 def _get_or_none(gm: Any, target: str) -> Any:
     try:
-        return _get(gm, target)
+        return attrgetter(target)(gm)
     except AttributeError:
         return None

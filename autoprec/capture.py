@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from operator import attrgetter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -452,10 +453,7 @@ def _is_param(gm: fx.GraphModule, target: str) -> bool:
 
 
 def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return attrgetter(target)(gm)
 
 
 def _ties(gm: fx.GraphModule, graph: OpGraph) -> list[list[str]]:

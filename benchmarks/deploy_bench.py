@@ -162,7 +162,8 @@ def table(rows: list[dict[str, object]], budget: str, cuda: bool) -> str:
             f"| {r['drop']:.4g} / {allowed} | {r['rel_l2']:.2e} ({r['tolerance']:.2e}) | {top1} "
             f"| {'yes' if ok else 'NO'} |")
     lines.append("")
-    lines += [f"{r['model']}: {r['note']}." for r in rows if r["note"]] + ([""] if any(r["note"] for r in rows) else [])
+    notes = [f"{r['model']}: {r['note']}." for r in rows if r["note"]]
+    lines += notes + [""] * bool(notes)
     if cuda:
         lines += [f"ORT CUDA latency at batch {LATENCY_BATCH}, median of {LATENCY_RUNS} runs in interleaved rounds: "
                   "`session.run` on host arrays (copies in and out included), and with inputs and outputs resident "
