@@ -94,7 +94,7 @@ class TuneResult:
         if self.spec is None or self.captured is None:
             raise UsageError("this tune result holds no model to export: export it with autoprec.export.export_onnx")
         if self._fp32_onnx is None:
-            self._fp32_onnx = _fp32_export(self.spec)
+            self._fp32_onnx = _Fp32Export(self.spec)
         return apply_plan_onnx(self._fp32_onnx(), self.captured, self.plan.assignment, amax, mode,
                                provider=self.provider)
 
@@ -122,6 +122,9 @@ class _Run:
     op_types: dict[str, str] | None = None  # ONNX op type per node, where known
     deploy: Callable[[dict[str, Precision]], bytes] | None = None  # assignment -> serialized deployment graph
     feeds: Callable[[int], tuple[dict[str, Any], int]] | None = None  # batch -> (graph inputs, samples in them)
+    # torch models: assignment -> ONNX Runtime's run of the plan's emulation graph, as metric.measure takes it
+    on_onnx: Callable[[dict[str, Precision]], Any] | None = None
+    fp32_export: _Fp32Export | None = None  # torch models: their fp32 ONNX export, when tune makes it
 
 
 def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fidelity_budget: str | float | None = None,
@@ -129,7 +132,7 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
          strategy: str | Strategy = "milp", keep: Iterable[str] = (), force: Iterable[str] = (),
          profile_mode: str = "fast", cost_model: CostModel | None = None, metric: Metric | None = None,
          batch: int = DEPLOY_BATCH, provider: str | None = None, progress: Progress | None = None,
-         timing: bool = True) -> TuneResult:
+         timing: bool = True, onnx_check: bool = True) -> TuneResult:
     """Find the fastest per-layer plan whose *measured* metric drop stays within the budget.
 
     ``budget`` (models with evaluate()) or ``fidelity_budget`` (models without): "0.5%" relative
@@ -143,6 +146,11 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     of the searched plan, of the fastest uniform plan within budget and of all-fp32, and adopt the
     fastest (:func:`_against_latency`): the cost model's choice checked by a measurement, as the
     budget is by an evaluation. A plan tuned on a GPU may therefore depend on those timings.
+    ``onnx_check``: a plan is accepted only when ONNX Runtime's run of its emulation graph (the
+    exported model's numerics, on the CPU) is within the budget too, not the torch emulation alone.
+    Both compute the plan's roundings, in other summation orders, and where a sample's fp32 top-1 is
+    a near tie the two can decide it differently; the budget holds for the model that is deployed.
+    Off, the model is never exported to ONNX during the search.
     """
     _check_batch(batch)
     t0 = time.perf_counter()
@@ -157,11 +165,13 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     prof = profile(captured, batches, formats=fmts, mode=profile_mode, output_kind=spec.output_kind,
                    progress=progress, time_reference=False)
     amax = act_amax_from_profile(prof)
+    fp32_onnx = _Fp32Export(spec)  # exported once, when first needed: the ONNX check, the timing, the file
     run = _Run(spec.name, captured.graph, prof, metric, reference, t_eval, drop_budget,
-               lambda a: apply_plan(captured, a, amax))
-    fp32_onnx = _fp32_export(spec)  # exported once, when first needed: the timing check, then the file
+               lambda a: apply_plan(captured, a, amax), fp32_export=fp32_onnx)
     if timing:
         run.deploy, run.feeds = _torch_deployment(spec, captured, amax, provider, fp32_onnx)
+    if onnx_check:
+        run.on_onnx = _onnx_emulation(captured, amax, fp32_onnx)
     plan, summary, uniforms, pareto = _search_verified(run, fmts, target, objective, strategy, keep, force,
                                                        cost_model, batch, provider, t0)
     module = apply_plan(captured, plan.assignment, amax)
@@ -224,28 +234,39 @@ def _search_verified(run: _Run, fmts: tuple[Precision, ...], target: str, object
     deploy_graph = run.graph.at_batch(batch) if run.graph.batch else run.graph
     excluded = exclusions(deploy_graph, provider, fmts, run.op_types) if provider else None
     problem = SearchProblem.build(deploy_graph, prof, cost, formats=fmts, pins=pins, excluded=excluded)
-    measured: dict[tuple, float] = {}
+    measured: dict[tuple, float] = {}  # the plan's metric (run.build)
+    on_onnx: dict[tuple, float] = {}  # and ONNX Runtime's, for plans the first keeps within budget
 
     def evaluate(assignment: dict[str, Precision]) -> float:
-        key = tuple(sorted((k, v.value) for k, v in assignment.items()))
+        """The plan's measured drop: the worse of its run.build model's and, where that one is
+        within budget, the plan rounds somewhere and the run checks ONNX, its emulation graph's on
+        ONNX Runtime."""
+        key = _key(assignment)
         if key not in measured:
             measured[key] = float(metric.measure(run.build(assignment)))
-        return measured[key]
+            rounds = any(f != Precision.FP32 for f in assignment.values())  # all-fp32: the export itself
+            if run.on_onnx is not None and rounds and metric.drop(reference, measured[key]) <= allowed:
+                on_onnx[key] = _measure_on_onnx(metric, run.on_onnx, assignment)
+        drops = [metric.drop(reference, measured[key])]
+        if key in on_onnx:
+            drops.append(metric.drop(reference, on_onnx[key]))
+        return max(drops)
 
-    plan = tune_loop(problem, strategy, lambda p: metric.drop(reference, evaluate(p.assignment)), allowed)
+    plan = tune_loop(problem, strategy, lambda p: evaluate(p.assignment), allowed)
     search_evals = len(measured)
     # a built-in strategy's plan gives way to a faster measured uniform plan; a user's strategy is
     # only compared against them (its choices may encode constraints we cannot see)
-    plan, uniforms = _against_uniform(problem, plan, lambda a: metric.drop(reference, evaluate(a)), allowed,
-                                      adopt=isinstance(strategy, str))
+    plan, uniforms = _against_uniform(problem, plan, evaluate, allowed, adopt=isinstance(strategy, str))
     timed = None
     if provider and objective == "latency":
         plan, timed = _against_latency(problem, plan, uniforms, run, provider, batch, adopt=isinstance(strategy, str))
-    tuned_value = evaluate(plan.assignment)
+    drop = evaluate(plan.assignment)
+    tuned_value, onnx_value = measured[_key(plan.assignment)], on_onnx.get(_key(plan.assignment))
     plan = plan.with_measured(metric=metric.name, metric_fp32=reference, metric_tuned=tuned_value,
-                              drop=metric.drop(reference, tuned_value), allowed_drop=allowed,
-                              budget=str(run.budget), evaluations=search_evals,
+                              drop=drop, allowed_drop=allowed, budget=str(run.budget), evaluations=search_evals,
                               baseline_evaluations=len(measured) - search_evals)
+    if onnx_value is not None:
+        plan = plan.with_measured(metric_onnx=onnx_value, onnx_checks=len(on_onnx))
     if timed is not None:
         plan = plan.with_measured(latency_provider=timed.provider, latency_batch=timed.batch,
                                   latency_ms=dict(timed.ms), latency_chosen=timed.chosen)
@@ -255,7 +276,7 @@ def _search_verified(run: _Run, fmts: tuple[Precision, ...], target: str, object
     summary = TuneSummary(run.name, metric.name, metric.higher_is_better, reference, tuned_value, str(run.budget),
                           allowed, plan.speedup, _ratio(plan.memory_bytes, plan.fp32_memory_bytes), best_u,
                           len(measured) + 1, seconds, seconds / run.eval_seconds if run.eval_seconds > 0 else 0.0,
-                          timed)
+                          timed, onnx_value, len(on_onnx), run.fp32_export.seconds if run.fp32_export else 0.0)
     return plan, summary, uniforms, pareto
 
 
@@ -383,22 +404,59 @@ def _against_latency(problem: SearchProblem, plan: PrecisionPlan, uniforms: list
     return plan, LatencyCheck("cuda", samples, tuple(times.items()), chosen)
 
 
-def _fp32_export(spec: ModelSpec) -> Callable[[], Any]:
-    """The model's fp32 ONNX export (torch.onnx), made on the first call and kept."""
-    @functools.cache
-    def export() -> Any:
-        from autoprec.export import torch_to_onnx
+class _Fp32Export:
+    """The model's fp32 ONNX export (torch.onnx), made on the first call and kept, with the seconds
+    it took: tune reports them apart, since writing the tuned model needs the export anyway."""
 
-        return torch_to_onnx(spec.model(), spec.example_inputs())
+    def __init__(self, spec: ModelSpec) -> None:
+        self._spec = spec
+        self._model: Any = None
+        self.seconds = 0.0
 
-    return export
+    def __call__(self) -> Any:
+        if self._model is None:
+            from autoprec.export import torch_to_onnx
+
+            t = time.perf_counter()
+            self._model = torch_to_onnx(self._spec.model(), self._spec.example_inputs())
+            self.seconds = time.perf_counter() - t
+        return self._model
+
+
+def _measure_on_onnx(metric: Metric, on_onnx: Callable[[dict[str, Precision]], Any],
+                     assignment: dict[str, Precision]) -> float:
+    """``metric`` of ONNX Runtime's run of the plan; a failure says how to tune without it."""
+    try:
+        return float(metric.measure(on_onnx(assignment)))
+    except AutoprecError:
+        raise
+    except Exception as exc:  # the model's own evaluate(), or ONNX Runtime
+        raise UsageError(f"measuring {metric.name} on ONNX Runtime's run of a plan failed ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}): evaluate() must only call the "
+                         "model it is given; or tune with --no-onnx-check (onnx_check=False) to accept plans on "
+                         "the torch emulation alone") from exc
+
+
+def _onnx_emulation(captured: Captured, amax: Mapping[str, tuple[float, ...]], fp32: Callable[[], Any]
+                    ) -> Callable[[dict[str, Precision]], Any]:
+    """assignment -> ONNX Runtime's CPU session of the plan's emulation graph (made from the fp32
+    export ``fp32`` returns), as a torch-callable module: the deployed numerics, which the model's
+    metric measures like the torch emulation."""
+    from autoprec.export import apply_plan_onnx
+    from autoprec.runtime import open_session, ort_module
+
+    def build(assignment: dict[str, Precision]) -> Any:
+        graph = apply_plan_onnx(fp32(), captured, assignment, amax, "emulate")
+        return ort_module(open_session(graph.SerializeToString(), "cpu"))
+
+    return build
 
 
 def _torch_deployment(spec: ModelSpec, captured: Captured, amax: Mapping[str, tuple[float, ...]], provider: str | None,
                       fp32: Callable[[], Any]
                       ) -> tuple[Callable[[dict[str, Precision]], bytes], Callable[[int], tuple[dict[str, Any], int]]]:
     """(assignment -> deployment graph, batch -> its inputs) for a torch model whose fp32 export
-    ``fp32`` returns (:func:`_fp32_export`: a run without a GPU never exports)."""
+    ``fp32`` returns (:class:`_Fp32Export`)."""
     from autoprec.export import apply_plan_onnx
     from autoprec.onnx_graph import graph_inputs
     from autoprec.runtime import repeat_to
@@ -431,6 +489,11 @@ def _sweep_budgets(prof: SensitivityProfile, n: int = 10) -> list[float]:
         return [0.0]
     lo, hi = errs[0], sum(errs)
     return [0.0] + [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+
+
+def _key(assignment: Mapping[str, Precision]) -> tuple[tuple[str, str], ...]:
+    """An assignment as a hashable key, whatever order its layers come in."""
+    return tuple(sorted((k, v.value) for k, v in assignment.items()))
 
 
 def _ratio(a: float, b: float) -> float:

@@ -145,9 +145,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if onnx_input:
             if args.profile_mode == "fast":
                 raise UsageError(_EXACT_ONLY.format(flag="--profile-mode"))
+            if args.no_onnx_check:
+                raise UsageError(".onnx models are measured on ONNX Runtime itself, every plan: drop --no-onnx-check")
             result = api.tune_onnx(args.model, args.data, args.labels, args.budget, **common)
         else:
-            result = api.tune(args.model, args.budget, profile_mode=args.profile_mode or "fast", **common)
+            result = api.tune(args.model, args.budget, profile_mode=args.profile_mode or "fast",
+                              onnx_check=not args.no_onnx_check, **common)
     plan = result.plan
     files = [plan.save(out_dir / "plan.json"), atomic_write_text(out_dir / "profile.json", result.profile.to_json())]
     # the tuned model itself: the deployment graph, and the graph ORT's CPU provider runs faithfully
@@ -265,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--no-timing", action="store_true",
                     help="with --provider cuda on a machine with a GPU: do not time the searched plan against the "
                          "fastest uniform plan within budget and all-fp32 (the fastest measured is adopted by default)")
+    tu.add_argument("--no-onnx-check", action="store_true",
+                    help="model files: accept plans on the torch emulation's metric alone (by default a plan must "
+                         "also be within budget on ONNX Runtime's run of its emulation graph, the exported numerics)")
     tu.add_argument("--strategy", default="milp", help="milp (default), greedy, bisection[:FORMAT] or uniform")
     tu.add_argument("--keep", action="append", default=[], metavar="FMT:REGEX",
                     help="keep layers whose scope, name or kind matches REGEX at FMT or wider, e.g. fp32:'head|embed'")

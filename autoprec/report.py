@@ -68,16 +68,24 @@ class TuneSummary:
     seconds: float
     eval_passes: float  # tune wall time in units of one fp32 evaluation
     timing: LatencyCheck | None = None  # measured latencies, where the provider runs here
+    metric_onnx: float | None = None  # the tuned plan's emulation graph on ONNX Runtime (torch models)
+    onnx_checks: int = 0  # plans also measured on ONNX Runtime
+    export_seconds: float = 0.0  # of ``seconds``: the fp32 ONNX export (which writing the tuned model needs)
+
+    def _drop(self, value: float) -> float:
+        d = self.metric_fp32 - value
+        return d if self.higher_is_better else -d
 
     @property
     def drop(self) -> float:
-        d = self.metric_fp32 - self.metric_tuned
-        return d if self.higher_is_better else -d
+        """The tuned plan's drop: the worse of the torch emulation's and ONNX Runtime's."""
+        return max(self._drop(v) for v in (self.metric_tuned, self.metric_onnx) if v is not None)
 
     def lines(self) -> list[str]:
         arrow = "higher is better" if self.higher_is_better else "lower is better"
+        onnx = "" if self.metric_onnx is None else f" in torch, {self.metric_onnx:.6g} on ONNX Runtime (emulation graph)"
         out = [
-            f"{self.metric} ({arrow}): fp32 {self.metric_fp32:.6g} -> tuned {self.metric_tuned:.6g} "
+            f"{self.metric} ({arrow}): fp32 {self.metric_fp32:.6g} -> tuned {self.metric_tuned:.6g}{onnx} "
             f"(drop {self.drop:.4g}; budget {self.budget_text} = {self.allowed_drop:.4g})",
             f"estimated speedup {self.speedup:.2f}x and memory {100 * self.memory_ratio:.0f}% of all-fp32",
         ]
@@ -89,8 +97,10 @@ class TuneSummary:
             out.append("no uniform low-precision plan meets the budget")
         if self.timing is not None:
             out.append(self.timing.line())
-        out.append(f"{self.evaluations} full evaluations; tuning took {self.seconds:.1f} s "
-                   f"= {self.eval_passes:.1f} fp32 evaluations")
+        checks = f" ({self.onnx_checks} also on ONNX Runtime)" if self.onnx_checks else ""
+        export = f", {self.export_seconds:.1f} s of it the ONNX export" if self.export_seconds else ""
+        out.append(f"{self.evaluations} full evaluations{checks}; tuning took {self.seconds:.1f} s "
+                   f"= {self.eval_passes:.1f} fp32 evaluations{export}")
         return out
 
 

@@ -15,9 +15,12 @@ import torch
 
 from autoprec.api import apply_plan_file, tune
 from autoprec.cli import main
-from autoprec.errors import PlanError
+from autoprec.errors import PlanError, UsageError
 from autoprec.formats import Precision
+from autoprec.metrics import Metric
 from autoprec.plan import PrecisionPlan
+from autoprec.runtime import open_session, ort_module
+from autoprec.spec import load_model_spec
 from passes.onnx_base import MODEL_MODE, model_meta
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,10 +68,41 @@ def test_plan_refuses_another_model(cnn_run: tuple[Path, int]) -> None:
 def test_reapplied_plan_reproduces_the_measured_metric(cnn_run: tuple[Path, int]) -> None:
     out, _ = cnn_run
     plan = PrecisionPlan.load(out / "plan.json")
-    from autoprec.spec import load_model_spec
-
     spec = load_model_spec(CNN)
-    assert spec.evaluate(apply_plan_file(spec, out / "plan.json")) == plan.measured["metric_tuned"]
+    m = plan.measured
+    assert spec.evaluate(apply_plan_file(spec, out / "plan.json")) == m["metric_tuned"]
+    # the plan was measured on ONNX Runtime too, within budget: the emulation graph written beside it gives that figure
+    emulated = ort_module(open_session(str(out / "digits_cnn.emulation.onnx"), "cpu"))
+    assert spec.evaluate(emulated) == m["metric_onnx"] and m["metric_fp32"] - m["metric_onnx"] <= m["allowed_drop"]
+    assert m["onnx_checks"] >= 1 and "on ONNX Runtime" in (out / "report.md").read_text()
+
+
+def test_a_plan_onnx_runtime_puts_over_budget_is_refused() -> None:
+    """The torch emulation is not the deployed model: a plan is accepted only when ONNX Runtime's
+    run of its emulation graph is within budget too. A metric that fails every ONNX Runtime run
+    leaves the all-fp32 plan, which rounds nowhere and so is never run there."""
+    spec = load_model_spec(CNN)
+
+    def harsh(module: torch.nn.Module) -> float:
+        return 0.0 if hasattr(module, "session") else spec.evaluate(module)
+
+    metric = Metric("accuracy", True, harsh)
+    r = tune(CNN, "2%", metric=metric)
+    assert set(r.plan.assignment.values()) == {Precision.FP32} and "metric_onnx" not in r.plan.measured
+    assert r.summary.onnx_checks >= 1 and r.summary.drop == 0.0
+    unchecked = tune(CNN, "2%", metric=metric, onnx_check=False)
+    assert set(unchecked.plan.assignment.values()) != {Precision.FP32} and unchecked.summary.onnx_checks == 0
+
+
+def test_a_metric_that_cannot_measure_onnx_runtime_says_how_to_go_on() -> None:
+    spec = load_model_spec(CNN)
+
+    def needs_parameters(module: torch.nn.Module) -> float:
+        next(module.parameters())  # an evaluate() that looks inside the model (ONNX Runtime's has no parameters)
+        return spec.evaluate(module)
+
+    with pytest.raises(UsageError, match=r"on ONNX Runtime's run of a plan failed \(StopIteration.*--no-onnx-check"):
+        tune(CNN, "2%", metric=Metric("accuracy", True, needs_parameters))
 
 
 def test_lm_plan_mixes_low_formats_within_budget_and_beats_uniform() -> None:

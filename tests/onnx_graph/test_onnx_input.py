@@ -396,6 +396,7 @@ def test_a_scalar_input_is_fed_to_every_run(cond: bool) -> None:
     ([], "give its inputs with --data"),
     (["--data", "{data}", "--profile-mode", "fast"], "profiled in exact mode"),
     (["--data", "{data}", "--budget", "1%"], "give --fidelity-budget"),
+    (["--data", "{data}", "--no-onnx-check"], "measured on ONNX Runtime itself"),
     (["--data", "{labels}"], "the model takes rank 4"),
 ])
 def test_cli_onnx_errors_are_one_line_and_write_nothing(legacy_cnn: tuple[Path, Path, Path], tmp_path: Path,
