@@ -285,6 +285,11 @@ def _foldable(gm: Any) -> list[tuple[Any, dict[str, Any], tuple[Any, Any]]]:
     return out
 
 
+def foldable_norms(gm: fx.GraphModule) -> list[str]:
+    """The batch norm nodes :func:`fold_fx_batch_norms` would fold (and the ONNX export folds)."""
+    return [node.name for node, _, _ in _foldable(gm)]
+
+
 def fold_fx_batch_norms(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[tuple[str, str]]]:
     """Fold every inference batch norm that alone reads a convolution's output into it.
 

@@ -122,6 +122,7 @@ class Captured:
     example_inputs: tuple[Any, ...]
     #: (convolution layer, batch norm) pairs folded into one convolution (autoprec.bn_fold)
     folded_norms: tuple[tuple[str, str], ...] = ()
+    folds_norms: bool = True  # capture(fold_norms=...): False keeps the norms, for training
 
     def notes(self) -> list[str]:
         """What capture changed in the model, for the report."""
@@ -183,7 +184,7 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...], name: str = "", m
     graph = build_opgraph(gm, name or type(model).__name__)
     graph.batch = next((int(x.shape[0]) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
     return Captured(gm=gm, graph=graph, method=used, example_inputs=tuple(example_inputs),
-                    folded_norms=tuple(folded))
+                    folded_norms=tuple(folded), folds_norms=fold_norms)
 
 
 def _batch_dynamic(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import onnx
 
-from autoprec.bn_fold import fold_onnx_batch_norms
+from autoprec.bn_fold import fold_onnx_batch_norms, foldable_norms
 from autoprec.capture import Captured, capture
 from autoprec.ep_support import parse_provider
 from autoprec.errors import AutoprecError, PlanError, UsageError
@@ -195,6 +195,12 @@ def apply_plan_onnx(fp32_model: onnx.ModelProto, captured: Captured, assignment:
     passes' groups, kinds and policies); by default only :data:`COMPACT_METADATA` stays.
     The result passes ``onnx.checker.check_model(full_check=True)``.
     """
+    if not captured.folds_norms:
+        kept = foldable_norms(captured.gm)
+        if kept:
+            raise UsageError(f"this capture kept its batch norms ({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}; "
+                             "capture(..., fold_norms=False) is for training), and the ONNX export folds them into "
+                             "their convolutions: export from a capture with fold_norms=True")
     plan = {name: parse_precision(p) for name, p in assignment.items()}
     return run_plan_passes(fp32_model, onnx_passes(captured, plan, act_amax, mode, provider), captured.graph, plan,
                            act_amax, mode, keep_metadata, provider)

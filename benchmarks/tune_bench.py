@@ -46,9 +46,10 @@ def main(argv: list[str]) -> str:
             u = s.best_uniform
             ok_u = u is None or plan.speedup >= u.speedup - 1e-9
             cap = max_measurements(len(r.captured.graph.layers()))
+            on_ort = "-" if s.metric_onnx is None else f"{s.metric_onnx:.4f}"  # all-fp32 plans are not run there
             counts = ", ".join(f"{k} {v}" for k, v in plan.format_counts().items())
             lines.append(
-                f"| {spec.name} | {b} | {s.metric_fp32:.4f} -> {s.metric_tuned:.4f} ({s.metric_onnx or 0.0:.4f}) | {s.drop:.4g} / {s.allowed_drop:.4g} "
+                f"| {spec.name} | {b} | {s.metric_fp32:.4f} -> {s.metric_tuned:.4f} ({on_ort}) | {s.drop:.4g} / {s.allowed_drop:.4g} "
                 f"| {'yes' if s.drop <= s.allowed_drop else 'NO'} | {plan.speedup:.2f}x "
                 f"| {f'{u.format} {u.speedup:.2f}x' if u else 'none'} | {'yes' if ok_u else 'NO'} | {counts} "
                 f"| {plan.measured['evaluations']} ({cap}) | {s.eval_passes:.1f} "

@@ -13,6 +13,7 @@ from onnx import helper
 
 from autoprec.bn_fold import fold_batch_norm, folded_bias_name
 from autoprec.capture import capture
+from autoprec.errors import UsageError
 from autoprec.export import apply_plan_onnx, torch_to_onnx
 from autoprec.formats import Precision
 from autoprec.onnx_graph import analyse_onnx
@@ -141,6 +142,9 @@ def test_onnx_export_folds_bit_for_bit_as_the_capture(model: ConvNorms, x: torch
     relu = next(n for n in fp16.graph.node if n.op_type == "Relu")
     assert producers[relu.input[0]].op_type == "Add"  # c1's 16-bit bias Add: no norm, no Cast between
     assert producers[producers[relu.input[0]].input[0]].op_type == "Conv"
+    # a capture that kept its norms (for training) describes another graph than the export: one line says so
+    with pytest.raises(UsageError, match=r"kept its batch norms \(b1, b2, batch_norm; .*fold_norms=True"):
+        apply_plan_onnx(fp32, capture(model, (x,), fold_norms=False), {n: Precision.FP16 for n in c.graph.layer_names()})
 
 
 def _onnx_conv_norms() -> onnx.ModelProto:
