@@ -643,6 +643,7 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
             act_in_elems=sum(values[i].numel for i in act_ins if i in values),
             act_out_elems=sum(v.numel for v in outs if v is not None and v.is_float),
             weight=weight,
+            unit=groups[node.name] if node.name in fused else "",
         )
         nodes.append(op)
         for i in ins:

@@ -105,7 +105,7 @@ def test_erf_gelu_pattern_is_one_gelu_of_follow_ops() -> None:
     g = a.graph
     assert g["fc"].kind == "linear"
     for name in ("gelu_div", "gelu_erf", "gelu_add", "gelu_mul", "gelu_half"):
-        assert (g[name].kind, g[name].policy) == ("gelu", Policy.FOLLOW)
+        assert (g[name].kind, g[name].policy, g[name].unit) == ("gelu", Policy.FOLLOW, "gelu_div")
     x = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32)
     np.testing.assert_array_equal(run(gelu_opset13(), {"x": x})[0], run(a.model, {"x": x})[0])
 
