@@ -198,9 +198,10 @@ def apply_plan_onnx(fp32_model: onnx.ModelProto, captured: Captured, assignment:
     if not captured.folds_norms:
         kept = foldable_norms(captured.gm)
         if kept:
-            raise UsageError(f"this capture kept its batch norms ({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}; "
-                             "capture(..., fold_norms=False) is for training), and the ONNX export folds them into "
-                             "their convolutions: export from a capture with fold_norms=True")
+            names = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+            raise UsageError(f"this capture kept its batch norms ({names}; capture(..., fold_norms=False) is for "
+                             "training), and the ONNX export folds them into their convolutions: export from a "
+                             "capture with fold_norms=True")
     plan = {name: parse_precision(p) for name, p in assignment.items()}
     return run_plan_passes(fp32_model, onnx_passes(captured, plan, act_amax, mode, provider), captured.graph, plan,
                            act_amax, mode, keep_metadata, provider)

@@ -2,13 +2,14 @@
 
     .venv/bin/python benchmarks/tune_bench.py [models/x.py ...] [--budgets 0.1%,0.5%,2%]
 
-For each (model, budget) it prints the tuned plan's metric in torch and on ONNX Runtime, its measured
-drop (the worse of the two) against the allowed drop (must be within), the estimated speedup of the tuned plan against the best uniform plan that meets the
-budget (must be >=), the formats used, the full evaluations the search used (cap 2 + log2 L), and
-the tuning time in units of one fp32 evaluation (goal <= 15 for digits_resnet) and the part of it the
-fp32 ONNX export took (tune exports the model once to measure plans on ONNX Runtime too; writing the
-tuned model needs that export anyway). Models without
-evaluate() are tuned on fidelity (top-1 agreement with fp32) with the same budget numbers.
+For each (model, budget) it prints the tuned plan's metric in torch and on ONNX Runtime, its
+measured drop (the worse of the two) against the allowed drop (must be within), the estimated
+speedup of the tuned plan against the best uniform plan that meets the budget (must be >=), the
+formats used, the full evaluations the search used (cap 2 + log2 L), and the tuning time in units
+of one fp32 evaluation (goal <= 15 for digits_resnet) and the part of it the fp32 ONNX export took
+(tune exports the model once to measure plans on ONNX Runtime too; writing the tuned model needs
+that export anyway). Models without evaluate() are tuned on fidelity (top-1 agreement with fp32)
+with the same budget numbers.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def main(argv: list[str]) -> str:
             on_ort = "-" if s.metric_onnx is None else f"{s.metric_onnx:.4f}"  # all-fp32 plans are not run there
             counts = ", ".join(f"{k} {v}" for k, v in plan.format_counts().items())
             lines.append(
-                f"| {spec.name} | {b} | {s.metric_fp32:.4f} -> {s.metric_tuned:.4f} ({on_ort}) | {s.drop:.4g} / {s.allowed_drop:.4g} "
+                f"| {spec.name} | {b} | {s.metric_fp32:.4f} -> {s.metric_tuned:.4f} ({on_ort}) "
+                f"| {s.drop:.4g} / {s.allowed_drop:.4g} "
                 f"| {'yes' if s.drop <= s.allowed_drop else 'NO'} | {plan.speedup:.2f}x "
                 f"| {f'{u.format} {u.speedup:.2f}x' if u else 'none'} | {'yes' if ok_u else 'NO'} | {counts} "
                 f"| {plan.measured['evaluations']} ({cap}) | {s.eval_passes:.1f} "
