@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 from autoprec.capture import Captured, capture
 from autoprec.cost import CostModel, ProviderCostModel, RooflineCostModel
 from autoprec.ep_support import exclusions
-from autoprec.errors import AutoprecError, UsageError
+from autoprec.errors import AutoprecError, UsageError, first_line
 from autoprec.formats import DEFAULT_CANDIDATES, Precision, parse_precisions
 from autoprec.metrics import DropBudget, Metric, fidelity_metric
 from autoprec.onnx_input import OnnxModel, profile_onnx
@@ -260,8 +260,8 @@ def _search_verified(run: _Run, fmts: tuple[Precision, ...], target: str, object
     timed = None
     if provider and objective == "latency":
         plan, timed = _against_latency(problem, plan, uniforms, run, provider, batch, adopt=isinstance(strategy, str))
-    drop = evaluate(plan.assignment)
-    tuned_value, onnx_value = measured[_key(plan.assignment)], on_onnx.get(_key(plan.assignment))
+    drop, key = evaluate(plan.assignment), _key(plan.assignment)
+    tuned_value, onnx_value = measured[key], on_onnx.get(key)
     plan = plan.with_measured(metric=metric.name, metric_fp32=reference, metric_tuned=tuned_value,
                               drop=drop, allowed_drop=allowed, budget=str(run.budget), evaluations=search_evals,
                               baseline_evaluations=len(measured) - search_evals)
@@ -326,7 +326,7 @@ def _evaluate_fp32(metric: Metric, fp32_model: Any) -> tuple[float, float]:
         raise
     except Exception as exc:
         raise UsageError(f"the fp32 model cannot be evaluated, so there is nothing to keep within a budget: "
-                         f"{metric.name} raised {type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from exc
+                         f"{metric.name} raised {type(exc).__name__}: {first_line(exc, 160)}") from exc
     if not math.isfinite(value):
         raise UsageError(f"the fp32 model's {metric.name} is {value}: fix the model's metric before tuning")
     return value, time.perf_counter() - t
@@ -432,9 +432,8 @@ def _measure_on_onnx(metric: Metric, on_onnx: Callable[[dict[str, Precision]], A
         raise
     except Exception as exc:  # the model's own evaluate(), or ONNX Runtime
         raise UsageError(f"measuring {metric.name} on ONNX Runtime's run of a plan failed ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}): evaluate() must only call the "
-                         "model it is given; or tune with --no-onnx-check (onnx_check=False) to accept plans on "
-                         "the torch emulation alone") from exc
+                         f"{first_line(exc, 160)}): evaluate() must only call the model it is given; or tune with "
+                         "--no-onnx-check (onnx_check=False) to accept plans on the torch emulation alone") from exc
 
 
 def _onnx_emulation(captured: Captured, amax: Mapping[str, tuple[float, ...]], fp32: Callable[[], Any]

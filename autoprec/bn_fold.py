@@ -178,9 +178,8 @@ def fold_onnx_batch_norms(model: onnx.ModelProto) -> list[str]:
 
 
 def _norm_of(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any] | None:
-    """An inference batch norm node's input, parameters (tensors or None), eps and the nodes that
-    carry its result; None for anything else (a norm in training mode, one without running stats,
-    one whose parameters are computed)."""
+    """An inference batch norm node's input, parameters (tensors or None) and eps; None for anything
+    else (a norm in training mode, one without running stats, one whose parameters are computed)."""
     import torch
     import torch.fx as fx
     import torch.nn as nn
@@ -201,7 +200,7 @@ def _norm_of(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any] | None:
                     or mod.running_mean is None or mod.running_var is None:
                 return None
             return {"input": node.args[0], "mean": mod.running_mean, "var": mod.running_var, "gamma": mod.weight,
-                    "beta": mod.bias, "eps": mod.eps, "outputs": [node]}
+                    "beta": mod.bias, "eps": mod.eps}
         if node.op != "call_function":
             return None
         if node.target is F.batch_norm:
@@ -211,14 +210,13 @@ def _norm_of(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any] | None:
                 return None
             k = a.kwargs
             return {"input": k["input"], "mean": tensor(k["running_mean"]), "var": tensor(k["running_var"]),
-                    "gamma": tensor(k.get("weight")), "beta": tensor(k.get("bias")), "eps": k.get("eps", 1e-5),
-                    "outputs": [node]}
+                    "gamma": tensor(k.get("weight")), "beta": tensor(k.get("bias")), "eps": k.get("eps", 1e-5)}
         if node.target is torch.ops.aten.batch_norm.default:  # what torch.export keeps of a module
             x, gamma, beta, mean, var, training, _momentum, eps = (list(node.args) + [None] * 8)[:8]
             if training or mean is None or var is None:
                 return None
             return {"input": x, "mean": tensor(mean), "var": tensor(var), "gamma": tensor(gamma),
-                    "beta": tensor(beta), "eps": 1e-5 if eps is None else eps, "outputs": [node]}
+                    "beta": tensor(beta), "eps": 1e-5 if eps is None else eps}
     except LookupError:
         return None
     return None
@@ -329,10 +327,7 @@ def fold_fx_batch_norms(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[tuple[
             conv.kwargs = {**conv.kwargs, "bias": bias_node}
         if b is not None and not b.users:
             g.erase_node(b)
-        for out in norm["outputs"]:
-            out.replace_all_uses_with(conv)
-            if out is not node:
-                g.erase_node(out)
+        node.replace_all_uses_with(conv)
         g.erase_node(node)
         done.append((conv.name, node.meta.get("autoprec_scope") or node.name))
     gm.delete_all_unused_submodules()

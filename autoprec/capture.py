@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import operator
-from operator import attrgetter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from autoprec.bn_fold import fold_fx_batch_norms
-from autoprec.errors import CaptureError
+from autoprec.errors import CaptureError, first_line
 from autoprec.kinds import LAYER_KINDS, LOOKUP_KINDS, policy_of  # noqa: F401  (re-exported)
 from autoprec.opgraph import OpGraph, OpNode, Policy
 
@@ -161,14 +160,14 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...], name: str = "", m
             else:
                 used = "fx"
         except Exception as exc:  # fx raises many types for untraceable Python
-            errors.append(f"fx: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            errors.append(f"fx: {type(exc).__name__}: {first_line(exc, 160)}")
     if gm is None and method in ("auto", "export"):
         try:
             ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=_batch_dynamic(example_inputs))
             gm = ep.module()
             used = "export"
         except Exception as exc:
-            errors.append(f"export: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            errors.append(f"export: {type(exc).__name__}: {first_line(exc, 160)}")
     if gm is None:
         raise CaptureError(f"cannot capture {name or type(model).__name__}: " + "; ".join(errors)
                            + " (make forward() free of data-dependent Python control flow)")
@@ -318,7 +317,7 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> No
             _ShapeProp(gm).propagate(*example_inputs)
         except Exception as exc:
             raise CaptureError(f"the captured graph does not run on example_inputs(): "
-                               f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+                               f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _meta_tensor(node: Any) -> Any:
@@ -454,7 +453,7 @@ def _is_param(gm: fx.GraphModule, target: str) -> bool:
 
 
 def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    return attrgetter(target)(gm)
+    return operator.attrgetter(target)(gm)
 
 
 def _ties(gm: fx.GraphModule, graph: OpGraph) -> list[list[str]]:

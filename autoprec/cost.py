@@ -135,15 +135,17 @@ def cast_groups(graph: OpGraph) -> list[CastGroup]:
     Two consumers read the same value when they have the same upstream layer, the same direct
     predecessors and the same element count (q/k/v projections after one LayerNorm, say).
     """
+    def value(producer: str, consumer: str, elems: int) -> tuple[str, tuple[str, ...], int]:
+        return producer, tuple(sorted(graph.predecessors(consumer))), int(elems)
+
     groups: dict[tuple[str, tuple[str, ...], int], list[str]] = {}
     sinks: set[tuple[str, tuple[str, ...], int]] = set()
     for producer, consumer, elems in graph.layer_edges():
-        key = (producer, tuple(sorted(graph.predecessors(consumer))), int(elems))
-        members = groups.setdefault(key, [])
+        members = groups.setdefault(value(producer, consumer, elems), [])
         if consumer not in members:
             members.append(consumer)
     for producer, consumer, elems in graph.fp32_sink_edges():
-        key = (producer, tuple(sorted(graph.predecessors(consumer))), int(elems))
+        key = value(producer, consumer, elems)
         groups.setdefault(key, [])
         sinks.add(key)
     return [CastGroup(k[0], tuple(c), k[2], k in sinks) for k, c in groups.items()]

@@ -46,7 +46,7 @@ import onnx
 from autoprec.bn_fold import fold_onnx_batch_norms, foldable_norms
 from autoprec.capture import Captured, capture
 from autoprec.ep_support import parse_provider
-from autoprec.errors import AutoprecError, PlanError, UsageError
+from autoprec.errors import AutoprecError, PlanError, UsageError, first_line
 from autoprec.formats import Precision, parse_precision
 from autoprec.io import atomic_write_bytes
 from autoprec.onnx_graph import OnnxAnalysis
@@ -157,7 +157,7 @@ def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFA
                                             opset_version=opset, dynamic_shapes=_batch_dims(args))
         except Exception as exc:  # the exporter raises many types
             tail = " | ".join(out.getvalue().strip().splitlines()[-3:])
-            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first_line(exc)}"
                               + (f" ({tail})" if tail else "")) from exc
         if program is None:
             raise ExportError("torch.onnx.export returned no program")

@@ -161,9 +161,8 @@ class OpGraph:
                 continue
             for p in self.predecessors(n.name):
                 size = self._by_name[p].act_out_elems
-                for src in sorted(self._layer_sources_of(p) - {""}):
-                    if size:
-                        out.append((src, n.name, size))
+                if size:
+                    out.extend((src, n.name, size) for src in sorted(self._layer_sources_of(p) - {""}))
         return out
 
     def _layer_sources_of(self, pred: str) -> set[str]:

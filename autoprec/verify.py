@@ -98,9 +98,13 @@ class VerifyReport:
 
     @property
     def drop(self) -> float | None:
-        if self.metric_onnx is None or self.metric_fp32 is None:
+        return self.drop_of(self.metric_onnx)
+
+    def drop_of(self, value: float | None) -> float | None:
+        """How much worse ``value`` (of this report's metric) is than fp32's (positive = worse)."""
+        if value is None or self.metric_fp32 is None:
             return None
-        d = self.metric_fp32 - self.metric_onnx if self.higher_is_better else self.metric_onnx - self.metric_fp32
+        d = self.metric_fp32 - value if self.higher_is_better else value - self.metric_fp32
         return d if math.isfinite(d) else math.inf
 
     @property
@@ -358,9 +362,7 @@ def near_tie_note(report: VerifyReport) -> str | None:
             or p.top1_raw is None or p.top1_raw >= 1.0 or report.allowed_drop is None \
             or report.metric_fp32 is None or report.metric_torch_emulated is None:
         return None
-    torch_drop = (report.metric_fp32 - report.metric_torch_emulated if report.higher_is_better
-                  else report.metric_torch_emulated - report.metric_fp32)
-    if torch_drop > report.allowed_drop + 1e-12:
+    if report.drop_of(report.metric_torch_emulated) > report.allowed_drop + 1e-12:
         return None
     flips = round((1.0 - p.top1_raw) * p.positions)
     return (f"the torch emulation of this plan is within budget; ONNX Runtime's top-1 differs from it at {flips} of "

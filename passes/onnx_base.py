@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from autoprec.errors import first_line
 from autoprec.formats import Precision
 from autoprec.onnx_graph import FLOAT_TYPES, referenced_names  # noqa: F401  (FLOAT_TYPES re-exported)
 from passes.base import GraphPass, PassManager, PassResult
@@ -144,7 +145,7 @@ class OnnxPass(GraphPass[onnx.ModelProto]):
             onnx.checker.check_model(model, full_check=self.type_consistent)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise OnnxPassError(f"{self.name}: the ONNX checker rejects the result: "
-                                f"{str(exc).splitlines()[0][:300]}") from exc
+                                f"{first_line(exc, 300)}") from exc
 
 
 # --- graph queries -----------------------------------------------------------------------------
