@@ -67,10 +67,12 @@ def _need_data(args: argparse.Namespace) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from autoprec import api
-    from autoprec.io import atomic_write_text
+    from autoprec.io import atomic_write_text, writable_file
 
     _need_data(args)
     formats = parse_precisions(args.formats)
+    if args.json:
+        writable_file(args.json)  # fail before profiling, not after
     with _progress() as bar:
         task = bar.add_task(f"profile ({args.mode})", total=None, what="")
 
@@ -127,12 +129,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from autoprec import api
-    from autoprec.io import atomic_write_bytes, atomic_write_text
+    from autoprec.io import atomic_write_bytes, atomic_write_text, writable_dir
     from autoprec.report import write_report
 
     _need_data(args)
     onnx_input = _is_onnx(args.model)
-    out_dir = Path(args.out) if args.out else Path("out") / Path(args.model).stem
+    out_dir = writable_dir(Path(args.out) if args.out else Path("out") / Path(args.model).stem)  # before the work
     with _progress() as bar:
         task = bar.add_task("profile", total=None, what="")
 
@@ -184,8 +186,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from autoprec.export import export_onnx
+    from autoprec.io import writable_file
 
     _need_data(args)
+    writable_file(args.output)
     profile = args.profile
     if profile is None and (Path(args.plan).parent / "profile.json").is_file():
         profile = Path(args.plan).parent / "profile.json"  # `autoprec tune` writes both in one folder

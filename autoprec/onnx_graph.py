@@ -675,8 +675,9 @@ def _unsupported_layer(node: onnx.NodeProto, kind: str, weight: str | None) -> b
 def _bias_add(node: onnx.NodeProto, weight: str | None, inits: set[str], values: Mapping[str, _Value],
               consumers: Mapping[str, list[onnx.NodeProto]]) -> tuple[str, str] | None:
     """(the Add node, the bias initializer) that adds a linear layer's bias to a MatMul's result,
-    when the Add is its only reader and the bias is a 1-D float constant: how exporters write
-    ``nn.Linear`` on inputs of rank > 2."""
+    when the Add is its only reader and the bias is a float constant that varies along the last
+    axis only: how exporters write ``nn.Linear`` on inputs of rank > 2 (shape [N]) and how
+    skl2onnx writes every dense layer (shape [1, N])."""
     if node.op_type != "MatMul" or weight is None or not node.output:
         return None
     users = consumers.get(node.output[0], [])
@@ -686,8 +687,11 @@ def _bias_add(node: onnx.NodeProto, weight: str | None, inits: set[str], values:
     if len(others) != 1 or others[0] not in inits:
         return None
     b = values.get(others[0])
-    if b is None or not b.is_float or b.shape is None or len(b.shape) != 1:
+    out = values.get(node.output[0])
+    if b is None or not b.is_float or not b.shape or any(d != 1 for d in b.shape[:-1]):
         return None
+    if out is not None and out.shape is not None and len(b.shape) > len(out.shape):
+        return None  # it would add axes: not a bias
     return users[0].name, others[0]
 
 

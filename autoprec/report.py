@@ -206,11 +206,16 @@ def plot_pareto(path: Path, points: Sequence[ParetoPoint], plan: PrecisionPlan,
             ax.annotate(f"all-{u.format}", (u.speedup, u.predicted_error), fontsize=7)
     if plan.predicted_error > 0:
         ax.scatter([plan.speedup], [plan.predicted_error], marker="*", s=160, color="red", label="chosen", zorder=5)
-    ax.set_yscale("log")
     ax.set_xlabel(f"estimated speedup on {plan.target} vs fp32")
     ax.set_ylabel("predicted error (sum of per-layer errors)")
     ax.set_title(f"{plan.model_name}: Pareto front")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0] or ax.collections:
+        ax.set_yscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    else:  # a log axis cannot show error 0: say why the plot is empty instead
+        ax.text(0.5, 0.5, "no plan rounds anywhere (predicted error 0 everywhere):\nnothing to plot",
+                transform=ax.transAxes, ha="center", va="center", fontsize=9)
     out = _png(path, fig)
     plt.close(fig)
     return out

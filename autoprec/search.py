@@ -13,10 +13,14 @@ decision unit whose allowed formats are the intersection of its members'.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -74,6 +78,13 @@ class SearchProblem:
             cost_model = RooflineCostModel(cost_model or "h100")
         offer = tuple(parse_precision(f) for f in (profile.formats if formats is None else formats))
         offer = tuple(f for f in dict.fromkeys(offer) if f is not FP32)
+        pins = tuple(pins)
+        for pin in pins:  # a pattern that matches nothing is a typo, not a rule
+            if not any(pin.matches(op) for op in graph.layers()):
+                names = [op.name for op in graph.layers()]
+                shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+                raise UsageError(f"{pin} matches no layer's scope, name or kind: check the pattern "
+                                 f"(layers: {shown})")
         cands: dict[str, tuple[Precision, ...]] = {}
         excl: dict[str, dict[Precision, str]] = {}
         for op in graph.layers():
@@ -86,7 +97,7 @@ class SearchProblem:
                 why.setdefault(Precision.FP16, f"fp16 overflow: amax {over:.1e} > 65504")
             cands[op.name] = tuple(f for f in offer if f not in why)
             excl[op.name] = why
-        return cls(graph, profile, cost_model, float(budget), cands, excl, tuple(pins))
+        return cls(graph, profile, cost_model, float(budget), cands, excl, pins)
 
     @cached_property
     def compiled(self) -> "_Compiled":
@@ -573,11 +584,43 @@ class _Model:
         hi = np.array([r[2] for r in self.rows])
         # presolve off: HiGHS 1.12 prints a stray "transformNewIntegerFeasibleSolution" line to
         # stdout when it maps a presolved solution back (ERGO-Code/HiGHS#2783); these models are
-        # small enough that presolve buys nothing measurable.
-        res = milp(c, integrality=np.array(self.integer, dtype=float), bounds=Bounds(0.0, 1.0),
-                   constraints=LinearConstraint(a, lo, hi),
-                   options={"mip_rel_gap": mip_rel_gap, "time_limit": time_limit, "presolve": False})
+        # small enough that presolve buys nothing measurable. Its sub-MIPs print it too, hence
+        # the silenced stdout.
+        with silenced_c_stdout():
+            res = milp(c, integrality=np.array(self.integer, dtype=float), bounds=Bounds(0.0, 1.0),
+                       constraints=LinearConstraint(a, lo, hi),
+                       options={"mip_rel_gap": mip_rel_gap, "time_limit": time_limit, "presolve": False})
         return res if res.x is not None else None
+
+
+@contextmanager
+def silenced_c_stdout() -> Iterator[None]:
+    """Send file descriptor 1 to the null device for the block: what C code prints there (HiGHS
+    does, whatever its options) would otherwise corrupt output meant for programs, like
+    ``autoprec tune --json``. Python's own prints in the block are flushed out first and then lost
+    too, so the block must print nothing a user needs."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout at all: nothing to protect
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        _flush_c_stdio()  # C's buffer goes to the null device, not to the restored stdout
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+def _flush_c_stdio() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C library to ask (not a POSIX platform)
+        pass
 
 
 class GreedyStrategy:

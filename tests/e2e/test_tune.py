@@ -162,6 +162,9 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path: Path) -> Non
         (["tune", CNN, "--formats", "fp12", "--out", str(out)], r"unknown format 'fp12'"),
         (["tune", CNN, "--keep", "fp32:(", "--out", str(out)], r"bad --keep pattern .*regular expression"),
         (["tune", CNN, "--target", "tpu", "--out", str(out)], r"tpu"),
+        (["tune", CNN, "--keep", "fp32:^head$", "--out", str(out)], r"--keep fp32:\^head\$ matches no layer"),
+        (["tune", CNN, "--out", "/proc/autoprec/never"], r"cannot write /proc/autoprec/never: .*folder you can write"),
+        (["export", CNN, "--plan", "p.json", "-o", str(tmp_path)], r"cannot write .*: it is a folder; give a file path"),
     ):
         p = _cli(*args)
         assert p.returncode != 0, args

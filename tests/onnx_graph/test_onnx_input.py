@@ -7,6 +7,8 @@ import importlib.util
 import io
 import json
 import math
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -348,6 +350,71 @@ def test_cli_tunes_a_legacy_export_end_to_end(legacy_cnn: tuple[Path, Path, Path
     report = verify_onnx_input(cpu, onnx_path, data, labels, out / "plan.json", "cpu")
     assert report.metric_graph == "deployment" and report.parity is not None and report.parity.rel_l2 == 0.0
     assert report.ok and report.metric_onnx == m["metric_tuned"]
+
+
+@pytest.fixture(scope="module")
+def sklearn_mlp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray], np.ndarray]:
+    """A scikit-learn pipeline (StandardScaler, MLPClassifier) on the digits, converted by skl2onnx at
+    opset 17: ai.onnx.ml ops, MatMul + Add with [1, N] biases, an int64 label output beside the
+    probabilities. Returns the file and the held-out inputs and labels."""
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from skl2onnx import to_onnx
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    mlp = MLPClassifier(hidden_layer_sizes=(128, 64), max_iter=100, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the solver's not-converged warning: accuracy is ample
+        clf = make_pipeline(StandardScaler(), mlp).fit(x[:1200], y[:1200])
+    model = to_onnx(clf, x[:1], options={id(mlp): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3})
+    path = tmp_path_factory.mktemp("sklearn") / "digits_mlp.onnx"
+    onnx.save(model, str(path))
+    return path, {"X": x[1200:]}, y[1200:].astype(np.int64)
+
+
+def test_api_tunes_a_scikit_learn_model_converted_by_skl2onnx(sklearn_mlp) -> None:
+    """Another converter's conventions: each dense layer's [1, N] bias Add belongs to its layer (a
+    16-bit layer adds it in 16-bit, no casts between), ai.onnx.ml ops stay fp32 with a reason, the
+    int64 label output is left alone, and the plan is within budget on ONNX Runtime."""
+    path, data, labels = sklearn_mlp
+    r = tune_onnx(path, data, labels, "0.5%", objective="memory")
+    m = r.plan.measured
+    assert m["metric"] == "accuracy" and m["metric_fp32"] > 0.85 and m["drop"] <= m["allowed_drop"]
+    low = {n for n, f in r.plan.assignment.items() if f.is_16bit}
+    assert low and len(r.plan.assignment) == 3
+    analysis = r.onnx.analysis
+    assert "ai.onnx.ml::Scaler" in analysis.op_types.values() and analysis.reasons
+    deploy = r.onnx_model("deploy")
+    onnx.checker.check_model(deploy, full_check=True)
+    producer = {o: n for n in deploy.graph.node for o in n.output}
+    inits = {t.name: t for t in deploy.graph.initializer}
+    for add in (n for n in deploy.graph.node if n.op_type == "Add"):
+        core = producer[add.input[0]]
+        assert core.op_type == "MatMul" and analysis.groups[add.name] == core.name
+        if core.name in low:  # the product and the bias meet in the layer's format
+            bias = inits[add.input[1]]
+            assert list(bias.dims)[:-1] == [1] and bias.data_type == r.plan.assignment[core.name].onnx_type
+    assert [o.type.tensor_type.elem_type for o in deploy.graph.output] == [onnx.TensorProto.INT64,
+                                                                             onnx.TensorProto.FLOAT]
+    emulate = r.onnx_model("emulate")  # the deployment graph's bf16 ops have no CPU kernel
+    label, _ = open_session(emulate.SerializeToString(), "cpu").session.run(None, data)
+    assert np.mean(label == labels) == m["metric_tuned"] == r.metric.measure(emulate)
+
+
+def test_cli_json_is_all_that_tune_prints_on_stdout(sklearn_mlp, tmp_path: Path) -> None:
+    """This model's MILP is one where HiGHS printf()s from C; --json output must still parse."""
+    path, data, labels = sklearn_mlp
+    np.savez(tmp_path / "data.npz", **data)
+    np.save(tmp_path / "labels.npy", labels)
+    p = subprocess.run([sys.executable, "-m", "autoprec", "tune", str(path), "--data", str(tmp_path / "data.npz"),
+                        "--labels", str(tmp_path / "labels.npy"), "--objective", "memory", "--json",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["plan"]["measured"]["drop"] <= doc["plan"]["measured"]["allowed_drop"]
 
 
 def test_api_tunes_a_hand_built_model_on_fidelity() -> None:

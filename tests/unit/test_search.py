@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 import os
@@ -18,7 +19,7 @@ from autoprec.formats import Precision
 from autoprec.opgraph import OpGraph, OpNode, Policy
 from autoprec.plan import parse_pin
 from autoprec.search import (
-    SearchProblem, get_strategy, max_measurements, pareto_sweep, solve, tune_loop,
+    SearchProblem, get_strategy, max_measurements, pareto_sweep, silenced_c_stdout, solve, tune_loop,
 )
 from autoprec.sensitivity import LayerRanges, RangeStats, SensitivityProfile
 
@@ -169,7 +170,7 @@ def test_pins_respected_with_reasons(model, budget, fmt):
     forced = [l.name for l in graph.layers() if force.matches(l)]
     if "l0" in forced and fmt is not P.FP32 or any(n in tied for n in ["l0", *forced]):
         return  # conflicting pins / ties are covered by test_conflicting_pins
-    prob = problem(graph, profile, budget, pins=(keep, force))
+    prob = problem(graph, profile, budget, pins=(keep, force) if forced else (keep,))  # a pin must match
     for name in ("milp", "greedy", "bisection", "uniform"):
         plan = solve(prob, name, budget)
         d = plan.decision("l0")
@@ -188,6 +189,25 @@ def test_conflicting_pins():
     p2 = SensitivityProfile("m", g2.fingerprint(), "exact", "kl", profile.formats, profile.errors)
     with pytest.raises(UsageError, match="no format in common"):
         problem(g2, p2, pins=(parse_pin("fp16:l1", "force"), parse_pin("bf16:l0", "force"))).compiled
+
+
+def test_what_c_code_prints_during_a_solve_never_reaches_stdout(capfd: pytest.CaptureFixture[str]) -> None:
+    """HiGHS printf()s to stdout whatever its options; `autoprec tune --json` must stay parseable."""
+    libc = ctypes.CDLL(None)
+    print("before", flush=True)
+    with silenced_c_stdout():
+        libc.printf(b"HighsMipSolverData::transformNewIntegerFeasibleSolution\n")
+    libc.fflush(None)
+    print("after")
+    assert capfd.readouterr().out == "before\nafter\n"
+
+
+def test_pin_matching_no_layer_is_an_error():
+    """A pattern that matches nothing is a typo; silently ignoring it would tune the layer the user meant to pin."""
+    graph, profile = chain(3)
+    with pytest.raises(UsageError, match=r"--keep fp32:\^head\$ matches no layer.*layers: l0, l1, l2"):
+        problem(graph, profile, pins=(parse_pin("fp32:^head$"),))
+    assert problem(graph, profile, pins=(parse_pin("fp32:^l1$"),)).pins
 
 
 @SETTINGS
