@@ -159,6 +159,7 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
                                  spec.metric or "metric", budget, fidelity_budget)
     fmts = parse_precisions(formats) if formats is not None else DEFAULT_CANDIDATES
     captured = capture(spec.model(), spec.example_inputs(), name=spec.name)
+    _need_layers(captured.graph)
     batches = spec.calibration_data()
     metric = metric or model_metric(spec, captured, batches)
     reference, t_eval = _evaluate_fp32(metric, captured.gm)
@@ -197,6 +198,7 @@ def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: s
     _check_batch(batch)
     t0 = time.perf_counter()
     om = OnnxModel.load(model, data, labels)
+    _need_layers(om.analysis.graph, om.analysis.reasons)
     name = om.analysis.graph.model_name
     own_metric = om.labels is not None or metric is not None
     metric = metric or om.metric()
@@ -213,6 +215,18 @@ def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: s
     plan, summary, uniforms, pareto = _search_verified(run, fmts, target, objective, strategy, keep, force,
                                                        cost_model, batch, provider, t0)
     return TuneResult(plan, prof, om.analysis.graph, metric, summary, uniforms, pareto, onnx=om, provider=provider)
+
+
+def _need_layers(graph: OpGraph, fixed: Mapping[str, str] | None = None) -> None:
+    """A one-line error for a model with no layer whose format a plan could choose (a scikit-learn
+    linear model converted to ai.onnx.ml's LinearClassifier, say): the search, the report and the
+    plots have nothing to work on."""
+    if graph.layers():
+        return
+    first = next(iter(sorted((fixed or {}).items())), None)
+    why = f"; {len(fixed or {})} op(s) stay fp32, e.g. {first[0]}: {first[1]}" if first else ""
+    raise UsageError(f"{graph.model_name} has no layer whose format can be chosen (linear, convolution, matmul "
+                     f"with a constant weight, or an embedding table): nothing to tune{why}")
 
 
 def _check_batch(batch: int) -> None:

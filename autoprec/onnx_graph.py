@@ -775,6 +775,8 @@ def _reason(node: onnx.NodeProto, kind: str, policy: Policy, reads_activations: 
     if kind == "linear" or (kind.startswith("conv") and not kind.startswith("conv_transpose")):
         return (f"{node.op_type} whose weight is not a constant second operand: kept fp32 (autoprec lowers "
                 f"weights stored as initializers and read as input 1)")
+    if node.domain == "ai.onnx.ml":
+        return f"ONNX-ML op {node.op_type}: classical machine learning, not a network layer; kept fp32"
     if node.domain not in ("", "ai.onnx") and kind.startswith(node.domain):
         return f"custom op {node.domain}::{node.op_type}: unknown numerics, kept fp32"
     if kind in NEVER_KINDS:

@@ -230,7 +230,11 @@ class OnnxModel:
         for o in model.graph.output:
             if o.type.tensor_type.elem_type in FLOAT_TYPES:
                 return o.name
-        raise UsageError("the model has no floating-point output: nothing to measure errors on")
+        hint = ""
+        if any(n.op_type == "ZipMap" for n in model.graph.node):
+            hint = (" (its probabilities go through a ZipMap into maps: convert it with skl2onnx's option "
+                    "{'zipmap': False} to get them as a tensor)")
+        raise UsageError(f"the model has no floating-point output: nothing to measure errors on{hint}")
 
     # --- the metric -----------------------------------------------------------------------------
     def metric(self) -> Metric:

@@ -386,7 +386,8 @@ def test_api_tunes_a_scikit_learn_model_converted_by_skl2onnx(sklearn_mlp) -> No
     low = {n for n, f in r.plan.assignment.items() if f.is_16bit}
     assert low and len(r.plan.assignment) == 3
     analysis = r.onnx.analysis
-    assert "ai.onnx.ml::Scaler" in analysis.op_types.values() and analysis.reasons
+    scaler = next(n for n, t in analysis.op_types.items() if t == "ai.onnx.ml::Scaler")
+    assert analysis.reasons[scaler].startswith("ONNX-ML op Scaler: classical machine learning")
     deploy = r.onnx_model("deploy")
     onnx.checker.check_model(deploy, full_check=True)
     producer = {o: n for n in deploy.graph.node for o in n.output}
@@ -415,6 +416,26 @@ def test_cli_json_is_all_that_tune_prints_on_stdout(sklearn_mlp, tmp_path: Path)
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     assert doc["plan"]["measured"]["drop"] <= doc["plan"]["measured"]["allowed_drop"]
+
+
+def test_scikit_learn_models_autoprec_cannot_tune_say_why_in_one_line(tmp_path: Path) -> None:
+    """A linear model converts to one ai.onnx.ml LinearClassifier (no layer to tune); a classifier
+    converted with its default ZipMap returns no tensor of probabilities to measure."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from skl2onnx import to_onnx
+
+    x, y = load_digits(return_X_y=True)
+    x, y = x[:200].astype(np.float32), y[:200].astype(np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # not converged: irrelevant here
+        linear = to_onnx(LogisticRegression(max_iter=20).fit(x, y), x[:1], options={"zipmap": False})
+        zipped = to_onnx(MLPClassifier((8,), max_iter=5, random_state=0).fit(x, y), x[:1])
+    with pytest.raises(UsageError, match=r"no layer whose format can be chosen.*ONNX-ML op LinearClassifier"):
+        tune_onnx(linear, {"X": x}, y)
+    with pytest.raises(UsageError, match=r"no floating-point output.*\{'zipmap': False\}"):
+        tune_onnx(zipped, {"X": x}, y)
 
 
 def test_api_tunes_a_hand_built_model_on_fidelity() -> None:
@@ -454,9 +475,11 @@ def test_a_scalar_input_is_fed_to_every_run(cond: bool) -> None:
     om = OnnxModel.load(if_model(), {"x": x, "c": np.array(cond)})
     assert set(om.scalars) == {"c"} and len(om.batches()) == 2
     assert all(b["c"].shape == () for b in om.batches())
-    r = tune_onnx(if_model(), {"x": x, "c": np.array(cond)}, fidelity_budget="1%")
-    assert r.plan.measured["drop"] <= r.plan.measured["allowed_drop"]
-    assert "control flow (If)" in r.onnx.analysis.reasons["branch"]
+    ys = om.outputs(om.analysis.model)  # every run is fed the condition
+    assert sum(len(y) for y in ys) == 300 and om.metric().measure(om.analysis.model) == 1.0
+    # its only products are inside the If, which stays fp32: nothing to tune, and tune says why
+    with pytest.raises(UsageError, match=r"no layer whose format can be chosen.*branch: control flow \(If\)"):
+        tune_onnx(if_model(), {"x": x, "c": np.array(cond)}, fidelity_budget="1%")
 
 
 @pytest.mark.parametrize("extra, message", [
