@@ -7,6 +7,10 @@ the reasons some nodes stay fp32 and a log of what preprocessing did.
 
 Preprocessing, in order:
 
+0. inline the model's local functions (``onnx.inliner``): torch's TorchScript exporter writes one
+   per module with ``export_modules_as_functions=True``, and a layer inside a function body would
+   be out of reach of the plan (a call is one node of an unknown op). The inlined nodes are named
+   after the function bodies' nodes, numbered per call site;
 1. upgrade the default-domain opset to ``target_opset`` (``onnx.version_converter``; never
    downgrades) and raise the IR version to the one that opset needs;
 2. fold constants that make weights: ``Constant`` nodes become initializers, then nodes whose inputs
@@ -45,6 +49,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx.defs
+import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
 
 from autoprec.bn_fold import fold_onnx_batch_norms
@@ -186,6 +191,14 @@ def preprocess(model: onnx.ModelProto, target_opset: int = TARGET_OPSET) -> tupl
     conversion fails.
     """
     notes: list[str] = []
+    if model.functions:
+        count = len(model.functions)
+        try:
+            model = onnx.inliner.inline_local_functions(model)
+        except Exception as exc:  # the inliner raises its C++ errors as plain exceptions
+            raise CaptureError(f"cannot inline the model's {count} local function(s): {first_line(exc)} "
+                               f"(export the model without functions)") from exc
+        notes.append(f"inlined the model's {count} local function(s)")
     current = default_opset(model)
     if 0 < current < target_opset:
         advice = (f"re-export it at opset >= {target_opset}, or pass target_opset={current} to analyse "

@@ -293,3 +293,20 @@ def test_dynamo_exported_cnn_matches_capture(tiny_cnn) -> None:
         ["relu", "relu", "add", "max_pool2d", "reshape"]
     np.testing.assert_array_equal(run(exported, {"x": x.numpy()})[0], run(a.model, {"x": x.numpy()})[0])
     assert a.graph.batch == 2
+
+
+def test_modules_exported_as_local_functions_are_inlined(tiny_cnn) -> None:
+    """torch's older exporter with export_modules_as_functions=True: the whole model is one call of
+    a local function (whose body calls one per module). Inlined, its layers are the capture's, and
+    the model computes the same outputs."""
+    x = torch.randn(2, 1, 8, 8)
+    buf = io.BytesIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        torch.onnx.export(tiny_cnn, (x,), buf, dynamo=False, opset_version=15, input_names=["x"],
+                          export_modules_as_functions=True)
+    source = onnx.load_from_string(buf.getvalue())
+    assert source.functions and len(source.graph.node) == 1
+    a = analyse_onnx(source, example=[x.numpy()])
+    assert not a.model.functions and "inlined the model's" in " ".join(a.notes)
+    assert _layer_rows(a.graph) == _layer_rows(capture(tiny_cnn, (x,)).graph)
+    np.testing.assert_allclose(run(source, {"x": x.numpy()})[0], run(a.model, {"x": x.numpy()})[0], rtol=0, atol=0)
