@@ -9,9 +9,7 @@ The total cost of a plan is a sum of independent parts, which is what lets the M
 
 - each layer (``Policy.ALWAYS``) in its format: :meth:`CostModel.layer_cost`;
 - each FOLLOW op in the output format of the layer that owns it (``OpGraph.follow_owner``):
-  :meth:`CostModel.follow_cost`; FOLLOW ops owned by an fp32 source are a fixed cost; an op
-  another exporter decomposed into pieces costs one fused op, in fp32 between two casts below
-  fp32 (:func:`decomposed_cost`);
+  :meth:`CostModel.follow_cost`; FOLLOW ops owned by an fp32 source are a fixed cost;
 - every other op (NEVER ops stay fp32): :meth:`CostModel.fixed_cost` (an inference batch norm
   after a convolution is not among them: capture folds it into the convolution, :mod:`autoprec.bn_fold`);
 - one cast per (value, destination format) at each format boundary: :meth:`CostModel.cast_cost`
@@ -24,7 +22,7 @@ This module imports no torch.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping
 
 from autoprec.ep_support import TENSORRT, compute_format, follow_format, parse_provider
@@ -294,8 +292,6 @@ class RooflineCostModel(CostModel):
     def follow_cost(self, op: OpNode, fmt: Precision) -> float:
         if op.kind in VIEW_KINDS:
             return 0.0
-        if op.unit:
-            return decomposed_cost(self, op, fmt)
         if self.objective == "memory":
             return op.act_out_elems * fmt.bytes
         if not (op.act_in_elems or op.act_out_elems):
@@ -365,10 +361,7 @@ class ProviderCostModel(CostModel):
 
     def follow_cost(self, op: OpNode, fmt: Precision) -> float:
         """A FOLLOW op the provider has no kernel for in ``fmt`` (a bf16 Gelu on CUDA) runs in fp32
-        between a cast of its input and a cast of its result, as the deployment graph has it (a
-        decomposed op's pieces do on every provider: ``base`` prices them)."""
-        if op.unit:
-            return self.base.follow_cost(op, fmt)
+        between a cast of its input and a cast of its result, as the deployment graph has it."""
         key = (op.kind, fmt)
         if key not in self._follow:
             self._follow[key] = follow_format(op.kind, fmt, self.provider)
@@ -380,23 +373,6 @@ class ProviderCostModel(CostModel):
 
     def fixed_cost(self, op: OpNode) -> float:
         return self.base.fixed_cost(op)
-
-
-def decomposed_cost(model: CostModel, op: OpNode, fmt: Precision) -> float:
-    """A piece of a FOLLOW op another exporter decomposed (``op.unit``; the ONNX analyser knows one,
-    the erf GELU: Div, Erf, Add, Mul, Mul) whose owner's value format is ``fmt``. ONNX Runtime fuses
-    the pieces back into one Gelu kernel (its GeluFusion; TensorRT fuses elementwise chains), so the
-    op's first piece, which reads the op's input and writes a value of its result's shape, costs what
-    the whole op costs in fp32, and the other pieces nothing. Below fp32 the deployment graph
-    computes the op in fp32 and rounds it once, at its result (:mod:`passes.onnx_insert_casts`):
-    the first piece also pays the cast of the input in and of the result out."""
-    if op.name != op.unit:
-        return 0.0
-    whole = model.follow_cost(replace(op, unit=""), Precision.FP32)
-    if fmt is Precision.FP32:
-        return whole
-    return (whole + model.cast_cost(op.act_in_elems, fmt, Precision.FP32)
-            + model.cast_cost(op.act_out_elems, Precision.FP32, fmt))
 
 
 def separate_bias_add(op: OpNode, runs: Precision) -> OpNode | None:

@@ -20,7 +20,8 @@ Preprocessing, in order:
 3. fold each inference ``BatchNormalization`` that alone reads a ``Conv`` into it, in fp32
    (:mod:`autoprec.bn_fold`, the fold a torch model's capture and export make);
 4. give every node a unique name (``node.name``, else ``"<op_type>_<index>"``) in the ModelProto,
-   so plans and passes can address nodes;
+   so plans and passes can address nodes, then fuse each erf GELU written as separate nodes into
+   one ``Gelu`` (opset >= 20: :func:`fuse_erf_gelus`);
 5. shape inference (strict, with data propagation; non-strict if strict fails), kept in
    ``value_info`` with the model's own symbolic dims.
 
@@ -28,9 +29,10 @@ The op graph has one :class:`OpNode` per top-level ONNX node plus one ``placehol
 input, with kinds normalised to the names :mod:`autoprec.capture` uses (MatMul reading an
 initializer is ``linear``, MatMul of two activations ``matmul``, Gemm ``linear``, Conv
 ``conv1d``/``conv2d``/``conv3d`` by rank, ...) and the same policies and FLOP counts. The
-decomposed forms older exporters write are recognised: every node of an erf-form GELU is a
-``gelu`` (FOLLOW) and every node of a ReduceMean/Sub/Pow/.../Div layer norm a ``layer_norm``
-(NEVER, so its statistics stay fp32 as torch's single op does). Control flow
+decomposed forms older exporters write are recognised: every node of a ReduceMean/Sub/Pow/.../Div
+layer norm is a ``layer_norm`` (NEVER, so its statistics stay fp32 as torch's single op does), and
+an erf-form GELU is fused into one ``Gelu`` during preprocessing (:func:`fuse_erf_gelus`; below
+opset 20, where ONNX has no Gelu, its nodes are ``gelu`` pieces kept fp32 with a reason). Control flow
 (If, Loop, Scan) is one ``if``/``loop``/``scan`` node of policy NEVER: it and everything inside its
 subgraphs stay fp32 (later passes rewrite top-level nodes only); the reason is in
 :attr:`OnnxAnalysis.reasons`. Shapes are concrete: symbolic input dims are resolved from example
@@ -107,8 +109,8 @@ class OnnxAnalysis:
     ``op_types``: node name -> ONNX op type ("domain::Op" outside the default domain), the input
     :func:`autoprec.ep_support.exclusions` wants; ``reasons``: node name -> why the node stays
     fp32 (control flow, unknown op, ...); ``groups``: node name -> the node that names its group,
-    the nodes that compute one op together and round its result once (a decomposed layer norm or
-    GELU; a MatMul and the Add of its bias); ``notes``: what preprocessing changed, for the report.
+    the nodes that compute one op together and round its result once (a decomposed layer norm; a
+    MatMul and the Add of its bias); ``notes``: what preprocessing changed, for the report.
     """
 
     model: onnx.ModelProto
@@ -232,6 +234,10 @@ def preprocess(model: onnx.ModelProto, target_opset: int = TARGET_OPSET) -> tupl
     renamed = name_nodes(model)
     if renamed:
         notes.append(f"named {renamed} unnamed or duplicate node(s)")
+    gelus = fuse_erf_gelus(model)
+    if gelus:
+        notes.append(f"fused {gelus} erf GELU(s) written as separate nodes into one Gelu each (as ONNX Runtime "
+                     f"fuses them), so the plan can run them in 16 bits")
     model, how = _infer(model)
     if how:
         notes.append(how)
@@ -611,12 +617,15 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
     order = {n.name: i for i, n in enumerate(g.node)}
     fused: dict[str, str] = {}
     groups: dict[str, str] = {}
-    for kind_name, chains in (("layer_norm", _layer_norm_nodes(g, consumers)), ("gelu", _gelu_nodes(g, consumers))):
-        for chain in chains:
-            head = min(chain, key=order.__getitem__)
-            for member in chain:
-                fused[member] = kind_name
-                groups[member] = head
+    for chain in _layer_norm_nodes(g, consumers):
+        head = min(chain, key=order.__getitem__)
+        for member in chain:
+            fused[member] = "layer_norm"
+            groups[member] = head
+    # erf GELUs are left decomposed only below opset 20 (fuse_erf_gelus): each node would round
+    # in 16 bits on a GPU, the plan's numerics round a GELU once, so they stay fp32
+    unfused = {n.name: len(gelu.nodes) for gelu in _erf_gelus(g) for n in gelu.nodes}
+    fused.update((name, "gelu") for name in unfused)
     ties: dict[tuple[str, str, tuple[int, ...]], list[str]] = {}
     for node in g.node:
         ins = _node_inputs(node)
@@ -624,7 +633,7 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
         kind = fused.get(node.name, base)  # a piece of a decomposed op counts its own FLOPs
         outs = [values.get(o) for o in node.output if o]
         float_out = any(v is None or v.is_float for v in outs)  # unknown types may be floats
-        policy = policy_of(kind)
+        policy = Policy.NEVER if node.name in unfused else policy_of(kind)
         if policy is Policy.ALWAYS and _unsupported_layer(node, kind, weight):
             policy = Policy.NEVER
         bias_add = _bias_add(node, weight, inits, values, consumers)
@@ -640,6 +649,9 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
             policy = Policy.NEVER
         op_types[node.name] = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
         why = _reason(node, kind, policy, bool(act_ins))
+        if node.name in unfused:
+            why = (f"part of an erf GELU written as {unfused[node.name]} nodes at opset {default_opset(model)}: "
+                   f"kept fp32 (ONNX's one-op Gelu needs opset 20; analyse at target_opset >= 20 to fuse it)")
         if why:
             reasons[node.name] = why
         in_vals = [values[i] for i in dict.fromkeys(ins) if values.get(i) is not None and values[i].shape is not None]
@@ -656,7 +668,6 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
             act_in_elems=sum(values[i].numel for i in act_ins if i in values),
             act_out_elems=sum(v.numel for v in outs if v is not None and v.is_float),
             weight=weight,
-            unit=groups[node.name] if node.name in fused else "",
         )
         nodes.append(op)
         for i in ins:
@@ -908,43 +919,135 @@ def _scalar(name: str, inits_proto: Mapping[str, onnx.TensorProto]) -> float | N
     return float(arr.reshape(-1)[0]) if arr.size == 1 else None
 
 
-def _gelu_nodes(g: onnx.GraphProto, consumers: Mapping[str, list[onnx.NodeProto]]) -> list[list[str]]:
-    """Node names of each erf-form GELU (one list per instance), x * 0.5 * (1 + erf(x / sqrt(2))), as older
-    exporters write it (Div|Mul -> Erf -> Add -> Mul -> Mul). They are labelled "gelu"."""
+@dataclass(frozen=True)
+class _ErfGelu:
+    """One erf-form GELU an older exporter wrote as several nodes: ``nodes`` (graph order), reading
+    ``x`` and writing ``out``."""
+
+    nodes: tuple[onnx.NodeProto, ...]
+    x: str
+    out: str
+
+
+def _near(value: float | None, want: float) -> bool:
+    return value is not None and abs(value - want) <= 1e-6 * abs(want)
+
+
+def _erf_gelus(g: onnx.GraphProto) -> list[_ErfGelu]:
+    """Each erf-form GELU, x * 0.5 * (1 + erf(x / sqrt(2))), as older exporters write it: Div by
+    sqrt(2) (or Mul by its inverse), Erf, Add 1, then a product of x, that sum and 0.5 in one or two
+    Muls (x * 0.5 may come first). The whole formula is checked, constants included, and no value
+    but the result may leave the nodes: replacing them by one Gelu must change nothing."""
     protos = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output if o}
-    found: list[list[str]] = []
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in _node_inputs(node):
+            consumers.setdefault(i, []).append(node)
+    results = {o.name for o in g.output}
+    order = {id(n): k for k, n in enumerate(g.node)}
+    default = ("", "ai.onnx")
+    found: list[_ErfGelu] = []
     for erf in g.node:
-        if erf.op_type != "Erf" or erf.domain not in ("", "ai.onnx"):
+        pre = producer.get(erf.input[0]) if erf.op_type == "Erf" and erf.domain in default else None
+        if pre is None or pre.op_type not in ("Div", "Mul") or pre.domain not in default:
             continue
-        pre = producer.get(erf.input[0])
-        if pre is None or pre.op_type not in ("Div", "Mul"):
+        x = next((i for i in pre.input if _scalar(i, protos) is None), None)
+        c = next((_scalar(i, protos) for i in pre.input if _scalar(i, protos) is not None), None)
+        if x is None or not _near(c, math.sqrt(2.0) if pre.op_type == "Div" else math.sqrt(0.5)):
             continue
-        consts = [(i, _scalar(i, protos)) for i in pre.input]
-        c = next((v for i, v in consts if v is not None), None)
-        x = next((i for i, v in consts if v is None), None)
-        want = math.sqrt(2.0) if pre.op_type == "Div" else 1 / math.sqrt(2.0)
-        if c is None or x is None or abs(c - want) > 1e-3:
+        if pre.op_type == "Div" and pre.input[0] != x:
             continue
         users = consumers.get(erf.output[0], [])
-        if len(users) != 1 or users[0].op_type != "Add":
+        add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
+        if add is None or not any(_near(_scalar(i, protos), 1.0) for i in add.input):
             continue
-        add = users[0]
-        if not any(_scalar(i, protos) == 1.0 for i in add.input):
-            continue
-        group = [pre, erf, add]
-        cur = add
-        for _ in range(2):
-            nxt = consumers.get(cur.output[0], [])
-            if len(nxt) != 1 or nxt[0].op_type != "Mul":
+        muls: list[onnx.NodeProto] = []
+        while len(muls) < 2:
+            nxt = consumers.get((muls[-1] if muls else add).output[0], [])
+            if len(nxt) != 1 or nxt[0].op_type != "Mul" or nxt[0].domain not in default:
                 break
-            group.append(nxt[0])
-            cur = nxt[0]
-        muls = group[3:]
-        # x enters the product directly or as x * 0.5
-        halves = [producer[i] for m in muls for i in m.input if i in producer and producer[i].op_type == "Mul"
-                  and x in producer[i].input and producer[i] not in group]
-        if not muls or not (any(x in m.input for m in muls) or halves):
-            continue
-        found.append([n.name for n in halves + group])
+            muls.append(nxt[0])
+        for k in range(len(muls), 0, -1):  # the longest product that is the formula
+            gelu = _erf_gelu_product(muls[:k], x, add, erf, pre, producer, protos)
+            if gelu is None:
+                continue
+            out = muls[k - 1].output[0]
+            inside = {id(n) for n in gelu}
+            leaks = [o for n in gelu for o in n.output if o and o != out and (
+                o in results or any(id(c) not in inside for c in consumers.get(o, [])))]
+            if not leaks:
+                found.append(_ErfGelu(tuple(sorted(gelu, key=lambda n: order[id(n)])), x, out))
+            break
     return found
+
+
+def _erf_gelu_product(muls: list[onnx.NodeProto], x: str, add: onnx.NodeProto, erf: onnx.NodeProto,
+                      pre: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto],
+                      protos: Mapping[str, onnx.TensorProto]) -> list[onnx.NodeProto] | None:
+    """The GELU's nodes if ``muls`` (and a Mul of x by 0.5 feeding them) multiply exactly x, the
+    Add's result and 0.5, the last of ``muls`` writing the result; else None."""
+    mine = {m.output[0]: m for m in muls}
+    nodes = [pre, erf, add, *muls]
+    leaves: list[str] = []
+    todo = [muls[-1].output[0]]
+    while todo:
+        v = todo.pop()
+        m = mine.get(v)
+        p = producer.get(v)
+        if m is None and p is not None and p.op_type == "Mul" and x in p.input and p not in nodes and all(
+                i == x or _scalar(i, protos) is not None for i in p.input):
+            m = p  # x * 0.5 written first
+            nodes.append(p)
+        if m is None:
+            leaves.append(v)
+        else:
+            todo.extend(m.input)
+    consts = [_scalar(v, protos) for v in leaves if _scalar(v, protos) is not None]
+    others = sorted(v for v in leaves if _scalar(v, protos) is None)
+    if others != sorted([x, add.output[0]]) or len(consts) != 1 or not _near(consts[0], 0.5):
+        return None
+    return nodes
+
+
+def fuse_erf_gelus(model: onnx.ModelProto) -> int:
+    """Replace each erf-form GELU (:func:`_erf_gelus`) by one ONNX ``Gelu`` (opset 20), in place;
+    returns how many. Below opset 20 ONNX has no Gelu, and nothing changes.
+
+    Why: ONNX Runtime fuses those nodes into one Gelu kernel anyway (its GeluFusion), and as one op
+    the GELU is an ordinary FOLLOW op the plan can run in 16 bits. Left decomposed, each node would
+    round in 16 bits on a GPU while the plan's numerics round the GELU once, so it would have to
+    compute in fp32 between casts. The Gelu is named after the Erf ("Erf" becomes "Gelu" in the
+    name) and keeps its metadata (the exporter's scope). Constants only the GELUs read are dropped.
+    """
+    if default_opset(model) < 20:
+        return 0
+    g = model.graph
+    found = _erf_gelus(g)
+    if not found:
+        return 0
+    taken = {n.name for n in g.node} | {i.name for i in g.input}
+    replace_last: dict[int, onnx.NodeProto] = {}
+    gone: set[int] = set()
+    for gelu in found:
+        erf = next(n for n in gelu.nodes if n.op_type == "Erf")
+        name = "Gelu".join(erf.name.rsplit("Erf", 1)) if "Erf" in erf.name else erf.name
+        if name != erf.name and name in taken:
+            name = erf.name
+        node = helper.make_node("Gelu", [gelu.x], [gelu.out], name=name)
+        node.metadata_props.extend(erf.metadata_props)
+        replace_last[id(gelu.nodes[-1])] = node
+        gone.update(id(n) for n in gelu.nodes)
+    nodes = [replace_last.get(id(n), n) for n in g.node if id(n) not in gone or id(n) in replace_last]
+    read = {i for n in found for m in n.nodes for i in m.input}
+    del g.node[:]
+    g.node.extend(nodes)
+    used = referenced_names(g)
+    dropped = {t.name for t in g.initializer if t.name in read and t.name not in used}
+    kept = [t for t in g.initializer if t.name not in dropped]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    inputs = [i for i in g.input if i.name not in dropped]  # old IRs list initializers as inputs too
+    del g.input[:]
+    g.input.extend(inputs)
+    return len(found)

@@ -42,9 +42,6 @@ class OpNode:
     act_in_elems: int = 0  # floating activation elements read
     act_out_elems: int = 0  # elements written
     weight: str | None = None  # parameter name of the weight, for layers that have one
-    # a piece of one op another exporter decomposed into several nodes (an erf GELU): the op's first
-    # node, whose name this is for every piece; "" for a whole op
-    unit: str = ""
 
     @property
     def is_layer(self) -> bool:

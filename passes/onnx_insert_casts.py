@@ -5,10 +5,7 @@ Two graphs come out of the same decisions (AssignFormats) and the same weights (
 deploy
     Tensors really are 16-bit: a node computes in its group's format where ONNX admits that type for
     the op and the target provider, when one is named, has a kernel for it (``compute_precision``),
-    in fp32 otherwise (ONNX Conv and pooling have no bf16; ORT's CUDA provider no bf16 Where). A
-    FOLLOW op that another exporter decomposed into several nodes computing new values (an erf GELU:
-    Div, Erf, Add, Mul, Mul) computes in fp32 and is rounded once where its result leaves the group,
-    as the emulation rounds it: in 16 bits each of its nodes would round. A group
+    in fp32 otherwise (ONNX Conv and pooling have no bf16; ORT's CUDA provider no bf16 Where). A group
     hands its results to other groups in its value format (a Cast after it where it computed in
     another type: fp8 layers compute on dequantized fp32 operands and write bf16; an fp8 embedding's
     Gather looks its rows up in the table dequantized to fp32). A node reading a
@@ -94,7 +91,6 @@ class InsertCasts(OnnxPass):
         ext_out = {v for v, i in idx.producer.items()
                    if v in idx.outputs or any(group_of[j] != group_of[i] for j, _ in idx.consumers.get(v, []))}
         raw_of: dict[str, str] = {}
-        decomposed = self._decomposed_groups(group_of) if self.mode == "deploy" else set()
         for i, n in enumerate(idx.nodes):
             if get_meta(n, INSERTED):
                 self._nodes.append(n)
@@ -105,7 +101,7 @@ class InsertCasts(OnnxPass):
             fmt = node_format(n) or FP32
             policy = Policy(get_meta(n, POLICY) or "none")
             ct = (compute_precision(n, idx.opset, fmt, self.mode, self.provider)
-                  if policy in (Policy.ALWAYS, Policy.FOLLOW) and g not in decomposed else FP32)
+                  if policy in (Policy.ALWAYS, Policy.FOLLOW) else FP32)
             self._rewrite_inputs(n, g, fmt, policy, ct, prod_group, raw_of)
             if self.mode == "deploy" and n.op_type == "Cast" and attr(n, "to") in FLOAT_TYPES and ct is not FP32:
                 set_attr(n, "to", ct.onnx_type)  # a float -> float Cast inside a 16-bit group
@@ -204,19 +200,6 @@ class InsertCasts(OnnxPass):
             raw = self._rename_output_of_last(v, _type_name(self._st[v]))
             raw_of.setdefault(v, raw)
             self._emit_cast(raw, FLOAT, v, n, "cast", "graph outputs are fp32")
-
-    def _decomposed_groups(self, group_of: list[str | None]) -> set[str]:
-        """FOLLOW groups of several nodes that write new float values (not views or exact ops): a
-        decomposed op, which the plan's numerics round once, at the group's result."""
-        idx = self._idx
-        count: dict[str, int] = {}
-        for i, n in enumerate(idx.nodes):
-            g = group_of[i]
-            if (g and not get_meta(n, INSERTED) and get_meta(n, POLICY) == Policy.FOLLOW.value
-                    and (get_meta(n, KIND) or "") not in EXACT_FOLLOW_KINDS
-                    and any(idx.types.get(o) in FLOAT_TYPES for o in n.output)):
-                count[g] = count.get(g, 0) + 1
-        return {g for g, c in count.items() if c > 1}
 
     # --- building blocks --------------------------------------------------------------------------
     def _is_bias_add(self, n: onnx.NodeProto, g: str | None, fmt: Precision, policy: Policy) -> bool:

@@ -25,9 +25,9 @@ So, where a node computes in 16 bits (fp16/bf16 types, as the file says):
   same product, and ORT fuses no Gemm with an Add;
 - a one-element constant a Mul or Div next to a MatMul reads (the scale) is repeated along an axis
   of the other operand whose size is static and above one, so that it is no longer a scalar to ORT;
-  without such an axis it stays (and the GPU parity check shows what the fusion changes). A Mul or
-  Div inside a decomposed op (an erf GELU's) is left as it is: its scalar is part of the pattern
-  ORT's GeluFusion matches, not a layer's scale.
+  without such an axis it stays (and the GPU parity check shows what the fusion changes). (An erf
+  GELU another exporter wrote as Div, Erf, Add, Mul, Mul is one Gelu node by then:
+  :func:`autoprec.onnx_graph.fuse_erf_gelus`.)
 
 fp32 nodes are left alone: ORT's fusions there reorder fp32 arithmetic but drop no 16-bit rounding.
 ``ConvAddFusion`` (level 1) folds a Conv's bias Add back into its B; that is harmless (see
@@ -40,14 +40,13 @@ Runs last, after InsertCasts, when every value has its final type.
 from __future__ import annotations
 
 import copy
-from collections import Counter
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from passes.onnx_base import (GROUP, GraphIndex, OnnxPass, OnnxPassError, OnnxPassResult, all_names, get_meta,
-                              infer_types, make_tensor, set_nodes, unique_name)
+from passes.onnx_base import (GraphIndex, OnnxPass, OnnxPassError, OnnxPassResult, all_names, infer_types,
+                              make_tensor, set_nodes, unique_name)
 
 _16BIT = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 _MATMULS = ("MatMul",)
@@ -76,7 +75,6 @@ class KeepRoundings(OnnxPass):
     def call(self, model: onnx.ModelProto) -> OnnxPassResult:
         shapes = _shapes(model)
         idx = GraphIndex(model)
-        groups = _group_sizes(idx)
         self._model, self._idx, self._taken = model, idx, all_names(model)
         self._listed = {v.name for v in list(model.graph.input) + list(model.graph.output)}
         self._made: dict[tuple[str, tuple[int, ...]], str] = {}  # (initializer, dims) -> the one stored so
@@ -94,7 +92,7 @@ class KeepRoundings(OnnxPass):
                 n.op_type = "Gemm"  # the same product: alpha 1, no transposes, no C
                 modified = True
             elif n.op_type in ("Mul", "Div"):
-                for k in _scale_slots(n, idx, shapes, groups):
+                for k in _scale_slots(n, idx, shapes):
                     axis = _static_axis(shapes.get(n.input[1 - k]))
                     if axis is not None:
                         rank, at, size = axis
@@ -138,7 +136,6 @@ class KeepRoundings(OnnxPass):
         super().check(model)
         shapes = _shapes(model)
         idx = GraphIndex(model)
-        groups = _group_sizes(idx)
         for n in idx.nodes:
             if not _is_16bit(shapes, n.output[0] if n.output else ""):
                 continue
@@ -149,14 +146,9 @@ class KeepRoundings(OnnxPass):
                 raise OnnxPassError(f"{self.name}: the 16-bit MatMul {n.name} of two matrices and the Add after it "
                                     "would become one Gemm in ONNX Runtime")
             if n.op_type in ("Mul", "Div") and any(_static_axis(shapes.get(n.input[1 - k])) is not None
-                                                    for k in _scale_slots(n, idx, shapes, groups)):
+                                                    for k in _scale_slots(n, idx, shapes)):
                 raise OnnxPassError(f"{self.name}: the 16-bit {n.op_type} {n.name} scales a MatMul by a scalar, "
                                     "which ONNX Runtime folds into the MatMul")
-
-
-def _group_sizes(idx: GraphIndex) -> Counter:
-    """Nodes per group (a node without one is a group of its own)."""
-    return Counter(get_meta(n, GROUP) or n.name for n in idx.nodes)
 
 
 def _is_16bit(shapes: dict[str, Shape], name: str) -> bool:
@@ -185,13 +177,9 @@ def _matrix_product_with_added_constant(matmul: onnx.NodeProto, idx: GraphIndex,
                for j, _ in idx.consumers.get(matmul.output[0], []))
 
 
-def _scale_slots(node: onnx.NodeProto, idx: GraphIndex, shapes: dict[str, Shape], groups: Counter) -> list[int]:
+def _scale_slots(node: onnx.NodeProto, idx: GraphIndex, shapes: dict[str, Shape]) -> list[int]:
     """Slots of the one-element initializers by which Mul/Div ``node`` scales a MatMul's result, or
-    an operand whose product a MatMul reads (Div: only its divisor scales). Only a Mul/Div that is an
-    op of its own counts: inside a decomposed op (the erf GELU's ``/ sqrt(2)`` and ``* 0.5``) the
-    scalar belongs to the op's pattern, which ORT's GeluFusion matches by it."""
-    if groups[get_meta(node, GROUP) or node.name] > 1:
-        return []
+    an operand whose product a MatMul reads (Div: only its divisor scales)."""
     slots = [1] if node.op_type == "Div" else [0, 1]
     beside = any(idx.nodes[j].op_type in _MATMULS for j, _ in idx.consumers.get(node.output[0], []))
     out = []

@@ -4,7 +4,7 @@ The counterpart of :mod:`passes.onnx_map_layers` for a model that did not come f
 exporter. There is no torch capture to pair with: the plan's layers *are* ONNX nodes, named by
 :func:`autoprec.onnx_graph.analyse_onnx` (which gives every node a unique name), and the groups are
 the analyser's -- one node each, except the nodes that compute one op together and round its
-result once: a decomposed layer norm or GELU, and a MatMul with the Add of its bias.
+result once: a decomposed layer norm, and a MatMul with the Add of its bias.
 
 Writes GROUP, KIND and SCOPE on every node, LAYER on the nodes of layer groups and ROLE=core on
 each layer's MatMul/Gemm/Conv node, so AssignFormats, LowerWeights and InsertCasts run unchanged.

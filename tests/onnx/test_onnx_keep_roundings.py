@@ -128,32 +128,3 @@ def test_a_2d_dense_layer_becomes_a_gemm_that_ort_leaves_apart_from_its_add() ->
     assert sorted(inits[n.input[1]] for n in deploy.graph.node if n.op_type == "Add") == [[1, 4], [1, 16]]
     assert Counter(ort_optimized(deploy))["Add"] == 2
     np.testing.assert_allclose(run_onnx(fp32_twin(deploy), x), run_onnx(_dense_model(), x), rtol=1e-2, atol=1e-2)
-
-
-def _erf_gelu_model() -> onnx.ModelProto:
-    """x[N,8] -> MatMul(W) -> erf GELU (Div by sqrt 2, Erf, Add 1, Mul, Mul by 0.5) -> MatMul(W2)."""
-    rng = np.random.default_rng(5)
-    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w2")] + [
-        numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("sqrt2", 2 ** 0.5), ("one", 1.0),
-                                                                          ("half", 0.5))]
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Div", ["h", "sqrt2"], ["d"]),
-             helper.make_node("Erf", ["d"], ["e"]), helper.make_node("Add", ["e", "one"], ["a"]),
-             helper.make_node("Mul", ["h", "a"], ["m"]), helper.make_node("Mul", ["m", "half"], ["g"]),
-             helper.make_node("MatMul", ["g", "w2"], ["y"])]
-    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
-def test_the_scalars_of_a_decomposed_gelu_are_left_to_the_gelu() -> None:
-    """The erf GELU's ``/ sqrt(2)`` follows a MatMul and its ``* 0.5`` precedes one, but they are ops of
-    the GELU group, not a layer's scale: they keep the scalar form ORT's GeluFusion matches."""
-    x = np.random.default_rng(6).standard_normal((5, 8)).astype(np.float32)
-    analysis = OnnxModel.load(_erf_gelu_model(), {"x": x}).analysis
-    plan = {name: FP16 for name in analysis.graph.layer_names()}
-    deploy = _deploy(analysis, analysis.model, plan, keep=True)
-    inits = {t.name: t for t in deploy.graph.initializer}
-    scalars = [int(np.prod(inits[u].dims)) for n in deploy.graph.node if n.op_type in ("Mul", "Div")
-               for u in n.input if u in inits]
-    assert scalars == [1, 1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 
 import numpy as np
 import onnx
@@ -100,14 +101,54 @@ def test_conv_model_kinds_policies_flops() -> None:
     assert g.layer_edges() == [("", "conv", 2 * 3 * 8 * 8), ("conv", "fc", 2 * 64)]
 
 
-def test_erf_gelu_pattern_is_one_gelu_of_follow_ops() -> None:
+def test_an_erf_gelu_written_as_five_nodes_becomes_one_gelu() -> None:
+    """Upgraded to opset 21, the old exporter's Div, Erf, Add, Mul, Mul is one Gelu (a FOLLOW op the
+    plan can run in 16 bits), its constants are gone, and the model computes what it did."""
     a = analyse_onnx(gelu_opset13(), batch=3)
-    g = a.graph
-    assert g["fc"].kind == "linear"
-    for name in ("gelu_div", "gelu_erf", "gelu_add", "gelu_mul", "gelu_half"):
-        assert (g[name].kind, g[name].policy, g[name].unit) == ("gelu", Policy.FOLLOW, "gelu_div")
+    assert [(n.op_type, n.name) for n in a.model.graph.node] == [("MatMul", "fc"), ("Gelu", "gelu_erf")]
+    assert {t.name for t in a.model.graph.initializer} == {"w"}
+    assert any("fused 1 erf GELU" in note for note in a.notes)
+    assert (a.graph["gelu_erf"].kind, a.graph["gelu_erf"].policy) == ("gelu", Policy.FOLLOW)
     x = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32)
-    np.testing.assert_array_equal(run(gelu_opset13(), {"x": x})[0], run(a.model, {"x": x})[0])
+    np.testing.assert_allclose(run(gelu_opset13(), {"x": x})[0], run(a.model, {"x": x})[0], rtol=1e-6, atol=1e-7)
+
+
+def _gelu_variant(pre: str, product: str, leak: bool = False, half: float = 0.5) -> onnx.ModelProto:
+    """x -> erf GELU -> y at opset 13, in one of the forms exporters write: ``pre`` "div" (x / sqrt 2)
+    or "mul" (x * 1/sqrt 2); ``product`` "x_first" ((x * a) * 0.5), "half_first" ((x * 0.5) * a)
+    or "a_first" (x * (a * 0.5)); ``leak``: the Erf's result is a graph output too."""
+    n = helper.make_node
+    scale = ("sqrt2", math.sqrt(2.0)) if pre == "div" else ("isqrt2", math.sqrt(0.5))
+    nodes = [n("Div" if pre == "div" else "Mul", ["x", scale[0]], ["d"]), n("Erf", ["d"], ["e"]),
+             n("Add", ["one", "e"], ["a"])]
+    nodes += {"x_first": [n("Mul", ["x", "a"], ["m"]), n("Mul", ["m", "half"], ["y"])],
+              "half_first": [n("Mul", ["x", "half"], ["h"]), n("Mul", ["h", "a"], ["y"])],
+              "a_first": [n("Mul", ["a", "half"], ["m"]), n("Mul", ["x", "m"], ["y"])]}[product]
+    inits = [init(scale[0], np.array(scale[1], np.float32)), init("one", np.array(1.0, np.float32)),
+             init("half", np.array(half, np.float32))]
+    outputs = [vi("y", ["N", 6])] + ([vi("e", ["N", 6])] if leak else [])
+    return make(nodes, [vi("x", ["N", 6])], outputs, inits)
+
+
+@pytest.mark.parametrize("pre", ["div", "mul"])
+@pytest.mark.parametrize("product", ["x_first", "half_first", "a_first"])
+def test_every_form_of_the_erf_gelu_is_fused_and_nothing_else(pre: str, product: str) -> None:
+    x = np.random.default_rng(2).standard_normal((4, 6)).astype(np.float32)
+    source = _gelu_variant(pre, product)
+    a = analyse_onnx(source, batch=4)
+    assert [n.op_type for n in a.model.graph.node] == ["Gelu"]
+    np.testing.assert_allclose(run(source, {"x": x})[0], run(a.model, {"x": x})[0], rtol=1e-6, atol=1e-7)
+    # not a GELU: another constant, or a value of the pattern that other ops read
+    for other in (_gelu_variant(pre, product, half=0.6), _gelu_variant(pre, product, leak=True)):
+        assert "Gelu" not in [n.op_type for n in analyse_onnx(other, batch=4).model.graph.node]
+
+
+def test_below_opset_20_an_erf_gelu_stays_five_fp32_nodes_with_a_reason() -> None:
+    a = analyse_onnx(gelu_opset13(), batch=3, target_opset=13)
+    for name in ("gelu_div", "gelu_erf", "gelu_add", "gelu_mul", "gelu_half"):
+        assert (a.graph[name].kind, a.graph[name].policy) == ("gelu", Policy.NEVER)
+        assert "erf GELU written as 5 nodes at opset 13: kept fp32" in a.reasons[name]
+    assert a.graph["fc"].kind == "linear"
 
 
 def test_if_node_is_kept_fp32_with_its_subgraphs() -> None:

@@ -82,7 +82,7 @@ def test_analyser_groups_decomposed_ops_and_bias_adds() -> None:
     assert groups["ReduceMean_0"] == [f"{op}_{i}" for i, op in enumerate(
         ["ReduceMean", "Sub", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul", "Add"])]  # one layer norm
     assert groups["MatMul_9"] == ["MatMul_9", "Add_10"]  # the bias belongs to its layer
-    assert groups["Div_11"] == ["Div_11", "Erf_12", "Add_13", "Mul_14", "Mul_15"]  # one GELU
+    assert groups["Gelu_12"] == ["Gelu_12"]  # the erf GELU (Div_11 .. Mul_15), fused into one node
     assert groups["Add_18"] == ["Add_18"]  # the residual add reads no constant: its own op
     assert a.graph.layer_names() == ["MatMul_9", "MatMul_16", "Gemm_20"]
     assert "layer_norm" in a.reasons["Sqrt_5"]
@@ -559,29 +559,28 @@ def test_tune_onnx_times_deployment_graphs_where_cuda_runs(monkeypatch: pytest.M
     assert t.chosen == ("tuned" if len(models) == 1 else t.ms[1][0]) and r.plan.measured["latency_chosen"] == t.chosen
 
 
-def test_a_decomposed_16_bit_gelu_computes_in_fp32_and_rounds_once() -> None:
-    """block_opset13's erf GELU (Div, Erf, Add, Mul, Mul) in fp16: the emulation rounds the group's
-    result once, so the deployment graph computes the five nodes in fp32 between one Cast in and
-    one Cast out (in fp16 each node would round on a GPU); the layers around it stay fp16."""
+def test_a_fused_erf_gelu_runs_in_the_plan_s_16_bit_format_where_the_provider_can() -> None:
+    """block_opset13's erf GELU is one Gelu: in an fp16 plan it reads and writes fp16 between the fp16
+    layers, with no cast; in a bf16 plan for the CUDA provider (no bf16 Gelu kernel) it computes in
+    fp32 between one Cast in and one out, and the layers around it stay bf16."""
     from passes.onnx_base import infer_types
 
     om = OnnxModel.load(block_opset13(), _block_data())
-    plan = {n: FP16 for n in om.analysis.graph.layer_names()}
-    for provider in (None, "cuda"):
+    for fmt, provider, gelu_type in ((FP16, None, onnx.TensorProto.FLOAT16), (FP16, "cuda", onnx.TensorProto.FLOAT16),
+                                     (BF16, "cuda", onnx.TensorProto.FLOAT)):
+        plan = {n: fmt for n in om.analysis.graph.layer_names()}
         model = infer_types(om.build(plan, {}, "deploy", provider))
         onnx.checker.check_model(model, full_check=True)
         types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)}
         producer = {o: n for n in model.graph.node for o in n.output}
-        erf = next(n for n in model.graph.node if n.op_type == "Erf")
-        gelu = [erf, producer[erf.input[0]]]  # the Div before it, then Add, Mul, Mul after it
-        while len(gelu) < 5:
-            gelu.append(next(n for n in model.graph.node if set(n.input) & {o for m in gelu for o in m.output}
-                             and n not in gelu and n.op_type in ("Add", "Mul")))
-        assert sorted(n.op_type for n in gelu) == ["Add", "Div", "Erf", "Mul", "Mul"]
-        assert all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in gelu)
-        into = producer[gelu[1].input[0]]  # the Div reads the fp16 MatMul + bias through one Cast
-        assert into.op_type == "Cast" and into.attribute[0].i == onnx.TensorProto.FLOAT
-        out = [n for n in model.graph.node if n.op_type == "Cast" and n.input[0] in {m.output[0] for m in gelu}]
-        assert len(out) == 1 and out[0].attribute[0].i == onnx.TensorProto.FLOAT16
-        # the layers around it stay fp16
-        assert {types[n.output[0]] for n in model.graph.node if n.op_type == "MatMul"} == {onnx.TensorProto.FLOAT16}
+        gelu = next(n for n in model.graph.node if n.op_type == "Gelu")
+        assert "Erf" not in {n.op_type for n in model.graph.node}
+        assert types[gelu.output[0]] == gelu_type
+        into = producer[gelu.input[0]]
+        readers = [n for n in model.graph.node if gelu.output[0] in n.input]
+        if gelu_type == fmt.onnx_type:  # the bias Add's 16-bit result in, the next MatMul reads it as is
+            assert into.op_type == "Add" and [n.op_type for n in readers] == ["MatMul"]
+        else:
+            assert into.op_type == "Cast" and into.attribute[0].i == onnx.TensorProto.FLOAT
+            assert [n.op_type for n in readers] == ["Cast"] and readers[0].attribute[0].i == fmt.onnx_type
+        assert {types[n.output[0]] for n in model.graph.node if n.op_type == "MatMul"} == {fmt.onnx_type}

@@ -330,27 +330,6 @@ def test_provider_prices_a_follow_op_without_a_kernel_in_fp32_between_casts():
     assert cuda.follow_cost(relu, P.BF16) == base.follow_cost(relu, P.BF16)
 
 
-def test_a_decomposed_follow_op_costs_one_fused_fp32_op_between_two_casts():
-    """An erf GELU another exporter wrote as Div, Erf, Add, Mul, Mul: ONNX Runtime fuses it back
-    into one Gelu, so in fp32 it costs one elementwise op (on its first piece), and below fp32 the
-    deployment graph computes it in fp32 and rounds once at its result: the same op plus one cast
-    in and one out. On every provider, since the graph is written so whatever kernels it has."""
-    n = 1 << 20
-    pieces = [OpNode(name, "gelu", "mlp", Policy.FOLLOW, act_in_elems=n, act_out_elems=n, unit="div")
-              for name in ("div", "erf", "add", "mul", "half")]
-    whole = OpNode("gelu", "gelu", "mlp", Policy.FOLLOW, act_in_elems=n, act_out_elems=n)
-    for model in (RooflineCostModel("h100"), ProviderCostModel(RooflineCostModel("h100"), "cuda"),
-                  RooflineCostModel("h100", "memory")):
-        base = model.base if isinstance(model, ProviderCostModel) else model
-        casts = base.cast_cost(n, P.FP16, P.FP32) + base.cast_cost(n, P.FP32, P.FP16)
-        assert sum(model.follow_cost(op, P.FP16) for op in pieces) == pytest.approx(
-            base.follow_cost(whole, P.FP32) + casts), model
-        assert sum(model.follow_cost(op, P.FP32) for op in pieces) == pytest.approx(base.follow_cost(whole, P.FP32))
-        assert all(model.follow_cost(op, P.FP16) == 0.0 for op in pieces[1:])
-    latency = RooflineCostModel("h100")
-    assert sum(latency.follow_cost(op, P.FP16) for op in pieces) > latency.follow_cost(whole, P.FP16)
-
-
 def test_a_16_bit_conv_before_an_fp32_norm_pays_the_cast_back():
     """conv -> batch_norm (NEVER, fp32) -> relu -> conv -> output: each 16-bit conv's result is cast
     back to fp32 (for the norm, for the graph output), and the norm's result cast to the second
