@@ -20,8 +20,9 @@ Preprocessing, in order:
 3. fold each inference ``BatchNormalization`` that alone reads a ``Conv`` into it, in fp32
    (:mod:`autoprec.bn_fold`, the fold a torch model's capture and export make);
 4. give every node a unique name (``node.name``, else ``"<op_type>_<index>"``) in the ModelProto,
-   so plans and passes can address nodes, then fuse each erf GELU written as separate nodes into
-   one ``Gelu`` (opset >= 20: :func:`fuse_erf_gelus`);
+   so plans and passes can address nodes, then fuse each erf GELU and each layer norm written as
+   separate nodes into one ``Gelu`` (opset >= 20: :func:`fuse_erf_gelus`) or ``LayerNormalization``
+   (opset >= 17: :func:`fuse_layer_norms`), as ONNX Runtime would;
 5. shape inference (strict, with data propagation; non-strict if strict fails), kept in
    ``value_info`` with the model's own symbolic dims.
 
@@ -29,10 +30,11 @@ The op graph has one :class:`OpNode` per top-level ONNX node plus one ``placehol
 input, with kinds normalised to the names :mod:`autoprec.capture` uses (MatMul reading an
 initializer is ``linear``, MatMul of two activations ``matmul``, Gemm ``linear``, Conv
 ``conv1d``/``conv2d``/``conv3d`` by rank, ...) and the same policies and FLOP counts. The
-decomposed forms older exporters write are recognised: every node of a ReduceMean/Sub/Pow/.../Div
-layer norm is a ``layer_norm`` (NEVER, so its statistics stay fp32 as torch's single op does), and
-an erf-form GELU is fused into one ``Gelu`` during preprocessing (:func:`fuse_erf_gelus`; below
-opset 20, where ONNX has no Gelu, its nodes are ``gelu`` pieces kept fp32 with a reason). Control flow
+decomposed forms older exporters write are recognised: a ReduceMean/Sub/Pow/.../Div layer norm is
+fused into one ``LayerNormalization`` where that says the same (else every node of it is a
+``layer_norm``); either way it is NEVER, so its statistics stay fp32 as torch's single op does. An
+erf-form GELU is fused into one ``Gelu`` (below opset 20, where ONNX has no Gelu, its nodes are
+``gelu`` pieces kept fp32 with a reason). Control flow
 (If, Loop, Scan) is one ``if``/``loop``/``scan`` node of policy NEVER: it and everything inside its
 subgraphs stay fp32 (later passes rewrite top-level nodes only); the reason is in
 :attr:`OnnxAnalysis.reasons`. Shapes are concrete: symbolic input dims are resolved from example
@@ -238,6 +240,10 @@ def preprocess(model: onnx.ModelProto, target_opset: int = TARGET_OPSET) -> tupl
     if gelus:
         notes.append(f"fused {gelus} erf GELU(s) written as separate nodes into one Gelu each (as ONNX Runtime "
                      f"fuses them), so the plan can run them in 16 bits")
+    norms = fuse_layer_norms(model)
+    if norms:
+        notes.append(f"fused {norms} layer norm(s) written as separate nodes into one LayerNormalization each "
+                     f"(one fp32 kernel, as ONNX Runtime fuses them)")
     model, how = _infer(model)
     if how:
         notes.append(how)
@@ -919,6 +925,110 @@ def _scalar(name: str, inits_proto: Mapping[str, onnx.TensorProto]) -> float | N
     return float(arr.reshape(-1)[0]) if arr.size == 1 else None
 
 
+def _reduce_axes(node: onnx.NodeProto, protos: Mapping[str, onnx.TensorProto]) -> tuple[int, ...] | None:
+    """A ReduceMean's axes, from its attribute (opset < 18) or its constant second input; None when
+    it reduces every axis or they are not constants."""
+    if len(node.input) > 1 and node.input[1]:
+        t = protos.get(node.input[1])
+        return tuple(int(a) for a in numpy_helper.to_array(t).ravel()) if t is not None else None
+    axes = _attr(node, "axes")
+    return tuple(int(a) for a in axes) if axes is not None else None
+
+
+def fuse_layer_norms(model: onnx.ModelProto) -> int:
+    """Replace each layer norm written as separate nodes (:func:`_layer_norm_nodes`) over the last
+    axis, with a 1-D scale, by one ONNX ``LayerNormalization`` (opset 17), in place; returns how many.
+
+    Why: a decomposed layer norm is nine kernels on a GPU, one op. It stays fp32 either way (a
+    NEVER op), so plans do not change, but the deployed file runs it as one kernel, as ONNX
+    Runtime's own LayerNormFusion would (autoprec's sessions disable that fusion, see
+    :mod:`autoprec.runtime`). Matched strictly: both means over axis -1 with kept dims, a square
+    (Pow 2 or x * x), a constant epsilon, a 1-D fp32 scale and optional 1-D fp32 shift, and no
+    value but the result read outside. Anything else is left as it was.
+    """
+    if default_opset(model) < 17:
+        return 0
+    g = model.graph
+    protos = {t.name: t for t in g.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in _node_inputs(node):
+            consumers.setdefault(i, []).append(node)
+    by_name = {n.name: n for n in g.node}
+    results = {o.name for o in g.output}
+    taken = {n.name for n in g.node} | {i.name for i in g.input}
+    replace_last: dict[int, onnx.NodeProto] = {}
+    gone: set[int] = set()
+    read: set[str] = set()
+    for names in _layer_norm_nodes(g, consumers):
+        chain = [by_name[n] for n in names]
+        fused = _layer_norm_node(chain, protos, consumers, results)
+        if fused is None:
+            continue
+        mean = chain[0]
+        name = "LayerNormalization".join(mean.name.rsplit("ReduceMean", 1)) if "ReduceMean" in mean.name else ""
+        fused.name = name if name and name not in taken else mean.name
+        fused.metadata_props.extend(mean.metadata_props)
+        replace_last[id(chain[-1])] = fused
+        gone.update(id(n) for n in chain)
+        read.update(i for n in chain for i in n.input)
+    if not replace_last:
+        return 0
+    _replace_nodes(g, replace_last, gone, read)
+    return len(replace_last)
+
+
+def _layer_norm_node(chain: list[onnx.NodeProto], protos: Mapping[str, onnx.TensorProto],
+                     consumers: Mapping[str, list[onnx.NodeProto]], results: set[str]) -> onnx.NodeProto | None:
+    """The LayerNormalization that computes ``chain`` ([mean, sub, square, var, add eps, sqrt, div,
+    scale, shift?]), or None where the nodes are not exactly that."""
+    if len(chain) < 8:
+        return None  # no scale: LayerNormalization needs one, of a size shape inference may not know
+    mean, sub, sq, var, add_eps, _, div, scale = chain[:8]
+    shift = chain[8] if len(chain) > 8 else None
+    if any(_reduce_axes(m, protos) != (-1,) or _attr(m, "keepdims", 1) != 1 for m in (mean, var)):
+        return None
+    if sq.op_type == "Pow" and _scalar(sq.input[1], protos) != 2.0:
+        return None
+    eps = next((_scalar(i, protos) for i in add_eps.input if i != var.output[0]), None)
+    if eps is None or eps < 0 or list(div.input) != [sub.output[0], chain[5].output[0]]:
+        return None
+
+    def vector(node: onnx.NodeProto, reads: str) -> str | None:
+        other = [i for i in node.input if i != reads]
+        t = protos.get(other[0]) if len(other) == 1 else None
+        return other[0] if t is not None and len(t.dims) == 1 and t.data_type == TensorProto.FLOAT else None
+
+    gamma = vector(scale, div.output[0])
+    beta = vector(shift, scale.output[0]) if shift is not None else None
+    if gamma is None or (shift is not None and beta is None):
+        return None
+    inside = {id(n) for n in chain}
+    out = chain[-1].output[0]
+    if any(o != out and (o in results or any(id(c) not in inside for c in consumers.get(o, [])))
+           for n in chain for o in n.output):
+        return None
+    return helper.make_node("LayerNormalization", [mean.input[0], gamma] + ([beta] if beta else []), [out],
+                            axis=-1, epsilon=float(eps))
+
+
+def _replace_nodes(g: onnx.GraphProto, replace_last: Mapping[int, onnx.NodeProto], gone: set[int],
+                   read: set[str]) -> None:
+    """Put each fused node where the last node it replaces was (``replace_last``, by id), drop the
+    other replaced nodes (``gone``), and the initializers of ``read`` nothing reads any more."""
+    nodes = [replace_last.get(id(n), n) for n in g.node if id(n) not in gone or id(n) in replace_last]
+    del g.node[:]
+    g.node.extend(nodes)
+    used = referenced_names(g)
+    dropped = {t.name for t in g.initializer if t.name in read and t.name not in used}
+    kept = [t for t in g.initializer if t.name not in dropped]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    inputs = [i for i in g.input if i.name not in dropped]  # old IRs list initializers as inputs too
+    del g.input[:]
+    g.input.extend(inputs)
+
+
 @dataclass(frozen=True)
 class _ErfGelu:
     """One erf-form GELU an older exporter wrote as several nodes: ``nodes`` (graph order), reading
@@ -1038,16 +1148,5 @@ def fuse_erf_gelus(model: onnx.ModelProto) -> int:
         node.metadata_props.extend(erf.metadata_props)
         replace_last[id(gelu.nodes[-1])] = node
         gone.update(id(n) for n in gelu.nodes)
-    nodes = [replace_last.get(id(n), n) for n in g.node if id(n) not in gone or id(n) in replace_last]
-    read = {i for n in found for m in n.nodes for i in m.input}
-    del g.node[:]
-    g.node.extend(nodes)
-    used = referenced_names(g)
-    dropped = {t.name for t in g.initializer if t.name in read and t.name not in used}
-    kept = [t for t in g.initializer if t.name not in dropped]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    inputs = [i for i in g.input if i.name not in dropped]  # old IRs list initializers as inputs too
-    del g.input[:]
-    g.input.extend(inputs)
+    _replace_nodes(g, replace_last, gone, {i for n in found for m in n.nodes for i in m.input})
     return len(found)

@@ -15,7 +15,8 @@ point; with an fp8 zero point the negative values then survive), and so are the 
 the session fails to load). ``LayerNormFusionL1`` is disabled too: it fuses a decomposed layer norm
 (ReduceMean/Sub/Pow/.../Div, as exporters before opset 17 write it) and takes the Cast in front of it
 along, so that behind a bf16 rounding (Cast to bf16, Cast back to fp32) the fused op binds bf16 and
-fp32 to one type and the session fails to load.
+fp32 to one type and the session fails to load. (The ONNX analyser fuses the layer norms it can
+match itself, :func:`autoprec.onnx_graph.fuse_layer_norms`; this is for the forms it leaves.)
 
 CUDA sessions are opened with ``use_tf32=0``: since onnxruntime 1.17 the CUDA provider otherwise
 runs fp32 MatMul/Gemm (cuBLAS) and Conv (cuDNN) on TF32 tensor cores, which round their inputs to

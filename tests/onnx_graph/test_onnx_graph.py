@@ -319,8 +319,9 @@ def test_torchscript_exported_attention_at_opset13_matches_capture(tiny_attentio
     assert [n.scope for n in a.graph.layers()] == [n.scope for n in c.graph.layers()]
     assert a.graph.ties == [["/q/MatMul", "/k/MatMul", "/v/MatMul"]]
     assert "Constant" not in _ops(a.model)
-    ln = [n for n in a.graph.nodes if n.scope == "ln"]
-    assert len(ln) >= 7 and {(n.kind, n.policy) for n in ln} == {("layer_norm", Policy.NEVER)}
+    ln = [n for n in a.graph.nodes if n.scope == "ln"]  # its nine nodes fused into one, as ORT fuses them
+    assert [(n.kind, n.policy) for n in ln] == [("layer_norm", Policy.NEVER)]
+    assert "LayerNormalization" in _ops(a.model) and "Sqrt" not in _ops(a.model)
     np.testing.assert_array_equal(run(source, {"x": x.numpy()})[0], run(a.model, {"x": x.numpy()})[0])
 
 
@@ -351,3 +352,35 @@ def test_modules_exported_as_local_functions_are_inlined(tiny_cnn) -> None:
     assert not a.model.functions and "inlined the model's" in " ".join(a.notes)
     assert _layer_rows(a.graph) == _layer_rows(capture(tiny_cnn, (x,)).graph)
     np.testing.assert_allclose(run(source, {"x": x.numpy()})[0], run(a.model, {"x": x.numpy()})[0], rtol=0, atol=0)
+
+
+def _layer_norm_variant(scale: bool = True, axes: tuple[int, ...] = (-1,)) -> onnx.ModelProto:
+    """x[N,4,8] -> a layer norm written as ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div[, Mul, Add]
+    at opset 13, over ``axes``."""
+    n = helper.make_node
+    rng = np.random.default_rng(3)
+    nodes = [n("ReduceMean", ["x"], ["mu"], axes=list(axes)), n("Sub", ["x", "mu"], ["xc"]),
+             n("Pow", ["xc", "two"], ["sq"]), n("ReduceMean", ["sq"], ["var"], axes=list(axes)),
+             n("Add", ["var", "eps"], ["ve"]), n("Sqrt", ["ve"], ["sd"]),
+             n("Div", ["xc", "sd"], ["y" if not scale else "xn"])]
+    inits = [init("two", np.array(2.0, np.float32)), init("eps", np.array(1e-5, np.float32))]
+    if scale:
+        nodes += [n("Mul", ["xn", "gamma"], ["xg"]), n("Add", ["xg", "beta"], ["y"])]
+        inits += [init("gamma", (1 + 0.1 * rng.standard_normal(8)).astype(np.float32)),
+                  init("beta", (0.1 * rng.standard_normal(8)).astype(np.float32))]
+    return make(nodes, [vi("x", ["N", 4, 8])], [vi("y", ["N", 4, 8])], inits)
+
+
+def test_a_layer_norm_written_as_nine_nodes_becomes_one_layer_normalization() -> None:
+    x = np.random.default_rng(4).standard_normal((2, 4, 8)).astype(np.float32)
+    a = analyse_onnx(_layer_norm_variant(), batch=2)
+    assert _ops(a.model) == ["LayerNormalization"] and {t.name for t in a.model.graph.initializer} == {"gamma", "beta"}
+    assert (a.graph.nodes[1].kind, a.graph.nodes[1].policy) == ("layer_norm", Policy.NEVER)
+    np.testing.assert_allclose(run(_layer_norm_variant(), {"x": x})[0], run(a.model, {"x": x})[0], rtol=1e-6, atol=1e-6)
+    # forms LayerNormalization cannot say as matched stay nodes, one NEVER group, as before
+    for other in (_layer_norm_variant(scale=False), _layer_norm_variant(axes=(-2, -1))):
+        b = analyse_onnx(other, batch=2)
+        assert "LayerNormalization" not in _ops(b.model) and len(set(b.groups.values())) == 1
+        assert {(n.kind, n.policy) for n in b.graph.nodes[1:]} == {("layer_norm", Policy.NEVER)}
+    c = analyse_onnx(_layer_norm_variant(), batch=2, target_opset=13)  # no LayerNormalization before opset 17
+    assert "LayerNormalization" not in _ops(c.model)

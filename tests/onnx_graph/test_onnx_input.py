@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import pytest
 import torch
 from onnx_graph_models import block_opset13, if_model, init, loop_model, make, mlp_opset13, vi
@@ -79,13 +80,12 @@ def test_analyser_groups_decomposed_ops_and_bias_adds() -> None:
     groups: dict[str, list[str]] = {}
     for node, head in a.groups.items():
         groups.setdefault(head, []).append(node)
-    assert groups["ReduceMean_0"] == [f"{op}_{i}" for i, op in enumerate(
-        ["ReduceMean", "Sub", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul", "Add"])]  # one layer norm
+    assert groups["LayerNormalization_0"] == ["LayerNormalization_0"]  # ReduceMean_0 .. Add_8, fused into one
     assert groups["MatMul_9"] == ["MatMul_9", "Add_10"]  # the bias belongs to its layer
     assert groups["Gelu_12"] == ["Gelu_12"]  # the erf GELU (Div_11 .. Mul_15), fused into one node
     assert groups["Add_18"] == ["Add_18"]  # the residual add reads no constant: its own op
     assert a.graph.layer_names() == ["MatMul_9", "MatMul_16", "Gemm_20"]
-    assert "layer_norm" in a.reasons["Sqrt_5"]
+    assert "layer_norm" in a.reasons["LayerNormalization_0"]
 
 
 def test_map_nodes_marks_layers_and_leaves_ops_alone() -> None:
@@ -130,20 +130,23 @@ def test_emulation_rounds_each_group_result_once() -> None:
 
 def test_a_bf16_rounding_before_a_decomposed_layer_norm_loads_in_ort() -> None:
     """ORT's LayerNormFusionL1 takes a bf16 Cast round trip into the fused op and fails to load the
-    session (onnxruntime 1.31); runtime disables it."""
+    session (onnxruntime 1.31); runtime disables it. (The analyser fuses the layer norms it matches
+    itself; this is for the forms it leaves as they are.)"""
     rng = np.random.default_rng(7)
     ln = block_opset13().graph.node[:9]  # the decomposed layer norm of x, writing "ln"
     for n in ln:
-        n.input[:] = ["h" if i == "x" else i for i in n.input]
-    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), *ln, helper.make_node("MatMul", ["ln", "w3"], ["y"])]
+        n.input[:] = ["hr" if i == "x" else i for i in n.input]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]),
+             helper.make_node("Cast", ["h"], ["hb"], to=onnx.TensorProto.BFLOAT16),
+             helper.make_node("Cast", ["hb"], ["hr"], to=onnx.TensorProto.FLOAT),
+             *ln, helper.make_node("MatMul", ["ln", "w3"], ["y"])]
     inits = [t for t in block_opset13().graph.initializer if t.name in ("two", "eps", "gamma", "beta")]
     inits += [init("w0", rng.standard_normal((8, 8)).astype(np.float32)),
               init("w3", rng.standard_normal((8, 3)).astype(np.float32))]
-    model = make(nodes, [vi("x", ["N", 8])], [vi("y", ["N", 3])], inits)
-    om = OnnxModel.load(model, {"x": rng.standard_normal((4, 8)).astype(np.float32)})
-    first = om.analysis.graph.layer_names()[0]
-    y = om.outputs(om.build({first: BF16}))[0]
-    assert torch.isfinite(y).all() and y.shape == (4, 3)
+    model = onnx.version_converter.convert_version(make(nodes, [vi("x", ["N", 8])], [vi("y", ["N", 3])], inits), 21)
+    x = rng.standard_normal((4, 8)).astype(np.float32)  # at opset 21, as autoprec writes its graphs
+    y = open_session(model.SerializeToString(), "cpu").session.run(None, {"x": x})[0]
+    assert np.isfinite(y).all() and y.shape == (4, 3)
 
 
 # --- data ---------------------------------------------------------------------------------------------
