@@ -616,10 +616,7 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
                             output_shape=v.shape or () if v else (),
                             act_out_elems=v.numel if v is not None and v.is_float else 0))
         producer[vi.name] = vi.name
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.node:
-        for i in _node_inputs(node):
-            consumers.setdefault(i, []).append(node)
+    consumers = _consumers(g)
     order = {n.name: i for i, n in enumerate(g.node)}
     fused: dict[str, str] = {}
     groups: dict[str, str] = {}
@@ -630,7 +627,8 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, _Value],
             groups[member] = head
     # erf GELUs are left decomposed only below opset 20 (fuse_erf_gelus): each node would round
     # in 16 bits on a GPU, the plan's numerics round a GELU once, so they stay fp32
-    unfused = {n.name: len(gelu.nodes) for gelu in _erf_gelus(g) for n in gelu.nodes}
+    unfused = {n.name: len(gelu.nodes) for gelu in (_erf_gelus(g) if default_opset(model) < 20 else ())
+               for n in gelu.nodes}
     fused.update((name, "gelu") for name in unfused)
     ties: dict[tuple[str, str, tuple[int, ...]], list[str]] = {}
     for node in g.node:
@@ -731,6 +729,15 @@ def _node_inputs(node: onnx.NodeProto) -> list[str]:
     for sub in _subgraphs(node):
         ins.extend(n for n in _outer_names(sub) if n not in ins)
     return ins
+
+
+def _consumers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Value name -> the top-level nodes that read it (subgraphs' outer-scope reads included)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in _node_inputs(node):
+            consumers.setdefault(i, []).append(node)
+    return consumers
 
 
 def _outer_names(g: onnx.GraphProto) -> list[str]:
@@ -950,10 +957,7 @@ def fuse_layer_norms(model: onnx.ModelProto) -> int:
         return 0
     g = model.graph
     protos = {t.name: t for t in g.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.node:
-        for i in _node_inputs(node):
-            consumers.setdefault(i, []).append(node)
+    consumers = _consumers(g)
     by_name = {n.name: n for n in g.node}
     results = {o.name for o in g.output}
     taken = {n.name for n in g.node} | {i.name for i in g.input}
@@ -966,8 +970,7 @@ def fuse_layer_norms(model: onnx.ModelProto) -> int:
         if fused is None:
             continue
         mean = chain[0]
-        name = "LayerNormalization".join(mean.name.rsplit("ReduceMean", 1)) if "ReduceMean" in mean.name else ""
-        fused.name = name if name and name not in taken else mean.name
+        fused.name = _fused_name(mean, "LayerNormalization", taken)
         fused.metadata_props.extend(mean.metadata_props)
         replace_last[id(chain[-1])] = fused
         gone.update(id(n) for n in chain)
@@ -1012,6 +1015,14 @@ def _layer_norm_node(chain: list[onnx.NodeProto], protos: Mapping[str, onnx.Tens
                             axis=-1, epsilon=float(eps))
 
 
+def _fused_name(node: onnx.NodeProto, op_type: str, taken: set[str]) -> str:
+    """The name of the ``op_type`` node that replaces a group named by ``node``: its name with its op
+    type's last mention swapped ("/ln/ReduceMean" -> "/ln/LayerNormalization"), else (no mention,
+    or taken) its name as it is, which the replaced node frees."""
+    name = op_type.join(node.name.rsplit(node.op_type, 1))
+    return name if node.op_type in node.name and name not in taken else node.name
+
+
 def _replace_nodes(g: onnx.GraphProto, replace_last: Mapping[int, onnx.NodeProto], gone: set[int],
                    read: set[str]) -> None:
     """Put each fused node where the last node it replaces was (``replace_last``, by id), drop the
@@ -1050,10 +1061,7 @@ def _erf_gelus(g: onnx.GraphProto) -> list[_ErfGelu]:
     but the result may leave the nodes: replacing them by one Gelu must change nothing."""
     protos = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output if o}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.node:
-        for i in _node_inputs(node):
-            consumers.setdefault(i, []).append(node)
+    consumers = _consumers(g)
     results = {o.name for o in g.output}
     order = {id(n): k for k, n in enumerate(g.node)}
     default = ("", "ai.onnx")
@@ -1062,8 +1070,9 @@ def _erf_gelus(g: onnx.GraphProto) -> list[_ErfGelu]:
         pre = producer.get(erf.input[0]) if erf.op_type == "Erf" and erf.domain in default else None
         if pre is None or pre.op_type not in ("Div", "Mul") or pre.domain not in default:
             continue
-        x = next((i for i in pre.input if _scalar(i, protos) is None), None)
-        c = next((_scalar(i, protos) for i in pre.input if _scalar(i, protos) is not None), None)
+        scalars = [_scalar(i, protos) for i in pre.input]
+        x = next((i for i, v in zip(pre.input, scalars) if v is None), None)
+        c = next((v for v in scalars if v is not None), None)
         if x is None or not _near(c, math.sqrt(2.0) if pre.op_type == "Div" else math.sqrt(0.5)):
             continue
         if pre.op_type == "Div" and pre.input[0] != x:
@@ -1113,8 +1122,9 @@ def _erf_gelu_product(muls: list[onnx.NodeProto], x: str, add: onnx.NodeProto, e
             leaves.append(v)
         else:
             todo.extend(m.input)
-    consts = [_scalar(v, protos) for v in leaves if _scalar(v, protos) is not None]
-    others = sorted(v for v in leaves if _scalar(v, protos) is None)
+    values = {v: _scalar(v, protos) for v in leaves}
+    consts = [values[v] for v in leaves if values[v] is not None]
+    others = sorted(v for v in leaves if values[v] is None)
     if others != sorted([x, add.output[0]]) or len(consts) != 1 or not _near(consts[0], 0.5):
         return None
     return nodes
@@ -1141,10 +1151,7 @@ def fuse_erf_gelus(model: onnx.ModelProto) -> int:
     gone: set[int] = set()
     for gelu in found:
         erf = next(n for n in gelu.nodes if n.op_type == "Erf")
-        name = "Gelu".join(erf.name.rsplit("Erf", 1)) if "Erf" in erf.name else erf.name
-        if name != erf.name and name in taken:
-            name = erf.name
-        node = helper.make_node("Gelu", [gelu.x], [gelu.out], name=name)
+        node = helper.make_node("Gelu", [gelu.x], [gelu.out], name=_fused_name(erf, "Gelu", taken))
         node.metadata_props.extend(erf.metadata_props)
         replace_last[id(gelu.nodes[-1])] = node
         gone.update(id(n) for n in gelu.nodes)

@@ -209,9 +209,10 @@ def plot_pareto(path: Path, points: Sequence[ParetoPoint], plan: PrecisionPlan,
     ax.set_xlabel(f"estimated speedup on {plan.target} vs fp32")
     ax.set_ylabel("predicted error (sum of per-layer errors)")
     ax.set_title(f"{plan.model_name}: Pareto front")
-    if ax.get_legend_handles_labels()[0] or ax.collections:
+    labelled = ax.get_legend_handles_labels()[0]
+    if labelled or ax.collections:
         ax.set_yscale("log")
-        if ax.get_legend_handles_labels()[0]:
+        if labelled:
             ax.legend(fontsize=8)
     else:  # a log axis cannot show error 0: say why the plot is empty instead
         ax.text(0.5, 0.5, "no plan rounds anywhere (predicted error 0 everywhere):\nnothing to plot",

@@ -79,15 +79,16 @@ class SearchProblem:
         offer = tuple(parse_precision(f) for f in (profile.formats if formats is None else formats))
         offer = tuple(f for f in dict.fromkeys(offer) if f is not FP32)
         pins = tuple(pins)
+        layers = graph.layers()
         for pin in pins:  # a pattern that matches nothing is a typo, not a rule
-            if not any(pin.matches(op) for op in graph.layers()):
-                names = [op.name for op in graph.layers()]
+            if not any(pin.matches(op) for op in layers):
+                names = [op.name for op in layers]
                 shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
                 raise UsageError(f"{pin} matches no layer's scope, name or kind: check the pattern "
                                  f"(layers: {shown})")
         cands: dict[str, tuple[Precision, ...]] = {}
         excl: dict[str, dict[Precision, str]] = {}
-        for op in graph.layers():
+        for op in layers:
             why = dict((excluded or {}).get(op.name, {}))
             for f in offer:
                 if not cost_model.supports(f):
