@@ -20,22 +20,28 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from autoprec.capture import Captured, capture
-from autoprec.cost import CostModel, ProviderCostModel, RooflineCostModel
-from autoprec.ep_support import exclusions
-from autoprec.errors import AutoprecError, UsageError, first_line
-from autoprec.formats import DEFAULT_CANDIDATES, Precision, parse_precisions
-from autoprec.metrics import DropBudget, Metric, fidelity_metric
-from autoprec.onnx_input import OnnxModel, profile_onnx
-from autoprec.opgraph import OpGraph
-from autoprec.plan import PrecisionPlan, parse_pins
-from autoprec.profile import Progress, output_kind_of, first_tensor, profile
+from autoprec.torch.capture import Captured, capture
+from autoprec.cost.model import CostModel
+from autoprec.cost.provider import ProviderCostModel
+from autoprec.cost.roofline import RooflineCostModel
+from autoprec.deploy.providers import exclusions
+from autoprec.core.errors import AutoprecError, UsageError, first_line
+from autoprec.core.formats import DEFAULT_CANDIDATES, Precision, parse_precisions
+from autoprec.core.metrics import DropBudget
+from autoprec.metrics import Metric, fidelity_metric
+from autoprec.onnx.model import OnnxModel, profile_onnx
+from autoprec.core.opgraph import OpGraph
+from autoprec.core.plan import PrecisionPlan, parse_pins
+from autoprec.torch.profile import Progress, output_kind_of, first_tensor, profile
 from autoprec.report import LatencyCheck, TuneSummary, UniformResult
-from autoprec.search import ParetoPoint, SearchProblem, Strategy, get_strategy, pareto_sweep, solve, tune_loop
-from autoprec.semantics import needs_act_amax
-from autoprec.sensitivity import SensitivityProfile
-from autoprec.spec import ModelSpec, load_model_spec
-from passes import act_amax_from_profile, apply_plan
+from autoprec.search.loop import tune_loop
+from autoprec.search.pareto import ParetoPoint, pareto_sweep
+from autoprec.search.problem import SearchProblem, Strategy
+from autoprec.search.registry import get_strategy, solve
+from autoprec.torch.semantics import needs_act_amax
+from autoprec.core.sensitivity import SensitivityProfile
+from autoprec.torch.spec import ModelSpec, load_model_spec
+from autoprec.torch.passes import act_amax_from_profile, apply_plan
 
 #: Samples per inference call the cost model prices by default: throughput serving. At small
 #: batches the zoo's models are launch-bound on an H100 and no format beats fp32's zero casts.
@@ -86,13 +92,13 @@ class TuneResult:
         fp32 compute with every rounding explicit, for ORT's CPU provider). A torch model is
         exported once (torch.onnx) and both graphs come from that export. The deployment graph
         follows the kernels of the provider the plan was tuned for, when one was named."""
-        from autoprec.export import apply_plan_onnx
+        from autoprec.deploy.export import apply_plan_onnx
 
         amax = act_amax_from_profile(self.profile)
         if self.onnx is not None:
             return self.onnx.build(self.plan.assignment, amax, mode, self.provider)
         if self.spec is None or self.captured is None:
-            raise UsageError("this tune result holds no model to export: export it with autoprec.export.export_onnx")
+            raise UsageError("this tune result holds no model to export: export it with autoprec.deploy.export.export_onnx")
         if self._fp32_onnx is None:
             self._fp32_onnx = _Fp32Export(self.spec)
         return apply_plan_onnx(self._fp32_onnx(), self.captured, self.plan.assignment, amax, mode,
@@ -188,7 +194,7 @@ def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: s
               provider: str | None = None, progress: Progress | None = None, timing: bool = True) -> TuneResult:
     """:func:`tune` for a model given as an .onnx file, measured on ONNX Runtime.
 
-    ``data``: an .npz with the model's inputs (see :mod:`autoprec.onnx_input`); ``labels``: an
+    ``data``: an .npz with the model's inputs (see :mod:`autoprec.onnx.model`); ``labels``: an
     .npy, or the name of an array in ``data``. With labels the budget is a drop of accuracy
     (integer labels) or of mean squared error (float labels); without them, a ``fidelity_budget``
     on agreement with the fp32 model. ``metric.measure`` takes an ONNX ModelProto.
@@ -374,15 +380,15 @@ def _against_latency(problem: SearchProblem, plan: PrecisionPlan, uniforms: list
                      provider: str, batch: int, adopt: bool) -> tuple[PrecisionPlan, LatencyCheck | None]:
     """Where ``provider`` is cuda and really runs here, time the deployment graphs of the searched
     plan, the fastest uniform plan within budget and all-fp32 (GPU-resident inputs, interleaved
-    rounds: :func:`autoprec.runtime.latencies_ms`), and adopt the fastest when it beats the searched
+    rounds: :func:`autoprec.deploy.runtime.latencies_ms`), and adopt the fastest when it beats the searched
     plan by more than :data:`SPEED_MARGIN` (and ``adopt``). All three are within budget.
 
     The cost model prices kernels from peak rates; on small tensors a GPU runs 16-bit kernels no
     faster than fp32 ones while each cast still costs a launch, so a plan it predicts faster can be
     slower (measured: a 16-layer ResNet on 16x16 images, 0.71x of fp32 on an H100). TensorRT is not
     timed: building its engines takes minutes per graph. Without the provider, nothing is timed."""
-    from autoprec.ep_support import CUDA, parse_provider
-    from autoprec.runtime import cuda_available, latencies_ms
+    from autoprec.deploy.providers import CUDA, parse_provider
+    from autoprec.deploy.runtime import cuda_available, latencies_ms
 
     if run.deploy is None or run.feeds is None or parse_provider(provider) != CUDA or not cuda_available():
         return plan, None
@@ -429,7 +435,7 @@ class _Fp32Export:
 
     def __call__(self) -> Any:
         if self._model is None:
-            from autoprec.export import torch_to_onnx
+            from autoprec.deploy.export import torch_to_onnx
 
             t = time.perf_counter()
             self._model = torch_to_onnx(self._spec.model(), self._spec.example_inputs())
@@ -455,8 +461,8 @@ def _onnx_emulation(captured: Captured, amax: Mapping[str, tuple[float, ...]], f
     """assignment -> ONNX Runtime's CPU session of the plan's emulation graph (made from the fp32
     export ``fp32`` returns), as a torch-callable module: the deployed numerics, which the model's
     metric measures like the torch emulation."""
-    from autoprec.export import apply_plan_onnx
-    from autoprec.runtime import open_session, ort_module
+    from autoprec.deploy.export import apply_plan_onnx
+    from autoprec.deploy.runtime import open_session, ort_module
 
     def build(assignment: dict[str, Precision]) -> Any:
         graph = apply_plan_onnx(fp32(), captured, assignment, amax, "emulate")
@@ -470,9 +476,9 @@ def _torch_deployment(spec: ModelSpec, captured: Captured, amax: Mapping[str, tu
                       ) -> tuple[Callable[[dict[str, Precision]], bytes], Callable[[int], tuple[dict[str, Any], int]]]:
     """(assignment -> deployment graph, batch -> its inputs) for a torch model whose fp32 export
     ``fp32`` returns (:class:`_Fp32Export`)."""
-    from autoprec.export import apply_plan_onnx
-    from autoprec.onnx_graph import graph_inputs
-    from autoprec.runtime import repeat_to
+    from autoprec.deploy.export import apply_plan_onnx
+    from autoprec.onnx.graph import graph_inputs
+    from autoprec.deploy.runtime import repeat_to
 
     def deploy(assignment: dict[str, Precision]) -> bytes:
         return apply_plan_onnx(fp32(), captured, assignment, amax, provider=provider).SerializeToString()
@@ -487,7 +493,7 @@ def _torch_deployment(spec: ModelSpec, captured: Captured, amax: Mapping[str, tu
 def _onnx_feeds(om: OnnxModel, batch: int) -> tuple[dict[str, Any], int]:
     """An .onnx model's first data batch repeated to ``batch`` samples (its own batch where the
     model fixes it), with the sample count."""
-    from autoprec.runtime import repeat_to
+    from autoprec.deploy.runtime import repeat_to
 
     first = om.batches()[0]
     if om.fixed_batch:

@@ -1,6 +1,6 @@
 """The ``autoprec`` command line. Logging is configured here and nowhere else.
 
-Every user-facing failure is an :class:`~autoprec.errors.AutoprecError`: the CLI prints its one
+Every user-facing failure is an :class:`~autoprec.core.errors.AutoprecError`: the CLI prints its one
 line to stderr and exits with its code; tracebacks are for bugs only (or ``--debug``).
 """
 
@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from autoprec.errors import AutoprecError, UsageError
-from autoprec.formats import DEFAULT_CANDIDATES, parse_precisions
-from autoprec.runtime import set_runtime_log
+from autoprec.core.errors import AutoprecError, UsageError
+from autoprec.core.formats import DEFAULT_CANDIDATES, parse_precisions
+from autoprec.deploy.runtime import set_runtime_log
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
@@ -67,7 +67,7 @@ def _need_data(args: argparse.Namespace) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from autoprec import api
-    from autoprec.io import atomic_write_text, writable_file
+    from autoprec.core.io import atomic_write_text, writable_file
 
     _need_data(args)
     formats = parse_precisions(args.formats)
@@ -129,7 +129,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from autoprec import api
-    from autoprec.io import atomic_write_bytes, atomic_write_text, writable_dir
+    from autoprec.core.io import atomic_write_bytes, atomic_write_text, writable_dir
     from autoprec.report import write_report
 
     _need_data(args)
@@ -185,8 +185,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from autoprec.export import export_onnx
-    from autoprec.io import writable_file
+    from autoprec.deploy.export import export_onnx
+    from autoprec.core.io import writable_file
 
     _need_data(args)
     writable_file(args.output)
@@ -194,7 +194,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if profile is None and (Path(args.plan).parent / "profile.json").is_file():
         profile = Path(args.plan).parent / "profile.json"  # `autoprec tune` writes both in one folder
     if _is_onnx(args.model):
-        from autoprec.export import export_analysed
+        from autoprec.deploy.export import export_analysed
 
         out = export_analysed(args.model, args.data, args.plan, profile, args.output, emulation=args.emulation,
                               io=args.io, provider=args.provider)
@@ -212,7 +212,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from autoprec.verify import verify, verify_onnx_input
+    from autoprec.deploy.verify import verify, verify_onnx_input
 
     _need_data(args)
     if _is_onnx(args.model):

@@ -1,7 +1,7 @@
-"""Budgets and the metrics a tuned model is judged by.
+"""Metrics: what a tuned model is judged by, measured on a torch (or torch-callable) module.
 
-A budget is the largest allowed *drop* of a metric, in the metric's own direction: absolute
-("0.005") or relative to the fp32 value ("0.5%"). Models with ``evaluate()`` use their own metric on
+A budget bounds the *drop* of a metric in its own direction (:mod:`autoprec.core.metrics`, which
+holds the torch-free definition of both). Models with ``evaluate()`` use their own metric on
 held-out data; models without it are judged on fidelity to the fp32 model over the calibration data:
 top-1 agreement (classifier-like outputs; KL reported beside it) or relative L2 error (values).
 """
@@ -14,41 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from autoprec.errors import UsageError
-
-
-@dataclass(frozen=True)
-class DropBudget:
-    """Largest allowed metric drop; ``relative`` means a fraction of |fp32 metric|."""
-
-    value: float
-    relative: bool
-
-    @classmethod
-    def parse(cls, text: str | float) -> "DropBudget":
-        """"0.5%" -> relative 0.005; "0.005" -> absolute 0.005. One-line UsageError otherwise."""
-        s = str(text).strip()
-        rel = s.endswith("%")
-        try:
-            v = float(s[:-1] if rel else s)
-        except ValueError:
-            raise UsageError(f"bad budget {text!r}: use an absolute drop like 0.005 or a relative one like 0.5%") from None
-        if not math.isfinite(v) or v < 0:
-            raise UsageError(f"bad budget {text!r}: it must be a finite, non-negative number")
-        return cls(v / 100 if rel else v, rel)
-
-    def allowed_drop(self, reference: float) -> float:
-        """The budget in metric units for a model whose fp32 metric is ``reference``.
-
-        A relative budget is a fraction of |reference|, or of 1 when the reference is 0 (the
-        relative L2 error of the fp32 model against itself): "1%" then means an error of 0.01.
-        """
-        if not self.relative:
-            return self.value
-        return self.value * (abs(reference) if reference != 0 else 1.0)
-
-    def __str__(self) -> str:
-        return f"{100 * self.value:g}%" if self.relative else f"{self.value:g}"
+from autoprec.core.errors import UsageError
+from autoprec.core.metrics import metric_drop
 
 
 @dataclass(frozen=True)
@@ -60,14 +27,12 @@ class Metric:
     measure: Callable[[Any], float]
 
     def drop(self, reference: float, value: float) -> float:
-        """How much worse ``value`` is than ``reference`` (positive = worse)."""
-        if math.isnan(value):
-            return math.inf
-        return reference - value if self.higher_is_better else value - reference
+        """How much worse ``value`` is than ``reference`` (positive = worse; NaN or inf: infinite)."""
+        return metric_drop(reference, value, higher_is_better=self.higher_is_better)
 
 
 def _outputs(module: Any, batches: list[tuple[Any, ...]]) -> list[torch.Tensor]:
-    from autoprec.profile import first_tensor  # the one definition of "the model's output"
+    from autoprec.torch.profile import first_tensor  # the one definition of "the model's output"
 
     with torch.no_grad():
         return [first_tensor(module(*b)).float() for b in batches]

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from autoprec.formats import Precision
-from autoprec.io import atomic_write_bytes, atomic_write_text
-from autoprec.opgraph import OpGraph
-from autoprec.plan import PrecisionPlan
-from autoprec.search import ParetoPoint
-from autoprec.sensitivity import SensitivityProfile
+from autoprec.core.formats import Precision
+from autoprec.core.io import atomic_write_bytes, atomic_write_text
+from autoprec.core.metrics import metric_drop
+from autoprec.core.opgraph import OpGraph
+from autoprec.core.plan import PrecisionPlan
+from autoprec.search.pareto import ParetoPoint
+from autoprec.core.sensitivity import SensitivityProfile
 
 
 @dataclass(frozen=True)
@@ -72,14 +73,11 @@ class TuneSummary:
     onnx_checks: int = 0  # plans also measured on ONNX Runtime
     export_seconds: float = 0.0  # of ``seconds``: the fp32 ONNX export (which writing the tuned model needs)
 
-    def _drop(self, value: float) -> float:
-        d = self.metric_fp32 - value
-        return d if self.higher_is_better else -d
-
     @property
     def drop(self) -> float:
         """The tuned plan's drop: the worse of the torch emulation's and ONNX Runtime's."""
-        return max(self._drop(v) for v in (self.metric_tuned, self.metric_onnx) if v is not None)
+        return max(metric_drop(self.metric_fp32, v, higher_is_better=self.higher_is_better)
+                   for v in (self.metric_tuned, self.metric_onnx) if v is not None)
 
     def lines(self) -> list[str]:
         arrow = "higher is better" if self.higher_is_better else "lower is better"

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bias_rounding.py [model ...]
 
 autoprec adds a 16-bit layer's bias as the deployed ONNX graph does, a 16-bit add after the rounded
-product: round_P(round_P(x @ W) + round_P(b)) (:func:`autoprec.semantics.finish`). A single rounding
+product: round_P(round_P(x @ W) + round_P(b)) (:func:`autoprec.torch.semantics.finish`). A single rounding
 with an fp32 bias, round_P(x @ W + b), is what a fused fp32 epilogue would compute, and no ONNX file
 with 16-bit tensors can say it. This prints, per model and 16-bit format, the relative L2 distance and
 the top-1 agreement between the all-16-bit torch emulation under the two rules (8 calibration
@@ -20,12 +20,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoprec import semantics  # noqa: E402
-from autoprec.capture import capture  # noqa: E402
-from autoprec.formats import Precision  # noqa: E402
-from autoprec.quantize import quantize  # noqa: E402
-from autoprec.spec import load_model_spec  # noqa: E402
-from passes import apply_plan  # noqa: E402
+from autoprec.torch import semantics  # noqa: E402
+from autoprec.torch.capture import capture  # noqa: E402
+from autoprec.core.formats import Precision  # noqa: E402
+from autoprec.torch.quantize import quantize  # noqa: E402
+from autoprec.torch.spec import load_model_spec  # noqa: E402
+from autoprec.torch.passes import apply_plan  # noqa: E402
 
 MODELS = ("cancer_mlp", "digits_cnn", "char_transformer")
 

@@ -14,7 +14,7 @@ budget), export the tuned deployment graph, run the ONNX checker (full_check), a
   16-bit layer's bias Add; on the zoo's smallest models it is what keeps the file ratio above the
   goals. Both files drop the exporter's all-zero biases (SplitBias);
 - the metric through ONNX Runtime against the torch emulation's and against the budget
-  (autoprec.verify: on a CPU provider the metric runs on the emulation graph, and says so);
+  (autoprec.deploy.verify: on a CPU provider the metric runs on the emulation graph, and says so);
 - parity between the torch emulation and ONNX Runtime (relative L2, top-1 agreement): the emulation
   graph on a CPU provider, the deployment graph itself on a GPU;
 - with a working CUDA provider, the latency of the fp32 and tuned deployment graphs (median of 30
@@ -43,15 +43,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autoprec.api import DEPLOY_BATCH, tune  # noqa: E402
-from autoprec.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
-from autoprec.formats import Precision  # noqa: E402
-from autoprec.io import atomic_write_bytes, atomic_write_text  # noqa: E402
-from autoprec.onnx_graph import graph_inputs  # noqa: E402
-from autoprec.runtime import cuda_available, latencies_ms, repeat_to, set_runtime_log  # noqa: E402
-from autoprec.spec import load_model_spec  # noqa: E402
-from autoprec.verify import near_tie_note, verify  # noqa: E402
-from passes import act_amax_from_profile  # noqa: E402
-from passes.onnx_base import INSERTED, LAYER, GraphIndex, get_meta, weight_slot  # noqa: E402
+from autoprec.deploy.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
+from autoprec.core.formats import Precision  # noqa: E402
+from autoprec.core.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from autoprec.onnx.graph import graph_inputs  # noqa: E402
+from autoprec.deploy.runtime import cuda_available, latencies_ms, repeat_to, set_runtime_log  # noqa: E402
+from autoprec.torch.spec import load_model_spec  # noqa: E402
+from autoprec.deploy.verify import near_tie_note, verify  # noqa: E402
+from autoprec.torch.passes import act_amax_from_profile  # noqa: E402
+from autoprec.onnx.passes.base import INSERTED, LAYER, GraphIndex, get_meta, weight_slot  # noqa: E402
 
 LATENCY_BATCH = DEPLOY_BATCH  # the batch tune prices and times
 LATENCY_RUNS = 30
@@ -141,7 +141,7 @@ def bench(path: Path, budget: str, workdir: Path, cuda: bool) -> dict[str, objec
 
 def table(rows: list[dict[str, object]], budget: str, cuda: bool) -> str:
     lines = [f"Deployment of the tuned plans (budget {budget}); sizes relative to autoprec's fp32 export of the "
-             "same model; metric and parity from autoprec.verify.", "",
+             "same model; metric and parity from autoprec.deploy.verify.", "",
              "| model | formats | checker | bytes fp32 | tuned / bf16 / fp16 / fp8 | layer weights: fp32 bytes, "
              "bf16 / fp16 / fp8 | metric (graph) | fp32 -> torch emul. -> ONNX | drop / allowed | parity rel L2 (tol) "
              "| top-1 agr. | ok |",

@@ -14,7 +14,7 @@ input model and of the tuned deployment graph (median of 60 runs of one 256-samp
 graphs in interleaved rounds; ``session.run`` on host arrays, then with inputs and outputs resident
 on the GPU) and the
 accuracy of the deployment graph measured on the GPU next to the CPU emulation's
-(autoprec.verify.verify_onnx_input); without one it says so. Exits 1 when a plan is over budget,
+(autoprec.deploy.verify.verify_onnx_input); without one it says so. Exits 1 when a plan is over budget,
 fails the ONNX checker, or (on a GPU) fails its parity with the emulation graph.
 """
 
@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autoprec.api import tune_onnx  # noqa: E402
-from autoprec.io import atomic_write_bytes  # noqa: E402
-from autoprec.runtime import cuda_available, latencies_ms, set_runtime_log  # noqa: E402
-from autoprec.verify import verify_onnx_input  # noqa: E402
+from autoprec.core.io import atomic_write_bytes  # noqa: E402
+from autoprec.deploy.runtime import cuda_available, latencies_ms, set_runtime_log  # noqa: E402
+from autoprec.deploy.verify import verify_onnx_input  # noqa: E402
 
 
 def _examples():

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autoprec.api import capture, load_model_spec, profile  # noqa: E402
-from autoprec.formats import DEFAULT_CANDIDATES  # noqa: E402
+from autoprec.core.formats import DEFAULT_CANDIDATES  # noqa: E402
 
 
 def zoo() -> list[Path]:

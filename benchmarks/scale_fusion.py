@@ -4,7 +4,7 @@
 
 ORT's MatMulScaleFusion folds a Mul/Div by a scalar constant after a MatMul (attention's
 ``q @ k^T * scale``) into a FusedMatMul, which rounds ``acc * scale`` once where a 16-bit plan rounds
-the product and then the scaled product (:mod:`passes.onnx_keep_roundings` keeps the two apart).
+the product and then the scaled product (:mod:`autoprec.onnx.passes.keep_roundings` keeps the two apart).
 This prints, per model and 16-bit format, the relative L2 distance and the top-1 agreement between
 the all-16-bit emulation graph and the same graph with each such product's rounding removed
 (8 calibration batches, ORT's CPU provider): what the fusion would do on a GPU.
@@ -21,12 +21,12 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoprec.capture import capture  # noqa: E402
-from autoprec.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
-from autoprec.formats import Precision  # noqa: E402
-from autoprec.runtime import open_session  # noqa: E402
-from autoprec.spec import load_model_spec  # noqa: E402
-from passes.onnx_base import GraphIndex  # noqa: E402
+from autoprec.torch.capture import capture  # noqa: E402
+from autoprec.deploy.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
+from autoprec.core.formats import Precision  # noqa: E402
+from autoprec.deploy.runtime import open_session  # noqa: E402
+from autoprec.torch.spec import load_model_spec  # noqa: E402
+from autoprec.onnx.passes.base import GraphIndex  # noqa: E402
 
 MODELS = ("char_transformer",)
 

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autoprec.api import tune  # noqa: E402
-from autoprec.search import max_measurements  # noqa: E402
-from autoprec.spec import load_model_spec  # noqa: E402
+from autoprec.search.loop import max_measurements  # noqa: E402
+from autoprec.torch.spec import load_model_spec  # noqa: E402
 
 
 def zoo() -> list[Path]:

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import zoo_common  # noqa: E402
 
-from autoprec.io import atomic_write_bytes  # noqa: E402
-from autoprec.spec import load_model_spec  # noqa: E402
+from autoprec.core.io import atomic_write_bytes  # noqa: E402
+from autoprec.torch.spec import load_model_spec  # noqa: E402
 
 OPSET = 13
 

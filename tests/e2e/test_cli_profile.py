@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from autoprec.capture import capture
+from autoprec.torch.capture import capture
 from autoprec.cli import main
-from autoprec.formats import Precision
+from autoprec.core.formats import Precision
 from autoprec.report import plot_sensitivity
-from autoprec.sensitivity import SensitivityProfile
-from autoprec.spec import load_model_spec
+from autoprec.core.sensitivity import SensitivityProfile
+from autoprec.torch.spec import load_model_spec
 
 LM = str(Path(__file__).resolve().parents[2] / "models" / "char_transformer.py")
 

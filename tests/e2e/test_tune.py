@@ -15,13 +15,13 @@ import torch
 
 from autoprec.api import apply_plan_file, tune
 from autoprec.cli import main
-from autoprec.errors import PlanError, UsageError
-from autoprec.formats import Precision
+from autoprec.core.errors import PlanError, UsageError
+from autoprec.core.formats import Precision
 from autoprec.metrics import Metric
-from autoprec.plan import PrecisionPlan
-from autoprec.runtime import open_session, ort_module
-from autoprec.spec import load_model_spec
-from passes.onnx_base import MODEL_MODE, model_meta
+from autoprec.core.plan import PrecisionPlan
+from autoprec.deploy.runtime import open_session, ort_module
+from autoprec.torch.spec import load_model_spec
+from autoprec.onnx.passes.base import MODEL_MODE, model_meta
 
 ROOT = Path(__file__).resolve().parents[2]
 CNN = str(ROOT / "models" / "digits_cnn.py")

@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import pytest
 
-import autoprec.runtime as runtime
+import autoprec.deploy.runtime as runtime
 from autoprec.api import SPEED_MARGIN, tune
-from autoprec.formats import Precision
+from autoprec.core.formats import Precision
 
 ROOT = Path(__file__).resolve().parents[2]
 CNN = str(ROOT / "models" / "digits_cnn.py")

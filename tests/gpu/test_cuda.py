@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoprec.capture import Captured, capture
-from autoprec.export import export_onnx
-from autoprec.formats import Precision
-from autoprec.profile import first_tensor, output_kind_of, profile
-from autoprec.spec import ModelSpec, load_model_spec
-from autoprec.verify import compare_outputs, narrowest_format, verify
-from passes import act_amax_from_profile, apply_plan
+from autoprec.torch.capture import Captured, capture
+from autoprec.deploy.export import export_onnx
+from autoprec.core.formats import Precision
+from autoprec.torch.profile import first_tensor, output_kind_of, profile
+from autoprec.torch.spec import ModelSpec, load_model_spec
+from autoprec.deploy.verify import compare_outputs, narrowest_format, verify
+from autoprec.torch.passes import act_amax_from_profile, apply_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 FORMATS = (Precision.BF16, Precision.FP16, Precision.FP8_E4M3)
@@ -33,7 +33,7 @@ def torch_cuda() -> None:
 
 @pytest.fixture(scope="module")
 def ort_cuda() -> None:
-    from autoprec.runtime import cuda_available
+    from autoprec.deploy.runtime import cuda_available
 
     if not cuda_available():
         pytest.skip("ONNX Runtime has no working CUDA provider here")
@@ -90,7 +90,7 @@ def test_latency_is_measured_on_cuda(ort_cuda) -> None:
     import numpy as np
     from onnx import TensorProto, helper
 
-    from autoprec.runtime import latency_ms
+    from autoprec.deploy.runtime import latency_ms
 
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],

@@ -1,4 +1,4 @@
-"""Batch norm folding (autoprec.bn_fold): one fp32 definition, applied by the torch capture, the
+"""Batch norm folding (autoprec.core.bn_fold): one fp32 definition, applied by the torch capture, the
 torch model's ONNX export and the ONNX analyser; the ops after, the numerics and the validity."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import helper
 
-from autoprec.bn_fold import fold_batch_norm, folded_bias_name
-from autoprec.capture import capture
-from autoprec.errors import UsageError
-from autoprec.export import apply_plan_onnx, torch_to_onnx
-from autoprec.formats import Precision
-from autoprec.onnx_graph import analyse_onnx
-from autoprec.opgraph import Policy
+from autoprec.core.bn_fold import fold_batch_norm, folded_bias_name
+from autoprec.torch.capture import capture
+from autoprec.core.errors import UsageError
+from autoprec.deploy.export import apply_plan_onnx, torch_to_onnx
+from autoprec.core.formats import Precision
+from autoprec.onnx.graph import analyse_onnx
+from autoprec.core.opgraph import Policy
 from tests.onnx_graph.onnx_graph_models import init, make, run, vi
 
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autoprec.capture import capture
-from autoprec.errors import CaptureError
-from autoprec.opgraph import OpGraph, Policy
+from autoprec.torch.capture import capture
+from autoprec.core.errors import CaptureError
+from autoprec.core.formats import Precision
+from autoprec.core.lowering import lower
+from autoprec.core.opgraph import OpGraph, Policy
 
 
 def test_fx_capture_of_attention_block(tiny_attention: nn.Module) -> None:
@@ -29,12 +31,14 @@ def test_fx_capture_of_attention_block(tiny_attention: nn.Module) -> None:
     assert c.graph.ties == [["q", "k", "v"]]  # same input, same shape: one fused GEMM when deployed
 
 
-def test_layer_edges_pass_through_follow_ops(tiny_attention: nn.Module) -> None:
+def test_follow_ops_pass_a_layers_format_on(tiny_attention: nn.Module) -> None:
     c = capture(tiny_attention, (torch.randn(2, 8, 32),))
-    edges = {(u, v) for u, v, _ in c.graph.layer_edges()}
-    assert ("q", "matmul") in edges and ("k", "matmul") in edges  # through view/transpose
-    assert ("", "q") in edges  # LayerNorm (NEVER) output is an fp32 source
-    assert ("fc1", "fc2") in edges  # through GELU
+    casts = lower(c.graph, {n: Precision.BF16 for n in c.graph.layer_names()}).casts
+    readers = {r for cast in casts for r in cast.readers}
+    assert "matmul" not in readers  # q and k reach it in bf16 through view/transpose
+    assert "fc2" not in readers  # fc1's bf16 value reaches it through GELU
+    ln = [cast for cast in casts if cast.value == "ln"]  # LayerNorm (NEVER) output is fp32: one cast
+    assert len(ln) == 1 and {"q", "k", "v"} <= set(ln[0].readers) and ln[0].to is Precision.BF16
 
 
 def test_cnn_capture_batchnorm_residual(tiny_cnn: nn.Module) -> None:
@@ -99,7 +103,8 @@ def test_embedding_lookups_are_layers(tiny_lm: nn.Module, token_batches, method:
         node = c.node(op.name)
         assert node.target is nn.functional.embedding and node.args[1].op == "get_attr"
     assert not c.graph.ties  # lookups fuse into no GEMM
-    assert c.graph.layer_edges() and all(v not in ("tok", "pos") for _, v, _ in c.graph.layer_edges())
+    casts = lower(c.graph, {n: Precision.BF16 for n in c.graph.layer_names()}).casts
+    assert casts and all(r not in ("tok", "pos") for cast in casts for r in cast.readers)  # they read no floats
     torch.testing.assert_close(c.gm(x), tiny_lm(x), rtol=0, atol=0)
 
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 from scipy.stats import spearmanr
 
-from autoprec.capture import capture
-from autoprec.formats import Precision
-from autoprec.profile import GraphRunner, first_tensor, profile
-from autoprec.semantics import LayerFormat, emulate_layer
-from autoprec.sensitivity import SensitivityProfile
+from autoprec.torch.capture import capture
+from autoprec.core.formats import Precision
+from autoprec.torch.profile import GraphRunner, first_tensor, profile
+from autoprec.torch.semantics import LayerFormat, emulate_layer
+from autoprec.core.sensitivity import SensitivityProfile
 
 BF16, FP16, E4M3 = Precision.BF16, Precision.FP16, Precision.FP8_E4M3
 
@@ -126,8 +126,8 @@ def test_fp8_flush_statistics() -> None:
 
 def test_profile_error_is_the_error_of_the_applied_single_layer_plan(tiny_attention: nn.Module) -> None:
     """Oracle: exact mode's number for (L, P) is the output error of apply_plan({L: P}), to the bit."""
-    from autoprec.profile import ErrorSum
-    from passes import act_amax_from_profile, apply_plan
+    from autoprec.torch.profile import ErrorSum
+    from autoprec.torch.passes import act_amax_from_profile, apply_plan
 
     c = capture(tiny_attention, (torch.randn(2, 8, 32),))
     batches = _batches((4, 8, 32), n=2)
@@ -146,8 +146,8 @@ def test_profile_error_is_the_error_of_the_applied_single_layer_plan(tiny_attent
 def test_embedding_profile_oracle_and_fp8(tiny_lm: nn.Module, token_batches) -> None:
     """Oracle for lookups: the exact error of (embedding, P) is apply_plan({embedding: P})'s error to
     the bit, fp8 (per-row scales) included. No activation input to take ranges of."""
-    from autoprec.profile import ErrorSum
-    from passes import apply_plan
+    from autoprec.torch.profile import ErrorSum
+    from autoprec.torch.passes import apply_plan
 
     c = capture(tiny_lm, token_batches[0])
     exact = profile(c, token_batches, mode="exact")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.fx
 
-from autoprec.spec import load_model_spec
+from autoprec.torch.spec import load_model_spec
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 

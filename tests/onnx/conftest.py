@@ -10,12 +10,12 @@ import pytest
 import torch
 from deploy_models import ROOT, ExactCNN, ExactEmbed, ExactNet, integer_input
 
-from autoprec.capture import Captured, capture
-from autoprec.export import torch_to_onnx
-from autoprec.formats import Precision
-from autoprec.profile import profile
-from autoprec.spec import ModelSpec, load_model_spec
-from passes import act_amax_from_profile
+from autoprec.torch.capture import Captured, capture
+from autoprec.deploy.export import torch_to_onnx
+from autoprec.core.formats import Precision
+from autoprec.torch.profile import profile
+from autoprec.torch.spec import ModelSpec, load_model_spec
+from autoprec.torch.passes import act_amax_from_profile
 
 
 @dataclass

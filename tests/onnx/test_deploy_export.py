@@ -11,12 +11,12 @@ import pytest
 from deploy_models import ROOT, rel_l2, run_onnx
 
 from autoprec.api import tune
-from autoprec.ep_support import kernel
-from autoprec.errors import PlanError, UsageError
-from autoprec.export import apply_plan_onnx, export_onnx, recorded_plan
-from autoprec.formats import Precision
-from autoprec.spec import load_model_spec
-from passes import apply_plan
+from autoprec.deploy.providers import kernel
+from autoprec.core.errors import PlanError, UsageError
+from autoprec.deploy.export import apply_plan_onnx, export_onnx, recorded_plan
+from autoprec.core.formats import Precision
+from autoprec.torch.spec import load_model_spec
+from autoprec.torch.passes import apply_plan
 
 MODEL = ROOT / "models" / "digits_cnn.py"
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from deploy_models import rel_l2, run_onnx
 
-from autoprec.export import apply_plan_onnx
-from autoprec.formats import Precision
-from autoprec.runtime import open_session
-from autoprec.verify import narrowest_format, parity
-from passes import apply_plan
+from autoprec.deploy.export import apply_plan_onnx
+from autoprec.core.formats import Precision
+from autoprec.deploy.runtime import open_session
+from autoprec.deploy.verify import narrowest_format, parity
+from autoprec.torch.passes import apply_plan
 
 BF16, FP16, E4M3, FP32 = Precision.BF16, Precision.FP16, Precision.FP8_E4M3, Precision.FP32
 
@@ -53,7 +53,7 @@ def test_resnet18_oracle(zoo) -> None:
     """resnet18's seeded random weights make it chaotic: changing its input by one part in 2^23
     moves its all-bf16 output by about 2% (relative L2), as much as ORT and torch differ (all-fp8
     outputs are noise: tune never keeps them). Single layers meet the epsilon bound; whole plans are
-    held to twice that noise floor (the tolerance autoprec.verify uses) and to equal argmax."""
+    held to twice that noise floor (the tolerance autoprec.deploy.verify uses) and to equal argmax."""
     case = zoo("resnet18")
     batch = (case.spec.calibration_data()[0][0][:2],)  # batch 2: 224x224 is slow on 2 cores
     for layer in case.layers[:3]:

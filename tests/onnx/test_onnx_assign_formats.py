@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import collections
+import copy
+import dataclasses
 import json
 import random
 
 import onnx
 import pytest
 
-from autoprec.errors import PlanError
-from autoprec.formats import Precision
-from autoprec.opgraph import Policy
-from passes.fx_assign_formats import decide_formats, effective_policy
-from passes.onnx_assign_formats import AssignFormats, param_names
-from passes.onnx_base import (ACT_AMAX, FORMAT, GROUP, KIND, LAYER, POLICY, REASON, ROLE, ROLE_CORE, SCOPE,
-                              VALUE_FORMAT, OnnxPassManager, get_meta)
-from passes.onnx_map_layers import MapLayers
+from autoprec.core.errors import PlanError
+from autoprec.core.formats import Precision
+from autoprec.core.lowering import lower
+from autoprec.core.sensitivity import SensitivityProfile
+from autoprec.search.problem import SearchProblem
+from autoprec.torch.passes.assign_formats import AssignFormats as FxAssignFormats
+from autoprec.torch.passes.base import FORMAT as FX_FORMAT, ROUNDS as FX_ROUNDS, VALUE_FORMAT as FX_VALUE_FORMAT
+from autoprec.core.opgraph import Policy
+from autoprec.torch.passes.assign_formats import decide_formats, policy
+from autoprec.onnx.passes.assign_formats import AssignFormats, param_names
+from autoprec.core.passes import PassManager
+from autoprec.onnx.passes.base import (ACT_AMAX, FORMAT, GROUP, KIND, LAYER, POLICY, REASON, ROLE,
+    ROLE_CORE, SCOPE, VALUE_FORMAT, get_meta)
+from autoprec.onnx.passes.map_layers import MapLayers
 
 BF16, FP16, E4M3, FP32 = Precision.BF16, Precision.FP16, Precision.FP8_E4M3, Precision.FP32
 
@@ -25,7 +33,7 @@ def _assign(case, plan, amax=None):
     model = onnx.ModelProto()
     model.CopyFrom(case.fp32)
     amax = case.amax if amax is None else amax
-    return OnnxPassManager([MapLayers(case.captured, plan), AssignFormats(case.captured.graph, plan, amax, param_names(case.captured))]).run(model).graph
+    return PassManager([MapLayers(case.captured, plan), AssignFormats(case.captured.graph, plan, amax, param_names(case.captured))]).run(model).graph
 
 
 def _onnx_formats(model) -> collections.Counter:
@@ -43,9 +51,28 @@ def _torch_formats(case, plan) -> collections.Counter:
     decided = decide_formats(c.gm, c.graph, plan)
     out = collections.Counter()
     for n in c.gm.graph.nodes:
-        if effective_policy(c.graph, n) in (Policy.ALWAYS, Policy.FOLLOW, Policy.NEVER):
-            out[(n.meta.get("autoprec_scope", ""), n.meta.get("autoprec_kind"), decided[n.name].fmt.value)] += 1
+        if policy(c.graph, n) in (Policy.ALWAYS, Policy.FOLLOW, Policy.NEVER):
+            out[(n.meta.get("autoprec_scope", ""), n.meta.get("autoprec_kind"), decided[n.name].compute.value)] += 1
     return out
+
+
+def _fx_and_cost_model_agree(case, plan) -> None:
+    """The fx AssignFormats pass records the lowering's decision on every node, and the search's
+    compiled copy of the lowering (what the MILP and the cost model price) decides the same."""
+    c = case.captured
+    gm = PassManager([FxAssignFormats(c.graph, plan, case.amax)]).run(copy.deepcopy(c.gm)).graph
+    lowering = lower(c.graph, plan)
+    for n in gm.graph.nodes:
+        if n.name in lowering:
+            d = lowering[n.name]
+            assert (n.meta[FX_FORMAT], n.meta[FX_VALUE_FORMAT], n.meta[FX_ROUNDS]) == (d.compute, d.value, d.rounds)
+    profile = SensitivityProfile(c.graph.model_name, c.graph.fingerprint(), "exact", "kl", (FP32, BF16, FP16, E4M3),
+                                 {n: {f: 0.0 for f in (BF16, FP16, E4M3)} for n in c.graph.layer_names()}, {})
+    # one unit per layer: a random plan may give tied layers different formats
+    compiled = dataclasses.replace(SearchProblem.build(c.graph, profile, budget=1.0), ties=()).compiled
+    fmt = compiled.from_layers({n: plan.get(n, FP32) for n in c.graph.layer_names()})
+    priced = compiled.values.formats(fmt)
+    assert [(d.compute, d.value) for d in lowering.decisions.values()] == priced
 
 
 def _plans(case, n: int, seed: int) -> list[dict[str, Precision]]:
@@ -55,10 +82,16 @@ def _plans(case, n: int, seed: int) -> list[dict[str, Precision]]:
                                                         for _ in range(n)]
 
 
-@pytest.mark.parametrize("which", ["exact_net", "exact_cnn", "char_transformer", "digits_resnet"])
+ZOO = ["cancer_mlp", "char_transformer", "digits_cnn", "digits_resnet", "resnet18"]
+
+
+@pytest.mark.parametrize("which", ["exact_net", "exact_cnn", *ZOO])
 def test_same_decisions_as_torch(which, request, zoo) -> None:
+    """The ONNX passes, the fx passes and the cost model decide every node alike: on every zoo model,
+    under every uniform plan and a few random ones."""
     case = request.getfixturevalue(which) if which.startswith("exact") else zoo(which)
-    for plan in _plans(case, 3, seed=len(which)):
+    for plan in [case.uniform(f) for f in (FP32, FP16)] + _plans(case, 3, seed=len(which)):
+        _fx_and_cost_model_agree(case, plan)
         got, want = _onnx_formats(_assign(case, plan)), _torch_formats(case, plan)
         # kinds both sides have equally often (views may split into several ONNX groups) must agree
         kinds = {(s, k) for s, k, _ in got} & {(s, k) for s, k, _ in want}

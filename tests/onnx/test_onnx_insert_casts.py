@@ -12,10 +12,10 @@ import pytest
 from deploy_models import rel_l2, run_onnx
 from onnx import TensorProto
 
-from autoprec.export import apply_plan_onnx
-from autoprec.formats import Precision
-from passes import apply_plan
-from passes.onnx_base import GraphIndex, INSERTED, LAYER, ROLE, ROLE_CORE, attr, get_meta, infer_types
+from autoprec.deploy.export import apply_plan_onnx
+from autoprec.core.formats import Precision
+from autoprec.torch.passes import apply_plan
+from autoprec.onnx.passes.base import GraphIndex, INSERTED, LAYER, ROLE, ROLE_CORE, attr, get_meta, infer_types
 
 BF16, FP16, E4M3, FP32 = Precision.BF16, Precision.FP16, Precision.FP8_E4M3, Precision.FP32
 MIXED = {"la": FP16, "lb": BF16, "matmul": BF16, "head": E4M3}

@@ -8,13 +8,13 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from autoprec.errors import UsageError
-from autoprec.export import apply_plan_onnx, set_io_format
-from autoprec.formats import Precision
-from autoprec.quantize import quantize
-from autoprec.runtime import open_session
-from passes import apply_plan
-from passes.onnx_base import INSERTED, MODEL_IO, get_meta, model_meta
+from autoprec.core.errors import UsageError
+from autoprec.deploy.export import apply_plan_onnx, set_io_format
+from autoprec.core.formats import Precision
+from autoprec.torch.quantize import quantize
+from autoprec.deploy.runtime import open_session
+from autoprec.torch.passes import apply_plan
+from autoprec.onnx.passes.base import INSERTED, MODEL_IO, get_meta, model_meta
 
 FP16, BF16, E4M3 = Precision.FP16, Precision.BF16, Precision.FP8_E4M3
 PLAN = {"c1": FP16, "c2": BF16, "fc": FP16}

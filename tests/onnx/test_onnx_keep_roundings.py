@@ -15,14 +15,14 @@ import torch
 from deploy_models import run_onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from autoprec.capture import Captured, capture
-from autoprec.export import analysed_passes, onnx_passes, run_plan_passes, torch_to_onnx
-from autoprec.formats import Precision
-from autoprec.onnx_graph import OnnxAnalysis
-from autoprec.onnx_input import OnnxModel
-from autoprec.runtime import DISABLED_OPTIMIZERS
-from passes.onnx_base import OnnxPassError
-from passes.onnx_keep_roundings import KeepRoundings
+from autoprec.torch.capture import Captured, capture
+from autoprec.deploy.export import analysed_passes, onnx_passes, run_plan_passes, torch_to_onnx
+from autoprec.core.formats import Precision
+from autoprec.onnx.graph import OnnxAnalysis
+from autoprec.onnx.model import OnnxModel
+from autoprec.deploy.runtime import DISABLED_OPTIMIZERS
+from autoprec.onnx.passes.base import PassError
+from autoprec.onnx.passes.keep_roundings import KeepRoundings
 
 FP16 = Precision.FP16
 _16BIT = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -96,8 +96,8 @@ def test_attention_keeps_its_bias_adds_and_scale_apart(attention_case) -> None:
     scale = next(n for n in deploy.graph.node if n.op_type == "Mul" and any(u in inits for u in n.input))
     assert max(int(np.prod(inits[u].dims)) for u in scale.input if u in inits) > 1
     np.testing.assert_array_equal(run_onnx(fp32_twin(deploy), x), run_onnx(fp32_twin(bare), x))
-    with pytest.raises(OnnxPassError, match="KeepRoundings"):
-        KeepRoundings().check(bare)
+    with pytest.raises(PassError, match="KeepRoundings"):
+        KeepRoundings().ensures(bare)
 
 
 def _dense_model() -> onnx.ModelProto:

@@ -8,12 +8,13 @@ import pytest
 from deploy_models import rel_l2, run_onnx
 from onnx import TensorProto, numpy_helper
 
-from autoprec.formats import Precision
-from autoprec.semantics import quantize_weight
-from passes.onnx_assign_formats import AssignFormats, param_names
-from passes.onnx_base import INSERTED, LAYER, ROLE, ROLE_CORE, OnnxPassManager, attr, get_meta, weight_slot
-from passes.onnx_lower_weights import LowerWeights
-from passes.onnx_map_layers import MapLayers
+from autoprec.core.formats import Precision
+from autoprec.torch.semantics import quantize_weight
+from autoprec.onnx.passes.assign_formats import AssignFormats, param_names
+from autoprec.core.passes import PassManager
+from autoprec.onnx.passes.base import INSERTED, LAYER, ROLE, ROLE_CORE, attr, get_meta, weight_slot
+from autoprec.onnx.passes.lower_weights import LowerWeights
+from autoprec.onnx.passes.map_layers import MapLayers
 
 BF16, FP16, E4M3, E5M2 = Precision.BF16, Precision.FP16, Precision.FP8_E4M3, Precision.FP8_E5M2
 
@@ -22,7 +23,7 @@ def _lower(case, plan, mode):
     model = onnx.ModelProto()
     model.CopyFrom(case.fp32)
     passes = [MapLayers(case.captured, plan), AssignFormats(case.captured.graph, plan, case.amax, param_names(case.captured)), LowerWeights(mode)]
-    return OnnxPassManager(passes).run(model).graph
+    return PassManager(passes).run(model).graph
 
 
 def _weight_as_fp32(model, core) -> np.ndarray:

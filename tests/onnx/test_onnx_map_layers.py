@@ -8,10 +8,11 @@ import pytest
 from deploy_models import run_onnx
 from onnx import numpy_helper
 
-from autoprec.errors import PlanError
-from autoprec.formats import Precision
-from passes.onnx_base import GROUP, KIND, LAYER, ROLE, ROLE_CORE, SCOPE, OnnxPassManager, get_meta, set_meta
-from passes.onnx_map_layers import NAME_SCOPES, MapLayers
+from autoprec.core.errors import PlanError
+from autoprec.core.formats import Precision
+from autoprec.core.passes import PassManager
+from autoprec.onnx.passes.base import GROUP, KIND, LAYER, ROLE, ROLE_CORE, SCOPE, get_meta, set_meta
+from autoprec.onnx.passes.map_layers import NAME_SCOPES, MapLayers
 
 BF16, FP16, E4M3, FP32 = Precision.BF16, Precision.FP16, Precision.FP8_E4M3, Precision.FP32
 
@@ -25,7 +26,7 @@ def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
 def _map(case, plan):
     model = _copy(case.fp32)
     p = MapLayers(case.captured, plan)
-    model = OnnxPassManager([p]).run(model).graph
+    model = PassManager([p]).run(model).graph
     return model, p
 
 
@@ -87,7 +88,7 @@ def test_embeddings_pair_with_the_gathers_of_their_tables(exact_embed) -> None:
     arr[0, 0] += 1.0
     table.CopyFrom(numpy_helper.from_array(arr, table.name))
     with pytest.raises(PlanError, match=r"tok.*not tok\.weight"):
-        OnnxPassManager([MapLayers(exact_embed.captured, {"tok": FP16})]).run(bad)
+        PassManager([MapLayers(exact_embed.captured, {"tok": FP16})]).run(bad)
 
 
 def test_conv_layers_and_bias_free_conv(exact_cnn) -> None:
@@ -107,10 +108,10 @@ def test_other_weights_are_a_plan_error_naming_the_layer(exact_net) -> None:
     arr[0, 0] += 1.0
     w.CopyFrom(numpy_helper.from_array(arr, w.name))
     with pytest.raises(PlanError, match=r"head.*(not head\.weight)"):
-        OnnxPassManager([MapLayers(exact_net.captured, {"head": BF16})]).run(model)
+        PassManager([MapLayers(exact_net.captured, {"head": BF16})]).run(model)
     # an fp32 layer that cannot be paired is no error: it stays fp32 either way
     p = MapLayers(exact_net.captured, {"la": BF16, "head": FP32})
-    OnnxPassManager([p]).run(_copy(model))
+    PassManager([p]).run(_copy(model))
     assert "head" in p.unmatched and "la" in p.matches
 
 
@@ -122,4 +123,4 @@ def test_missing_counterpart_is_a_plan_error(exact_net) -> None:
         if "'lb'" in scopes:
             set_meta(n, NAME_SCOPES, scopes.replace("'lb'", "'elsewhere'"))
     with pytest.raises(PlanError, match=r"cannot map plan layer\(s\) lb .*scope 'lb' has 1 linear layer"):
-        OnnxPassManager([MapLayers(exact_net.captured, {"lb": FP16})]).run(model)
+        PassManager([MapLayers(exact_net.captured, {"lb": FP16})]).run(model)

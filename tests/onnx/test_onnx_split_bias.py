@@ -8,11 +8,12 @@ import onnx
 from deploy_models import run_onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from autoprec.formats import Precision
-from passes.onnx_assign_formats import AssignFormats, param_names
-from passes.onnx_base import FORMAT, LAYER, POLICY, ROLE, ROLE_CORE, OnnxPassManager, attr, get_meta, set_meta
-from passes.onnx_map_layers import MapLayers
-from passes.onnx_split_bias import SplitBias
+from autoprec.core.formats import Precision
+from autoprec.onnx.passes.assign_formats import AssignFormats, param_names
+from autoprec.core.passes import PassManager
+from autoprec.onnx.passes.base import FORMAT, LAYER, POLICY, ROLE, ROLE_CORE, attr, get_meta, set_meta
+from autoprec.onnx.passes.map_layers import MapLayers
+from autoprec.onnx.passes.split_bias import SplitBias
 
 BF16, FP16, E4M3 = Precision.BF16, Precision.FP16, Precision.FP8_E4M3
 
@@ -22,7 +23,7 @@ def _split(case, plan):
     model.CopyFrom(case.fp32)
     passes = [MapLayers(case.captured, plan), AssignFormats(case.captured.graph, plan, case.amax,
                                                             param_names(case.captured)), SplitBias()]
-    return OnnxPassManager(passes).run(model).graph
+    return PassManager(passes).run(model).graph
 
 
 def _core(model, layer):
@@ -54,7 +55,7 @@ def test_a_16_bit_conv_moves_its_bias_into_an_add(exact_cnn) -> None:
 def test_fp32_and_fp8_layers_keep_their_fused_bias(exact_cnn) -> None:
     model = _split(exact_cnn, {"c1": E4M3})
     assert len(_core(model, "c1").input) == 3  # fp8: an fp32 add before the one rounding
-    fp32 = OnnxPassManager([SplitBias()]).run(_gemm_model(1.0, "fp32")).graph
+    fp32 = PassManager([SplitBias()]).run(_gemm_model(1.0, "fp32")).graph
     assert len(next(n for n in fp32.graph.node if n.op_type == "Gemm").input) == 3
     # zeros are dropped whatever the format: c2's (no bias in torch) and fc's (a zero bias)
     assert len(_core(model, "c2").input) == 2 and len(_core(model, "fc").input) == 2
@@ -76,7 +77,7 @@ def test_gemm_beta_is_folded_into_the_moved_bias() -> None:
     x = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
     for beta in (1.0, 0.5):
         before = _gemm_model(beta)
-        after = OnnxPassManager([SplitBias()]).run(_gemm_model(beta)).graph
+        after = PassManager([SplitBias()]).run(_gemm_model(beta)).graph
         gemm = next(n for n in after.graph.node if n.op_type == "Gemm")
         assert len(gemm.input) == 2 and attr(gemm, "beta", 1.0) == 1.0
         np.testing.assert_allclose(run_onnx(after, x), run_onnx(before, x), rtol=1e-6, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Execution-provider legality (autoprec.ep_support): the built-in table against this machine's ONNX
+"""Execution-provider legality (autoprec.deploy.providers): the built-in table against this machine's ONNX
 Runtime, the faithful-precision rules, and exclusions the search can take."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import sys
 import pytest
 from onnx_graph_models import conv_model, mlp_opset13
 
-from autoprec import ep_support as ep
-from autoprec.errors import UsageError
-from autoprec.formats import Precision
-from autoprec.onnx_graph import analyse_onnx
-from autoprec.opgraph import OpGraph, OpNode, Policy
+from autoprec.deploy import providers as ep
+from autoprec.core.errors import UsageError
+from autoprec.core.formats import Precision
+from autoprec.onnx.graph import analyse_onnx
+from autoprec.core.opgraph import OpGraph, OpNode, Policy
 
 FP16, BF16, E4M3 = Precision.FP16, Precision.BF16, Precision.FP8_E4M3
 
@@ -139,8 +139,8 @@ def test_exclusions_from_kinds_without_op_types() -> None:
 
 def test_exclusions_feed_the_search() -> None:
     """SearchProblem.build takes the exclusions as they are and keeps the reasons."""
-    from autoprec.search import SearchProblem
-    from autoprec.sensitivity import SensitivityProfile
+    from autoprec.search.problem import SearchProblem
+    from autoprec.core.sensitivity import SensitivityProfile
 
     a = analyse_onnx(mlp_opset13(), batch=4)
     errors = {name: {BF16: 1e-3, FP16: 1e-4} for name in a.graph.layer_names()}
@@ -152,7 +152,7 @@ def test_exclusions_feed_the_search() -> None:
 
 
 def test_ep_support_imports_no_torch_and_no_runtime() -> None:
-    code = ("import sys, autoprec.ep_support; "
+    code = ("import sys, autoprec.deploy.providers; "
             "assert not {'torch', 'onnxruntime', 'onnx'} & set(sys.modules), 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -178,8 +178,8 @@ def test_an_fp8_form_is_refused_for_the_kernel_it_lacks(monkeypatch: pytest.Monk
 def test_follow_ops_name_follow_kinds_and_known_ops() -> None:
     """Every FOLLOW kind with arithmetic maps to ONNX ops the built-in tables know (a typo would make
     follow_format price the op in fp32 everywhere); ReLU keeps bf16 on CUDA, a bf16 GELU does not."""
-    from autoprec.ep_support import FOLLOW_OPS, follow_format, table_ops
-    from autoprec.kinds import FOLLOW_KINDS
+    from autoprec.deploy.providers import FOLLOW_OPS, follow_format, table_ops
+    from autoprec.core.kinds import FOLLOW_KINDS
 
     assert set(FOLLOW_OPS) <= FOLLOW_KINDS
     known = set(table_ops("cuda")) | set(table_ops("cpu"))

@@ -1,8 +1,8 @@
-"""ONNX models as input (autoprec.onnx_graph): preprocessing, the op graph, numerics after it.
+"""ONNX models as input (autoprec.onnx.graph): preprocessing, the op graph, numerics after it.
 
 Models come from two kinds of "other software": onnx.helper by hand (old opsets, Constant-node and
 transposed weights, Gemm with transB, erf-form GELU, If/Loop) and torch.onnx.export(dynamo=True),
-whose op graph must match what autoprec.capture builds from the same torch model.
+whose op graph must match what autoprec.torch.capture builds from the same torch model.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ from onnx_graph_models import (
     vi,
 )
 
-from autoprec.capture import capture
-from autoprec.errors import CaptureError, UsageError
-from autoprec.onnx_graph import analyse_onnx, default_opset, load_onnx
-from autoprec.opgraph import OpGraph, Policy
+from autoprec.torch.capture import capture
+from autoprec.core.errors import CaptureError, UsageError
+from autoprec.onnx.graph import analyse_onnx, default_opset, load_onnx
+from autoprec.core.formats import Precision
+from autoprec.core.lowering import lower
+from autoprec.core.opgraph import OpGraph, Policy
 
 
 def _ops(model: onnx.ModelProto) -> list[str]:
@@ -54,8 +56,9 @@ def test_old_opset_mlp_is_upgraded_folded_named_and_counted() -> None:
 
     assert [(n.name, n.kind, n.policy) for n in g.nodes] == [
         ("x", "placeholder", Policy.NONE), ("MatMul_0", "linear", Policy.ALWAYS),
-        ("Relu_1", "relu", Policy.FOLLOW), ("Gemm_2", "linear", Policy.ALWAYS)]
-    assert g.edges == [("x", "MatMul_0"), ("MatMul_0", "Relu_1"), ("Relu_1", "Gemm_2")]
+        ("Relu_1", "relu", Policy.FOLLOW), ("Gemm_2", "linear", Policy.ALWAYS),
+        ("output", "output", Policy.NONE)]  # read in fp32: a 16-bit result is cast back there
+    assert g.edges == [("x", "MatMul_0"), ("MatMul_0", "Relu_1"), ("Relu_1", "Gemm_2"), ("Gemm_2", "output")]
     mm, relu, gemm = g["MatMul_0"], g["Relu_1"], g["Gemm_2"]
     assert (mm.weight, mm.weight_elems, mm.flops) == ("w_t", 32, 2 * 5 * 4 * 8)
     assert (mm.input_shapes, mm.output_shape, mm.act_in_elems, mm.act_out_elems) == (((5, 8), (8, 4)), (5, 4), 40, 20)
@@ -92,13 +95,15 @@ def test_conv_model_kinds_policies_flops() -> None:
     assert kinds == {"x": ("placeholder", Policy.NONE), "conv": ("conv2d", Policy.ALWAYS),
                      "relu": ("relu", Policy.FOLLOW), "pool": ("max_pool2d", Policy.FOLLOW),
                      "flat": ("flatten", Policy.FOLLOW), "fc": ("linear", Policy.ALWAYS),
-                     "softmax": ("softmax", Policy.NEVER)}
+                     "softmax": ("softmax", Policy.NEVER), "output": ("output", Policy.NONE)}
     conv, fc, sm = g["conv"], g["fc"], g["softmax"]
     assert conv.output_shape == (2, 4, 8, 8) and conv.weight == "cw"
     assert conv.flops == 2 * (2 * 4 * 8 * 8) * (3 * 3 * 3) and conv.weight_elems == 4 * 27 + 4
     assert fc.flops == 2 * (2 * 5) * 64 and fc.weight_elems == 5 * 64 + 5 and fc.act_in_elems == 2 * 64
     assert sm.flops == 5 * 10
-    assert g.layer_edges() == [("", "conv", 2 * 3 * 8 * 8), ("conv", "fc", 2 * 64)]
+    bf16 = {n: Precision.BF16 for n in g.layer_names()}  # conv -> relu -> pool -> flat -> fc stays bf16
+    assert [(c.value, c.to, c.readers, c.elems) for c in lower(g, bf16).casts] == [
+        ("x", Precision.BF16, ("conv",), 2 * 3 * 8 * 8), ("fc", Precision.FP32, ("softmax",), 2 * 5)]
 
 
 def test_an_erf_gelu_written_as_five_nodes_becomes_one_gelu() -> None:
@@ -155,7 +160,7 @@ def test_if_node_is_kept_fp32_with_its_subgraphs() -> None:
     source = if_model()
     a = analyse_onnx(source, batch=4)
     g = a.graph
-    assert {n.name for n in g.nodes} == {"x", "c", "relu", "branch", "bias"}  # branch internals are no ops
+    assert {n.name for n in g.nodes} == {"x", "c", "relu", "branch", "bias", "output"}  # branch internals are no ops
     br = g["branch"]
     assert (br.kind, br.policy) == ("if", Policy.NEVER) and not g.layers()
     assert "control flow (If)" in a.reasons["branch"] and "3 node(s)" in a.reasons["branch"]
@@ -175,7 +180,8 @@ def test_loop_node_is_kept_fp32_and_layers_outside_it_stay_layers() -> None:
     assert g.layer_names() == ["proj"]
     assert (g["loop"].kind, g["loop"].policy) == ("loop", Policy.NEVER)
     assert "control flow (Loop)" in a.reasons["loop"]
-    assert g.layer_edges() == [("", "proj", 12)]
+    into_proj = [c for c in lower(g, {"proj": Precision.BF16}).casts if "proj" in c.readers]
+    assert [(c.to, c.elems) for c in into_proj] == [(Precision.BF16, 12)]
     assert g["act"].output_shape == (2, 4)
     x = np.random.default_rng(3).standard_normal((2, 6)).astype(np.float32)
     np.testing.assert_array_equal(run(source, {"x": x})[0], run(a.model, {"x": x})[0])
@@ -189,7 +195,7 @@ def test_names_are_assigned_and_made_unique() -> None:
     m, g = load_onnx(make(nodes, [vi("x", [2, 3])], [vi("y", [2, 3])]))
     names = [n.name for n in m.graph.node]
     assert names == ["act", "act_1", "Neg_2", "x_1"]
-    assert [n.name for n in g.nodes] == ["x"] + names
+    assert [n.name for n in g.nodes] == ["x"] + names + ["output"]
 
 
 def test_symbolic_dims_need_example_or_dims() -> None:
@@ -381,6 +387,6 @@ def test_a_layer_norm_written_as_nine_nodes_becomes_one_layer_normalization() ->
     for other in (_layer_norm_variant(scale=False), _layer_norm_variant(axes=(-2, -1))):
         b = analyse_onnx(other, batch=2)
         assert "LayerNormalization" not in _ops(b.model) and len(set(b.groups.values())) == 1
-        assert {(n.kind, n.policy) for n in b.graph.nodes[1:]} == {("layer_norm", Policy.NEVER)}
+        assert {(n.kind, n.policy) for n in b.graph.nodes[1:-1]} == {("layer_norm", Policy.NEVER)}
     c = analyse_onnx(_layer_norm_variant(), batch=2, target_opset=13)  # no LayerNormalization before opset 17
     assert "LayerNormalization" not in _ops(c.model)

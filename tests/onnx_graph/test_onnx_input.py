@@ -21,22 +21,23 @@ from onnx_graph_models import block_opset13, if_model, init, loop_model, make, m
 from onnx import helper
 
 from autoprec.api import tune_onnx
-from autoprec.capture import capture
+from autoprec.torch.capture import capture
 from autoprec.cli import main
-from autoprec.errors import PlanError, UsageError
-from autoprec.export import apply_plan_analysed
-from autoprec.formats import Precision
-from autoprec.onnx_input import CALIBRATION_SAMPLES, OnnxModel, profile_onnx
-from autoprec.plan import PrecisionPlan
-from autoprec.profile import profile
-from autoprec.quantize import quantize
-from autoprec.runtime import open_session
-from autoprec.semantics import quantize_weight
-from autoprec.spec import load_model_spec
-from autoprec.verify import verify_onnx_input
-from passes import act_amax_from_profile, apply_plan
-from passes.onnx_base import GROUP, LAYER, MODEL_MODE, ROLE, ROLE_CORE, OnnxPassManager, get_meta, model_meta
-from passes.onnx_map_nodes import MapNodes
+from autoprec.core.errors import PlanError, UsageError
+from autoprec.deploy.export import apply_plan_analysed
+from autoprec.core.formats import Precision
+from autoprec.onnx.model import CALIBRATION_SAMPLES, OnnxModel, profile_onnx
+from autoprec.core.plan import PrecisionPlan
+from autoprec.torch.profile import profile
+from autoprec.torch.quantize import quantize
+from autoprec.deploy.runtime import open_session
+from autoprec.torch.semantics import quantize_weight
+from autoprec.torch.spec import load_model_spec
+from autoprec.deploy.verify import verify_onnx_input
+from autoprec.torch.passes import act_amax_from_profile, apply_plan
+from autoprec.core.passes import PassManager
+from autoprec.onnx.passes.base import GROUP, LAYER, MODEL_MODE, ROLE, ROLE_CORE, get_meta, model_meta
+from autoprec.onnx.passes.map_nodes import MapNodes
 
 ROOT = Path(__file__).resolve().parents[2]
 FP16, BF16, E4M3 = Precision.FP16, Precision.BF16, Precision.FP8_E4M3
@@ -93,7 +94,7 @@ def test_map_nodes_marks_layers_and_leaves_ops_alone() -> None:
     before = [n.op_type for n in a.model.graph.node]
     model = onnx.ModelProto()
     model.CopyFrom(a.model)
-    out = OnnxPassManager([MapNodes(a)]).run(model).graph
+    out = PassManager([MapNodes(a)]).run(model).graph
     assert [n.op_type for n in out.graph.node] == before
     cores = {get_meta(n, LAYER) for n in out.graph.node if get_meta(n, ROLE) == ROLE_CORE}
     assert cores == {"MatMul_9", "MatMul_16", "Gemm_20"}
@@ -106,7 +107,7 @@ def test_map_nodes_refuses_another_model() -> None:
     a = OnnxModel.load(block_opset13(), _block_data()).analysis
     other = OnnxModel.load(mlp_opset13(), {"x": np.ones((4, 8), np.float32)}).analysis.model
     with pytest.raises(Exception, match="not the one that was analysed"):
-        OnnxPassManager([MapNodes(a)]).run(other)
+        PassManager([MapNodes(a)]).run(other)
 
 
 def test_emulation_rounds_each_group_result_once() -> None:
@@ -519,7 +520,7 @@ def test_verify_compares_the_deployment_graph_with_the_emulation_graph(
     and the parity compares its outputs with the emulation graph's (the GPU's numbers need a GPU; this
     checks the branch itself: ORT's CPU provider has no 16-bit kernels for most ops, so the plan puts
     only the classifier, whose output is the graph's, in fp8; the two graphs agree within fp8's eps)."""
-    import autoprec.runtime
+    import autoprec.deploy.runtime
 
     onnx_path, data, labels = legacy_cnn
     om = OnnxModel.load(onnx_path, data, labels)
@@ -527,7 +528,7 @@ def test_verify_compares_the_deployment_graph_with_the_emulation_graph(
     prof = profile_onnx(om, (E4M3,))
     deployed = tmp_path / "deployed.onnx"
     onnx.save(om.build(plan, act_amax_from_profile(prof), "deploy"), str(deployed))
-    monkeypatch.setattr(autoprec.runtime, "probe_provider", lambda providers: ("cuda", ""))
+    monkeypatch.setattr(autoprec.deploy.runtime, "probe_provider", lambda providers: ("cuda", ""))
     report = verify_onnx_input(deployed, onnx_path, data, labels, providers="cuda")
     assert report.metric_graph == "deployment" and report.metric_torch_emulated is None
     assert report.parity is not None and report.parity.ok, report.parity
@@ -540,7 +541,7 @@ def test_verify_compares_the_deployment_graph_with_the_emulation_graph(
 def test_tune_onnx_times_deployment_graphs_where_cuda_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """tune_onnx's timing check (ORT's timing faked: the test machines have no GPU) times deployment
     graphs for cuda fed with the data repeated to the priced batch, and adopts the fastest."""
-    import autoprec.runtime as runtime
+    import autoprec.deploy.runtime as runtime
 
     seen = []
 
@@ -566,7 +567,7 @@ def test_a_fused_erf_gelu_runs_in_the_plan_s_16_bit_format_where_the_provider_ca
     """block_opset13's erf GELU is one Gelu: in an fp16 plan it reads and writes fp16 between the fp16
     layers, with no cast; in a bf16 plan for the CUDA provider (no bf16 Gelu kernel) it computes in
     fp32 between one Cast in and one out, and the layers around it stay bf16."""
-    from passes.onnx_base import infer_types
+    from autoprec.onnx.passes.base import infer_types
 
     om = OnnxModel.load(block_opset13(), _block_data())
     for fmt, provider, gelu_type in ((FP16, None, onnx.TensorProto.FLOAT16), (FP16, "cuda", onnx.TensorProto.FLOAT16),

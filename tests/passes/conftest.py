@@ -17,14 +17,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from autoprec.capture import Captured, capture
-from autoprec.formats import Precision
-from autoprec.opgraph import Policy
-from autoprec.profile import GraphRunner, first_tensor, profile
-from autoprec.quantize import quantize
-from autoprec.semantics import LayerFormat, emulate_layer
-from passes import act_amax_from_profile
-from passes.fx_assign_formats import decide_formats, effective_policy, follow_roundings
+from autoprec.torch.capture import Captured, capture
+from autoprec.core.formats import Precision
+from autoprec.core.opgraph import Policy
+from autoprec.torch.profile import GraphRunner, first_tensor, profile
+from autoprec.torch.quantize import quantize
+from autoprec.torch.semantics import LayerFormat, emulate_layer
+from autoprec.torch.passes import act_amax_from_profile
+from autoprec.torch.passes.assign_formats import decide_formats, policy, follow_roundings
 
 FP32 = Precision.FP32
 
@@ -50,14 +50,14 @@ def reference_run(c: Captured, assignment: Mapping[str, Precision], amax: Mappin
             if n.op == "placeholder":
                 env[n.name] = next(placeholders)
                 continue
-            fmt = formats[n.name].fmt
-            policy = effective_policy(c.graph, n)
-            if policy is Policy.ALWAYS and fmt is not FP32:
+            fmt = formats[n.name].compute
+            pol = policy(c.graph, n)
+            if pol is Policy.ALWAYS and fmt is not FP32:
                 args = fx.node.map_arg(n.args, lambda a: env[a.name])
                 kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a.name])
                 env[n.name] = emulate_layer(n.meta["autoprec_kind"], args, kwargs,
                                             LayerFormat(fmt, tuple(amax.get(n.name, ()))))
-            elif policy is Policy.FOLLOW and fmt is not FP32 and round_follow:
+            elif pol is Policy.FOLLOW and fmt is not FP32 and round_follow:
                 v = runner.value_of(n, env, lambda a: _round_tree(env[a.name], fmt))
                 env[n.name] = _round_tree(v, fmt)
             else:
@@ -76,7 +76,7 @@ def profiler_trial(c: Captured, layer: str, fmt: Precision, amax: tuple[float, .
         args = fx.node.map_arg(node.args, lambda a: env[a.name])
         kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a.name])
         val = emulate_layer(node.meta["autoprec_kind"], args, kwargs, LayerFormat(fmt, amax))
-        out, _ = runner.rerun(env, layer, val, follow_roundings(c.gm, c.graph, {layer: fmt}))
+        out, _ = runner.rerun(env, layer, val, follow_roundings(c.graph, {layer: fmt}))
         return first_tensor(out)
 
 

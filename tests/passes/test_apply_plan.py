@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autoprec.capture import capture
-from autoprec.errors import PlanError, UsageError
-from autoprec.formats import Precision
-from autoprec.quantize import quantize
-from autoprec.semantics import LayerFormat, emulate_layer
-from passes import apply_plan
-from passes.fx_assign_formats import follow_roundings
-from passes.fx_insert_casts import is_cast, is_round
+from autoprec.torch.capture import capture
+from autoprec.core.errors import PlanError, UsageError
+from autoprec.core.formats import Precision
+from autoprec.torch.quantize import quantize
+from autoprec.torch.semantics import LayerFormat, emulate_layer
+from autoprec.torch.passes import apply_plan
+from autoprec.torch.passes.assign_formats import follow_roundings
+from autoprec.torch.passes.insert_casts import is_cast, is_round
 
 FP32, BF16, FP16, E4M3 = Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8_E4M3
 E5M2 = Precision.FP8_E5M2
@@ -41,7 +41,7 @@ def test_oracle_single_layer_equals_profiler_trial(attn_case, cnn_case, oracles,
         x = oracles.randn(shape)
         for layer in layers:
             expected = {"mul": fmt.compute_output} if layer == "matmul" else {}
-            assert follow_roundings(c.gm, c.graph, {layer: fmt}) == expected, layer
+            assert follow_roundings(c.graph, {layer: fmt}) == expected, layer
             gm = apply_plan(c, {layer: fmt}, amax)
             with torch.no_grad():
                 got = gm(x)
@@ -56,7 +56,7 @@ def test_oracle_where_follow_ops_compute(attn_case, split_case, oracles, fmt) ->
     and rounds their results; the profiler's trial rounds them too, so the two agree bit for bit."""
     for (c, amax), layer, op, shape in ((attn_case, "fc1", "gelu", (4, 8, 32)),
                                         (split_case, "l1", "add", (4, 16))):
-        assert follow_roundings(c.gm, c.graph, {layer: fmt}) == {op: fmt.compute_output}
+        assert follow_roundings(c.graph, {layer: fmt}) == {op: fmt.compute_output}
         x = oracles.randn(shape)
         with torch.no_grad():
             got = apply_plan(c, {layer: fmt}, amax)(x)

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from autoprec.errors import PlanError
-from autoprec.formats import Precision
-from passes import PassManager
-from passes.base import ACT_AMAX, FORMAT, REASON, VALUE_FORMAT
-from passes.fx_assign_formats import AssignFormats, decide_formats
+from autoprec.core.errors import PlanError
+from autoprec.core.formats import Precision
+from autoprec.torch.passes import PassManager
+from autoprec.torch.passes.base import ACT_AMAX, FORMAT, REASON, VALUE_FORMAT
+from autoprec.torch.passes.assign_formats import AssignFormats, decide_formats
 
 FP32, BF16, FP16, E4M3 = Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8_E4M3
 
@@ -63,8 +63,8 @@ def test_wider_of_two_16_bit_inputs(split_case) -> None:
     """chunk returns a tuple (the op graph calls it NONE) but still follows its input."""
     c, _ = split_case
     f = decide_formats(c.gm, c.graph, {"l1": FP16})
-    assert f["chunk"].fmt is f["getitem"].fmt is f["getitem_1"].fmt is f["add"].fmt is FP16
-    assert f["l2"].fmt is FP32
+    assert f["chunk"].compute is f["getitem"].compute is f["getitem_1"].compute is f["add"].compute is FP16
+    assert f["l2"].compute is FP32
 
 
 def test_unknown_names_and_missing_amax(attn_case) -> None:

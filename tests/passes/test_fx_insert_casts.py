@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
-from autoprec.formats import Precision
-from passes import PassError, PassManager, plan_passes
-from passes.base import FORMAT, KIND, REASON, SCOPE, VALUE_FORMAT
-from passes.fx_assign_formats import AssignFormats
-from passes.fx_insert_casts import InsertCasts, is_cast, is_round
-from passes.fx_lower_layers import LowerLayers
-from passes.fx_ops import cast
+from autoprec.core.formats import Precision
+from autoprec.torch.passes import PassError, PassManager, plan_passes
+from autoprec.torch.passes.base import FORMAT, KIND, REASON, SCOPE, VALUE_FORMAT
+from autoprec.torch.passes.assign_formats import AssignFormats
+from autoprec.torch.passes.insert_casts import InsertCasts, is_cast, is_round
+from autoprec.torch.passes.lower_layers import LowerLayers
+from autoprec.torch.passes.ops import cast
 
 FP32, BF16, FP16, E4M3 = Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8_E4M3
 
@@ -97,7 +97,7 @@ def test_postcondition_catches_chains_and_missing_casts(attn_case) -> None:
     c, amax = attn_case
     ins = InsertCasts(c.graph)
     gm = PassManager([AssignFormats(c.graph, {"q": BF16}, amax), LowerLayers(), ins]).run(copy.deepcopy(c.gm)).graph
-    ins.check(gm)
+    ins.ensures(gm)
     g = gm.graph
     first = next(n for n in g.nodes if is_cast(n))
     with g.inserting_after(first):
@@ -105,8 +105,8 @@ def test_postcondition_catches_chains_and_missing_casts(attn_case) -> None:
     first.replace_all_uses_with(chained, delete_user_cb=lambda u: u is not chained)
     chained.meta.update(first.meta)
     with pytest.raises(PassError, match="chain|needs"):
-        ins.check(gm)
+        ins.ensures(gm)
 
     gm = PassManager([AssignFormats(c.graph, {"q": BF16}, amax), LowerLayers()]).run(copy.deepcopy(c.gm)).graph
     with pytest.raises(PassError, match="q reads ln"):
-        ins.check(gm)  # the layer reads the fp32 ln output without its bf16 cast
+        ins.ensures(gm)  # the layer reads the fp32 ln output without its bf16 cast

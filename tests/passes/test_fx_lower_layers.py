@@ -1,4 +1,4 @@
-"""LowerLayers: low-precision layers call passes.fx_ops functions; fp32 layers stay as they are."""
+"""LowerLayers: low-precision layers call autoprec.torch.passes.ops functions; fp32 layers stay as they are."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autoprec.errors import PlanError
-from autoprec.formats import Precision
-from passes import PassManager
-from passes.fx_assign_formats import AssignFormats
-from passes.fx_lower_layers import LowerLayers
-from passes.fx_ops import lowp_conv2d, lowp_linear, lowp_matmul
+from autoprec.core.errors import PlanError
+from autoprec.core.formats import Precision
+from autoprec.torch.passes import PassManager
+from autoprec.torch.passes.assign_formats import AssignFormats
+from autoprec.torch.passes.lower_layers import LowerLayers
+from autoprec.torch.passes.ops import lowp_conv2d, lowp_linear, lowp_matmul
 
 FP32, BF16, FP16, E4M3 = Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8_E4M3
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoprec.formats import Precision
-from autoprec.quantize import quantize
-from autoprec.semantics import LayerFormat, emulate_layer, quantize_activation, quantize_weight
-from passes import fx_ops
+from autoprec.core.formats import Precision
+from autoprec.torch.quantize import quantize
+from autoprec.torch.semantics import LayerFormat, emulate_layer, quantize_activation, quantize_weight
+from autoprec.torch.passes import ops as fx_ops
 
 FP32, BF16, FP16, E4M3, E5M2 = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8_E4M3,
                                 Precision.FP8_E5M2)

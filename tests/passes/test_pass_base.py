@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.fx as fx
 
-from passes import Pass, PassError, PassManager, PassResult
+from autoprec.torch.passes import Pass, PassError, PassManager, PassResult
 
 
 class _AddOne(Pass):
@@ -28,8 +28,8 @@ class _Nothing(Pass):
 
 
 class _Broken(_Nothing):
-    def check(self, gm: fx.GraphModule) -> None:
-        super().check(gm)
+    def ensures(self, gm: fx.GraphModule) -> None:
+        super().ensures(gm)
         raise PassError(f"{self.name}: postcondition violated")
 
 

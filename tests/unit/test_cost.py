@@ -6,16 +6,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autoprec.cost import (
-    LAUNCH_OVERHEAD_S, TARGETS, CostModel, ProviderCostModel, RooflineCostModel, cast_groups, get_target,
-    memory_bytes,
-)
-from autoprec.ep_support import follow_format
-from autoprec.errors import UsageError
-from autoprec.formats import Precision
-from autoprec.opgraph import OpGraph, OpNode, Policy
-from autoprec.search import SearchProblem, solve
-from autoprec.sensitivity import SensitivityProfile
+from autoprec.core.lowering import lower
+from autoprec.cost.model import CostModel
+from autoprec.cost.provider import ProviderCostModel
+from autoprec.cost.roofline import LAUNCH_OVERHEAD_S, RooflineCostModel, memory_bytes
+from autoprec.cost.targets import TARGETS, get_target
+from autoprec.deploy.providers import follow_format
+from autoprec.core.errors import UsageError
+from autoprec.core.formats import Precision
+from autoprec.core.opgraph import OpGraph, OpNode, Policy
+from autoprec.search.problem import SearchProblem
+from autoprec.search.registry import solve
+from autoprec.core.sensitivity import SensitivityProfile
 
 P = Precision
 H100 = get_target("h100")
@@ -138,15 +140,15 @@ def qkv_graph() -> OpGraph:
     return OpGraph(nodes, edges, "qkv", ties=[["q", "k", "v"]])
 
 
-def test_cast_groups_share_one_cast_per_value():
+def test_the_lowering_casts_once_per_value_and_format():
     g = qkv_graph()
-    groups = {(x.producer, x.consumers, x.to_fp32) for x in cast_groups(g)}
-    assert ("", ("q", "k", "v"), False) in groups  # the LayerNorm output, read by three projections
-    # qk's output feeds the softmax and av's the graph output (through relu and a view): both are
-    # fp32 whatever the plan
-    assert ("qk", (), True) in groups and ("av", (), True) in groups
     cm = RooflineCostModel("h100")
     all16 = {n: P.FP16 for n in g.layer_names()}
+    casts = {(c.value, c.to, c.readers) for c in lower(g, all16).casts}
+    # the LayerNorm output, read by three projections, is cast once; qk's output goes back to fp32
+    # for the softmax, and av's (through relu and a view, which follow it in fp16) for the output
+    assert casts == {("ln", P.FP16, ("q", "k", "v")), ("sm", P.FP16, ("av",)), ("qk", P.FP32, ("sm",)),
+                     ("view", P.FP32, ("out",))}
     b = cm.breakdown(g, all16)
     # one fp32 -> fp16 cast for ln's output (not three), one for the softmax output av reads;
     # qk reads q and k, already fp16: no cast; qk's and av's results go back to fp32
@@ -342,8 +344,10 @@ def test_a_16_bit_conv_before_an_fp32_norm_pays_the_cast_back():
              layer("c2", flops=2 * n * 64, w=64, a_in=n, a_out=n, kind="conv2d"),
              OpNode("out", "output", "", Policy.NONE)]
     g = OpGraph(nodes, [("x", "c1"), ("c1", "bn"), ("bn", "relu"), ("relu", "c2"), ("c2", "out")], "convbn")
-    assert g.fp32_sink_edges() == [("c1", "bn", n), ("c2", "out", n)]
     cm = RooflineCostModel("h100")
+    fp16 = {"c1": P.FP16, "c2": P.FP16}
+    assert {(c.value, c.to) for c in lower(g, fp16).casts} == {("x", P.FP16), ("c1", P.FP32), ("relu", P.FP16),
+                                                               ("c2", P.FP32)}
     assert cm.breakdown(g, {}).casts == 0.0
     fp16 = {"c1": P.FP16, "c2": P.FP16}
     assert cm.breakdown(g, fp16).casts == pytest.approx(

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from autoprec.errors import UsageError
-from autoprec.formats import Precision, parse_precision, parse_precisions, wider
-from autoprec.quantize import channel_amax, fp8_scale, quantize
+from autoprec.core.errors import UsageError
+from autoprec.core.formats import Precision, parse_precision, parse_precisions, wider
+from autoprec.torch.quantize import channel_amax, fp8_scale, quantize
 
 LOW = [Precision.BF16, Precision.FP16, Precision.FP8_E4M3, Precision.FP8_E5M2]
 

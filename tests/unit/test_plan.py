@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autoprec.errors import PlanError, UsageError
-from autoprec.formats import Precision
-from autoprec.opgraph import OpGraph, OpNode, Policy
-from autoprec.plan import (
+from autoprec.core.errors import PlanError, UsageError
+from autoprec.core.formats import Precision
+from autoprec.core.opgraph import OpGraph, OpNode, Policy
+from autoprec.core.plan import (
     Alternative, Budget, LayerDecision, Pin, PrecisionPlan, TuneStep, parse_pin, parse_pins,
 )
 

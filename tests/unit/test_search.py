@@ -13,15 +13,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autoprec.cost import RooflineCostModel
-from autoprec.errors import UsageError
-from autoprec.formats import Precision
-from autoprec.opgraph import OpGraph, OpNode, Policy
-from autoprec.plan import parse_pin
-from autoprec.search import (
-    SearchProblem, get_strategy, max_measurements, pareto_sweep, silenced_c_stdout, solve, tune_loop,
-)
-from autoprec.sensitivity import LayerRanges, RangeStats, SensitivityProfile
+from autoprec.cost.roofline import RooflineCostModel
+from autoprec.core.errors import UsageError
+from autoprec.core.formats import Precision
+from autoprec.core.opgraph import OpGraph, OpNode, Policy
+from autoprec.core.plan import parse_pin
+from autoprec.search.loop import max_measurements, tune_loop
+from autoprec.search.milp import silenced_c_stdout
+from autoprec.search.pareto import pareto_sweep
+from autoprec.search.problem import SearchProblem
+from autoprec.search.registry import get_strategy, solve
+from autoprec.core.sensitivity import LayerRanges, RangeStats, SensitivityProfile
 
 P = Precision
 LOW = (P.BF16, P.FP16, P.FP8_E4M3, P.FP8_E5M2)
@@ -404,7 +406,7 @@ def test_plans_do_not_depend_on_hash_seed():
     script = (
         "import sys; sys.path.insert(0, %r)\n"
         "from test_search import chain, problem, solve\n"
-        "from autoprec.plan import parse_pin\n"
+        "from autoprec.core.plan import parse_pin\n"
         "g, p = chain(8, seed_errors=True, dim=8192, tokens=2048)\n"
         "prob = problem(g, p, 1e-2, pins=(parse_pin('bf16:l3'),))\n"
         "print(''.join(solve(prob, s).to_json() for s in ('milp', 'greedy', 'uniform', 'bisection')))\n"
@@ -423,6 +425,6 @@ def test_pins_over_budget_are_noted():
 
 
 def test_search_modules_import_no_torch():
-    code = ("import sys, autoprec.search, autoprec.plan, autoprec.cost; "
+    code = ("import sys, autoprec.search, autoprec.core.plan, autoprec.cost; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,69 @@
+"""Metric drops: how much worse a measured metric is than its fp32 reference, and the budget that bounds it.
+
+A drop is measured in the metric's own direction, so positive is always worse: for a metric where
+higher is better (accuracy) it is ``reference - value``, for one where lower is better (an error)
+``value - reference``. A budget is the largest allowed drop: absolute ("0.005") or relative to the
+fp32 value ("0.5%").
+
+The one rule for values that are not numbers: a drop is never NaN. A NaN or infinite measured value
+is an infinite drop, so it is never within any budget -- a model that produced NaN logits, or whose
+error overflowed, did not keep its metric, and ``NaN <= budget`` being False in one place and
+``max(NaN, x)`` returning x in another must not decide that. A NaN or infinite *reference* is an
+infinite drop too: with no fp32 value to compare with, nothing can be shown to be within budget
+(tuning refuses such a reference up front; verifying a file reports it as over budget).
+
+How a model's metric is measured (torch) is :mod:`autoprec.metrics`; this module imports no
+torch, so the report and verification judge drops by the same definition as tuning does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from autoprec.core.errors import UsageError
+
+
+def metric_drop(reference: float, value: float, *, higher_is_better: bool) -> float:
+    """How much worse ``value`` is than ``reference`` in the metric's direction (positive = worse).
+
+    Infinite when either is NaN or infinite (see the module docstring), so every caller's
+    ``drop <= allowed`` and ``max(drops)`` judge a non-number the same way: over budget.
+    """
+    if not (math.isfinite(reference) and math.isfinite(value)):
+        return math.inf
+    return reference - value if higher_is_better else value - reference
+
+
+@dataclass(frozen=True)
+class DropBudget:
+    """Largest allowed metric drop; ``relative`` means a fraction of |fp32 metric|."""
+
+    value: float
+    relative: bool
+
+    @classmethod
+    def parse(cls, text: str | float) -> "DropBudget":
+        """"0.5%" -> relative 0.005; "0.005" -> absolute 0.005. One-line UsageError otherwise."""
+        s = str(text).strip()
+        rel = s.endswith("%")
+        try:
+            v = float(s[:-1] if rel else s)
+        except ValueError:
+            raise UsageError(f"bad budget {text!r}: use an absolute drop like 0.005 or a relative one like 0.5%") from None
+        if not math.isfinite(v) or v < 0:
+            raise UsageError(f"bad budget {text!r}: it must be a finite, non-negative number")
+        return cls(v / 100 if rel else v, rel)
+
+    def allowed_drop(self, reference: float) -> float:
+        """The budget in metric units for a model whose fp32 metric is ``reference``.
+
+        A relative budget is a fraction of |reference|, or of 1 when the reference is 0 (the
+        relative L2 error of the fp32 model against itself): "1%" then means an error of 0.01.
+        """
+        if not self.relative:
+            return self.value
+        return self.value * (abs(reference) if reference != 0 else 1.0)
+
+    def __str__(self) -> str:
+        return f"{100 * self.value:g}%" if self.relative else f"{self.value:g}"

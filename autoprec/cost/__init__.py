@@ -1,0 +1,1 @@
+"""Cost models: targets, the roofline model and provider pricing (torch-free)."""

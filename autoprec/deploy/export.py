@@ -1,0 +1,406 @@
+"""Export a model and its precision plan to ONNX for ONNX Runtime.
+
+    path = export_onnx("models/digits_cnn.py", "out/digits_cnn/plan.json", "out/digits_cnn/profile.json",
+                       "digits_cnn.onnx")
+
+1. :func:`torch_to_onnx` exports the fp32 model with the dynamo exporter (batch dimension dynamic,
+   weights inside the file), without the exporter's rewrite rules, then folds constants, except
+   embedding lookups: a lookup of constant positions (``pos_emb(arange(T))`` with T fixed by the
+   example) would become an fp32 constant, out of reach of the plan. Inference batch norms are
+   folded into the convolution before them by :mod:`autoprec.core.bn_fold`, the numerics the capture
+   folds them with (the exporter's own fold is not that definition, so its rules stay off).
+2. :func:`apply_plan_onnx` runs the ONNX passes (``passes/onnx_*``) that apply the same plan as
+   the torch passes, with the same decisions: MapLayers (plan layers -> ONNX nodes through the
+   exporter's metadata), AssignFormats, LowerWeights (16-bit / fp8 initializers), InsertCasts.
+
+A model given as an .onnx file takes the same passes after MapNodes in place of MapLayers
+(:func:`apply_plan_analysed`, :func:`export_analysed`): its plan's layers are the ONNX analyser's
+node names (:mod:`autoprec.onnx.graph`).
+
+Two graphs come out of one plan (``mode``): ``"deploy"``, with real 16-bit tensors and fp8 Q/DQ,
+for the CUDA / TensorRT providers; and ``"emulate"`` (``emulation=True``), which computes in fp32
+with every rounding explicit, so that ONNX Runtime's CPU provider, which computes fp16 nodes in
+fp32 without their rounding and has no bf16 kernels, reproduces the torch emulation's numbers.
+
+The plan and calibration travel in the model's metadata (``autoprec.*`` keys), so
+:mod:`autoprec.deploy.verify` can rebuild the emulation of a deployed file.
+
+fp8 layers are written as QuantizeLinear/DequantizeLinear around a standard MatMul/Gemm/Conv (the
+form TensorRT fuses into fp8 GEMMs), not as ``com.microsoft.GemmFloat8``: that kernel takes one
+scale per tensor, and the plan's numerics use one scale per output channel for weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import onnx
+
+from autoprec.onnx.bn_fold import fold_onnx_batch_norms
+from autoprec.torch.bn_fold import foldable_norms
+from autoprec.torch.capture import Captured, capture
+from autoprec.deploy.providers import parse_provider
+from autoprec.core.errors import AutoprecError, PlanError, UsageError, first_line
+from autoprec.core.formats import Precision, parse_precision
+from autoprec.core.io import atomic_write_bytes
+from autoprec.core.kinds import aten_kind
+from autoprec.onnx.graph import OnnxAnalysis
+from autoprec.core.opgraph import OpGraph
+from autoprec.core.plan import PrecisionPlan
+from autoprec.torch.semantics import needs_act_amax
+from autoprec.core.sensitivity import SensitivityProfile
+from autoprec.torch.spec import ModelSpec, load_model_spec
+from autoprec.onnx.passes.assign_formats import AssignFormats, param_names
+from autoprec.core.passes import PassManager
+from autoprec.onnx.passes.base import (FORMAT, INSERTED, LAYER, MODEL_ACT_AMAX, MODEL_ASSIGNMENT,
+    MODEL_FINGERPRINT, MODEL_IO, MODEL_MODE, MODEL_NAME, MODEL_PROVIDER, REASON, ROLE, ROLE_CORE,
+    OnnxPass, drop_meta, get_meta, infer_types, model_meta, set_model_meta)
+from autoprec.onnx.passes.insert_casts import InsertCasts
+from autoprec.onnx.passes.io_format import IO_FORMATS, IOFormat
+from autoprec.onnx.passes.keep_roundings import KeepRoundings
+from autoprec.onnx.passes.lower_weights import MODES, LowerWeights
+from autoprec.onnx.passes.map_layers import CLASS_HIERARCHY, MapLayers, literal_list
+from autoprec.onnx.passes.map_nodes import MapNodes
+from autoprec.onnx.passes.split_bias import SplitBias
+
+if TYPE_CHECKING:
+    import onnx_ir
+
+log = logging.getLogger(__name__)
+
+#: opset 21: fp8 QuantizeLinear/DequantizeLinear with per-axis scales and the saturate attribute
+DEFAULT_OPSET = 21
+MIN_OPSET = 19
+
+#: node metadata a written file keeps by default: the layer a node computes, its format (where not
+#: fp32), what a pass inserted, and the reason for each layer's format. The exporter's stack traces
+#: and scopes, its graph-level notes (torch.export's graph signature, which names parameters the
+#: passes replaced), the passes' working notes and the inferred value_info go: on the zoo's small
+#: models they weigh as much as a tenth of an fp8 model (``keep_metadata=True`` keeps them).
+COMPACT_METADATA = (LAYER, FORMAT, INSERTED, REASON)
+
+FP32 = Precision.FP32
+
+
+class ExportError(AutoprecError):
+    """The torch model could not be exported to ONNX."""
+
+
+# --- fp32 export ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's progress lines (stdout), its warnings and its registry log lines;
+    yield the captured text so a failure can show it."""
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
+                                              "onnxscript", "torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(buf), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield buf
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _batch_dims(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    import torch
+
+    return tuple({0: "batch"} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs)
+
+
+def _at_least_batch_2(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """torch.export specialises a dimension of size 1; a batch of 2 keeps it symbolic."""
+    import torch
+
+    out = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] < 2:
+            x = torch.cat([x] * 2, dim=0)
+        out.append(x)
+    return tuple(out)
+
+
+def _keep_lookups(node: onnx_ir.Node) -> bool | None:
+    """Constant folding's veto: an embedding lookup stays a Gather, because it is a plan layer;
+    every other node folds by the folder's default rules (None)."""
+    classes = literal_list(node.metadata_props.get(CLASS_HIERARCHY))
+    return False if node.op_type == "Gather" and classes and aten_kind(classes[-1]) == "embedding" else None
+
+
+def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """The fp32 model as ONNX: dynamo exporter, dynamic batch, constants folded, inference batch
+    norms folded into their convolutions as :func:`autoprec.torch.capture.capture` folds them, nothing
+    else fused."""
+    import torch
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
+    from onnxscript import ir
+    from onnxscript.optimizer import fold_constants_ir
+
+    if opset < MIN_OPSET:
+        raise UsageError(f"opset {opset} has no fp8 QuantizeLinear; use {MIN_OPSET} or later (default {DEFAULT_OPSET})")
+    args = _at_least_batch_2(tuple(example_inputs))
+    model = model.eval()
+    with _quiet_exporter() as out:
+        try:
+            with torch.no_grad():
+                program = torch.onnx.export(model, args, dynamo=True, external_data=False, optimize=False,
+                                            opset_version=opset, dynamic_shapes=_batch_dims(args))
+        except Exception as exc:  # the exporter raises many types
+            tail = " | ".join(out.getvalue().strip().splitlines()[-3:])
+            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first_line(exc)}"
+                              + (f" ({tail})" if tail else "")) from exc
+        if program is None:
+            raise ExportError("torch.onnx.export returned no program")
+        ir_model = program.model
+        fold_constants_ir(ir_model, should_fold=_keep_lookups)
+        RemoveUnusedNodesPass()(ir_model)
+        LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(ir_model)
+        RemoveUnusedNodesPass()(ir_model)
+        proto = ir.serde.serialize_model(ir_model)
+    fold_onnx_batch_norms(proto)  # as capture folds them: the same weights, bit for bit
+    return infer_types(proto)
+
+
+# --- the plan on ONNX ----------------------------------------------------------------------------
+
+
+def onnx_passes(captured: Captured, assignment: Mapping[str, Precision],
+                act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy",
+                provider: str | None = None) -> list[OnnxPass]:
+    """The ONNX pass sequence :func:`apply_plan_onnx` runs."""
+    if mode not in MODES:
+        raise UsageError(f"unknown ONNX mode {mode!r}: use 'deploy' (16-bit tensors, fp8 Q/DQ) or 'emulate'")
+    return [MapLayers(captured, assignment), AssignFormats(captured.graph, assignment, act_amax, param_names(captured)),
+            SplitBias(), LowerWeights(mode, provider), InsertCasts(param_names(captured), mode, provider),
+            KeepRoundings()]
+
+
+def apply_plan_onnx(fp32_model: onnx.ModelProto, captured: Captured, assignment: Mapping[str, Precision | str],
+                    act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy",
+                    keep_metadata: bool = False, provider: str | None = None) -> onnx.ModelProto:
+    """A copy of ``fp32_model`` (from :func:`torch_to_onnx` of the captured model) running ``assignment``.
+
+    ``captured``: the same model, captured (plan layer names and weights come from it).
+    ``keep_metadata``: keep every node's metadata (the exporter's stack traces and scopes, the
+    passes' groups, kinds and policies); by default only :data:`COMPACT_METADATA` stays.
+    The result passes ``onnx.checker.check_model(full_check=True)``.
+    """
+    if not captured.folds_norms:
+        kept = foldable_norms(captured.gm)
+        if kept:
+            names = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+            raise UsageError(f"this capture kept its batch norms ({names}; capture(..., fold_norms=False) is for "
+                             "training), and the ONNX export folds them into their convolutions: export from a "
+                             "capture with fold_norms=True")
+    plan = {name: parse_precision(p) for name, p in assignment.items()}
+    return run_plan_passes(fp32_model, onnx_passes(captured, plan, act_amax, mode, provider), captured.graph, plan,
+                           act_amax, mode, keep_metadata, provider)
+
+
+def analysed_passes(analysis: OnnxAnalysis, assignment: Mapping[str, Precision],
+                    act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy",
+                    provider: str | None = None) -> list[OnnxPass]:
+    """The ONNX pass sequence for a model given as an .onnx file (see :func:`apply_plan_analysed`)."""
+    if mode not in MODES:
+        raise UsageError(f"unknown ONNX mode {mode!r}: use 'deploy' (16-bit tensors, fp8 Q/DQ) or 'emulate'")
+    return [MapNodes(analysis), AssignFormats(analysis.graph, assignment, act_amax), SplitBias(),
+            LowerWeights(mode, provider), InsertCasts(frozenset(), mode, provider), KeepRoundings()]
+
+
+def apply_plan_analysed(analysis: OnnxAnalysis, assignment: Mapping[str, Precision | str],
+                        act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy",
+                        keep_metadata: bool = False, provider: str | None = None) -> onnx.ModelProto:
+    """The analysed ONNX model (:func:`autoprec.onnx.graph.analyse_onnx`) running ``assignment``.
+
+    The same passes as :func:`apply_plan_onnx` after MapNodes in place of MapLayers: the plan's
+    layers are the analyser's node names. Every one-element initializer counts as a constant from
+    the model's code (it does not make a 16-bit op fp32), as there are no torch parameters to tell.
+    """
+    plan = {name: parse_precision(p) for name, p in assignment.items()}
+    return run_plan_passes(analysis.model, analysed_passes(analysis, plan, act_amax, mode, provider), analysis.graph,
+                           plan, act_amax, mode, keep_metadata, provider)
+
+
+def run_plan_passes(fp32_model: onnx.ModelProto, passes: list[OnnxPass], graph: OpGraph,
+                    plan: Mapping[str, Precision], act_amax: Mapping[str, tuple[float, ...]] | None, mode: str,
+                    keep_metadata: bool, provider: str | None = None) -> onnx.ModelProto:
+    """Run ``passes`` on a copy of ``fp32_model``, record the plan (and the provider a deployment
+    graph was written for) in the model's metadata and check the result with ``onnx.checker``
+    (full_check)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32_model)
+    model = PassManager(passes).run(model).graph
+    if not keep_metadata:
+        compact_metadata(model)
+    used = {k: v for k, v in (act_amax or {}).items() if k in plan and plan[k].is_fp8}
+    set_model_meta(model, MODEL_MODE, mode)
+    set_model_meta(model, MODEL_ASSIGNMENT, json.dumps({k: v.value for k, v in sorted(plan.items())}, sort_keys=True))
+    set_model_meta(model, MODEL_ACT_AMAX, json.dumps({k: [float(a) for a in v] for k, v in sorted(used.items())},
+                                                     sort_keys=True))
+    set_model_meta(model, MODEL_NAME, graph.model_name)
+    set_model_meta(model, MODEL_FINGERPRINT, graph.fingerprint())
+    if provider is not None and mode == "deploy":
+        set_model_meta(model, MODEL_PROVIDER, parse_provider(provider))
+    model = infer_types(model)
+    onnx.checker.check_model(model, full_check=True)
+    if not keep_metadata:
+        del model.graph.value_info[:]
+    return model
+
+
+def compact_metadata(model: onnx.ModelProto) -> None:
+    """Keep only :data:`COMPACT_METADATA` on the nodes (formats only where not fp32 and not on a
+    Cast, whose ``to`` says it; reasons only on the core node of each layer) and no graph-level
+    metadata (autoprec's own is the model's)."""
+    del model.graph.metadata_props[:]
+    for n in model.graph.node:
+        explain = get_meta(n, ROLE) == ROLE_CORE
+        said = get_meta(n, FORMAT) in (None, FP32.value) or n.op_type == "Cast"
+        drop = {p.key for p in n.metadata_props if p.key not in COMPACT_METADATA
+                or (p.key == REASON and not explain) or (p.key == FORMAT and said)}
+        if drop:
+            drop_meta(n, drop)
+
+
+def recorded_plan(model: onnx.ModelProto) -> tuple[str, dict[str, Precision], dict[str, tuple[float, ...]]]:
+    """(mode, assignment, fp8 amax) an autoprec export recorded in ``model``'s metadata."""
+    meta = model_meta(model)
+    if MODEL_ASSIGNMENT not in meta:
+        raise UsageError("this ONNX file was not written by `autoprec export` (no autoprec.assignment metadata)")
+    assignment = {k: Precision(v) for k, v in json.loads(meta[MODEL_ASSIGNMENT]).items()}
+    amax = {k: tuple(float(a) for a in v) for k, v in json.loads(meta.get(MODEL_ACT_AMAX, "{}")).items()}
+    return meta.get(MODEL_MODE, "deploy"), assignment, amax
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _load_plan(plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any] | None) -> dict[str, Precision]:
+    if plan is None:
+        return {}
+    if isinstance(plan, PrecisionPlan):
+        return plan.assignment
+    if isinstance(plan, Mapping):
+        return {k: parse_precision(v) for k, v in plan.items()}
+    return PrecisionPlan.load(plan).assignment
+
+
+def _load_amax(profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None
+               ) -> dict[str, tuple[float, ...]] | None:
+    from autoprec.torch.passes import act_amax_from_profile
+
+    if profile is None:
+        return None
+    if isinstance(profile, SensitivityProfile):
+        return act_amax_from_profile(profile)
+    if isinstance(profile, Mapping):
+        return {k: tuple(float(a) for a in v) for k, v in profile.items()}
+    try:
+        text = Path(profile).read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot read profile {profile}: {e.strerror}") from None
+    try:
+        return act_amax_from_profile(SensitivityProfile.from_json(text))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{profile} is not a profile.json written by autoprec ({type(e).__name__}: {e})") from None
+
+
+def build_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
+               plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any] | None,
+               profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+               opset: int = DEFAULT_OPSET, mode: str = "deploy",
+               provider: str | None = None) -> tuple[onnx.ModelProto, Captured]:
+    """The model file's model with ``plan`` applied, as an in-memory ONNX model (and its capture).
+
+    ``plan``: a PrecisionPlan, a plan.json path or a {layer: format} mapping (None: all fp32).
+    ``profile``: a SensitivityProfile, a profile.json path or a {layer: (amax, ...)} mapping; it is
+    needed when the plan has fp8 layers (their static activation scales come from its calibration).
+    ``provider``: the ONNX Runtime provider a deployment graph is for: a node it has no kernel for
+    in its group's 16-bit format computes in fp32 between the casts (None: ONNX's schemas decide).
+    """
+    spec = spec_or_model_file if isinstance(spec_or_model_file, ModelSpec) else load_model_spec(spec_or_model_file)
+    module = spec.model()
+    example = spec.example_inputs()
+    captured = capture(module, example, name=spec.name)
+    if isinstance(plan, (str, os.PathLike)):
+        plan = PrecisionPlan.load(plan)
+    if isinstance(plan, PrecisionPlan):
+        plan.check_against(captured.graph)  # same layers, kinds and shapes as the model it was made for
+    assignment = _load_plan(plan)
+    amax = _load_amax(profile)
+    fp8 = sorted(k for k, f in assignment.items() if k in captured.graph and needs_act_amax(captured.graph[k].kind, f))
+    if fp8 and amax is None:
+        raise PlanError(f"the plan runs {', '.join(fp8)} in fp8: give the profile.json of the tune run "
+                        "(--profile) for their calibrated activation scales")
+    fp32 = torch_to_onnx(module, example, opset)
+    return apply_plan_onnx(fp32, captured, assignment, amax, mode, provider=provider), captured
+
+
+def set_io_format(model: onnx.ModelProto, io: Precision | str) -> onnx.ModelProto:
+    """A copy of ``model``, a graph written by this module, with its graph inputs and outputs in
+    ``io`` (fp32, the default: ``model`` itself; fp16: :mod:`autoprec.onnx.passes.io_format`; an emulation
+    graph rounds them to it instead), recorded in its metadata."""
+    fmt = parse_precision(io)
+    if fmt is FP32:
+        return model
+    if fmt not in IO_FORMATS:
+        raise UsageError(f"graph inputs and outputs can be {' or '.join(f.value for f in IO_FORMATS)}, not {fmt}: "
+                         "ONNX Runtime's Python API has no numpy type for bf16 or fp8")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    model = PassManager([IOFormat(fmt, model_meta(copy).get(MODEL_MODE, "deploy"))]).run(copy).graph
+    set_model_meta(model, MODEL_IO, fmt.value)
+    del model.graph.value_info[:]
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def export_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
+                plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any] | None,
+                profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None,
+                out_path: str | os.PathLike[str], opset: int = DEFAULT_OPSET, emulation: bool = False,
+                io: Precision | str = FP32, provider: str | None = None) -> Path:
+    """Export the model file's model with ``plan`` applied to ``out_path`` (written atomically).
+
+    ``emulation=False`` writes the deployment graph (16-bit tensors, fp8 Q/DQ) for CUDA / TensorRT;
+    ``emulation=True`` the fp32 graph with explicit rounding that ORT's CPU provider runs faithfully.
+    ``io``: the format of the deployment graph's inputs and outputs (:func:`set_io_format`).
+    ``provider``: the provider the deployment graph is for (:func:`build_onnx`).
+    """
+    model, _ = build_onnx(spec_or_model_file, plan, profile, opset, "emulate" if emulation else "deploy", provider)
+    return atomic_write_bytes(Path(out_path), set_io_format(model, io).SerializeToString())
+
+
+def export_analysed(onnx_file: str | os.PathLike[str], data: str | os.PathLike[str] | Mapping[str, Any],
+                    plan: PrecisionPlan | str | os.PathLike[str],
+                    profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None,
+                    out_path: str | os.PathLike[str], emulation: bool = False, io: Precision | str = FP32,
+                    provider: str | None = None) -> Path:
+    """:func:`export_onnx` for a model given as an .onnx file: apply a plan `autoprec tune` made
+    for it. ``data`` (its inputs, as for tuning) sizes the symbolic dimensions the plan was made at."""
+    from autoprec.onnx.model import OnnxModel
+
+    om = OnnxModel.load(onnx_file, data)
+    plan = plan if isinstance(plan, PrecisionPlan) else PrecisionPlan.load(plan)
+    plan.check_against(om.analysis.graph)
+    amax = _load_amax(profile)
+    graph = om.analysis.graph
+    if any(needs_act_amax(graph[k].kind, f) for k, f in plan.assignment.items()) and amax is None:
+        raise PlanError("the plan has fp8 layers: give the profile.json of the tune run (--profile) for their "
+                        "calibrated activation scales")
+    model = om.build(plan.assignment, amax, "emulate" if emulation else "deploy", provider)
+    return atomic_write_bytes(Path(out_path), set_io_format(model, io).SerializeToString())
+

@@ -1,0 +1,470 @@
+"""Capture a PyTorch model as a normalised torch.fx GraphModule and build its :class:`OpGraph`.
+
+Capture tries ``torch.fx.symbolic_trace`` first (it keeps the user's module names) and falls back
+to ``torch.export`` when fx fails or stops at an opaque torch.nn module that hides compute layers
+inside (nn.TransformerEncoderLayer, nn.MultiheadAttention). Both paths end in the same form:
+
+- every weighted layer is a ``call_function`` (``F.linear``/``F.conv*`` or the aten equivalent;
+  ``F.embedding`` for lookups, whose aten form takes its arguments in another order) whose weight
+  and bias are ``get_attr`` nodes, so one code path quantizes weights for both;
+- every node carries ``meta["autoprec_scope"]`` (module path) and ``meta["autoprec_kind"]``;
+- shapes come from running the example inputs through the graph once.
+
+Node names of the fx path are fx's names for the original module calls ("blocks_1_attn_q"), so
+plans keyed by them are stable for the same model code.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from autoprec.torch.bn_fold import fold_fx_batch_norms
+from autoprec.core.errors import CaptureError, first_line
+from autoprec.core.kinds import LOOKUP_KINDS, aten_kind, flops, policy_of
+from autoprec.core.opgraph import OpGraph, OpNode, Policy
+
+log = logging.getLogger(__name__)
+
+# --- op classification ------------------------------------------------------------------------
+# The torch spellings of the kinds of autoprec.core.kinds: fx's modules and functions here, its
+# methods by name, export's aten ops by kinds.aten_kind. Every value is a kind of the registry.
+
+#: torch.nn module classes (fx's call_module leaves) -> kind
+MODULE_KINDS: dict[type, str] = {
+    nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
+    nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
+    nn.LeakyReLU: "leaky_relu", nn.Hardtanh: "hardtanh", nn.ELU: "elu",
+    nn.MaxPool1d: "max_pool1d", nn.MaxPool2d: "max_pool2d", nn.AvgPool1d: "avg_pool1d",
+    nn.AvgPool2d: "avg_pool2d", nn.AdaptiveAvgPool1d: "adaptive_avg_pool1d",
+    nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d", nn.AdaptiveMaxPool2d: "adaptive_max_pool2d",
+    nn.Flatten: "flatten", nn.Unflatten: "unflatten", nn.Dropout: "dropout", nn.Identity: "identity",
+    nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax", nn.LayerNorm: "layer_norm",
+    nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm", nn.BatchNorm3d: "batch_norm",
+    nn.GroupNorm: "group_norm", nn.InstanceNorm2d: "instance_norm", nn.Embedding: "embedding",
+    nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse_loss",
+}
+
+#: torch functions and operators (fx's call_function targets) -> kind
+_FUNCTION_KINDS: dict[Any, str] = {
+    F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
+    torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "bmm",
+    operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
+    operator.iadd: "add", operator.imul: "mul", operator.neg: "neg", operator.getitem: "getitem",
+    torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div",
+    torch.cat: "cat", torch.stack: "stack", torch.flatten: "flatten", torch.reshape: "reshape",
+    torch.transpose: "transpose", torch.permute: "permute", torch.where: "where",
+    torch.relu: "relu", torch.sigmoid: "sigmoid", torch.tanh: "tanh", torch.erf: "erf",
+    torch.exp: "exp", torch.log: "log", torch.sqrt: "sqrt", torch.rsqrt: "rsqrt", torch.pow: "pow",
+    torch.mean: "mean", torch.sum: "sum", torch.softmax: "softmax", torch.squeeze: "squeeze",
+    torch.unsqueeze: "unsqueeze", torch.chunk: "chunk", torch.split: "split",
+    F.relu: "relu", F.gelu: "gelu", F.silu: "silu", F.leaky_relu: "leaky_relu", F.elu: "elu",
+    F.softmax: "softmax", F.log_softmax: "log_softmax", F.layer_norm: "layer_norm",
+    F.batch_norm: "batch_norm", F.group_norm: "group_norm", F.dropout: "dropout",
+    F.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d", F.adaptive_avg_pool2d: "adaptive_avg_pool2d",
+    F.interpolate: "interpolate", F.pad: "pad", F.embedding: "embedding",
+    F.cross_entropy: "cross_entropy", F.scaled_dot_product_attention: "scaled_dot_product_attention",
+}
+
+
+def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    """Normalised kind of an fx node (its op for placeholders, outputs and attribute reads)."""
+    if node.op in ("placeholder", "output", "get_attr"):
+        return node.op
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        for cls in type(mod).__mro__:
+            if cls in MODULE_KINDS:
+                return MODULE_KINDS[cls]
+        return f"module:{type(mod).__name__}"
+    if node.op == "call_method":
+        return str(node.target).rstrip("_")  # in-place methods are their kinds: x.add_ is add
+    target = node.target
+    if target in _FUNCTION_KINDS:
+        return _FUNCTION_KINDS[target]
+    if isinstance(target, torch._ops.OpOverload):  # aten op from torch.export
+        kernel = _meta_tensor(node.args[1]) if len(node.args) > 1 else None  # names aten.convolution
+        return aten_kind(target._schema.name.split("::")[-1], kernel.dim() if kernel is not None else None)
+    return getattr(target, "__name__", str(target))
+
+
+# --- capture ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Captured:
+    """A normalised GraphModule, its op graph and how it was obtained."""
+
+    gm: fx.GraphModule
+    graph: OpGraph
+    method: str  # "fx" | "export"
+    example_inputs: tuple[Any, ...]
+    #: (convolution layer, batch norm) pairs folded into one convolution (autoprec.core.bn_fold)
+    folded_norms: tuple[tuple[str, str], ...] = ()
+    folds_norms: bool = True  # capture(fold_norms=...): False keeps the norms, for training
+
+    def notes(self) -> list[str]:
+        """What capture changed in the model, for the report."""
+        if not self.folded_norms:
+            return []
+        pairs = ", ".join(f"{norm} into {conv}" for conv, norm in self.folded_norms)
+        return [f"folded {len(self.folded_norms)} batch norm(s) into the convolution before them, in fp32: {pairs}"]
+
+    def node(self, name: str) -> fx.Node:
+        for n in self.gm.graph.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+
+def capture(model: nn.Module, example_inputs: tuple[Any, ...], name: str = "", method: str = "auto",
+            fold_norms: bool = True) -> Captured:
+    """Capture ``model`` for profiling and rewriting; raise CaptureError with the reasons on failure.
+
+    ``method``: "auto" (fx, else export), "fx" or "export".
+    ``fold_norms``: fold each inference batch norm into the convolution before it, in fp32, as the
+    ONNX export does (:mod:`autoprec.core.bn_fold`): the plan then describes the deployed inference
+    graph. The user's model is not changed. Pass False for a module that trains its norms.
+    """
+    model = model.eval()
+    errors: list[str] = []
+    gm: fx.GraphModule | None = None
+    used = ""
+    if method in ("auto", "fx"):
+        try:
+            gm = fx.symbolic_trace(model)
+            opaque = _opaque_modules(gm)
+            if opaque:
+                gm = None
+                errors.append(f"fx stops at {', '.join(opaque)} (they hide compute layers)")
+            else:
+                used = "fx"
+        except Exception as exc:  # fx raises many types for untraceable Python
+            errors.append(f"fx: {type(exc).__name__}: {first_line(exc, 160)}")
+    if gm is None and method in ("auto", "export"):
+        try:
+            ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=_batch_dynamic(example_inputs))
+            gm = ep.module()
+            used = "export"
+        except Exception as exc:
+            errors.append(f"export: {type(exc).__name__}: {first_line(exc, 160)}")
+    if gm is None:
+        raise CaptureError(f"cannot capture {name or type(model).__name__}: " + "; ".join(errors)
+                           + " (make forward() free of data-dependent Python control flow)")
+    if errors:
+        log.info("capture fell back to torch.export: %s", "; ".join(errors))
+    normalise(gm, used)
+    folded: list[tuple[str, str]] = []
+    if fold_norms:
+        gm, folded = fold_fx_batch_norms(gm)
+        if folded:
+            log.info("folded %d batch norm(s) into their convolutions", len(folded))
+    _propagate_shapes(gm, example_inputs)
+    graph = build_opgraph(gm, name or type(model).__name__)
+    graph.batch = next((int(x.shape[0]) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
+    return Captured(gm=gm, graph=graph, method=used, example_inputs=tuple(example_inputs),
+                    folded_norms=tuple(folded), folds_norms=fold_norms)
+
+
+def _batch_dynamic(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Let torch.export keep the batch dimension symbolic so calibration batches of any size run."""
+    auto = torch.export.Dim.AUTO
+    return tuple({0: auto} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs)
+
+
+def _opaque_modules(gm: fx.GraphModule) -> list[str]:
+    """call_module leaves that are not known ops but contain weighted layers fx cannot see."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_module":
+            continue
+        mod = gm.get_submodule(str(n.target))
+        if type(mod) in MODULE_KINDS or any(isinstance(mod, c) for c in MODULE_KINDS):
+            continue
+        if any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in mod.modules()) or \
+                any(p.dim() >= 2 for p in mod.parameters()):
+            out.append(f"{n.target} ({type(mod).__name__})")
+    return out
+
+
+_FUNCTIONAL = {nn.Linear: F.linear, nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+_aten_embedding = torch.ops.aten.embedding.default
+
+
+def _embedding_kwargs(padding_idx: int | None, scale_grad_by_freq: bool, sparse: bool) -> dict[str, Any]:
+    """F.embedding's keyword arguments as fx records them when it traces a functional call."""
+    return {"padding_idx": padding_idx, "max_norm": None, "norm_type": 2.0,
+            "scale_grad_by_freq": scale_grad_by_freq, "sparse": sparse}
+
+
+def _normalise_embedding(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """``nn.Embedding`` calls and torch.export's ``aten.embedding(weight, indices, ...)`` become
+    ``F.embedding(indices, weight_get_attr, ...)``: every lookup layer then has one signature, with
+    its weight at argument 1. An ``nn.Embedding`` with ``max_norm`` is left alone: it renormalises
+    its table in place at each lookup, which is no pure lookup (it stays an fp32 op). Returns the
+    replacement node, or None when ``node`` is not such a lookup."""
+    g = gm.graph
+    if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Embedding):
+        mod = gm.get_submodule(str(node.target))
+        if mod.max_norm is not None:
+            return None
+        with g.inserting_before(node):
+            w = g.get_attr(f"{node.target}.weight")
+            new = g.call_function(F.embedding, (node.args[0], w),
+                                  _embedding_kwargs(mod.padding_idx, mod.scale_grad_by_freq, mod.sparse))
+    elif node.op == "call_function" and node.target is _aten_embedding:
+        # aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False)
+        a = {"padding_idx": -1, "scale_grad_by_freq": False, "sparse": False}
+        a.update(zip(("weight", "indices", *a), node.args))
+        a.update(node.kwargs)
+        with g.inserting_before(node):
+            new = g.call_function(F.embedding, (a["indices"], a["weight"]), _embedding_kwargs(
+                None if a["padding_idx"] == -1 else a["padding_idx"], a["scale_grad_by_freq"], a["sparse"]))
+    else:
+        return None
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    old_name = node.name
+    g.erase_node(node)
+    new.name = old_name
+    return new
+
+
+def normalise(gm: fx.GraphModule, method: str) -> None:
+    """Turn weighted module calls into functional calls on get_attr weights; record scope and kind."""
+    g = gm.graph
+    for node in list(g.nodes):
+        scope = _scope(gm, node, method)
+        lookup = _normalise_embedding(gm, node)
+        if lookup is not None:
+            for a in lookup.all_input_nodes:
+                if a.op == "get_attr":
+                    a.meta.setdefault("autoprec_scope", scope)
+            node = lookup
+        elif node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            fn = _FUNCTIONAL.get(type(mod))
+            if fn is not None and getattr(mod, "padding_mode", "zeros") == "zeros":
+                old_name = node.name
+                with g.inserting_before(node):
+                    w = g.get_attr(f"{node.target}.weight")
+                    b = g.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+                    if fn is F.linear:
+                        new = g.call_function(fn, (node.args[0], w, b))
+                    else:
+                        new = g.call_function(fn, (node.args[0], w, b, mod.stride, mod.padding,
+                                                   mod.dilation, mod.groups))
+                node.replace_all_uses_with(new)
+                g.erase_node(node)
+                new.name = old_name  # codegen names variables after node.name: keep fx's stable name
+                for n in (w, b) if b is not None else (w,):
+                    n.meta["autoprec_scope"] = scope
+                node = new
+        node.meta["autoprec_scope"] = scope
+        node.meta["autoprec_kind"] = op_kind(gm, node)
+    g.lint()
+    gm.recompile()
+
+
+def _scope(gm: fx.GraphModule, node: fx.Node, method: str) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _clean_export_path(path)
+    if node.op == "get_attr":
+        return str(node.target).rsplit(".", 1)[0] if "." in str(node.target) else ""
+    return ""
+
+
+def _clean_export_path(path: str) -> str:
+    """torch.export writes scopes like "L['self'].blocks[0].attn" in some versions."""
+    p = path.replace("L['self'].", "").replace("L['self']", "")
+    for ch in "[]":
+        p = p.replace(ch, "." if ch == "[" else "")
+    return p.strip(".")
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that tolerates non-tensor outputs."""
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
+    with torch.no_grad():
+        try:
+            _ShapeProp(gm).propagate(*example_inputs)
+        except Exception as exc:
+            raise CaptureError(f"the captured graph does not run on example_inputs(): "
+                               f"{type(exc).__name__}: {first_line(exc)}") from exc
+
+
+def _meta_tensor(node: Any) -> Any:
+    """A tensor-like with .shape/.dtype for a node, from shape propagation (or export's meta)."""
+    if not isinstance(node, fx.Node):
+        return None
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return _Meta(tuple(tm.shape), tm.dtype)
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return _Meta(tuple(val.shape), val.dtype)
+    return None
+
+
+@dataclass(frozen=True)
+class _Meta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+
+def _is_float(m: Any) -> bool:
+    return m is not None and m.dtype.is_floating_point
+
+
+def _float_meta(m: Any) -> bool:
+    if isinstance(m, TensorMetadata):  # a NamedTuple: test before the tuple case
+        return m.dtype.is_floating_point
+    if isinstance(m, torch.Tensor):
+        return m.is_floating_point()
+    if isinstance(m, (tuple, list)):
+        return any(_float_meta(e) for e in m)
+    if isinstance(m, dict):
+        return any(_float_meta(e) for e in m.values())
+    return False
+
+
+def is_float_value(node: fx.Node) -> bool:
+    """Whether ``node`` produces a floating tensor (or a tuple holding one), from shape propagation."""
+    m = node.meta.get("tensor_meta")
+    if m is None:
+        m = node.meta.get("val")
+    return _float_meta(m)
+
+
+def layer_weight_nodes(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
+    """(weight, bias) get_attr nodes of a linear/conv layer, (table, None) of a normalised
+    embedding lookup, or (None, None)."""
+    kind = node.meta.get("autoprec_kind")
+    if kind in LOOKUP_KINDS:
+        # max_norm renormalises the table in place at each lookup: no pure lookup, the op stays fp32
+        max_norm = node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")
+        plain = node.op == "call_function" and node.target is F.embedding and max_norm is None
+        w = node.args[1] if plain else None
+        return (w if isinstance(w, fx.Node) and w.op == "get_attr" else None), None
+    if kind in ("linear",) or str(kind).startswith("conv"):
+        args = list(node.args) + [None] * 3
+        w, b = args[1], args[2]
+        return (w if isinstance(w, fx.Node) and w.op == "get_attr" else None,
+                b if isinstance(b, fx.Node) and b.op == "get_attr" else None)
+    return None, None
+
+
+def build_opgraph(gm: fx.GraphModule, name: str) -> OpGraph:
+    """The op graph of a normalised GraphModule (after shape propagation)."""
+    nodes: list[OpNode] = []
+    edges: list[tuple[str, str]] = []
+    weight_attrs: set[str] = set()
+    for n in gm.graph.nodes:
+        w, b = layer_weight_nodes(n)
+        weight_attrs.update(x.name for x in (w, b) if x is not None)
+    kept: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.name in weight_attrs:
+            continue
+        kind = n.meta.get("autoprec_kind", n.op)
+        out = _meta_tensor(n)
+        float_out = _is_float(out)
+        hands_float = n.op != "output" and is_float_value(n)  # a float tensor, or a tuple holding one
+        ins = [_meta_tensor(a) for a in n.all_input_nodes]
+        float_ins = [m for a, m in zip(n.all_input_nodes, ins) if _is_float(m) and a.name not in weight_attrs]
+        policy = policy_of(kind)
+        if policy is not Policy.NONE and not (float_out or (hands_float and float_ins)):
+            policy = Policy.NONE  # shape arithmetic, integer indexing, tuples of non-floats
+        wnode, bnode = layer_weight_nodes(n)
+        wmeta = _meta_tensor(wnode)
+        weight_elems = 0
+        for x in (wnode, bnode):
+            if x is not None:
+                weight_elems += gm.get_parameter(str(x.target)).numel() if _is_param(gm, str(x.target)) \
+                    else _attr(gm, str(x.target)).numel()
+        if kind in ("matmul", "bmm") and any(a.op == "get_attr" for a in n.all_input_nodes):
+            weight_elems = sum(_meta_tensor(a).numel() for a in n.all_input_nodes if a.op == "get_attr")
+        if policy is Policy.ALWAYS and (wnode is None if kind in LOOKUP_KINDS else len(float_ins) < 1):
+            policy = Policy.NEVER  # nothing to lower: a product of constants, a lookup with no table
+        input_shapes = tuple(tuple(int(s) for s in m.shape) for m in ins if m is not None)
+        op = OpNode(
+            name=n.name,
+            kind=kind,
+            scope=n.meta.get("autoprec_scope", ""),
+            policy=policy,
+            input_shapes=input_shapes,
+            output_shape=tuple(int(s) for s in out.shape) if out is not None else (),
+            flops=flops(kind, input_shapes, out.shape if out is not None else None,
+                        wmeta.shape if wmeta is not None else None) if policy is not Policy.NONE else 0,
+            weight_elems=weight_elems,
+            act_in_elems=sum(m.numel() for m in float_ins),
+            act_out_elems=out.numel() if float_out else 0,
+            weight=str(wnode.target) if wnode is not None else None,
+            float_out=hands_float,
+        )
+        nodes.append(op)
+        kept.add(n.name)
+        for a in n.all_input_nodes:
+            if a.name in kept:
+                edges.append((a.name, n.name))
+    graph = OpGraph(nodes=nodes, edges=edges, model_name=name)
+    graph.ties = _ties(gm, graph)
+    return graph
+
+
+def _is_param(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    return operator.attrgetter(target)(gm)
+
+
+def _ties(gm: fx.GraphModule, graph: OpGraph) -> list[list[str]]:
+    """Layers of one kind and weight shape reading the same input (q/k/v projections) share a format:
+    a deployment fuses them into one GEMM, which has one format."""
+    groups: dict[tuple[str, str, tuple[int, ...]], list[str]] = {}
+    for n in gm.graph.nodes:
+        if n.name not in graph or not graph[n.name].is_layer or graph[n.name].weight is None \
+                or graph[n.name].kind in LOOKUP_KINDS:  # lookups fuse into no GEMM
+            continue
+        src = n.args[0]
+        if not isinstance(src, fx.Node):
+            continue
+        wshape = tuple(_attr(gm, graph[n.name].weight).shape)
+        groups.setdefault((src.name, graph[n.name].kind, wshape), []).append(n.name)
+    return [g for _, g in sorted(groups.items()) if len(g) > 1]
+
+
+def layer_function(kind: str) -> Callable[..., torch.Tensor]:
+    """The fp32 function that computes a layer of ``kind`` from its (possibly rounded) arguments."""
+    return {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d,
+            "matmul": torch.matmul, "bmm": torch.bmm, "embedding": F.embedding}[kind]

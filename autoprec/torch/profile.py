@@ -1,0 +1,693 @@
+"""Sensitivity profiling: the output error of the model when one layer runs in one low format.
+
+Two modes, both over the calibration batches:
+
+``exact``
+    One fp32 pass caches every node's value. Each trial (layer L, format P) recomputes L with the
+    rounding of P (:func:`autoprec.torch.semantics.emulate_layer`) and re-runs only the nodes downstream
+    of L, reading everything else from the cache. A re-run stops early when the perturbation has
+    been absorbed (every changed value equal to its fp32 value again), e.g. by a ReLU or max-pool.
+
+``fast``
+    One forward and one backward pass with a random probe give a first-order (Fisher) estimate for
+    all layers and formats at once. For logits the probe is a label sampled from the model's own
+    output distribution, so E[(g . d)^2] = d^T F d ~ 2 KL for a perturbation d of any tensor the
+    gradient g is taken at. For values the probe is a Gaussian vector r, so E[(g . d)^2] = |J d|^2.
+    The perturbations d are the real rounding errors of each format at the layer's inputs, weight
+    and output, so overflow and fp8 flushing show up as they would in exact mode.
+
+The error measure is "kl" (mean KL divergence per output position, nats) for classifier-like
+outputs and "rel_mse" (|y'-y|^2 / |y|^2) otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_map
+
+from autoprec.torch.capture import Captured
+from autoprec.core.errors import UsageError
+from autoprec.core.formats import DEFAULT_CANDIDATES, Precision
+from autoprec.core.kinds import LOOKUP_KINDS
+from autoprec.torch.quantize import fp8_scale, quantize
+from autoprec.torch.semantics import (LayerFormat, act_arg_positions, bias_view, emulate_layer, finish, lookup_rows,
+                                quantize_activation, quantize_weight, split_bias, weight_arg_position)
+from autoprec.core.sensitivity import LayerRanges, RangeStats, SensitivityProfile
+from autoprec.torch.passes.assign_formats import follow_roundings
+
+Progress = Callable[[int, int, str], None]  # (done, total, what) -> None
+
+FP16 = Precision.FP16
+E4M3 = Precision.FP8_E4M3
+
+
+# --- running an fx graph node by node ---------------------------------------------------------
+
+
+class GraphRunner:
+    """Evaluates a normalised GraphModule node by node, so values can be cached and overridden."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.index = {n.name: i for i, n in enumerate(self.nodes)}
+        self._downstream: dict[str, list[fx.Node]] = {}
+
+    def value_of(self, node: fx.Node, env: dict[str, Any], args_of: Callable[[Any], Any]) -> Any:
+        args = fx.node.map_arg(node.args, args_of)
+        kwargs = fx.node.map_arg(node.kwargs, args_of)
+        if node.op == "placeholder":
+            return env[node.name]
+        if node.op == "get_attr":
+            obj: Any = self.gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return self.gm.get_submodule(str(node.target))(*args, **kwargs)
+        if node.op == "output":
+            return args[0]
+        raise RuntimeError(f"unknown fx op {node.op}")
+
+    def run(self, inputs: tuple[Any, ...],
+            layer_hook: Callable[[fx.Node, tuple[Any, ...], dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+        """All node values for one batch. ``layer_hook(node, args, kwargs)`` may compute layers."""
+        env: dict[str, Any] = {}
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        for n, x in zip(placeholders, inputs):
+            env[n.name] = x
+        lookup = lambda a: env[a.name]  # noqa: E731
+        for n in self.nodes:
+            if n.op == "placeholder":
+                continue
+            if layer_hook is not None and n.meta.get("autoprec_layer"):
+                args = fx.node.map_arg(n.args, lookup)
+                kwargs = fx.node.map_arg(n.kwargs, lookup)
+                env[n.name] = layer_hook(n, args, kwargs)
+            else:
+                env[n.name] = self.value_of(n, env, lookup)
+        return env
+
+    def downstream(self, name: str) -> list[fx.Node]:
+        """Nodes that depend on ``name``, in execution order (cached)."""
+        if name not in self._downstream:
+            seen: set[str] = set()
+            stack = [u for u in self.nodes[self.index[name]].users]
+            while stack:
+                u = stack.pop()
+                if u.name in seen:
+                    continue
+                seen.add(u.name)
+                stack.extend(u.users)
+            self._downstream[name] = sorted((self.nodes[self.index[s]] for s in seen),
+                                            key=lambda n: self.index[n.name])
+        return self._downstream[name]
+
+    def rerun(self, env: dict[str, Any], name: str, value: Any,
+              round_after: Mapping[str, Precision] | None = None) -> tuple[Any, int]:
+        """Model output when node ``name`` takes ``value``; only downstream nodes are recomputed.
+
+        ``round_after`` maps FOLLOW ops that the plan runs in a 16-bit format to that format:
+        their results are rounded, exactly as the applied plan computes them.
+        Returns (output, number of nodes recomputed). Stops early once no value differs from the
+        cached fp32 run: the output is then the cached one.
+        """
+        rounding = round_after or {}
+        changed: dict[str, Any] = {name: value}
+        lookup = lambda a: changed[a.name] if a.name in changed else env[a.name]  # noqa: E731
+        count = 0
+        for n in self.downstream(name):
+            if not any(a.name in changed for a in n.all_input_nodes):
+                continue
+            v = self.value_of(n, env, lookup)
+            if n.name in rounding:
+                v = tree_map(lambda t: quantize(t, rounding[n.name]) if torch.is_tensor(t) else t, v)
+            count += 1
+            if n.op != "output" and torch.is_tensor(v) and torch.equal(v, env[n.name]):
+                continue  # this path absorbed the perturbation
+            changed[n.name] = v
+            # drop values no remaining node reads (keeps memory flat on long graphs)
+        out_node = self.nodes[-1]
+        if out_node.name in changed:
+            return changed[out_node.name], count
+        return env[out_node.name], count
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The model output the error is measured on: its first floating tensor."""
+    for leaf in tree_flatten(out)[0]:
+        if torch.is_tensor(leaf) and leaf.is_floating_point():
+            return leaf
+    raise UsageError("the model returns no floating-point tensor: nothing to measure errors on")
+
+
+# --- error measures ----------------------------------------------------------------------------
+
+
+def output_kind_of(y: torch.Tensor, declared: str | None) -> str:
+    """"logits" for classifier-like outputs (last dim > 1), else "values"; a model may declare it."""
+    if declared is not None:
+        return declared
+    return "logits" if y.dim() >= 2 and y.shape[-1] > 1 else "values"
+
+
+def measure_name(kind: str) -> str:
+    return "kl" if kind == "logits" else "rel_mse"
+
+
+@dataclass
+class ErrorSum:
+    """Accumulates an error over batches: KL summed over positions, or squared error and norm.
+
+    ``reference(y)`` prepares an fp32 output once (its float64 log-probabilities for logits), so
+    the many trials on one batch do not recompute it.
+    """
+
+    kind: str
+    num: float = 0.0
+    den: float = 0.0
+
+    def reference(self, ref: torch.Tensor) -> torch.Tensor:
+        # float64: the KL of fp16-sized perturbations (~1e-9) is below fp32's cancellation noise
+        return torch.log_softmax(ref.double(), dim=-1) if self.kind == "logits" else ref
+
+    def add(self, ref: torch.Tensor, new: torch.Tensor, prepared: torch.Tensor | None = None) -> None:
+        if not math.isfinite(self.num):
+            return
+        if not bool(torch.isfinite(new).all()):
+            self.num = math.inf  # the reference is finite (checked once per profile): overflow
+            return
+        ref_p = self.reference(ref) if prepared is None else prepared
+        if self.kind == "logits":
+            logq = torch.log_softmax(new.double(), dim=-1)
+            kl = (ref_p.exp() * (ref_p - logq)).sum(dim=-1)
+            self.num += float(kl.sum(dtype=torch.float64))
+            self.den += kl.numel()
+        else:
+            self.num += float(((new - ref_p) ** 2).sum(dtype=torch.float64))
+            self.den += float((ref_p * ref_p).sum(dtype=torch.float64))
+
+    def value(self) -> float:
+        if not math.isfinite(self.num) or math.isnan(self.num):
+            return math.inf
+        return max(0.0, self.num / self.den) if self.den > 0 else 0.0
+
+
+# --- range statistics --------------------------------------------------------------------------
+
+
+@dataclass
+class RangeAccumulator:
+    """Range statistics of one tensor accumulated over batches."""
+
+    amax: float = 0.0
+    sumsq: float = 0.0
+    count: int = 0
+    over16: int = 0
+    under16: int = 0
+    values: list[torch.Tensor] = field(default_factory=list)  # kept for fp8 stats at the final amax
+
+    def add(self, x: torch.Tensor) -> None:
+        a = x.detach().abs().float()
+        amax = float(a.amax()) if a.numel() else 0.0
+        if not math.isfinite(amax):  # rare: ignore non-finite values for the statistics
+            a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+            amax = float(a.amax())
+        self.amax = max(self.amax, amax)
+        self.sumsq += float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
+        self.count += a.numel()
+        self.over16 += int(torch.count_nonzero(a > FP16.max))
+        # 0 < |x| < min normal, counted as (|x| < min normal) - (|x| == 0) without a third mask
+        self.under16 += int(torch.count_nonzero(a < FP16.min_normal)) - (a.numel() - int(torch.count_nonzero(a)))
+        self.values.append(a)
+
+    def finish(self) -> RangeStats:
+        scale = float(fp8_scale(self.amax, E4M3))
+        # |x|/scale at or below half of E4M3's smallest subnormal (2^-9) rounds to zero (ties to even)
+        flush_at = E4M3.min_subnormal / 2
+        sat = flushed = nonzero = 0
+        for a in self.values:
+            s = a / scale
+            sat += int(torch.count_nonzero(s > E4M3.max))
+            nz = int(torch.count_nonzero(a))
+            nonzero += nz
+            flushed += int(torch.count_nonzero(s <= flush_at)) - (a.numel() - nz)  # zeros are not flushed
+        n = max(self.count, 1)
+        self.values = []
+        return RangeStats(
+            amax=self.amax,
+            rms=math.sqrt(self.sumsq / n),
+            frac_over_fp16=self.over16 / n,
+            frac_underflow_fp16=self.under16 / n,
+            fp8_scale=scale,
+            frac_fp8_saturated=sat / n,
+            frac_fp8_flushed=flushed / max(nonzero, 1),
+        )
+
+
+# --- the profiler -------------------------------------------------------------------------------
+
+
+@dataclass
+class _LayerInfo:
+    node: fx.Node
+    kind: str
+    act_pos: tuple[int, ...]
+    weight_pos: int | None
+
+    @property
+    def weight_batch_term(self) -> bool:
+        """Whether fast mode counts the weight's rounding as a term of its own. A lookup's output is
+        rows of its weight, so its output term already holds that rounding (per sample)."""
+        return self.weight_pos is not None and self.kind not in LOOKUP_KINDS
+
+
+def _layers(captured: Captured, only: Iterable[str] | None = None) -> list[_LayerInfo]:
+    """The layers to profile (every layer is trialled in every profiled format)."""
+    wanted = set(only) if only is not None else None
+    out = []
+    for op in captured.graph.layers():
+        if wanted is not None and op.name not in wanted:
+            continue
+        node = captured.node(op.name)
+        node.meta["autoprec_layer"] = True
+        out.append(_LayerInfo(node, op.kind, act_arg_positions(op.kind), weight_arg_position(op.kind)))
+    return out
+
+
+def _time_reference(gm: fx.GraphModule, batches: list[tuple[Any, ...]]) -> float:
+    """Seconds of one plain fp32 forward pass over the calibration data (best of 3)."""
+    best = math.inf
+    with torch.no_grad():
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for b in batches:
+                gm(*b)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def profile(
+    captured: Captured,
+    batches: list[tuple[Any, ...]],
+    formats: Iterable[Precision] = DEFAULT_CANDIDATES,
+    mode: str = "exact",
+    output_kind: str | None = None,
+    layers: Iterable[str] | None = None,
+    progress: Progress | None = None,
+    seed: int = 0,
+    time_reference: bool = True,
+) -> SensitivityProfile:
+    """Profile every layer (or ``layers``) of ``captured`` in each of ``formats``.
+
+    ``batches`` are the calibration batches (tuples of inputs); ``output_kind`` is "logits",
+    "values" or None (decided from the output's shape). ``time_reference``: also time plain fp32
+    forward passes to express the profile's cost in them (``cost_passes``; 0 when skipped).
+    """
+    fmts = tuple(f for f in formats if f is not Precision.FP32)
+    if not fmts:
+        raise UsageError("no low-precision format to profile: give at least one of bf16, fp16, fp8")
+    if mode not in ("exact", "fast"):
+        raise UsageError(f"unknown profile mode {mode!r}: use 'exact' or 'fast'")
+    if not batches:
+        raise UsageError("no calibration batches to profile on")
+    infos = _layers(captured, layers)
+    runner = GraphRunner(captured.gm)
+    # FOLLOW ops the plan {layer: fmt} runs in 16-bit (e.g. a GELU after a bf16 linear): each trial
+    # rounds their results too, so a trial computes exactly what the applied plan computes.
+    roundings = {(i.node.name, f): follow_roundings(captured.graph, {i.node.name: f})
+                 for i in infos for f in fmts}
+    t_ref = _time_reference(captured.gm, batches) if time_reference else 0.0
+    t0 = time.perf_counter()
+    if mode == "exact":
+        errors, local, ranges, kind, samples, rerun_frac = _profile_exact(
+            runner, infos, fmts, batches, output_kind, progress, roundings)
+    else:
+        errors, ranges, kind, samples = _profile_fast(runner, infos, fmts, batches, output_kind, progress, seed,
+                                                      roundings)
+        local, rerun_frac = {}, 0.0
+    seconds = time.perf_counter() - t0
+    prof = SensitivityProfile(
+        model_name=captured.graph.model_name,
+        fingerprint=captured.graph.fingerprint(),
+        mode=mode,
+        measure=measure_name(kind),
+        formats=fmts,
+        errors=errors,
+        ranges=ranges,
+        local_errors=local,
+        samples=samples,
+        cost_passes=seconds / t_ref if t_ref > 0 else 0.0,
+        rerun_fraction=rerun_frac,
+        seconds=seconds,
+    )
+    prof.flags = explain(prof)
+    return prof
+
+
+def _collect_ranges(info: _LayerInfo, args: tuple[Any, ...], out: torch.Tensor,
+                    accs: dict[str, list[RangeAccumulator]]) -> None:
+    """Add one batch of a layer's activation inputs, output (and weight, once) to its accumulators."""
+    lst = accs.setdefault(info.node.name, [RangeAccumulator() for _ in range(len(info.act_pos) + 2)])
+    for j, pos in enumerate(info.act_pos):
+        lst[j].add(args[pos])
+    lst[len(info.act_pos)].add(out)
+    if info.weight_pos is not None and lst[-1].count == 0:
+        lst[-1].add(args[info.weight_pos])
+
+
+def _finish_ranges(infos: list[_LayerInfo], accs: dict[str, list[RangeAccumulator]]) -> dict[str, LayerRanges]:
+    out = {}
+    for info in infos:
+        lst = accs[info.node.name]
+        k = len(info.act_pos)
+        out[info.node.name] = LayerRanges(
+            inputs=tuple(a.finish() for a in lst[:k]),
+            output=lst[k].finish(),
+            weight=lst[-1].finish() if info.weight_pos is not None else None,
+        )
+    return out
+
+
+_Roundings = dict[tuple[str, Precision], dict[str, Precision]]
+
+
+def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Precision, ...],
+                   batches: list[tuple[Any, ...]], declared: str | None, progress: Progress | None,
+                   roundings: _Roundings):
+    accs: dict[str, list[RangeAccumulator]] = {}
+    envs: list[dict[str, Any]] = []
+    with torch.no_grad():
+        for b in batches:
+            def hook(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                info = next(i for i in infos if i.node is node)
+                out = emulate_layer(info.kind, args, kwargs, LayerFormat(Precision.FP32))
+                _collect_ranges(info, args, out, accs)
+                return out
+            envs.append(runner.run(b, hook if infos else None))
+        ranges = _finish_ranges(infos, accs)
+        y0 = first_tensor(envs[0][runner.nodes[-1].name])
+        kind = output_kind_of(y0, declared)
+        outputs = [first_tensor(env[runner.nodes[-1].name]) for env in envs]
+        prepared = [ErrorSum(kind).reference(y) for y in outputs]
+        errors: dict[str, dict[Precision, float]] = {}
+        local: dict[str, dict[Precision, float]] = {}
+        total = len(infos) * len(fmts)
+        done = 0
+        recomputed = 0
+        graph_nodes = sum(1 for n in runner.nodes if n.op not in ("placeholder", "get_attr", "output"))
+        for info in infos:
+            errors[info.node.name] = {}
+            local[info.node.name] = {}
+            for fmt in fmts:
+                lf = LayerFormat(fmt, tuple(r.amax for r in ranges[info.node.name].inputs))
+                acc = ErrorSum(kind)
+                own = ErrorSum("values")
+                wq = None
+                for bi, env in enumerate(envs):
+                    args = fx.node.map_arg(info.node.args, lambda a: env[a.name])
+                    kwargs = fx.node.map_arg(info.node.kwargs, lambda a: env[a.name])
+                    if wq is None and info.weight_pos is not None and torch.is_tensor(args[info.weight_pos]):
+                        wq = quantize_weight(args[info.weight_pos], fmt)
+                    val = emulate_layer(info.kind, args, kwargs, lf, weight_q=wq)
+                    own.add(env[info.node.name], val)
+                    out, count = runner.rerun(env, info.node.name, val, roundings[(info.node.name, fmt)])
+                    recomputed += count + 1
+                    acc.add(outputs[bi], first_tensor(out), prepared[bi])
+                errors[info.node.name][fmt] = acc.value()
+                local[info.node.name][fmt] = math.sqrt(own.value())
+                done += 1
+                if progress:
+                    progress(done, total, f"{info.node.name} {fmt}")
+    samples = sum(_batch_size(b) for b in batches)
+    frac = recomputed / max(1, total * len(batches) * graph_nodes)
+    return errors, local, ranges, kind, samples, frac
+
+
+def _batch_size(b: tuple[Any, ...]) -> int:
+    for x in b:
+        if torch.is_tensor(x) and x.dim() > 0:
+            return int(x.shape[0])
+    return 1
+
+
+class _Tap(torch.autograd.Function):
+    """Identity whose output is a fresh tensor: its gradient is the gradient through one layer only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return g
+
+
+def _per_sample_dot(g: torch.Tensor, d: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-sample sums of g*d when dim 0 is the batch; else one sum for the whole batch.
+
+    Either is unbiased for sum_s (g_s . d_s)^2 under the probe (cross terms have zero mean); the
+    per-sample split only lowers the variance.
+    """
+    prod = g * d
+    if prod.dim() >= 1 and prod.shape[0] == batch:
+        return prod.reshape(batch, -1).sum(dim=1, dtype=torch.float64)
+    return prod.sum(dtype=torch.float64).reshape(1)
+
+
+def _rounding_delta(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q - x. Values already infinite in fp32 (e.g. -inf in masked attention scores) round to
+    themselves: their inf - inf is 0, not NaN. An overflow (finite x, infinite q) stays infinite and
+    makes the estimate infinite."""
+    return torch.nan_to_num(q - x, nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
+def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Precision, ...],
+                  batches: list[tuple[Any, ...]], declared: str | None, progress: Progress | None, seed: int,
+                  roundings: _Roundings):
+    gen = torch.Generator().manual_seed(seed)
+    accs: dict[str, list[RangeAccumulator]] = {}
+    saved: list[dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]]] = []
+    wgrads: list[dict[str, torch.Tensor]] = []
+    followed = sorted({n for r in roundings.values() for n in r})
+    fsaved: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+    kind = declared
+    positions = 0
+    denom = 0.0
+    biases: dict[str, torch.Tensor | None] = {}  # a layer's bias (a parameter: the same in every batch)
+    params = dict(runner.gm.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        for bi, b in enumerate(batches):
+            taps: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}
+
+            def hook(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                info = next(i for i in infos if i.node is node)
+                a = list(args)
+                ins = []
+                for pos in info.act_pos:
+                    src = a[pos]
+                    # graph inputs carry no grad: a leaf copy gives the layer its own input gradient
+                    t = _Tap.apply(src) if src.requires_grad else src.detach().requires_grad_(True)
+                    if not t.is_leaf:
+                        t.retain_grad()
+                    a[pos] = t
+                    ins.append(t)
+                out = emulate_layer(info.kind, tuple(a), kwargs, LayerFormat(Precision.FP32))
+                if not out.requires_grad:  # a lookup in a buffer: no input carries a gradient
+                    out.requires_grad_(True)
+                out.retain_grad()
+                taps[node.name] = (ins, out)
+                bias = split_bias(info.kind, args, kwargs)[2]
+                biases[node.name] = bias.detach() if bias is not None else None
+                _collect_ranges(info, tuple(x.detach() if torch.is_tensor(x) else x for x in a), out.detach(), accs)
+                return out
+
+            for p in params.values():
+                p.grad = None
+            env = runner.run(b, hook)
+            for n in followed:  # the rounding of a FOLLOW result reaches every consumer of it
+                if torch.is_tensor(env[n]) and env[n].requires_grad:
+                    env[n].retain_grad()
+            y = first_tensor(env[runner.nodes[-1].name])
+            kind = output_kind_of(y, declared)
+            if kind == "logits":
+                logp = torch.log_softmax(y.float(), dim=-1)
+                flat = logp.detach().reshape(-1, y.shape[-1]).exp()
+                labels = torch.multinomial(flat, 1, generator=gen).reshape(y.shape[:-1] + (1,))
+                probe = logp.gather(-1, labels).sum()
+                positions += y.numel() // y.shape[-1]
+            else:
+                r = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+                probe = (y * r).sum()
+                denom += float((y.detach().double() ** 2).sum())
+            probe.backward()
+            saved.append({name: ([t.detach() for t in ins], [t.grad if t.grad is not None else torch.zeros_like(t)
+                                                              for t in ins], out.detach(),
+                                 out.grad if out.grad is not None else torch.zeros_like(out))
+                          for name, (ins, out) in taps.items()})
+            wgrads.append({info.node.name: _weight_grad(runner, info) for info in infos if info.weight_batch_term})
+            fsaved.append({n: (env[n].detach(), env[n].grad if env[n].grad is not None else torch.zeros_like(env[n]))
+                           for n in followed if torch.is_tensor(env[n]) and env[n].requires_grad})
+            if progress:
+                progress(bi + 1, len(batches) + len(infos), f"forward/backward batch {bi + 1}")
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+            p.grad = None
+    ranges = _finish_ranges(infos, accs)
+    errors: dict[str, dict[Precision, float]] = {}
+    with torch.no_grad():
+        for li, info in enumerate(infos):
+            name = info.node.name
+            amaxes = tuple(r.amax for r in ranges[name].inputs)
+            w = _weight_value(runner, info) if info.weight_batch_term else None
+            errors[name] = {}
+            for fmt in fmts:
+                total = 0.0
+                dw = _rounding_delta(w, quantize_weight(w, fmt)) if w is not None else None
+                for bi, per in enumerate(saved):
+                    ins, gins, out, gout = per[name]
+                    batch = _batch_size(batches[bi])
+                    term = _per_sample_dot(gout, _rounding_delta(out, _output_in(info, out, fmt, biases.get(name))), batch)
+                    for j, (x, g) in enumerate(zip(ins, gins)):
+                        dx = _rounding_delta(x, quantize_activation(x, fmt, amaxes[j] if fmt.needs_scale else None))
+                        d = _per_sample_dot(g, dx, batch)
+                        term = term + d if d.shape == term.shape else term.sum() + d.sum()
+                    for n, rf in roundings[(name, fmt)].items():
+                        if n in fsaved[bi]:
+                            v, g = fsaved[bi][n]
+                            d = _per_sample_dot(g, _rounding_delta(v, quantize(v, rf)), batch)
+                            term = term + d if d.shape == term.shape else term.sum() + d.sum()
+                    total += float((term ** 2).sum())
+                    if dw is not None:
+                        total += float((wgrads[bi][name] * dw).sum(dtype=torch.float64)) ** 2
+                if math.isnan(total) or math.isinf(total):
+                    errors[name][fmt] = math.inf
+                elif kind == "logits":
+                    errors[name][fmt] = 0.5 * total / max(positions, 1)
+                else:
+                    errors[name][fmt] = total / denom if denom > 0 else 0.0
+            if progress:
+                progress(len(batches) + li + 1, len(batches) + len(infos), name)
+    samples = sum(_batch_size(b) for b in batches)
+    return errors, ranges, kind or "logits", samples
+
+
+def _output_in(info: _LayerInfo, out: torch.Tensor, fmt: Precision, bias: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 output ``out`` of a layer with only its output rounding of ``fmt`` applied (its
+    input and weight roundings are terms of their own): :func:`autoprec.torch.semantics.finish` of the
+    product ``out - bias`` (exact to fp32 rounding). A lookup's output is rows of its table, so its
+    output in ``fmt`` is those rows rounded as the table is (per-row scales in fp8), then to the
+    layer's output format."""
+    if info.kind in LOOKUP_KINDS:
+        return lookup_rows(out, fmt)
+    if bias is None:
+        return quantize(out, fmt.compute_output)
+    return finish(info.kind, out - bias_view(info.kind, bias), bias, fmt)
+
+
+def _weight_node(info: _LayerInfo) -> fx.Node | None:
+    if info.weight_pos is None:
+        return None
+    w = info.node.args[info.weight_pos]
+    return w if isinstance(w, fx.Node) and w.op == "get_attr" else None
+
+
+def _weight_value(runner: GraphRunner, info: _LayerInfo) -> torch.Tensor | None:
+    w = _weight_node(info)
+    return runner.value_of(w, {}, lambda a: None).detach() if w is not None else None
+
+
+def _weight_grad(runner: GraphRunner, info: _LayerInfo) -> torch.Tensor:
+    w = _weight_node(info)
+    p = runner.value_of(w, {}, lambda a: None) if w is not None else None
+    if p is None or p.grad is None:
+        return torch.zeros(()) if p is None else torch.zeros_like(p)
+    return p.grad.detach().clone()
+
+
+# --- explanations -------------------------------------------------------------------------------
+
+
+def _fmt_num(x: float) -> str:
+    return f"{x:.2g}" if (x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4)) else f"{x:.3g}"
+
+
+def explain(prof: SensitivityProfile) -> dict[str, list[str]]:
+    """Readable flags per layer: range hazards, and why the most sensitive layers are sensitive."""
+    flags: dict[str, list[str]] = {}
+    fmts = [f for f in prof.formats if f is not Precision.FP32]
+    medians = {}
+    for f in fmts:
+        vals = sorted(e[f] for e in prof.errors.values() if f in e and math.isfinite(e[f]))
+        medians[f] = vals[len(vals) // 2] if vals else 0.0
+    last_layer = prof.layers()[-1] if prof.errors else None
+    for name, errs in prof.errors.items():
+        out: list[str] = []
+        r = prof.ranges.get(name)
+        tensors = []
+        if r is not None:
+            tensors = [("input" if len(r.inputs) == 1 else f"input {i}", s) for i, s in enumerate(r.inputs)]
+            tensors.append(("output", r.output))
+            if r.weight is not None:
+                tensors.append(("weight", r.weight))
+        for label, s in tensors:
+            if s.frac_over_fp16 > 0:
+                out.append(f"fp16 overflow: {label} amax {_fmt_num(s.amax)} > 65504 "
+                           f"({100 * s.frac_over_fp16:.2g}% of values become inf)")
+            if s.frac_underflow_fp16 > 0.01:
+                out.append(f"fp16 underflow: {100 * s.frac_underflow_fp16:.2g}% of {label} values below 6.1e-05")
+            if s.frac_fp8_flushed > 0.05:
+                out.append(f"fp8 flushes {100 * s.frac_fp8_flushed:.2g}% of nonzero {label} values to zero "
+                           f"at scale {_fmt_num(s.fp8_scale)} (amax/rms {_fmt_num(s.amax / max(s.rms, 1e-30))})")
+        for f in (f for f in fmts if f in errs):
+            e = errs[f]
+            if not math.isfinite(e):
+                out.append(f"{f} makes the output non-finite (overflow)")
+            elif medians[f] > 0 and e >= 10 * medians[f] and e > 1e-6:
+                why = _why_sensitive(prof, name, f, last_layer)
+                out.append(f"most sensitive in {f}: error {_fmt_num(e)} is {e / medians[f]:.0f}x the median layer; {why}")
+        if out:
+            flags[name] = out
+    return flags
+
+
+def _why_sensitive(prof: SensitivityProfile, name: str, f: Precision, last_layer: str | None) -> str:
+    """Split a large error into its two measured factors: how much the layer's own output moves,
+    and how strongly the model output responds to that movement, each against the median layer."""
+    reasons = []
+    local = prof.local_errors.get(name, {}).get(f)
+    if local is not None and local > 0:
+        locs = sorted(e[f] for e in prof.local_errors.values() if e.get(f, 0) > 0)
+        med_local = locs[len(locs) // 2]
+        gains = sorted(prof.errors[n][f] / prof.local_errors[n][f] ** 2 for n in prof.local_errors
+                       if prof.local_errors[n].get(f, 0) > 0 and math.isfinite(prof.errors[n][f]))
+        med_gain = gains[len(gains) // 2] if gains else 0.0
+        gain = prof.errors[name][f] / local ** 2
+        reasons.append(f"{f} rounding moves its own output by {100 * local:.2g}% (median layer {100 * med_local:.2g}%)")
+        if med_gain > 0:
+            reasons.append(f"the model output is {gain / med_gain:.2g}x as sensitive to that change as for the median layer")
+    r = prof.ranges.get(name)
+    if r is not None:
+        worst = max(r.inputs + (r.output,), key=lambda s: s.amax / max(s.rms, 1e-30))
+        ratio = worst.amax / max(worst.rms, 1e-30)
+        if ratio > 20:
+            reasons.append(f"heavy-tailed activations (amax/rms {ratio:.0f}) leave few {f} levels for typical values")
+    if name == last_layer:
+        reasons.append("it writes the model output directly")
+    if not reasons:
+        reasons.append(f"{f} rounding of its tensors (eps {f.eps:.3g}) reaches the output undamped")
+    return "; ".join(reasons)

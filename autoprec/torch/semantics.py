@@ -1,0 +1,158 @@
+"""The numerics of one compute layer in a given format: the single definition every part shares.
+
+A layer (linear, conv, matmul/bmm) in format P (DESIGN.md):
+- its activation inputs are rounded to P (fp8: per-tensor static scale from calibration amax),
+- its weight is rounded to P (fp8: per-output-channel scale from the weight's own amax),
+- the product is computed and accumulated in fp32,
+- the output is rounded to P for 16-bit formats, to bf16 for fp8 (an fp8 GEMM writes bf16).
+
+A bias (linear, conv) is added as a deployed graph adds it (:func:`finish`). In a 16-bit format the
+product is rounded to P, then the bias, rounded to P, is added and the sum rounded to P again:
+``round_P(round_P(x @ W) + round_P(b))``. ONNX types say so -- a 16-bit MatMul/Gemm/Conv writes P,
+and the Add after it reads and writes P -- so every provider computes it (the ONNX export moves a
+16-bit Gemm's or Conv's bias into such an Add: a fused bias would round once on some kernels and
+twice on others). An fp8 layer computes on dequantized fp32 operands: its bias is added in fp32
+and the sum rounded once, to bf16.
+
+An embedding lookup is the same rule with no activation input: in a 16-bit format P it returns
+round_P(W)[idx], the table rounded to P and the rows copied exactly (its output rounding is then
+the identity). In fp8 it returns round_bf16(quantize_weight(W, fp8))[idx]: the table's output
+channels are its rows (dim 0), so the weight rule already gives one scale per row, and the rows
+are rounded to bf16 as the output of every fp8 layer is. It reads no activation, so it needs no
+calibrated amax.
+
+The profiler calls :func:`emulate_layer` on single layers; the fx apply pass builds the same
+computation into the rewritten graph, and oracle tests hold the two to the same bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from autoprec.torch.capture import layer_function
+from autoprec.core.formats import Precision
+from autoprec.core.kinds import BIAS_KINDS, LOOKUP_KINDS
+from autoprec.torch.quantize import channel_amax, fp8_scale, quantize
+
+# argument positions of the activation inputs and the weight, per layer kind (an embedding's
+# indices are integers: it reads no floating activation; capture normalises it to F.embedding)
+_ACT_ARGS = {"linear": (0,), "conv1d": (0,), "conv2d": (0,), "conv3d": (0,), "matmul": (0, 1), "bmm": (0, 1),
+             "embedding": ()}
+_WEIGHT_ARG = {"linear": 1, "conv1d": 1, "conv2d": 1, "conv3d": 1, "embedding": 1}
+_BIAS_ARG = {kind: 2 for kind in BIAS_KINDS}
+
+
+@dataclass(frozen=True)
+class LayerFormat:
+    """How one layer runs: its format and, for fp8, the calibrated amax of each activation input.
+
+    The amax (not the scale) is stored so one calibration serves both fp8 formats.
+    """
+
+    fmt: Precision
+    act_amax: tuple[float, ...] = ()  # one per activation input; used only for fp8
+
+    def amax_for(self, i: int) -> float | None:
+        if not self.fmt.needs_scale:
+            return None
+        return self.act_amax[i] if i < len(self.act_amax) else None
+
+
+def act_arg_positions(kind: str) -> tuple[int, ...]:
+    return _ACT_ARGS[kind]
+
+
+def weight_arg_position(kind: str) -> int | None:
+    return _WEIGHT_ARG.get(kind)
+
+
+def quantize_weight(w: torch.Tensor, fmt: Precision) -> torch.Tensor:
+    """Round a weight to ``fmt``; fp8 uses one scale per output channel (dim 0)."""
+    if fmt.needs_scale:
+        return quantize(w, fmt, fp8_scale(channel_amax(w), fmt))
+    return quantize(w, fmt)
+
+
+def split_bias(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor | None]:
+    """A layer call without its bias, and the bias (None when the layer has none)."""
+    pos = _BIAS_ARG.get(kind)
+    if pos is None:
+        return args, kwargs, None
+    if "bias" in kwargs:
+        kw = dict(kwargs)
+        return args, kw, kw.pop("bias")
+    if len(args) > pos and args[pos] is not None:
+        a = list(args)
+        b, a[pos] = a[pos], None
+        return tuple(a), kwargs, b
+    return args, kwargs, None
+
+
+def bias_view(kind: str, bias: torch.Tensor) -> torch.Tensor:
+    """``bias`` shaped to broadcast over a layer's output: the last axis of a linear layer's, the
+    channel axis of a convolution's (the one before its spatial axes, batched or not)."""
+    if kind == "linear":
+        return bias
+    return bias.reshape(-1, *([1] * int(kind[-2])))  # conv1d / conv2d / conv3d
+
+
+def finish(kind: str, product: torch.Tensor, bias: torch.Tensor | None, fmt: Precision) -> torch.Tensor:
+    """A layer's result in ``fmt`` from its fp32-accumulated ``product`` and its fp32 ``bias``
+    (module docstring): 16-bit ``round_P(round_P(product) + round_P(bias))``, fp8
+    ``round_bf16(product + bias)``, without a bias the product rounded to ``fmt.compute_output``."""
+    if bias is None:
+        return quantize(product, fmt.compute_output)
+    b = bias_view(kind, bias)
+    if fmt.is_fp8:
+        return quantize(product + b, fmt.compute_output)
+    return quantize(quantize(product, fmt) + quantize(b, fmt), fmt)
+
+
+def needs_act_amax(kind: str, fmt: Precision) -> bool:
+    """Whether a layer of ``kind`` in ``fmt`` needs the calibrated amax of its activation inputs:
+    fp8 layers that read any (an fp8 lookup reads none: its scales come from its table)."""
+    return fmt.needs_scale and bool(act_arg_positions(kind))
+
+
+def lookup_rows(rows: torch.Tensor, fmt: Precision) -> torch.Tensor:
+    """A lookup's result in ``fmt`` computed from the fp32 rows it copied (``W[idx]``), equal to
+    :func:`emulate_layer` on the whole table: each row of the result is a row of the table, and
+    :func:`quantize_weight` scales a table row by row (its output channels), so a row's fp8 scale is
+    its own amax. For a 16-bit ``fmt`` it is ``round_fmt(rows)``."""
+    q = quantize_weight(rows.reshape(-1, rows.shape[-1]), fmt).reshape(rows.shape)
+    return quantize(q, fmt.compute_output)
+
+
+def quantize_activation(x: torch.Tensor, fmt: Precision, amax: float | None) -> torch.Tensor:
+    """Round an activation to ``fmt``; fp8 without a calibrated amax uses the tensor's own (dynamic)."""
+    if fmt.needs_scale:
+        a = x.detach().abs().amax() if amax is None else amax
+        return quantize(x, fmt, fp8_scale(a, fmt).to(x.device))
+    return quantize(x, fmt)
+
+
+def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: LayerFormat,
+                  weight_q: torch.Tensor | None = None) -> torch.Tensor:
+    """Compute a layer from its fp32 arguments with the rounding of ``lf`` (fp32 arithmetic).
+
+    ``weight_q``: the weight already rounded by :func:`quantize_weight` (callers that run one
+    layer on many batches round it once).
+    """
+    fn = layer_function(kind)
+    if lf.fmt is Precision.FP32:
+        return fn(*args, **kwargs)
+    if kind in LOOKUP_KINDS and weight_q is None:  # the rows it copies, not the whole table
+        return lookup_rows(fn(*args, **kwargs), lf.fmt)
+    a = list(args)
+    for j, pos in enumerate(act_arg_positions(kind)):
+        if torch.is_tensor(a[pos]):
+            a[pos] = quantize_activation(a[pos], lf.fmt, lf.amax_for(j))
+    wpos = weight_arg_position(kind)
+    if wpos is not None and torch.is_tensor(a[wpos]):
+        a[wpos] = weight_q if weight_q is not None else quantize_weight(a[wpos], lf.fmt)
+    a2, kw, bias = split_bias(kind, tuple(a), kwargs)
+    return finish(kind, fn(*a2, **kw), bias, lf.fmt)

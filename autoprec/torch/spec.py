@@ -1,0 +1,126 @@
+"""The model-file contract (documented in models/README.md) and its loader.
+
+A model file is a Python module with:
+
+- ``model() -> nn.Module``: the network with its trained weights loaded, in eval mode;
+- ``example_inputs() -> tuple[Tensor, ...]``: one batch of inputs, used for capture and shapes;
+- ``calibration_data() -> Iterable[batch]``: batches of inputs (a Tensor or a tuple of Tensors);
+- ``evaluate(model) -> float``: the metric on held-out data (optional: models without it are
+  tuned on fidelity to the fp32 model);
+- ``METRIC`` (str, e.g. "accuracy") and ``HIGHER_IS_BETTER`` (bool), required with evaluate();
+- optional ``OUTPUT``: "logits" (classifier-like, the default when the output's last dim > 1)
+  or "values" (regression-like);
+- optional ``train_data()`` and ``loss(model, batch)`` for training in the tuned precision.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+from autoprec.core.errors import ModelSpecError, UsageError
+
+_REQUIRED = ("model", "example_inputs", "calibration_data")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A loaded model file. ``evaluate`` is None for fidelity-only models."""
+
+    name: str
+    path: Path
+    module: ModuleType
+    metric: str | None
+    higher_is_better: bool
+    output_kind: str | None  # "logits" | "values" | None (decide from the output's shape)
+
+    def model(self) -> Any:
+        return self.module.model()
+
+    def example_inputs(self) -> tuple[Any, ...]:
+        return as_tuple(self.module.example_inputs())
+
+    def calibration_data(self) -> list[tuple[Any, ...]]:
+        """Materialised so every stage sees the same batches in the same order."""
+        batches = [as_tuple(b) for b in self.module.calibration_data()]
+        if not batches:
+            raise ModelSpecError(f"{self.path}: calibration_data() yielded no batches; return at least one")
+        return batches
+
+    @property
+    def evaluate(self) -> Callable[[Any], float] | None:
+        return getattr(self.module, "evaluate", None)
+
+    @property
+    def has_training(self) -> bool:
+        return callable(getattr(self.module, "train_data", None)) and callable(getattr(self.module, "loss", None))
+
+
+def as_tuple(batch: Any) -> tuple[Any, ...]:
+    """A batch of inputs as a tuple of positional arguments."""
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def load_model_spec(path: str | Path) -> ModelSpec:
+    """Import a model file and check it follows the contract; raise a one-line error otherwise."""
+    p = Path(path)
+    if p.suffix == ".onnx":
+        raise UsageError(f"{p}: ONNX models are tuned with --data inputs.npz; this command needs a model.py")
+    if not p.is_file():
+        raise UsageError(f"model file not found: {p} (give the path of a model .py file, e.g. models/digits_cnn.py)")
+    if p.suffix != ".py":
+        raise UsageError(f"{p}: expected a Python model file ending in .py")
+    module = _import_file(p)
+    missing = [f for f in _REQUIRED if not callable(getattr(module, f, None))]
+    if missing:
+        raise ModelSpecError(f"{p}: missing {', '.join(missing)}(); see models/README.md for the model contract")
+    evaluate = getattr(module, "evaluate", None)
+    metric = getattr(module, "METRIC", None)
+    higher = getattr(module, "HIGHER_IS_BETTER", None)
+    if evaluate is not None:
+        if not callable(evaluate):
+            raise ModelSpecError(f"{p}: evaluate must be a function evaluate(model) -> float")
+        if not isinstance(metric, str) or not isinstance(higher, bool):
+            raise ModelSpecError(
+                f"{p}: evaluate() needs METRIC = '<name>' and HIGHER_IS_BETTER = True/False beside it")
+    output_kind = getattr(module, "OUTPUT", None)
+    if output_kind not in (None, "logits", "values"):
+        raise ModelSpecError(f"{p}: OUTPUT must be 'logits' or 'values', not {output_kind!r}")
+    return ModelSpec(
+        name=p.stem,
+        path=p.resolve(),
+        module=module,
+        metric=metric if evaluate is not None else None,
+        higher_is_better=bool(higher) if evaluate is not None else True,
+        output_kind=output_kind,
+    )
+
+
+def _import_file(p: Path) -> ModuleType:
+    """Import ``p`` under a private module name, with its folder importable for sibling helpers."""
+    mod_name = f"autoprec_model_{p.stem}_{abs(hash(str(p.resolve()))) % 10**8}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, p)
+    if spec is None or spec.loader is None:
+        raise ModelSpecError(f"{p}: cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(p.resolve().parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        sys.modules[mod_name] = module
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file failed: say where, keep it one line
+        sys.modules.pop(mod_name, None)
+        raise ModelSpecError(f"{p}: importing the model file failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if added:
+            sys.path.remove(folder)
+    return module
+
