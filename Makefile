@@ -18,3 +18,4 @@ bench: setup
 	.venv/bin/python benchmarks/bias_rounding.py
 	.venv/bin/python benchmarks/scale_fusion.py
 	.venv/bin/python benchmarks/ort_overhead.py
+	.venv/bin/python benchmarks/frontend_pricing.py

@@ -149,6 +149,27 @@ def layer_class(kind: str) -> str | None:
     return k.layer if k is not None else None
 
 
+# --- argument positions of layers (the capture's normalised form: F.linear(x, w, b), F.conv*(x, w, b,
+# ...), torch.matmul(a, b), F.embedding(idx, table)); an ONNX layer's core node reads its activation
+# and weight at the same input slots (MatMul/Gemm/Conv: A, B; Gather: table first, handled apart)
+_ACT_ARGS = {"linear": (0,), "conv": (0,), "matmul": (0, 1), "embedding": ()}
+_WEIGHT_ARG = {"linear": 1, "conv": 1, "embedding": 1}
+
+
+def act_arg_positions(kind: str) -> tuple[int, ...]:
+    """Positions of a layer's floating activation inputs (an embedding's indices are integers: none)."""
+    cls = layer_class(kind)
+    if cls is None:
+        raise KeyError(f"{kind} is not a layer kind")
+    return _ACT_ARGS[cls]
+
+
+def weight_arg_position(kind: str) -> int | None:
+    """Position of a layer's weight argument; None for a product of two activations (matmul)."""
+    cls = layer_class(kind)
+    return None if cls is None else _WEIGHT_ARG.get(cls)
+
+
 def _where(**want: object) -> frozenset[str]:
     return frozenset(k.name for k in _REGISTRY if all(getattr(k, f) == v for f, v in want.items()))
 
@@ -169,6 +190,32 @@ NEVER_KINDS = _where(policy=Policy.NEVER, opaque=False)
 EXACT_FOLLOW_KINDS = _where(exact=True)
 #: kinds that only change the view of a tensor: no kernel, no bytes moved (the cost model)
 VIEW_KINDS = _where(view=True)
+
+
+# --- torch spellings ------------------------------------------------------------------------------
+#: torch.nn module classes (by name under torch.nn) -> kind: what fx records as one call_module
+#: (autoprec.torch.capture resolves them to the classes; the ONNX exporter's class hierarchy names
+#: them as torch.nn.modules.<file>.<name>, which autoprec.onnx.passes.map_layers reads)
+TORCH_MODULE_KINDS: Mapping[str, str] = {
+    "Linear": "linear", "Conv1d": "conv1d", "Conv2d": "conv2d", "Conv3d": "conv3d", "ReLU": "relu",
+    "GELU": "gelu", "SiLU": "silu", "Sigmoid": "sigmoid", "Tanh": "tanh", "LeakyReLU": "leaky_relu",
+    "Hardtanh": "hardtanh", "ELU": "elu", "MaxPool1d": "max_pool1d", "MaxPool2d": "max_pool2d",
+    "AvgPool1d": "avg_pool1d", "AvgPool2d": "avg_pool2d", "AdaptiveAvgPool1d": "adaptive_avg_pool1d",
+    "AdaptiveAvgPool2d": "adaptive_avg_pool2d", "AdaptiveMaxPool2d": "adaptive_max_pool2d",
+    "Flatten": "flatten", "Unflatten": "unflatten", "Dropout": "dropout", "Identity": "identity",
+    "Softmax": "softmax", "LogSoftmax": "log_softmax", "LayerNorm": "layer_norm",
+    "BatchNorm1d": "batch_norm", "BatchNorm2d": "batch_norm", "BatchNorm3d": "batch_norm",
+    "GroupNorm": "group_norm", "InstanceNorm2d": "instance_norm", "Embedding": "embedding",
+    "CrossEntropyLoss": "cross_entropy", "MSELoss": "mse_loss",
+}
+
+
+def torch_module_kind(qualname: str) -> str | None:
+    """The kind of a torch.nn module class given by its qualified name (``torch.nn.modules.linear.Linear``),
+    None for a class that is not a torch.nn module of the table."""
+    if not qualname.startswith("torch.nn."):
+        return None
+    return TORCH_MODULE_KINDS.get(qualname.rsplit(".", 1)[-1])
 
 
 # --- ONNX spellings -----------------------------------------------------------------------------

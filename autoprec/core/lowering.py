@@ -25,7 +25,7 @@ from typing import Iterator, Mapping
 
 from autoprec.core.errors import PlanError
 from autoprec.core.formats import Precision, wider
-from autoprec.core.kinds import EXACT_FOLLOW_KINDS
+from autoprec.core.kinds import EXACT_FOLLOW_KINDS, act_arg_positions
 from autoprec.core.opgraph import OpGraph, OpNode, Policy
 
 FP32 = Precision.FP32
@@ -114,6 +114,32 @@ def check_assignment(graph: OpGraph, assignment: Mapping[str, Precision]) -> Non
     if bad:
         raise PlanError("plan formats must be Precision members (parse strings with parse_precision): "
                         + ", ".join(bad))
+
+
+def validate_plan(graph: OpGraph, assignment: Mapping[str, Precision],
+                  act_amax: Mapping[str, tuple[float, ...]] | None) -> dict[str, tuple[float, ...]]:
+    """Check the plan against the model; return the amax tuple of each fp8 layer.
+
+    Raises :class:`PlanError` for names that are not layers of the model, formats that are not
+    :class:`Precision` members, and fp8 layers without a calibrated amax for each activation input
+    (an fp8 lookup reads none: its scales come from its table).
+    """
+    check_assignment(graph, assignment)
+    amaxes: dict[str, tuple[float, ...]] = {}
+    missing = []
+    for name in graph.layer_names():
+        fmt = assignment.get(name, FP32)
+        if not fmt.is_fp8:
+            continue
+        need = len(act_arg_positions(graph[name].kind))
+        got = tuple(float(a) for a in (act_amax or {}).get(name, ()))
+        if len(got) < need:
+            missing.append(name)
+        amaxes[name] = got
+    if missing:
+        raise PlanError(f"fp8 layer(s) {', '.join(missing)} have no calibrated activation amax: pass "
+                        "act_amax (e.g. autoprec.torch.passes.act_amax_from_profile(profile)); fp8 uses static scales")
+    return amaxes
 
 
 def lower(graph: OpGraph, assignment: Mapping[str, Precision], reasons: Mapping[str, str] | None = None,

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
 
 from autoprec.core.errors import UsageError
 
@@ -67,3 +70,66 @@ class DropBudget:
 
     def __str__(self) -> str:
         return f"{100 * self.value:g}%" if self.relative else f"{self.value:g}"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named metric with a direction and the function that measures a module."""
+
+    name: str
+    higher_is_better: bool
+    measure: Callable[[Any], float]
+
+    def drop(self, reference: float, value: float) -> float:
+        """How much worse ``value`` is than ``reference`` (positive = worse; NaN or inf: infinite)."""
+        return metric_drop(reference, value, higher_is_better=self.higher_is_better)
+
+
+def fidelity_to(refs: list[np.ndarray], outputs_of: Callable[[Any], list[np.ndarray]], output_kind: str) -> Metric:
+    """Fidelity of a model's outputs (``outputs_of(model)``, one array per batch) to ``refs``, the
+    fp32 outputs of the same batches: top-1 agreement for logits (higher is better), relative L2
+    error for values (lower is better). The one definition the torch and ONNX flows share."""
+    if output_kind == "logits":
+        ref_top = [np.argmax(r, axis=-1) for r in refs]
+
+        def agreement(model: Any) -> float:
+            outs = outputs_of(model)
+            same = sum(int(np.count_nonzero(np.argmax(o, axis=-1) == t)) for o, t in zip(outs, ref_top))
+            return same / sum(t.size for t in ref_top)
+
+        return Metric("top1_agreement", True, agreement)
+
+    def rel_l2(model: Any) -> float:
+        outs = outputs_of(model)
+        num = sum(float(np.square(np.asarray(o, np.float32) - np.asarray(r, np.float32)).sum(dtype=np.float64))
+                  for o, r in zip(outs, refs))
+        den = sum(float(np.square(np.asarray(r, np.float32)).sum(dtype=np.float64)) for r in refs)
+        return math.sqrt(num / den) if den > 0 else 0.0
+
+    return Metric("rel_l2_error", False, rel_l2)
+
+
+def label_metric(labels: list[np.ndarray], outputs_of: Callable[[Any], list[np.ndarray]]) -> Metric:
+    """A model's metric against true labels (one array per batch): accuracy of the arg-max over
+    the last output axis for integer labels (higher is better), mean squared error for float
+    labels (lower is better)."""
+    if all(not np.issubdtype(np.asarray(lab).dtype, np.floating) for lab in labels):
+        def accuracy(model: Any) -> float:
+            outs = outputs_of(model)
+            if tuple(outs[0].shape[:-1]) != tuple(labels[0].shape) or outs[0].shape[-1] < 2:
+                raise UsageError(f"integer labels of shape {list(labels[0].shape)} need class scores on the last "
+                                 f"output axis, but the output has shape {list(outs[0].shape)}: give float labels "
+                                 "to be judged by mean squared error")
+            right = sum(int(np.count_nonzero(np.argmax(o, axis=-1) == np.asarray(lab, np.int64)))
+                        for o, lab in zip(outs, labels))
+            return right / sum(np.asarray(lab).size for lab in labels)
+
+        return Metric("accuracy", True, accuracy)
+
+    def mse(model: Any) -> float:
+        outs = outputs_of(model)
+        num = sum(float(np.square(np.asarray(o, np.float64).reshape(np.shape(lab)) - np.asarray(lab, np.float64)).sum())
+                  for o, lab in zip(outs, labels))
+        return num / sum(np.asarray(lab).size for lab in labels)
+
+    return Metric("mse", False, mse)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import warnings
@@ -46,28 +45,23 @@ import onnx
 from autoprec.onnx.bn_fold import fold_onnx_batch_norms
 from autoprec.torch.bn_fold import foldable_norms
 from autoprec.torch.capture import Captured, capture
-from autoprec.deploy.providers import parse_provider
 from autoprec.core.errors import AutoprecError, PlanError, UsageError, first_line
 from autoprec.core.formats import Precision, parse_precision
 from autoprec.core.io import atomic_write_bytes
 from autoprec.core.kinds import aten_kind
-from autoprec.onnx.graph import OnnxAnalysis
-from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import PrecisionPlan
 from autoprec.torch.semantics import needs_act_amax
 from autoprec.core.sensitivity import SensitivityProfile
 from autoprec.torch.spec import ModelSpec, load_model_spec
 from autoprec.onnx.passes.assign_formats import AssignFormats, param_names
 from autoprec.core.passes import PassManager
-from autoprec.onnx.passes.base import (FORMAT, INSERTED, LAYER, MODEL_ACT_AMAX, MODEL_ASSIGNMENT,
-    MODEL_FINGERPRINT, MODEL_IO, MODEL_MODE, MODEL_NAME, MODEL_PROVIDER, REASON, ROLE, ROLE_CORE,
-    OnnxPass, drop_meta, get_meta, infer_types, model_meta, set_model_meta)
+from autoprec.onnx.apply import run_plan_passes
+from autoprec.onnx.passes.base import MODEL_IO, MODEL_MODE, OnnxPass, infer_types, model_meta, set_model_meta
 from autoprec.onnx.passes.insert_casts import InsertCasts
 from autoprec.onnx.passes.io_format import IO_FORMATS, IOFormat
 from autoprec.onnx.passes.keep_roundings import KeepRoundings
 from autoprec.onnx.passes.lower_weights import MODES, LowerWeights
 from autoprec.onnx.passes.map_layers import CLASS_HIERARCHY, MapLayers, literal_list
-from autoprec.onnx.passes.map_nodes import MapNodes
 from autoprec.onnx.passes.split_bias import SplitBias
 
 if TYPE_CHECKING:
@@ -79,12 +73,6 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 21
 MIN_OPSET = 19
 
-#: node metadata a written file keeps by default: the layer a node computes, its format (where not
-#: fp32), what a pass inserted, and the reason for each layer's format. The exporter's stack traces
-#: and scopes, its graph-level notes (torch.export's graph signature, which names parameters the
-#: passes replaced), the passes' working notes and the inferred value_info go: on the zoo's small
-#: models they weigh as much as a tenth of an fp8 model (``keep_metadata=True`` keeps them).
-COMPACT_METADATA = (LAYER, FORMAT, INSERTED, REASON)
 
 FP32 = Precision.FP32
 
@@ -208,81 +196,6 @@ def apply_plan_onnx(fp32_model: onnx.ModelProto, captured: Captured, assignment:
     plan = {name: parse_precision(p) for name, p in assignment.items()}
     return run_plan_passes(fp32_model, onnx_passes(captured, plan, act_amax, mode, provider), captured.graph, plan,
                            act_amax, mode, keep_metadata, provider)
-
-
-def analysed_passes(analysis: OnnxAnalysis, assignment: Mapping[str, Precision],
-                    act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy",
-                    provider: str | None = None) -> list[OnnxPass]:
-    """The ONNX pass sequence for a model given as an .onnx file (see :func:`apply_plan_analysed`)."""
-    if mode not in MODES:
-        raise UsageError(f"unknown ONNX mode {mode!r}: use 'deploy' (16-bit tensors, fp8 Q/DQ) or 'emulate'")
-    return [MapNodes(analysis), AssignFormats(analysis.graph, assignment, act_amax), SplitBias(),
-            LowerWeights(mode, provider), InsertCasts(frozenset(), mode, provider), KeepRoundings()]
-
-
-def apply_plan_analysed(analysis: OnnxAnalysis, assignment: Mapping[str, Precision | str],
-                        act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "deploy",
-                        keep_metadata: bool = False, provider: str | None = None) -> onnx.ModelProto:
-    """The analysed ONNX model (:func:`autoprec.onnx.graph.analyse_onnx`) running ``assignment``.
-
-    The same passes as :func:`apply_plan_onnx` after MapNodes in place of MapLayers: the plan's
-    layers are the analyser's node names. Every one-element initializer counts as a constant from
-    the model's code (it does not make a 16-bit op fp32), as there are no torch parameters to tell.
-    """
-    plan = {name: parse_precision(p) for name, p in assignment.items()}
-    return run_plan_passes(analysis.model, analysed_passes(analysis, plan, act_amax, mode, provider), analysis.graph,
-                           plan, act_amax, mode, keep_metadata, provider)
-
-
-def run_plan_passes(fp32_model: onnx.ModelProto, passes: list[OnnxPass], graph: OpGraph,
-                    plan: Mapping[str, Precision], act_amax: Mapping[str, tuple[float, ...]] | None, mode: str,
-                    keep_metadata: bool, provider: str | None = None) -> onnx.ModelProto:
-    """Run ``passes`` on a copy of ``fp32_model``, record the plan (and the provider a deployment
-    graph was written for) in the model's metadata and check the result with ``onnx.checker``
-    (full_check)."""
-    model = onnx.ModelProto()
-    model.CopyFrom(fp32_model)
-    model = PassManager(passes).run(model).graph
-    if not keep_metadata:
-        compact_metadata(model)
-    used = {k: v for k, v in (act_amax or {}).items() if k in plan and plan[k].is_fp8}
-    set_model_meta(model, MODEL_MODE, mode)
-    set_model_meta(model, MODEL_ASSIGNMENT, json.dumps({k: v.value for k, v in sorted(plan.items())}, sort_keys=True))
-    set_model_meta(model, MODEL_ACT_AMAX, json.dumps({k: [float(a) for a in v] for k, v in sorted(used.items())},
-                                                     sort_keys=True))
-    set_model_meta(model, MODEL_NAME, graph.model_name)
-    set_model_meta(model, MODEL_FINGERPRINT, graph.fingerprint())
-    if provider is not None and mode == "deploy":
-        set_model_meta(model, MODEL_PROVIDER, parse_provider(provider))
-    model = infer_types(model)
-    onnx.checker.check_model(model, full_check=True)
-    if not keep_metadata:
-        del model.graph.value_info[:]
-    return model
-
-
-def compact_metadata(model: onnx.ModelProto) -> None:
-    """Keep only :data:`COMPACT_METADATA` on the nodes (formats only where not fp32 and not on a
-    Cast, whose ``to`` says it; reasons only on the core node of each layer) and no graph-level
-    metadata (autoprec's own is the model's)."""
-    del model.graph.metadata_props[:]
-    for n in model.graph.node:
-        explain = get_meta(n, ROLE) == ROLE_CORE
-        said = get_meta(n, FORMAT) in (None, FP32.value) or n.op_type == "Cast"
-        drop = {p.key for p in n.metadata_props if p.key not in COMPACT_METADATA
-                or (p.key == REASON and not explain) or (p.key == FORMAT and said)}
-        if drop:
-            drop_meta(n, drop)
-
-
-def recorded_plan(model: onnx.ModelProto) -> tuple[str, dict[str, Precision], dict[str, tuple[float, ...]]]:
-    """(mode, assignment, fp8 amax) an autoprec export recorded in ``model``'s metadata."""
-    meta = model_meta(model)
-    if MODEL_ASSIGNMENT not in meta:
-        raise UsageError("this ONNX file was not written by `autoprec export` (no autoprec.assignment metadata)")
-    assignment = {k: Precision(v) for k, v in json.loads(meta[MODEL_ASSIGNMENT]).items()}
-    amax = {k: tuple(float(a) for a in v) for k, v in json.loads(meta.get(MODEL_ACT_AMAX, "{}")).items()}
-    return meta.get(MODEL_MODE, "deploy"), assignment, amax
 
 
 # --- files ---------------------------------------------------------------------------------------

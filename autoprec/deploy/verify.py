@@ -283,10 +283,11 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     ``plan``: optional; when given it must be the plan the file was exported with (its measured
     ``allowed_drop`` then judges the metric). ``providers``: what to ask ONNX Runtime for.
     """
-    from autoprec.api import model_metric
+    from autoprec.metrics import model_metric
     from autoprec.torch.capture import capture
     from autoprec.deploy.export import apply_plan_onnx, set_io_format, torch_to_onnx
-    from autoprec.torch.profile import first_tensor, output_kind_of
+    from autoprec.core.stats import output_kind_of
+    from autoprec.torch.profile import first_tensor
     from autoprec.deploy.runtime import open_session, ort_module, parse_providers, probe_provider
     from autoprec.torch.passes import apply_plan
     from autoprec.onnx.passes.base import MODEL_FINGERPRINT, model_meta, opset_of
@@ -373,7 +374,7 @@ def _read_exported(onnx_path: str | os.PathLike[str], plan: PrecisionPlan | str 
                                     float | None]:
     """(path, model, mode, assignment, fp8 amax, allowed drop) of a file `autoprec` wrote; a plan
     given beside it must be the one it recorded (its measured allowed drop judges the metric)."""
-    from autoprec.deploy.export import recorded_plan
+    from autoprec.onnx.apply import recorded_plan
 
     path = Path(onnx_path)
     if not path.is_file():
@@ -409,7 +410,7 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
 
     from autoprec.deploy.export import set_io_format
     from autoprec.onnx.model import OnnxModel
-    from autoprec.torch.profile import output_kind_of
+    from autoprec.core.stats import output_kind_of
     from autoprec.deploy.runtime import parse_providers, probe_provider
     from autoprec.onnx.passes.base import MODEL_FINGERPRINT, model_meta
 
@@ -440,11 +441,17 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
         report.metric_onnx = float(gpu.metric().measure(model))
         report.metric_torch_emulated = None
         report.notes.append(f"{metric.name} of the emulation graph on the CPU: {emulated:.6g}")
+        import torch  # parity is computed on tensors, as for torch models
+
         batches = om.calibration()
-        want = om.outputs(emulation, batches)
-        report.parity = compare_outputs(gpu.outputs(model, batches), want, narrowest_format(assignment, io),
+
+        def outputs(runner: OnnxModel, m: onnx.ModelProto, feeds: list[dict[str, Any]]) -> list[torch.Tensor]:
+            return [torch.from_numpy(a) for a in runner.outputs(m, feeds)]
+
+        want = outputs(om, emulation, batches)
+        report.parity = compare_outputs(outputs(gpu, model, batches), want, narrowest_format(assignment, io),
                                         output_kind_of(want[0], None) == "logits",
-                                        om.outputs(emulation, [_nudged_feeds(b) for b in batches]))
+                                        outputs(om, emulation, [_nudged_feeds(b) for b in batches]))
     else:
         report.metric_onnx = emulated
         report.notes.append("parity: the model came as an .onnx file, so there is no torch emulation to compare "

@@ -6,7 +6,7 @@
     value = metric.measure(model.build({"MatMul_0": Precision.FP16}, act_amax_from_profile(prof)))
 
 Everything runs the graphs the ONNX passes write: a plan is applied to the analysed model
-(:func:`autoprec.deploy.export.apply_plan_analysed`) as an *emulation* graph, which computes in fp32 with
+(:func:`autoprec.onnx.apply.apply_plan_analysed`) as an *emulation* graph, which computes in fp32 with
 every rounding of DESIGN.md explicit (Cast round trips, fp8 Q/DQ) so that ONNX Runtime's CPU provider
 computes exactly the plan's numerics (it would drop the rounding of fp16 nodes). The profile, the
 search's verification and the final metric all measure such graphs, so the error of a trial is by
@@ -35,16 +35,16 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper, numpy_helper
 
 from autoprec.core.errors import UsageError, first_line
 from autoprec.core.formats import DEFAULT_CANDIDATES, Precision
-from autoprec.metrics import Metric, fidelity_to, label_metric
+from autoprec.core.metrics import Metric, fidelity_to, label_metric
 from autoprec.onnx.graph import FLOAT_TYPES, OnnxAnalysis, analyse_onnx, graph_inputs, read_model
-from autoprec.torch.profile import ErrorSum, Progress, RangeAccumulator, explain, measure_name, output_kind_of
+from autoprec.core.stats import ErrorSum, Progress, RangeAccumulator, explain, measure_name, output_kind_of
+from autoprec.onnx.apply import apply_plan_analysed
 from autoprec.deploy.runtime import open_session
-from autoprec.torch.semantics import act_arg_positions
+from autoprec.core.kinds import act_arg_positions
 from autoprec.core.sensitivity import LayerRanges, SensitivityProfile
 
 #: samples that calibrate and profile (the metric uses all of them)
@@ -191,7 +191,6 @@ class OnnxModel:
               mode: str = "emulate", provider: str | None = None) -> onnx.ModelProto:
         """The model running ``assignment`` (emulate: what ORT's CPU provider runs faithfully;
         deploy: for ``provider``'s kernels, :func:`autoprec.deploy.export.build_onnx`)."""
-        from autoprec.deploy.export import apply_plan_analysed
 
         return apply_plan_analysed(self.analysis, assignment, act_amax, mode, provider=provider)
 
@@ -220,10 +219,9 @@ class OnnxModel:
             best = min(best, time.perf_counter() - t)
         return best
 
-    def outputs(self, model: onnx.ModelProto, batches: Sequence[Feeds] | None = None) -> list[torch.Tensor]:
+    def outputs(self, model: onnx.ModelProto, batches: Sequence[Feeds] | None = None) -> list[np.ndarray]:
         """The first floating output of ``model`` on ``batches`` (default: all the data)."""
-        return [torch.from_numpy(np.asarray(r[0], dtype=np.float32))
-                for r in self.run(model, self.batches() if batches is None else batches)]
+        return [np.asarray(r[0], dtype=np.float32) for r in self.run(model, self.batches() if batches is None else batches)]
 
     @staticmethod
     def _first_float_output(model: onnx.ModelProto) -> str:
@@ -242,12 +240,11 @@ class OnnxModel:
         labels, fidelity to the fp32 model (top-1 agreement for logits, else relative L2 error)."""
         batches = self.batches()
 
-        def outputs_of(model: onnx.ModelProto) -> list[torch.Tensor]:
+        def outputs_of(model: onnx.ModelProto) -> list[np.ndarray]:
             return self.outputs(model, batches)
 
         if self.labels is not None:
-            labs = [torch.from_numpy(np.ascontiguousarray(self.labels[i:i + self.batch]))
-                    for i in range(0, self.samples, self.batch)]
+            labs = [np.ascontiguousarray(self.labels[i:i + self.batch]) for i in range(0, self.samples, self.batch)]
             return label_metric(labs, outputs_of)
         refs = outputs_of(self.analysis.model)
         return fidelity_to(refs, outputs_of, output_kind_of(refs[0], None))
@@ -308,9 +305,9 @@ def _layer_io(model: OnnxModel) -> list[_LayerIO]:
     return out
 
 
-def _weight_array(model: OnnxModel, name: str) -> torch.Tensor:
+def _weight_array(model: OnnxModel, name: str) -> np.ndarray:
     t = next(t for t in model.analysis.model.graph.initializer if t.name == name)
-    return torch.from_numpy(numpy_helper.to_array(t).astype(np.float32))
+    return numpy_helper.to_array(t).astype(np.float32)
 
 
 def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDIDATES,
@@ -332,15 +329,15 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
         accs = [RangeAccumulator() for _ in range(len(x.acts) + 1)]
         for res in base:
             for acc, v in zip(accs, (*x.acts, x.output)):
-                acc.add(torch.from_numpy(np.asarray(res[pos[v]], dtype=np.float32)))
+                acc.add(np.asarray(res[pos[v]], dtype=np.float32))
         weight = None
         if x.weight is not None:
             wacc = RangeAccumulator()
             wacc.add(_weight_array(model, x.weight))
             weight = wacc.finish()
         ranges[x.name] = LayerRanges(tuple(a.finish() for a in accs[:-1]), accs[-1].finish(), weight)
-    refs = [torch.from_numpy(np.asarray(r[0], dtype=np.float32)) for r in base]
-    if not all(bool(torch.isfinite(r).all()) for r in refs):
+    refs = [np.asarray(r[0], dtype=np.float32) for r in base]
+    if not all(bool(np.isfinite(r).all()) for r in refs):
         raise UsageError("the fp32 model's output is not finite on the data: fix the model or the data first")
     kind = output_kind_of(refs[0], None)
     prepared = [ErrorSum(kind).reference(r) for r in refs]
@@ -350,13 +347,13 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
     total, done = len(io) * len(fmts), 0
     for x in io:
         errors[x.name], local[x.name] = {}, {}
-        own_ref = [torch.from_numpy(np.asarray(r[pos[x.output]], dtype=np.float32)) for r in base]
+        own_ref = [np.asarray(r[pos[x.output]], dtype=np.float32) for r in base]
         for fmt in fmts:
             trial = model.build({x.name: fmt}, {x.name: amax[x.name]} if fmt.is_fp8 else None)
             acc, own = ErrorSum(kind), ErrorSum("values")
             for bi, res in enumerate(model.run(trial, batches, [x.output])):
-                acc.add(refs[bi], torch.from_numpy(np.asarray(res[0], dtype=np.float32)), prepared[bi])
-                own.add(own_ref[bi], torch.from_numpy(np.asarray(res[1], dtype=np.float32)))
+                acc.add(refs[bi], np.asarray(res[0], dtype=np.float32), prepared[bi])
+                own.add(own_ref[bi], np.asarray(res[1], dtype=np.float32))
             errors[x.name][fmt] = acc.value()
             local[x.name][fmt] = math.sqrt(own.value())
             done += 1

@@ -29,7 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from autoprec.torch.bn_fold import fold_fx_batch_norms
 from autoprec.core.errors import CaptureError, first_line
-from autoprec.core.kinds import LOOKUP_KINDS, aten_kind, flops, policy_of
+from autoprec.core.kinds import LOOKUP_KINDS, TORCH_MODULE_KINDS, aten_kind, flops, policy_of
 from autoprec.core.opgraph import OpGraph, OpNode, Policy
 
 log = logging.getLogger(__name__)
@@ -39,19 +39,8 @@ log = logging.getLogger(__name__)
 # methods by name, export's aten ops by kinds.aten_kind. Every value is a kind of the registry.
 
 #: torch.nn module classes (fx's call_module leaves) -> kind
-MODULE_KINDS: dict[type, str] = {
-    nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
-    nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
-    nn.LeakyReLU: "leaky_relu", nn.Hardtanh: "hardtanh", nn.ELU: "elu",
-    nn.MaxPool1d: "max_pool1d", nn.MaxPool2d: "max_pool2d", nn.AvgPool1d: "avg_pool1d",
-    nn.AvgPool2d: "avg_pool2d", nn.AdaptiveAvgPool1d: "adaptive_avg_pool1d",
-    nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d", nn.AdaptiveMaxPool2d: "adaptive_max_pool2d",
-    nn.Flatten: "flatten", nn.Unflatten: "unflatten", nn.Dropout: "dropout", nn.Identity: "identity",
-    nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax", nn.LayerNorm: "layer_norm",
-    nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm", nn.BatchNorm3d: "batch_norm",
-    nn.GroupNorm: "group_norm", nn.InstanceNorm2d: "instance_norm", nn.Embedding: "embedding",
-    nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse_loss",
-}
+#: torch.nn module classes -> kinds, from the registry's spellings (:data:`autoprec.core.kinds.TORCH_MODULE_KINDS`)
+MODULE_KINDS: dict[type, str] = {getattr(nn, name): kind for name, kind in TORCH_MODULE_KINDS.items()}
 
 #: torch functions and operators (fx's call_function targets) -> kind
 _FUNCTION_KINDS: dict[Any, str] = {

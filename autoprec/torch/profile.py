@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -35,13 +35,13 @@ from autoprec.torch.capture import Captured
 from autoprec.core.errors import UsageError
 from autoprec.core.formats import DEFAULT_CANDIDATES, Precision
 from autoprec.core.kinds import LOOKUP_KINDS
-from autoprec.torch.quantize import fp8_scale, quantize
-from autoprec.torch.semantics import (LayerFormat, act_arg_positions, bias_view, emulate_layer, finish, lookup_rows,
-                                quantize_activation, quantize_weight, split_bias, weight_arg_position)
-from autoprec.core.sensitivity import LayerRanges, RangeStats, SensitivityProfile
+from autoprec.torch.quantize import quantize
+from autoprec.core.kinds import act_arg_positions
+from autoprec.torch.semantics import (LayerFormat, bias_view, emulate_layer, finish, lookup_rows, quantize_activation, quantize_weight, split_bias, weight_arg_position)
+from autoprec.core.sensitivity import LayerRanges, SensitivityProfile
+from autoprec.core.stats import ErrorSum, Progress, RangeAccumulator, explain, measure_name, output_kind_of
 from autoprec.torch.passes.assign_formats import follow_roundings
 
-Progress = Callable[[int, int, str], None]  # (done, total, what) -> None
 
 FP16 = Precision.FP16
 E4M3 = Precision.FP8_E4M3
@@ -143,6 +143,11 @@ class GraphRunner:
         return env[out_node.name], count
 
 
+def _np(t: torch.Tensor) -> Any:
+    """A tensor as the fp32 numpy array the profile statistics (:mod:`autoprec.core.stats`) take."""
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
 def first_tensor(out: Any) -> torch.Tensor:
     """The model output the error is measured on: its first floating tensor."""
     for leaf in tree_flatten(out)[0]:
@@ -152,110 +157,6 @@ def first_tensor(out: Any) -> torch.Tensor:
 
 
 # --- error measures ----------------------------------------------------------------------------
-
-
-def output_kind_of(y: torch.Tensor, declared: str | None) -> str:
-    """"logits" for classifier-like outputs (last dim > 1), else "values"; a model may declare it."""
-    if declared is not None:
-        return declared
-    return "logits" if y.dim() >= 2 and y.shape[-1] > 1 else "values"
-
-
-def measure_name(kind: str) -> str:
-    return "kl" if kind == "logits" else "rel_mse"
-
-
-@dataclass
-class ErrorSum:
-    """Accumulates an error over batches: KL summed over positions, or squared error and norm.
-
-    ``reference(y)`` prepares an fp32 output once (its float64 log-probabilities for logits), so
-    the many trials on one batch do not recompute it.
-    """
-
-    kind: str
-    num: float = 0.0
-    den: float = 0.0
-
-    def reference(self, ref: torch.Tensor) -> torch.Tensor:
-        # float64: the KL of fp16-sized perturbations (~1e-9) is below fp32's cancellation noise
-        return torch.log_softmax(ref.double(), dim=-1) if self.kind == "logits" else ref
-
-    def add(self, ref: torch.Tensor, new: torch.Tensor, prepared: torch.Tensor | None = None) -> None:
-        if not math.isfinite(self.num):
-            return
-        if not bool(torch.isfinite(new).all()):
-            self.num = math.inf  # the reference is finite (checked once per profile): overflow
-            return
-        ref_p = self.reference(ref) if prepared is None else prepared
-        if self.kind == "logits":
-            logq = torch.log_softmax(new.double(), dim=-1)
-            kl = (ref_p.exp() * (ref_p - logq)).sum(dim=-1)
-            self.num += float(kl.sum(dtype=torch.float64))
-            self.den += kl.numel()
-        else:
-            self.num += float(((new - ref_p) ** 2).sum(dtype=torch.float64))
-            self.den += float((ref_p * ref_p).sum(dtype=torch.float64))
-
-    def value(self) -> float:
-        if not math.isfinite(self.num) or math.isnan(self.num):
-            return math.inf
-        return max(0.0, self.num / self.den) if self.den > 0 else 0.0
-
-
-# --- range statistics --------------------------------------------------------------------------
-
-
-@dataclass
-class RangeAccumulator:
-    """Range statistics of one tensor accumulated over batches."""
-
-    amax: float = 0.0
-    sumsq: float = 0.0
-    count: int = 0
-    over16: int = 0
-    under16: int = 0
-    values: list[torch.Tensor] = field(default_factory=list)  # kept for fp8 stats at the final amax
-
-    def add(self, x: torch.Tensor) -> None:
-        a = x.detach().abs().float()
-        amax = float(a.amax()) if a.numel() else 0.0
-        if not math.isfinite(amax):  # rare: ignore non-finite values for the statistics
-            a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
-            amax = float(a.amax())
-        self.amax = max(self.amax, amax)
-        self.sumsq += float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
-        self.count += a.numel()
-        self.over16 += int(torch.count_nonzero(a > FP16.max))
-        # 0 < |x| < min normal, counted as (|x| < min normal) - (|x| == 0) without a third mask
-        self.under16 += int(torch.count_nonzero(a < FP16.min_normal)) - (a.numel() - int(torch.count_nonzero(a)))
-        self.values.append(a)
-
-    def finish(self) -> RangeStats:
-        scale = float(fp8_scale(self.amax, E4M3))
-        # |x|/scale at or below half of E4M3's smallest subnormal (2^-9) rounds to zero (ties to even)
-        flush_at = E4M3.min_subnormal / 2
-        sat = flushed = nonzero = 0
-        for a in self.values:
-            s = a / scale
-            sat += int(torch.count_nonzero(s > E4M3.max))
-            nz = int(torch.count_nonzero(a))
-            nonzero += nz
-            flushed += int(torch.count_nonzero(s <= flush_at)) - (a.numel() - nz)  # zeros are not flushed
-        n = max(self.count, 1)
-        self.values = []
-        return RangeStats(
-            amax=self.amax,
-            rms=math.sqrt(self.sumsq / n),
-            frac_over_fp16=self.over16 / n,
-            frac_underflow_fp16=self.under16 / n,
-            fp8_scale=scale,
-            frac_fp8_saturated=sat / n,
-            frac_fp8_flushed=flushed / max(nonzero, 1),
-        )
-
-
-# --- the profiler -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -360,10 +261,10 @@ def _collect_ranges(info: _LayerInfo, args: tuple[Any, ...], out: torch.Tensor,
     """Add one batch of a layer's activation inputs, output (and weight, once) to its accumulators."""
     lst = accs.setdefault(info.node.name, [RangeAccumulator() for _ in range(len(info.act_pos) + 2)])
     for j, pos in enumerate(info.act_pos):
-        lst[j].add(args[pos])
-    lst[len(info.act_pos)].add(out)
+        lst[j].add(_np(args[pos]))
+    lst[len(info.act_pos)].add(_np(out))
     if info.weight_pos is not None and lst[-1].count == 0:
-        lst[-1].add(args[info.weight_pos])
+        lst[-1].add(_np(args[info.weight_pos]))
 
 
 def _finish_ranges(infos: list[_LayerInfo], accs: dict[str, list[RangeAccumulator]]) -> dict[str, LayerRanges]:
@@ -398,7 +299,7 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Pre
         ranges = _finish_ranges(infos, accs)
         y0 = first_tensor(envs[0][runner.nodes[-1].name])
         kind = output_kind_of(y0, declared)
-        outputs = [first_tensor(env[runner.nodes[-1].name]) for env in envs]
+        outputs = [_np(first_tensor(env[runner.nodes[-1].name])) for env in envs]
         prepared = [ErrorSum(kind).reference(y) for y in outputs]
         errors: dict[str, dict[Precision, float]] = {}
         local: dict[str, dict[Precision, float]] = {}
@@ -420,10 +321,10 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Pre
                     if wq is None and info.weight_pos is not None and torch.is_tensor(args[info.weight_pos]):
                         wq = quantize_weight(args[info.weight_pos], fmt)
                     val = emulate_layer(info.kind, args, kwargs, lf, weight_q=wq)
-                    own.add(env[info.node.name], val)
+                    own.add(_np(env[info.node.name]), _np(val))
                     out, count = runner.rerun(env, info.node.name, val, roundings[(info.node.name, fmt)])
                     recomputed += count + 1
-                    acc.add(outputs[bi], first_tensor(out), prepared[bi])
+                    acc.add(outputs[bi], _np(first_tensor(out)), prepared[bi])
                 errors[info.node.name][fmt] = acc.value()
                 local[info.node.name][fmt] = math.sqrt(own.value())
                 done += 1
@@ -622,72 +523,3 @@ def _weight_grad(runner: GraphRunner, info: _LayerInfo) -> torch.Tensor:
 # --- explanations -------------------------------------------------------------------------------
 
 
-def _fmt_num(x: float) -> str:
-    return f"{x:.2g}" if (x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4)) else f"{x:.3g}"
-
-
-def explain(prof: SensitivityProfile) -> dict[str, list[str]]:
-    """Readable flags per layer: range hazards, and why the most sensitive layers are sensitive."""
-    flags: dict[str, list[str]] = {}
-    fmts = [f for f in prof.formats if f is not Precision.FP32]
-    medians = {}
-    for f in fmts:
-        vals = sorted(e[f] for e in prof.errors.values() if f in e and math.isfinite(e[f]))
-        medians[f] = vals[len(vals) // 2] if vals else 0.0
-    last_layer = prof.layers()[-1] if prof.errors else None
-    for name, errs in prof.errors.items():
-        out: list[str] = []
-        r = prof.ranges.get(name)
-        tensors = []
-        if r is not None:
-            tensors = [("input" if len(r.inputs) == 1 else f"input {i}", s) for i, s in enumerate(r.inputs)]
-            tensors.append(("output", r.output))
-            if r.weight is not None:
-                tensors.append(("weight", r.weight))
-        for label, s in tensors:
-            if s.frac_over_fp16 > 0:
-                out.append(f"fp16 overflow: {label} amax {_fmt_num(s.amax)} > 65504 "
-                           f"({100 * s.frac_over_fp16:.2g}% of values become inf)")
-            if s.frac_underflow_fp16 > 0.01:
-                out.append(f"fp16 underflow: {100 * s.frac_underflow_fp16:.2g}% of {label} values below 6.1e-05")
-            if s.frac_fp8_flushed > 0.05:
-                out.append(f"fp8 flushes {100 * s.frac_fp8_flushed:.2g}% of nonzero {label} values to zero "
-                           f"at scale {_fmt_num(s.fp8_scale)} (amax/rms {_fmt_num(s.amax / max(s.rms, 1e-30))})")
-        for f in (f for f in fmts if f in errs):
-            e = errs[f]
-            if not math.isfinite(e):
-                out.append(f"{f} makes the output non-finite (overflow)")
-            elif medians[f] > 0 and e >= 10 * medians[f] and e > 1e-6:
-                why = _why_sensitive(prof, name, f, last_layer)
-                out.append(f"most sensitive in {f}: error {_fmt_num(e)} is {e / medians[f]:.0f}x the median layer; {why}")
-        if out:
-            flags[name] = out
-    return flags
-
-
-def _why_sensitive(prof: SensitivityProfile, name: str, f: Precision, last_layer: str | None) -> str:
-    """Split a large error into its two measured factors: how much the layer's own output moves,
-    and how strongly the model output responds to that movement, each against the median layer."""
-    reasons = []
-    local = prof.local_errors.get(name, {}).get(f)
-    if local is not None and local > 0:
-        locs = sorted(e[f] for e in prof.local_errors.values() if e.get(f, 0) > 0)
-        med_local = locs[len(locs) // 2]
-        gains = sorted(prof.errors[n][f] / prof.local_errors[n][f] ** 2 for n in prof.local_errors
-                       if prof.local_errors[n].get(f, 0) > 0 and math.isfinite(prof.errors[n][f]))
-        med_gain = gains[len(gains) // 2] if gains else 0.0
-        gain = prof.errors[name][f] / local ** 2
-        reasons.append(f"{f} rounding moves its own output by {100 * local:.2g}% (median layer {100 * med_local:.2g}%)")
-        if med_gain > 0:
-            reasons.append(f"the model output is {gain / med_gain:.2g}x as sensitive to that change as for the median layer")
-    r = prof.ranges.get(name)
-    if r is not None:
-        worst = max(r.inputs + (r.output,), key=lambda s: s.amax / max(s.rms, 1e-30))
-        ratio = worst.amax / max(worst.rms, 1e-30)
-        if ratio > 20:
-            reasons.append(f"heavy-tailed activations (amax/rms {ratio:.0f}) leave few {f} levels for typical values")
-    if name == last_layer:
-        reasons.append("it writes the model output directly")
-    if not reasons:
-        reasons.append(f"{f} rounding of its tensors (eps {f.eps:.3g}) reaches the output undamped")
-    return "; ".join(reasons)

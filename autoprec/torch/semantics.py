@@ -34,14 +34,9 @@ import torch
 
 from autoprec.torch.capture import layer_function
 from autoprec.core.formats import Precision
-from autoprec.core.kinds import BIAS_KINDS, LOOKUP_KINDS
+from autoprec.core.kinds import BIAS_KINDS, LOOKUP_KINDS, act_arg_positions, weight_arg_position
 from autoprec.torch.quantize import channel_amax, fp8_scale, quantize
 
-# argument positions of the activation inputs and the weight, per layer kind (an embedding's
-# indices are integers: it reads no floating activation; capture normalises it to F.embedding)
-_ACT_ARGS = {"linear": (0,), "conv1d": (0,), "conv2d": (0,), "conv3d": (0,), "matmul": (0, 1), "bmm": (0, 1),
-             "embedding": ()}
-_WEIGHT_ARG = {"linear": 1, "conv1d": 1, "conv2d": 1, "conv3d": 1, "embedding": 1}
 _BIAS_ARG = {kind: 2 for kind in BIAS_KINDS}
 
 
@@ -59,14 +54,6 @@ class LayerFormat:
         if not self.fmt.needs_scale:
             return None
         return self.act_amax[i] if i < len(self.act_amax) else None
-
-
-def act_arg_positions(kind: str) -> tuple[int, ...]:
-    return _ACT_ARGS[kind]
-
-
-def weight_arg_position(kind: str) -> int | None:
-    return _WEIGHT_ARG.get(kind)
 
 
 def quantize_weight(w: torch.Tensor, fmt: Precision) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch
 from autoprec.torch.capture import Captured, capture
 from autoprec.deploy.export import export_onnx
 from autoprec.core.formats import Precision
-from autoprec.torch.profile import first_tensor, output_kind_of, profile
+from autoprec.core.stats import output_kind_of
+from autoprec.torch.profile import first_tensor, profile
 from autoprec.torch.spec import ModelSpec, load_model_spec
 from autoprec.deploy.verify import compare_outputs, narrowest_format, verify
 from autoprec.torch.passes import act_amax_from_profile, apply_plan

@@ -126,7 +126,7 @@ def test_fp8_flush_statistics() -> None:
 
 def test_profile_error_is_the_error_of_the_applied_single_layer_plan(tiny_attention: nn.Module) -> None:
     """Oracle: exact mode's number for (L, P) is the output error of apply_plan({L: P}), to the bit."""
-    from autoprec.torch.profile import ErrorSum
+    from autoprec.core.stats import ErrorSum
     from autoprec.torch.passes import act_amax_from_profile, apply_plan
 
     c = capture(tiny_attention, (torch.randn(2, 8, 32),))
@@ -146,7 +146,7 @@ def test_profile_error_is_the_error_of_the_applied_single_layer_plan(tiny_attent
 def test_embedding_profile_oracle_and_fp8(tiny_lm: nn.Module, token_batches) -> None:
     """Oracle for lookups: the exact error of (embedding, P) is apply_plan({embedding: P})'s error to
     the bit, fp8 (per-row scales) included. No activation input to take ranges of."""
-    from autoprec.torch.profile import ErrorSum
+    from autoprec.core.stats import ErrorSum
     from autoprec.torch.passes import apply_plan
 
     c = capture(tiny_lm, token_batches[0])

@@ -13,7 +13,8 @@ from deploy_models import ROOT, rel_l2, run_onnx
 from autoprec.api import tune
 from autoprec.deploy.providers import kernel
 from autoprec.core.errors import PlanError, UsageError
-from autoprec.deploy.export import apply_plan_onnx, export_onnx, recorded_plan
+from autoprec.deploy.export import apply_plan_onnx, export_onnx
+from autoprec.onnx.apply import recorded_plan
 from autoprec.core.formats import Precision
 from autoprec.torch.spec import load_model_spec
 from autoprec.torch.passes import apply_plan

@@ -16,7 +16,8 @@ from deploy_models import run_onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from autoprec.torch.capture import Captured, capture
-from autoprec.deploy.export import analysed_passes, onnx_passes, run_plan_passes, torch_to_onnx
+from autoprec.deploy.export import onnx_passes, torch_to_onnx
+from autoprec.onnx.apply import analysed_passes, run_plan_passes
 from autoprec.core.formats import Precision
 from autoprec.onnx.graph import OnnxAnalysis
 from autoprec.onnx.model import OnnxModel

@@ -179,3 +179,18 @@ def block_opset13(seed: int = 5) -> onnx.ModelProto:
              init("wh", rng.standard_normal((5, 8)).astype(np.float32)),
              init("bh", (0.1 * rng.standard_normal(5)).astype(np.float32))]
     return make(nodes, [vi("x", ["N", 6, 8])], [vi("y", ["N", 5])], inits)
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def assert_same_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
+                        rtol: float = 0.0) -> None:
+    """``after`` computes ``before``'s outputs on ``feeds`` (ONNX Runtime, CPU): bit for bit with
+    ``rtol`` 0, else within ``rtol`` relative to each output's largest magnitude."""
+    for want, got in zip(run(before, feeds), run(after, feeds), strict=True):
+        if rtol == 0.0:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(np.abs(want).max()))

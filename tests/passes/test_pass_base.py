@@ -49,3 +49,23 @@ def test_passes_run_in_order_and_recompile() -> None:
 def test_postcondition_failure_stops_the_sequence() -> None:
     with pytest.raises(PassError, match="_Broken"):
         PassManager([_Broken(), _AddOne()]).run(_gm())
+
+
+def test_a_pass_run_before_the_pass_that_writes_what_it_reads_fails_its_precondition() -> None:
+    """requires(): InsertCasts reads AssignFormats' decisions; the ONNX AssignFormats reads MapLayers'
+    groups. Run out of order, each stops with a PassError before touching the graph."""
+    import onnx
+
+    from autoprec.core.opgraph import OpGraph
+    from autoprec.onnx.passes.assign_formats import AssignFormats as OnnxAssignFormats
+    from autoprec.torch.passes.insert_casts import InsertCasts
+
+    gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(PassError, match="InsertCasts: node .* has no autoprec_format"):
+        PassManager([InsertCasts(OpGraph([], []))]).run(gm)
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"], name="r")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    with pytest.raises(PassError, match="AssignFormats: node r has no autoprec.group"):
+        PassManager([OnnxAssignFormats(OpGraph([], []), {})]).run(model)

@@ -11,8 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from autoprec.core.kinds import (ATEN_ALIASES, ATEN_RANKED_KINDS, BIAS_KINDS, CONV_KINDS, EXACT_FOLLOW_KINDS,
                                  FOLLOW_KINDS, KINDS, LAYER_CLASSES, LAYER_KINDS, LOOKUP_KINDS, NEVER_KINDS,
-                                 ONNX_CONTRIB_KINDS, ONNX_KINDS, ONNX_RANKED_KINDS, SPATIAL_RANKS, VIEW_KINDS,
-                                 FlopsRule, OpKind, aten_kind, flops, layer_class, onnx_kind, policy_of)
+                                 ONNX_CONTRIB_KINDS, ONNX_KINDS, ONNX_RANKED_KINDS, SPATIAL_RANKS, TORCH_MODULE_KINDS,
+                                 VIEW_KINDS,
+                                 FlopsRule, OpKind, aten_kind, flops, layer_class, onnx_kind, policy_of,
+                                 torch_module_kind)
 from autoprec.core.opgraph import Policy
 
 
@@ -59,7 +61,7 @@ def test_an_inconsistent_kind_is_refused(bad: dict) -> None:
 
 def test_every_spelling_names_a_registry_kind() -> None:
     from autoprec.deploy.providers import FOLLOW_OPS, LAYER_OPS
-    from autoprec.onnx.passes.map_layers import _MODULE_KIND_BY_NAME, CORE_OPS
+    from autoprec.onnx.passes.map_layers import CORE_OPS
     from autoprec.torch.capture import _FUNCTION_KINDS, MODULE_KINDS
 
     spelled = {**{f"module {c.__name__}": k for c, k in MODULE_KINDS.items()},
@@ -67,7 +69,7 @@ def test_every_spelling_names_a_registry_kind() -> None:
                **{f"onnx {op}": k for op, k in ONNX_KINDS.items()},
                **{f"com.microsoft {op}": k for op, k in ONNX_CONTRIB_KINDS.items()},
                **{f"aten {op}": k for op, k in ATEN_ALIASES.items()},
-               **{f"module {q}": k for q, k in _MODULE_KIND_BY_NAME.items()}}
+               **{f"torch.nn.{name}": k for name, k in TORCH_MODULE_KINDS.items()}}
     for table in (ONNX_RANKED_KINDS, ATEN_RANKED_KINDS):
         spelled.update({f"{op} at rank {n}": t.format(n) for op, t in table.items() for n in SPATIAL_RANKS})
     unknown = {where: k for where, k in spelled.items() if k not in KINDS}
@@ -149,3 +151,14 @@ def test_both_frontends_name_and_count_a_conv1d_alike() -> None:
 def test_the_registry_imports_no_torch() -> None:
     code = "import sys, autoprec.core.kinds; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_torch_module_spellings_resolve_both_ways() -> None:
+    """capture resolves each name to its torch.nn class; the exporter's qualified class names map back."""
+    from autoprec.torch.capture import MODULE_KINDS
+
+    assert len(MODULE_KINDS) == len(TORCH_MODULE_KINDS)
+    for cls, kind in MODULE_KINDS.items():
+        assert torch_module_kind(f"{cls.__module__}.{cls.__qualname__}") == kind
+    assert torch_module_kind("torch.nn.modules.container.Sequential") is None
+    assert torch_module_kind("mypkg.Linear") is None

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "autoprec"
 
 #: modules a user with only an .onnx file, and the search and cost model, load without torch
-TORCH_FREE = ["autoprec.core", "autoprec.cost", "autoprec.search", "autoprec.onnx.graph", "autoprec.onnx.values",
-              "autoprec.onnx.bn_fold", "autoprec.deploy.providers", "autoprec.deploy.runtime", "autoprec.report"]
+TORCH_FREE = ["autoprec.core", "autoprec.cost", "autoprec.search", "autoprec.onnx", "autoprec.deploy.providers",
+              "autoprec.deploy.runtime", "autoprec.report"]
 
 
 def _modules() -> dict[str, Path]:
@@ -27,9 +27,10 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(path: Path, known: set[str]) -> set[str]:
-    """autoprec modules ``path`` imports at module level (function-local imports run later)."""
+    """autoprec modules ``path`` imports anywhere: at module level, in functions (deferred so that a
+    command starts fast or a path stays torch-free, never to hide a cycle) and for type checkers."""
     found: set[str] = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.walk(ast.parse(path.read_text())):
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import networkx as nx
 import onnx
 
-from autoprec.torch.capture import Captured
-from autoprec.core.kinds import LAYER_KINDS, policy_of
+from autoprec.core.kinds import LAYER_KINDS, act_arg_positions, policy_of
 from autoprec.core.formats import Precision
-from autoprec.core.lowering import NodeDecision, lower
-from autoprec.torch.passes.assign_formats import validate_plan
+from autoprec.core.lowering import NodeDecision, lower, validate_plan
 from autoprec.core.opgraph import OpGraph, OpNode, Policy
-from autoprec.torch.semantics import act_arg_positions
 from autoprec.core.passes import PassError, PassResult
 from autoprec.onnx.passes.base import (ACT_AMAX, FORMAT, GROUP, KIND, LAYER, POLICY, REASON, ROLE,
     ROLE_CORE, ROUNDS, VALUE_FORMAT, GraphIndex, OnnxPass, get_meta, set_meta)
+
+if TYPE_CHECKING:  # the torch capture is one of two sources of an op graph: no import at run time
+    from autoprec.torch.capture import Captured
 
 FP32 = Precision.FP32
 
@@ -175,6 +175,8 @@ def decide_onnx_formats(model: onnx.ModelProto, assignment: Mapping[str, Precisi
 
 class AssignFormats(OnnxPass):
     """Annotate every node with its group's format, value format, policy and reason."""
+
+    needs = (GROUP, KIND)
 
     def __init__(self, graph: OpGraph, assignment: Mapping[str, Precision],
                  act_amax: Mapping[str, tuple[float, ...]] | None = None,

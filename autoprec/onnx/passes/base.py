@@ -125,12 +125,23 @@ def set_model_meta(model: onnx.ModelProto, key: str, value: str) -> None:
 
 
 class OnnxPass(GraphPass[onnx.ModelProto]):
-    """An ONNX pass: its default postcondition is the ONNX checker."""
+    """An ONNX pass: its default precondition is the node metadata it reads, its default
+    postcondition the ONNX checker."""
 
+    #: node metadata keys every node must carry before the pass runs (what an earlier pass wrote)
+    needs: tuple[str, ...] = ()
     #: whether the pass leaves a type-consistent graph (full checker with shape inference); a pass
     #: that changes the element types of some values and leaves the reconciling casts to a later
     #: pass (LowerWeights in a deployment graph) checks the graph structure only
     type_consistent = True
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        """Raise :class:`PassError` when a node lacks metadata of :attr:`needs`."""
+        for n in model.graph.node:
+            missing = [k for k in self.needs if get_meta(n, k) is None]
+            if missing:
+                raise PassError(f"{self.name}: node {n.name} has no {', '.join(missing)}: run the passes that "
+                                "write it first")
 
     def ensures(self, model: onnx.ModelProto) -> None:
         """Raise :class:`PassError` when the ONNX checker rejects the result."""

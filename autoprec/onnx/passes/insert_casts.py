@@ -46,8 +46,8 @@ from onnx import TensorProto
 from autoprec.core.formats import Precision
 from autoprec.core.kinds import LOOKUP_KINDS
 from autoprec.core.opgraph import Policy
-from autoprec.torch.quantize import fp8_scale
-from autoprec.torch.semantics import act_arg_positions
+from autoprec.core.fp8 import fp8_scale
+from autoprec.core.kinds import act_arg_positions
 from autoprec.onnx.passes.assign_formats import is_scalar_constant
 from autoprec.core.passes import PassError, PassResult
 from autoprec.onnx.passes.base import (FLOAT_TYPES, FORMAT, GROUP, INSERTED, KIND, LAYER, POLICY,
@@ -67,6 +67,8 @@ def _type_name(elem_type: int) -> str:
 
 class InsertCasts(OnnxPass):
     """Insert the shared casts (deploy) or roundings (emulate) the decided formats call for."""
+
+    needs = (FORMAT, POLICY)
 
     def __init__(self, params: frozenset[str] = frozenset(), mode: str = "deploy", provider: str | None = None) -> None:
         if mode not in MODES:

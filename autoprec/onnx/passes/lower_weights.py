@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto
 
 from autoprec.deploy.providers import kernel
 from autoprec.core.formats import Precision
-from autoprec.torch.quantize import channel_amax, fp8_scale
-from autoprec.torch.semantics import weight_arg_position
-from autoprec.torch.passes.ops import fp8_codes
+from autoprec.core.fp8 import channel_amax, fp8_codes, fp8_scale
+from autoprec.core.kinds import weight_arg_position
 from autoprec.core.passes import PassError, PassResult
 from autoprec.onnx.passes.base import (FORMAT, GROUP, INSERTED, KIND, LAYER, POLICY, REASON, ROLE,
     ROLE_CORE, SCOPE, VALUE_FORMAT, GraphIndex, OnnxPass, admits, all_names, attr, get_meta,
@@ -61,11 +59,9 @@ def compute_precision(node: onnx.NodeProto, opset: int, fmt: Precision, mode: st
 
 def fp8_weight(w_torch_layout: np.ndarray, fmt: Precision) -> tuple[np.ndarray, np.ndarray]:
     """(codes in the torch layout as ``fmt``'s numpy dtype, per-output-channel fp32 scales)."""
-    w = torch.from_numpy(np.ascontiguousarray(w_torch_layout, dtype=np.float32))
+    w = np.ascontiguousarray(w_torch_layout, dtype=np.float32)
     scale = fp8_scale(channel_amax(w), fmt)  # shape [C, 1, ...]
-    codes = fp8_codes(w, scale, fmt)
-    bits = codes.view(torch.uint8).numpy().view(fmt.numpy_dtype).copy()
-    return bits, scale.reshape(-1).numpy().astype(np.float32)
+    return fp8_codes(w, scale, fmt), scale.reshape(-1).astype(np.float32)
 
 
 def _reads_weight(node: onnx.NodeProto, fmt: Precision | None) -> bool:
@@ -77,6 +73,8 @@ def _reads_weight(node: onnx.NodeProto, fmt: Precision | None) -> bool:
 
 class LowerWeights(OnnxPass):
     """Replace the fp32 weight initializer of every 16-bit and fp8 layer."""
+
+    needs = (FORMAT, POLICY)
 
     def __init__(self, mode: str = "deploy", provider: str | None = None) -> None:
         if mode not in MODES:

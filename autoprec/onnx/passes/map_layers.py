@@ -26,19 +26,20 @@ from __future__ import annotations
 import ast
 import logging
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import onnx
 
-from autoprec.torch.capture import MODULE_KINDS, Captured
 from autoprec.core.errors import PlanError
-from autoprec.core.kinds import aten_kind, layer_class, onnx_kind
+from autoprec.core.kinds import aten_kind, layer_class, onnx_kind, torch_module_kind, weight_arg_position
 from autoprec.core.formats import Precision
-from autoprec.torch.semantics import weight_arg_position
 from autoprec.core.passes import PassError, PassResult
 from autoprec.onnx.passes.base import (GROUP, KIND, LAYER, ROLE, ROLE_CORE, SCOPE, GraphIndex,
     OnnxPass, attr, get_meta, mark_layer, set_meta, weight_slot)
+
+if TYPE_CHECKING:  # the capture this export came from: only its data is read here
+    from autoprec.torch.capture import Captured
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ PRODUCT_OPS = frozenset({"Gemm", "MatMul", "Conv"})
 #: the ONNX op that is a layer's core node, per layer class: its product, or an embedding's lookup
 CORE_OPS = {"linear": PRODUCT_OPS, "conv": PRODUCT_OPS, "matmul": PRODUCT_OPS, "embedding": frozenset({"Gather"})}
 
-#: qualified class name -> kind, for torch.nn leaf modules (what fx records as one call_module)
-_MODULE_KIND_BY_NAME = {f"{cls.__module__}.{cls.__qualname__}": kind for cls, kind in MODULE_KINDS.items()}
 
 
 def literal_list(text: str | None) -> list[str]:
@@ -96,7 +95,7 @@ def node_origin(node: onnx.NodeProto, capture_method: str, rank: int | None = No
         for i in range(1, len(classes) - 1):
             if _is_leaf_module(classes[i]):
                 qual = classes[i]
-                kind = _MODULE_KIND_BY_NAME.get(qual, f"module:{qual.rsplit('.', 1)[-1]}")
+                kind = torch_module_kind(qual) or f"module:{qual.rsplit('.', 1)[-1]}"
                 scope = scopes[i]
                 break
     if scope.startswith("_empty_nn_module_stack"):

@@ -33,7 +33,7 @@ import onnx
 from onnx import TensorProto
 
 from autoprec.core.passes import PassError, PassResult
-from autoprec.onnx.passes.base import (ACT_AMAX, ROLE, ROLE_CORE, GraphIndex, OnnxPass, all_names,
+from autoprec.onnx.passes.base import (ACT_AMAX, FORMAT, ROLE, ROLE_CORE, GraphIndex, OnnxPass, all_names,
     attr, get_meta, make_tensor, node_format, set_attr, set_nodes, unique_name)
 
 _BIAS_SLOT = {"Gemm": 2, "Conv": 2}
@@ -65,6 +65,8 @@ def _splits(node: onnx.NodeProto, idx: GraphIndex) -> bool:
 class SplitBias(OnnxPass):
     """Give the bias of every 16-bit Gemm/Conv layer an Add of its own after the product, and drop
     every layer's bias of zeros."""
+
+    needs = (FORMAT,)
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         idx = GraphIndex(model)

@@ -14,11 +14,9 @@ from typing import Mapping
 
 import torch.fx as fx
 
-from autoprec.core.errors import PlanError
 from autoprec.core.formats import Precision
-from autoprec.core.lowering import PARAMETER, NodeDecision, check_assignment, lower
+from autoprec.core.lowering import PARAMETER, NodeDecision, lower, validate_plan
 from autoprec.core.opgraph import OpGraph, Policy
-from autoprec.torch.semantics import act_arg_positions
 from autoprec.core.passes import PassError, PassResult
 from autoprec.torch.passes.base import ACT_AMAX, FORMAT, REASON, ROUNDS, VALUE_FORMAT, Pass
 
@@ -33,32 +31,6 @@ def value_format(node: fx.Node) -> Precision:
 def policy(graph: OpGraph, node: fx.Node) -> Policy:
     """The op graph's policy of ``node``; NONE for nodes the op graph leaves out (a layer's weight)."""
     return graph[node.name].policy if node.name in graph else Policy.NONE
-
-
-def validate_plan(graph: OpGraph, assignment: Mapping[str, Precision],
-                  act_amax: Mapping[str, tuple[float, ...]] | None) -> dict[str, tuple[float, ...]]:
-    """Check the plan against the model; return the amax tuple of each fp8 layer.
-
-    Raises :class:`PlanError` for names that are not layers of the model, formats that are not
-    :class:`Precision` members, and fp8 layers without a calibrated amax for each activation input
-    (an fp8 lookup reads none: its scales come from its table).
-    """
-    check_assignment(graph, assignment)
-    amaxes: dict[str, tuple[float, ...]] = {}
-    missing = []
-    for name in graph.layer_names():
-        fmt = assignment.get(name, FP32)
-        if not fmt.is_fp8:
-            continue
-        need = len(act_arg_positions(graph[name].kind))
-        got = tuple(float(a) for a in (act_amax or {}).get(name, ()))
-        if len(got) < need:
-            missing.append(name)
-        amaxes[name] = got
-    if missing:
-        raise PlanError(f"fp8 layer(s) {', '.join(missing)} have no calibrated activation amax: pass "
-                        "act_amax (e.g. autoprec.torch.passes.act_amax_from_profile(profile)); fp8 uses static scales")
-    return amaxes
 
 
 def decide_formats(gm: fx.GraphModule, graph: OpGraph,

@@ -27,7 +27,18 @@ INSERTED = "autoprec_inserted"
 
 
 class Pass(GraphPass[fx.GraphModule]):
-    """An fx pass: its default postcondition is that the graph lints."""
+    """An fx pass: its default precondition is the node metadata it reads, its default postcondition
+    that the graph lints."""
+
+    #: node.meta keys every node must carry before the pass runs (what an earlier pass wrote)
+    needs: tuple[str, ...] = ()
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        for node in gm.graph.nodes:
+            missing = [k for k in self.needs if k not in node.meta]
+            if missing:
+                raise PassError(f"{self.name}: node {node.name} has no {', '.join(missing)}: run the passes "
+                                "that write it first")
 
     def ensures(self, gm: fx.GraphModule) -> None:
         try:

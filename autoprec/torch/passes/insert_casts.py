@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from autoprec.core.formats import Precision
 from autoprec.core.opgraph import OpGraph, Policy
-from autoprec.torch.semantics import act_arg_positions
+from autoprec.core.kinds import act_arg_positions
 from autoprec.core.passes import PassError, PassResult
 from autoprec.torch.passes.base import ACT_AMAX, FORMAT, INSERTED, KIND, REASON, ROUNDS, SCOPE, VALUE_FORMAT, Pass
 from autoprec.torch.capture import is_float_value
@@ -68,6 +68,8 @@ def needs(graph: OpGraph, consumer: fx.Node, value: fx.Node) -> tuple[Precision,
 
 class InsertCasts(Pass):
     """Insert the shared edge casts and the output rounding of 16-bit FOLLOW ops."""
+
+    needs = (FORMAT, VALUE_FORMAT)
 
     def __init__(self, graph: OpGraph, native: bool = False) -> None:
         self.graph = graph

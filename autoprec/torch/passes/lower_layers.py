@@ -49,6 +49,8 @@ def is_lowered(node: fx.Node) -> bool:
 class LowerLayers(Pass):
     """Point every layer whose format is not fp32 at its low-precision function."""
 
+    needs = (FORMAT,)
+
     def __init__(self, native: bool = False) -> None:
         self.native = native
 
