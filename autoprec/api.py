@@ -229,7 +229,7 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     ``batch``: the deployment batch the cost model prices (samples per inference call).
     ``provider``: an ONNX Runtime execution provider (cpu, cuda, tensorrt) the plan will run on:
     formats it has no faithful kernel for are never offered (each exclusion is a reason), and each
-    layer is priced in the format it computes in there (:class:`~autoprec.cost.ProviderCostModel`:
+    layer is priced in the format it computes in there (:class:`~autoprec.cost.provider.ProviderCostModel`:
     fp8 is an fp32 op between Q/DQ except on TensorRT).
     ``timing``: where ``provider`` is cuda and really runs here (a GPU), time the deployment graphs
     of the searched plan, of the fastest uniform plan within budget and of all-fp32, and adopt the

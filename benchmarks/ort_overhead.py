@@ -1,5 +1,5 @@
 """ONNX Runtime's fixed cost per graph node on an execution provider: what every kernel of a
-deployed graph costs on top of its work, the figure to hold against ``autoprec.cost.LAUNCH_OVERHEAD_S``.
+deployed graph costs on top of its work, the figure to hold against ``autoprec.cost.roofline.LAUNCH_OVERHEAD_S``.
 
     .venv/bin/python benchmarks/ort_overhead.py [--provider cuda] [--out FILE]
 

@@ -9,7 +9,7 @@
    example) would become an fp32 constant, out of reach of the plan. Inference batch norms are
    folded into the convolution before them by :mod:`autoprec.core.bn_fold`, the numerics the capture
    folds them with (the exporter's own fold is not that definition, so its rules stay off).
-2. :func:`apply_plan_onnx` runs the ONNX passes (``passes/onnx_*``) that apply the same plan as
+2. :func:`apply_plan_onnx` runs the ONNX passes (``autoprec/onnx/passes``) that apply the same plan as
    the torch passes, with the same decisions: MapLayers (plan layers -> ONNX nodes through the
    exporter's metadata), AssignFormats, LowerWeights (16-bit / fp8 initializers), InsertCasts.
 
@@ -54,11 +54,9 @@ from autoprec.torch.semantics import needs_act_amax
 from autoprec.core.sensitivity import SensitivityProfile
 from autoprec.torch.spec import ModelSpec, load_model_spec
 from autoprec.onnx.passes.assign_formats import AssignFormats, param_names
-from autoprec.core.passes import PassManager
-from autoprec.onnx.apply import run_plan_passes
-from autoprec.onnx.passes.base import MODEL_IO, MODEL_MODE, OnnxPass, infer_types, model_meta, set_model_meta
+from autoprec.onnx.apply import load_assignment, run_plan_passes, set_io_format
+from autoprec.onnx.passes.base import OnnxPass, infer_types
 from autoprec.onnx.passes.insert_casts import InsertCasts
-from autoprec.onnx.passes.io_format import IO_FORMATS, IOFormat
 from autoprec.onnx.passes.keep_roundings import KeepRoundings
 from autoprec.onnx.passes.lower_weights import MODES, LowerWeights
 from autoprec.onnx.passes.map_layers import CLASS_HIERARCHY, MapLayers, literal_list
@@ -201,16 +199,6 @@ def apply_plan_onnx(fp32_model: onnx.ModelProto, captured: Captured, assignment:
 # --- files ---------------------------------------------------------------------------------------
 
 
-def _load_plan(plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any] | None) -> dict[str, Precision]:
-    if plan is None:
-        return {}
-    if isinstance(plan, PrecisionPlan):
-        return plan.assignment
-    if isinstance(plan, Mapping):
-        return {k: parse_precision(v) for k, v in plan.items()}
-    return PrecisionPlan.load(plan).assignment
-
-
 def _load_amax(profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None
                ) -> dict[str, tuple[float, ...]] | None:
     from autoprec.torch.passes import act_amax_from_profile
@@ -252,7 +240,7 @@ def build_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
         plan = PrecisionPlan.load(plan)
     if isinstance(plan, PrecisionPlan):
         plan.check_against(captured.graph)  # same layers, kinds and shapes as the model it was made for
-    assignment = _load_plan(plan)
+    assignment = load_assignment(plan)
     amax = _load_amax(profile)
     fp8 = sorted(k for k, f in assignment.items() if k in captured.graph and needs_act_amax(captured.graph[k].kind, f))
     if fp8 and amax is None:
@@ -260,25 +248,6 @@ def build_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
                         "(--profile) for their calibrated activation scales")
     fp32 = torch_to_onnx(module, example, opset)
     return apply_plan_onnx(fp32, captured, assignment, amax, mode, provider=provider), captured
-
-
-def set_io_format(model: onnx.ModelProto, io: Precision | str) -> onnx.ModelProto:
-    """A copy of ``model``, a graph written by this module, with its graph inputs and outputs in
-    ``io`` (fp32, the default: ``model`` itself; fp16: :mod:`autoprec.onnx.passes.io_format`; an emulation
-    graph rounds them to it instead), recorded in its metadata."""
-    fmt = parse_precision(io)
-    if fmt is FP32:
-        return model
-    if fmt not in IO_FORMATS:
-        raise UsageError(f"graph inputs and outputs can be {' or '.join(f.value for f in IO_FORMATS)}, not {fmt}: "
-                         "ONNX Runtime's Python API has no numpy type for bf16 or fp8")
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    model = PassManager([IOFormat(fmt, model_meta(copy).get(MODEL_MODE, "deploy"))]).run(copy).graph
-    set_model_meta(model, MODEL_IO, fmt.value)
-    del model.graph.value_info[:]
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def export_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],

@@ -4,7 +4,7 @@ A plan is only useful if the deployment can execute it *faithfully*: a layer pla
 find a bf16 kernel on the target execution provider (EP), or ONNX Runtime either refuses the model
 (NOT_IMPLEMENTED) or, on the CPU EP, quietly computes in fp32 between inserted casts and throws the
 16-bit rounding away (FACTS.md). :func:`exclusions` turns that into the ``excluded`` argument of
-:meth:`autoprec.search.SearchProblem.build`, with a reason a person can read.
+:meth:`autoprec.search.problem.SearchProblem.build`, with a reason a person can read.
 
 Sources of the built-in table (every entry records whether it is *documented* or *assumed*):
 

@@ -12,7 +12,7 @@ fp16 nodes in fp32 and drops their rounding, and it has no bf16 kernels. There t
 measured on the *emulation graph* of the same plan (fp32 compute, every rounding explicit), and
 the report says so.
 
-Parity holds the torch emulation (``passes.apply_plan(mode="emulate")``) and ONNX Runtime's run of
+Parity holds the torch emulation (``autoprec.torch.passes.apply_plan(mode="emulate")``) and ONNX Runtime's run of
 the emulation graph to the same numbers on the model's calibration data: relative L2 error within
 the epsilon of the narrowest format the plan uses (or twice the model's own response to a one-ulp
 input change, where that is larger: see :class:`Parity`), and equal argmax on at least 99.5% of
@@ -36,6 +36,12 @@ from autoprec.core.formats import Precision
 from autoprec.core.metrics import metric_drop
 from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import PrecisionPlan
+from autoprec.core.stats import output_kind_of
+from autoprec.deploy.providers import CPU
+from autoprec.deploy import runtime
+from autoprec.onnx.apply import load_assignment, recorded_plan, set_io_format
+from autoprec.onnx.model import OnnxModel
+from autoprec.onnx.passes.base import MODEL_FINGERPRINT, MODEL_IO, MODEL_MODE, MODEL_PROVIDER, model_meta, opset_of
 from autoprec.torch.spec import ModelSpec, load_model_spec
 
 #: fewest top-1 agreements (fraction of positions) parity accepts
@@ -157,9 +163,8 @@ class VerifyReport:
 
 
 def _assignment_of(plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Precision]:
-    from autoprec.deploy.export import _load_plan
 
-    return _load_plan(plan)
+    return load_assignment(plan)
 
 
 def _check_same_plan(recorded: Mapping[str, Precision], given: Mapping[str, Precision]) -> None:
@@ -180,7 +185,6 @@ def narrowest_format(assignment: Mapping[str, Precision], io: Precision = Precis
 def _io_format(model: onnx.ModelProto, notes: list[str]) -> Precision:
     """The format of an exported file's graph inputs and outputs (recorded by `export --io`); a
     note says so when it is not fp32."""
-    from autoprec.onnx.passes.base import MODEL_IO, model_meta
 
     io = Precision(model_meta(model).get(MODEL_IO, Precision.FP32.value))
     if io is not Precision.FP32:
@@ -193,8 +197,6 @@ def _measures_the_file(model: onnx.ModelProto, provider: str) -> bool:
     a GPU provider, and on the CPU for a deployment graph written for it (`--provider cpu`), whose
     ops compute in 16 bits only where the CPU has the kernel, so that it computes the plan
     faithfully there."""
-    from autoprec.deploy.providers import CPU
-    from autoprec.onnx.passes.base import MODEL_MODE, MODEL_PROVIDER, model_meta
 
     if provider in ("cuda", "tensorrt"):
         return True
@@ -285,12 +287,9 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     """
     from autoprec.metrics import model_metric
     from autoprec.torch.capture import capture
-    from autoprec.deploy.export import apply_plan_onnx, set_io_format, torch_to_onnx
-    from autoprec.core.stats import output_kind_of
+    from autoprec.deploy.export import apply_plan_onnx, torch_to_onnx
     from autoprec.torch.profile import first_tensor
-    from autoprec.deploy.runtime import open_session, ort_module, parse_providers, probe_provider
     from autoprec.torch.passes import apply_plan
-    from autoprec.onnx.passes.base import MODEL_FINGERPRINT, model_meta, opset_of
 
     t0 = time.perf_counter()
     path, model, mode, assignment, amax, allowed = _read_exported(onnx_path, plan)
@@ -310,11 +309,11 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     else:
         fp32 = torch_to_onnx(module, example, opset_of(model))
         emulation = set_io_format(apply_plan_onnx(fp32, captured, assignment, amax or None, "emulate"), io)
-    emu_session = open_session(emulation.SerializeToString(), "cpu")
-    asked = parse_providers(providers)
-    provider, why = probe_provider(asked)
+    emu_session = runtime.open_session(emulation.SerializeToString(), "cpu")
+    asked = runtime.parse_providers(providers)
+    provider, why = runtime.probe_provider(asked)
     if _measures_the_file(model, provider):
-        metric_session = open_session(str(path), providers)
+        metric_session = runtime.open_session(str(path), providers)
         provider, why = metric_session.provider, metric_session.reason
         graph = "deployment" if mode == "deploy" else "emulation"
     else:
@@ -337,7 +336,7 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
         provider_note=f"asked for {asked[0]}: {why}" if provider != asked[0] else "",
         metric_graph=graph, formats=_counts(assignment, captured.graph), parity=par, metric=metric.name,
         higher_is_better=metric.higher_is_better, allowed_drop=allowed, notes=notes, parity_of=parity_of)
-    report.metric_onnx = float(metric.measure(ort_module(metric_session)))
+    report.metric_onnx = float(metric.measure(runtime.ort_module(metric_session)))
     report.metric_torch_emulated = float(metric.measure(torch_emulated))
     report.metric_fp32 = float(metric.measure(captured.gm))
     if spec.evaluate is None:
@@ -374,7 +373,6 @@ def _read_exported(onnx_path: str | os.PathLike[str], plan: PrecisionPlan | str 
                                     float | None]:
     """(path, model, mode, assignment, fp8 amax, allowed drop) of a file `autoprec` wrote; a plan
     given beside it must be the one it recorded (its measured allowed drop judges the metric)."""
-    from autoprec.onnx.apply import recorded_plan
 
     path = Path(onnx_path)
     if not path.is_file():
@@ -408,11 +406,6 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
     """
     from dataclasses import replace
 
-    from autoprec.deploy.export import set_io_format
-    from autoprec.onnx.model import OnnxModel
-    from autoprec.core.stats import output_kind_of
-    from autoprec.deploy.runtime import parse_providers, probe_provider
-    from autoprec.onnx.passes.base import MODEL_FINGERPRINT, model_meta
 
     t0 = time.perf_counter()
     path, model, mode, assignment, amax, allowed = _read_exported(onnx_path, plan)
@@ -425,8 +418,8 @@ def verify_onnx_input(onnx_path: str | os.PathLike[str], source: str | os.PathLi
     notes: list[str] = []
     io = _io_format(model, notes)
     emulation = model if mode == "emulate" else set_io_format(om.build(assignment, amax or None, "emulate"), io)
-    asked = parse_providers(providers)
-    provider, why = probe_provider(asked)
+    asked = runtime.parse_providers(providers)
+    provider, why = runtime.probe_provider(asked)
     metric = om.metric()
     report = VerifyReport(onnx_path=str(path), model=graph.model_name, file_mode=mode, provider=provider,
                           provider_note=f"asked for {asked[0]}: {why}" if provider != asked[0] else "",

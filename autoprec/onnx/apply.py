@@ -5,27 +5,31 @@ the same AssignFormats, SplitBias, LowerWeights, InsertCasts and KeepRoundings a
 export, :func:`autoprec.deploy.export.apply_plan_onnx`); :func:`run_plan_passes`, shared by both,
 runs a sequence on a copy, records the plan in the model's metadata (``autoprec.*`` keys: mode,
 assignment, fp8 amax, model, fingerprint, provider) and checks the result with the full ONNX checker;
-:func:`recorded_plan` reads it back. Imports no torch.
+:func:`recorded_plan` reads it back; :func:`set_io_format` gives a written graph 16-bit inputs and outputs.
+Imports no torch.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Mapping
+import os
+from typing import Any, Mapping
 
 import onnx
 
 from autoprec.core.errors import UsageError
 from autoprec.core.formats import Precision, parse_precision
 from autoprec.core.opgraph import OpGraph
+from autoprec.core.plan import PrecisionPlan
 from autoprec.core.passes import PassManager
 from autoprec.deploy.providers import parse_provider
 from autoprec.onnx.graph import OnnxAnalysis
 from autoprec.onnx.passes.assign_formats import AssignFormats
 from autoprec.onnx.passes.base import (FORMAT, INSERTED, LAYER, MODEL_ACT_AMAX, MODEL_ASSIGNMENT, MODEL_FINGERPRINT,
-                                       MODEL_MODE, MODEL_NAME, MODEL_PROVIDER, REASON, ROLE, ROLE_CORE, OnnxPass,
+                                       MODEL_IO, MODEL_MODE, MODEL_NAME, MODEL_PROVIDER, REASON, ROLE, ROLE_CORE, OnnxPass,
                                        drop_meta, get_meta, infer_types, model_meta, set_model_meta)
 from autoprec.onnx.passes.insert_casts import InsertCasts
+from autoprec.onnx.passes.io_format import IO_FORMATS, IOFormat
 from autoprec.onnx.passes.keep_roundings import KeepRoundings
 from autoprec.onnx.passes.lower_weights import MODES, LowerWeights
 from autoprec.onnx.passes.map_nodes import MapNodes
@@ -114,3 +118,34 @@ def recorded_plan(model: onnx.ModelProto) -> tuple[str, dict[str, Precision], di
     assignment = {k: Precision(v) for k, v in json.loads(meta[MODEL_ASSIGNMENT]).items()}
     amax = {k: tuple(float(a) for a in v) for k, v in json.loads(meta.get(MODEL_ACT_AMAX, "{}")).items()}
     return meta.get(MODEL_MODE, "deploy"), assignment, amax
+
+
+def set_io_format(model: onnx.ModelProto, io: Precision | str) -> onnx.ModelProto:
+    """A copy of ``model``, a graph written by this module, with its graph inputs and outputs in
+    ``io`` (fp32, the default: ``model`` itself; fp16: :mod:`autoprec.onnx.passes.io_format`; an emulation
+    graph rounds them to it instead), recorded in its metadata."""
+    fmt = parse_precision(io)
+    if fmt is FP32:
+        return model
+    if fmt not in IO_FORMATS:
+        raise UsageError(f"graph inputs and outputs can be {' or '.join(f.value for f in IO_FORMATS)}, not {fmt}: "
+                         "ONNX Runtime's Python API has no numpy type for bf16 or fp8")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    model = PassManager([IOFormat(fmt, model_meta(copy).get(MODEL_MODE, "deploy"))]).run(copy).graph
+    set_model_meta(model, MODEL_IO, fmt.value)
+    del model.graph.value_info[:]
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def load_assignment(plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any] | None) -> dict[str, Precision]:
+    """The layer -> format assignment of a plan given as a PrecisionPlan, a mapping or a plan.json
+    path (None: no plan, every layer fp32)."""
+    if plan is None:
+        return {}
+    if isinstance(plan, PrecisionPlan):
+        return plan.assignment
+    if isinstance(plan, Mapping):
+        return {k: parse_precision(v) for k, v in plan.items()}
+    return PrecisionPlan.load(plan).assignment

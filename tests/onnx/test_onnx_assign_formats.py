@@ -1,4 +1,4 @@
-"""AssignFormats on ONNX decides what fx_assign_formats decides on the torch graph."""
+"""AssignFormats on ONNX decides what the fx AssignFormats and the cost model decide: the one lowering."""
 
 from __future__ import annotations
 

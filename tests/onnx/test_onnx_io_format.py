@@ -1,4 +1,4 @@
-"""IOFormat / export.set_io_format: fp16 graph inputs and outputs on request (export --io fp16)."""
+"""IOFormat / onnx.apply.set_io_format: fp16 graph inputs and outputs on request (export --io fp16)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from onnx import TensorProto
 
 from autoprec.core.errors import UsageError
-from autoprec.deploy.export import apply_plan_onnx, set_io_format
+from autoprec.deploy.export import apply_plan_onnx
+from autoprec.onnx.apply import set_io_format
 from autoprec.core.formats import Precision
 from autoprec.torch.quantize import quantize
 from autoprec.deploy.runtime import open_session
