@@ -140,7 +140,7 @@ class TorchTunable:
         torch emulation. None with ``onnx_check`` off. A failure says how to tune without it."""
         if not self._onnx_check:
             return None
-        from autoprec.deploy.runtime import open_session, ort_module
+        from autoprec.ort.runtime import open_session, ort_module
 
         try:
             graph = self.onnx_model(assignment, "emulate")
@@ -158,7 +158,7 @@ class TorchTunable:
         if not self._timing:
             return None
         from autoprec.onnx.graph import graph_inputs
-        from autoprec.deploy.runtime import repeat_to
+        from autoprec.ort.runtime import repeat_to
 
         arrays = [repeat_to(t.numpy(), batch) for t in self.spec.example_inputs()]
         return dict(zip([i.name for i in graph_inputs(self._fp32())], arrays)), batch
@@ -204,7 +204,7 @@ class OnnxTunable:
         """The first data batch repeated to ``batch`` samples (the model's own batch where it fixes it)."""
         if not self._timing:
             return None
-        from autoprec.deploy.runtime import repeat_to
+        from autoprec.ort.runtime import repeat_to
 
         first = self.om.batches()[0]
         if self.om.fixed_batch:

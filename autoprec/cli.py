@@ -21,7 +21,7 @@ from rich.table import Table
 
 from autoprec.core.errors import AutoprecError, UsageError
 from autoprec.core.formats import DEFAULT_CANDIDATES, parse_precisions
-from autoprec.deploy.runtime import set_runtime_log
+from autoprec.ort.runtime import set_runtime_log
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 

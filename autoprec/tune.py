@@ -25,7 +25,7 @@ from autoprec.core.sensitivity import SensitivityProfile
 from autoprec.cost.model import CostModel
 from autoprec.cost.provider import ProviderCostModel
 from autoprec.cost.roofline import RooflineCostModel
-from autoprec.deploy.providers import exclusions
+from autoprec.ort.providers import exclusions
 from autoprec.report import LatencyCheck, TuneSummary, UniformResult
 from autoprec.search.loop import tune_loop
 from autoprec.search.pareto import ParetoPoint, pareto_sweep
@@ -201,7 +201,7 @@ def _against_latency(problem: SearchProblem, plan: PrecisionPlan, uniforms: list
                      provider: str, batch: int, adopt: bool) -> tuple[PrecisionPlan, LatencyCheck | None]:
     """Where ``provider`` is cuda and really runs here, time the deployment graphs of the searched
     plan, the fastest uniform plan within budget and all-fp32 (GPU-resident inputs, interleaved
-    rounds: :func:`autoprec.deploy.runtime.latencies_ms`), and adopt the fastest when it beats the searched
+    rounds: :func:`autoprec.ort.runtime.latencies_ms`), and adopt the fastest when it beats the searched
     plan by more than :data:`SPEED_MARGIN` (and ``adopt``). All three are within budget.
 
     The cost model prices kernels from peak rates; on small tensors a GPU runs 16-bit kernels no
@@ -209,8 +209,8 @@ def _against_latency(problem: SearchProblem, plan: PrecisionPlan, uniforms: list
     slower (measured: a 16-layer ResNet on 16x16 images, 0.71x of fp32 on an H100). TensorRT is not
     timed: building its engines takes minutes per graph. Without the provider, or where the model's
     deployment graphs are not to be timed, nothing is timed."""
-    from autoprec.deploy.providers import CUDA, parse_provider
-    from autoprec.deploy.runtime import cuda_available, latencies_ms
+    from autoprec.ort.providers import CUDA, parse_provider
+    from autoprec.ort.runtime import cuda_available, latencies_ms
 
     if parse_provider(provider) != CUDA or not cuda_available():
         return plan, None

@@ -47,7 +47,7 @@ from autoprec.deploy.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
 from autoprec.core.formats import Precision  # noqa: E402
 from autoprec.core.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from autoprec.onnx.graph import graph_inputs  # noqa: E402
-from autoprec.deploy.runtime import cuda_available, latencies_ms, repeat_to, set_runtime_log  # noqa: E402
+from autoprec.ort.runtime import cuda_available, latencies_ms, repeat_to, set_runtime_log  # noqa: E402
 from autoprec.torch.spec import load_model_spec  # noqa: E402
 from autoprec.deploy.verify import near_tie_note, verify  # noqa: E402
 from autoprec.torch.passes import act_amax_from_profile  # noqa: E402

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from autoprec.api import tune_onnx  # noqa: E402
 from autoprec.core.io import atomic_write_bytes  # noqa: E402
-from autoprec.deploy.runtime import cuda_available, latencies_ms, set_runtime_log  # noqa: E402
+from autoprec.ort.runtime import cuda_available, latencies_ms, set_runtime_log  # noqa: E402
 from autoprec.deploy.verify import verify_onnx_input  # noqa: E402
 
 

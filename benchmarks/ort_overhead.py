@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autoprec.core.io import atomic_write_text  # noqa: E402
-from autoprec.deploy.runtime import latencies_ms, parse_providers, probe_provider, set_runtime_log  # noqa: E402
+from autoprec.ort.runtime import latencies_ms, parse_providers, probe_provider, set_runtime_log  # noqa: E402
 
 LENGTHS = (2, 34, 66, 130)
 SHAPE = (256, 16)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from autoprec.torch.capture import capture  # noqa: E402
 from autoprec.deploy.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
 from autoprec.core.formats import Precision  # noqa: E402
-from autoprec.deploy.runtime import open_session  # noqa: E402
+from autoprec.ort.runtime import open_session  # noqa: E402
 from autoprec.torch.spec import load_model_spec  # noqa: E402
 from autoprec.onnx.passes.base import GraphIndex  # noqa: E402
 

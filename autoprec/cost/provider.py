@@ -6,17 +6,17 @@ from autoprec.core.formats import Precision
 from autoprec.core.kinds import BIAS_KINDS
 from autoprec.core.opgraph import OpNode, Policy
 from autoprec.cost.model import CostModel
-from autoprec.deploy.providers import TENSORRT, compute_format, follow_format, parse_provider
+from autoprec.ort.providers import TENSORRT, compute_format, follow_format, parse_provider
 
 
 class ProviderCostModel(CostModel):
     """``base`` priced as an ONNX Runtime execution provider runs the deployed graph: each layer at
-    the format it computes in there (:func:`autoprec.deploy.providers.compute_format`). On the CPU and
+    the format it computes in there (:func:`autoprec.ort.providers.compute_format`). On the CPU and
     CUDA providers an fp8 layer is an fp32 op on dequantized operands whose fp8 weight ONNX Runtime
     dequantizes once, at session start: it costs what the fp32 layer costs, and its quantize casts
     come on top, so the search keeps fp8 for providers that fuse it into an fp8 kernel (TensorRT).
     A FOLLOW op without a kernel in its format there costs fp32 plus two casts
-    (:func:`autoprec.deploy.providers.follow_format`). A layer's bias that the deployed graph adds in an
+    (:func:`autoprec.ort.providers.follow_format`). A layer's bias that the deployed graph adds in an
     Add of its own, outside the product's kernel, costs that Add (:func:`separate_bias_add`); TensorRT
     fuses every bias. Casts and fixed ops are ``base``'s.
     """

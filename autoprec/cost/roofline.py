@@ -68,7 +68,7 @@ class RooflineCostModel(CostModel):
         one byte per element and wins; the fp32 copy is a transient workspace of the lookup, not a
         stored weight or a value handed to another op, so it is not counted. (A runtime that folds
         the constant DequantizeLinear at load instead -- ONNX Runtime does once its QDQ handling is
-        off, as in :func:`autoprec.deploy.runtime.open_session` -- keeps that fp32 copy for good: the
+        off, as in :func:`autoprec.ort.runtime.open_session` -- keeps that fp32 copy for good: the
         lookup is then fast but the table takes four bytes per element in memory, not one.)
         """
         out_bytes = op.act_out_elems * fmt.compute_output.bytes

@@ -1,1 +1,1 @@
-"""Deployment: provider kernel tables, ONNX Runtime sessions, export of a plan to ONNX, and verification."""
+"""Deployment: a torch model and its plan exported to ONNX, and a written file verified against the plan."""

@@ -37,8 +37,8 @@ from autoprec.core.metrics import metric_drop
 from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import PrecisionPlan
 from autoprec.core.stats import output_kind_of
-from autoprec.deploy.providers import CPU
-from autoprec.deploy import runtime
+from autoprec.ort.providers import CPU
+from autoprec.ort import runtime
 from autoprec.onnx.apply import load_assignment, recorded_plan, set_io_format
 from autoprec.onnx.model import OnnxModel
 from autoprec.onnx.passes.base import MODEL_FINGERPRINT, MODEL_IO, MODEL_MODE, MODEL_PROVIDER, model_meta, opset_of

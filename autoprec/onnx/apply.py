@@ -22,7 +22,7 @@ from autoprec.core.formats import Precision, parse_precision
 from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import PrecisionPlan
 from autoprec.core.passes import PassManager
-from autoprec.deploy.providers import parse_provider
+from autoprec.ort.providers import parse_provider
 from autoprec.onnx.graph import OnnxAnalysis
 from autoprec.onnx.passes.assign_formats import AssignFormats
 from autoprec.onnx.passes.base import (FORMAT, INSERTED, LAYER, MODEL_ACT_AMAX, MODEL_ASSIGNMENT, MODEL_FINGERPRINT,

@@ -92,7 +92,7 @@ class OnnxAnalysis:
     """What :func:`analyse_onnx` found: the preprocessed model and its op graph, plus
 
     ``op_types``: node name -> ONNX op type ("domain::Op" outside the default domain), the input
-    :func:`autoprec.deploy.providers.exclusions` wants; ``reasons``: node name -> why the node stays
+    :func:`autoprec.ort.providers.exclusions` wants; ``reasons``: node name -> why the node stays
     fp32 (control flow, unknown op, ...); ``groups``: node name -> the node that names its group,
     the nodes that compute one op together and round its result once (a decomposed layer norm; a
     MatMul and the Add of its bias); ``notes``: what preprocessing changed, for the report.

@@ -43,7 +43,7 @@ from autoprec.core.metrics import Metric, fidelity_to, label_metric
 from autoprec.onnx.graph import FLOAT_TYPES, OnnxAnalysis, analyse_onnx, graph_inputs, read_model
 from autoprec.core.stats import ErrorSum, Progress, RangeAccumulator, explain, measure_name, output_kind_of
 from autoprec.onnx.apply import apply_plan_analysed
-from autoprec.deploy.runtime import open_session
+from autoprec.ort.runtime import open_session
 from autoprec.core.kinds import act_arg_positions
 from autoprec.core.sensitivity import LayerRanges, SensitivityProfile
 

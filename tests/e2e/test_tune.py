@@ -19,7 +19,7 @@ from autoprec.core.errors import PlanError, UsageError
 from autoprec.core.formats import Precision
 from autoprec.metrics import Metric
 from autoprec.core.plan import PrecisionPlan
-from autoprec.deploy.runtime import open_session, ort_module
+from autoprec.ort.runtime import open_session, ort_module
 from autoprec.torch.spec import load_model_spec
 from autoprec.onnx.passes.base import MODEL_MODE, model_meta
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import onnx
 import pytest
 
-import autoprec.deploy.runtime as runtime
+import autoprec.ort.runtime as runtime
 from autoprec.core.formats import Precision
 from autoprec.core.metrics import DropBudget
 from autoprec.core.opgraph import OpGraph, OpNode, Policy

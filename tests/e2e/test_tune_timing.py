@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-import autoprec.deploy.runtime as runtime
+import autoprec.ort.runtime as runtime
 from autoprec.api import SPEED_MARGIN, tune
 from autoprec.core.formats import Precision
 

@@ -34,7 +34,7 @@ def torch_cuda() -> None:
 
 @pytest.fixture(scope="module")
 def ort_cuda() -> None:
-    from autoprec.deploy.runtime import cuda_available
+    from autoprec.ort.runtime import cuda_available
 
     if not cuda_available():
         pytest.skip("ONNX Runtime has no working CUDA provider here")
@@ -91,7 +91,7 @@ def test_latency_is_measured_on_cuda(ort_cuda) -> None:
     import numpy as np
     from onnx import TensorProto, helper
 
-    from autoprec.deploy.runtime import latency_ms
+    from autoprec.ort.runtime import latency_ms
 
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],

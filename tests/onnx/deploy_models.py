@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from autoprec.deploy.runtime import open_session
+from autoprec.ort.runtime import open_session
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,7 +115,7 @@ def integer_input(shape: tuple[int, ...], seed: int = 0, high: int = 15) -> torc
 
 
 def run_onnx(model, *inputs, providers="cpu") -> np.ndarray:
-    """First output of ``model`` (ModelProto or bytes) on ``inputs`` through autoprec.deploy.runtime."""
+    """First output of ``model`` (ModelProto or bytes) on ``inputs`` through autoprec.ort.runtime."""
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return open_session(data, providers)(*inputs)[0]
 

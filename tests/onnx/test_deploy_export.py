@@ -11,7 +11,7 @@ import pytest
 from deploy_models import ROOT, rel_l2, run_onnx
 
 from autoprec.api import tune
-from autoprec.deploy.providers import kernel
+from autoprec.ort.providers import kernel
 from autoprec.core.errors import PlanError, UsageError
 from autoprec.deploy.export import apply_plan_onnx, export_onnx
 from autoprec.onnx.apply import recorded_plan

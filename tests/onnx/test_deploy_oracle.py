@@ -14,7 +14,7 @@ from deploy_models import rel_l2, run_onnx
 
 from autoprec.deploy.export import apply_plan_onnx
 from autoprec.core.formats import Precision
-from autoprec.deploy.runtime import open_session
+from autoprec.ort.runtime import open_session
 from autoprec.deploy.verify import narrowest_format, parity
 from autoprec.torch.passes import apply_plan
 

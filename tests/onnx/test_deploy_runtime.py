@@ -1,4 +1,4 @@
-"""autoprec.deploy.runtime: the provider a session really got, said plainly; and the ONNX Runtime
+"""autoprec.ort.runtime: the provider a session really got, said plainly; and the ONNX Runtime
 behaviours the emulation graph relies on, checked on this machine's onnxruntime."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from autoprec.core.errors import UsageError
 from autoprec.core.formats import Precision
 from autoprec.torch.quantize import fp8_scale, quantize
-from autoprec.deploy.runtime import Session, cuda_available, latency_ms, open_session, ort_module, parse_providers
+from autoprec.ort.runtime import Session, cuda_available, latency_ms, open_session, ort_module, parse_providers
 
 
 def _model(nodes, inits=(), out_type=TensorProto.FLOAT) -> bytes:
@@ -35,10 +35,10 @@ def test_parse_providers() -> None:
 
 @pytest.mark.skipif(cuda_available(), reason="this machine runs CUDA: nothing falls back")
 def test_asking_for_cuda_reports_the_cpu_it_got(caplog, capfd) -> None:
-    import autoprec.deploy.runtime as rt
+    import autoprec.ort.runtime as rt
 
     rt._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="autoprec.deploy.runtime"):
+    with caplog.at_level(logging.WARNING, logger="autoprec.ort.runtime"):
         s = open_session(RELU, ("cuda", "cpu"))
     assert isinstance(s, Session) and s.provider == "cpu" and s.fell_back and s.providers == ["CPUExecutionProvider"]
     assert s.reason and "on cpu (asked for cuda" in s.describe()

@@ -10,7 +10,7 @@ from deploy_models import ROOT
 
 from autoprec.core.errors import PlanError, UsageError
 from autoprec.deploy.export import export_onnx
-from autoprec.deploy.runtime import cuda_available
+from autoprec.ort.runtime import cuda_available
 from autoprec.deploy.verify import Parity, VerifyReport, near_tie_note, verify
 
 MODEL = ROOT / "models" / "cancer_mlp.py"
@@ -64,12 +64,12 @@ def test_verify_on_a_gpu_provider_measures_the_deployment_graph(tmp_path, zoo, m
     parity come from the deployment graph, and the report names the provider the session really got. Only the last
     layer, whose output is the graph's, is low precision: ORT's CPU provider has no 16-bit kernels
     for the ops around the others."""
-    import autoprec.deploy.runtime
+    import autoprec.ort.runtime
 
     plan = {"fc4": "fp8"}
     path = export_onnx(MODEL, plan, zoo("cancer_mlp").amax, tmp_path / "head_fp8.onnx")
     really = "cuda" if cuda_available() else "cpu"
-    monkeypatch.setattr(autoprec.deploy.runtime, "probe_provider", lambda providers: ("cuda", ""))
+    monkeypatch.setattr(autoprec.ort.runtime, "probe_provider", lambda providers: ("cuda", ""))
     r = verify(path, MODEL, plan, providers="cuda")
     assert r.metric_graph == "deployment" and r.parity_of == f"torch emulation vs ONNX deployment graph on {really}"
     assert r.provider == really and any(n.startswith("parity torch emulation vs ONNX emulation graph") for n in r.notes)

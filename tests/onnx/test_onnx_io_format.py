@@ -13,7 +13,7 @@ from autoprec.deploy.export import apply_plan_onnx
 from autoprec.onnx.apply import set_io_format
 from autoprec.core.formats import Precision
 from autoprec.torch.quantize import quantize
-from autoprec.deploy.runtime import open_session
+from autoprec.ort.runtime import open_session
 from autoprec.torch.passes import apply_plan
 from autoprec.onnx.passes.base import INSERTED, MODEL_IO, get_meta, model_meta
 

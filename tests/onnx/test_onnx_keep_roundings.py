@@ -21,7 +21,7 @@ from autoprec.onnx.apply import analysed_passes, run_plan_passes
 from autoprec.core.formats import Precision
 from autoprec.onnx.graph import OnnxAnalysis
 from autoprec.onnx.model import OnnxModel
-from autoprec.deploy.runtime import DISABLED_OPTIMIZERS
+from autoprec.ort.runtime import DISABLED_OPTIMIZERS
 from autoprec.onnx.passes.base import PassError
 from autoprec.onnx.passes.keep_roundings import KeepRoundings
 

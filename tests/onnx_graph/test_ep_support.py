@@ -1,4 +1,4 @@
-"""Execution-provider legality (autoprec.deploy.providers): the built-in table against this machine's ONNX
+"""Execution-provider legality (autoprec.ort.providers): the built-in table against this machine's ONNX
 Runtime, the faithful-precision rules, and exclusions the search can take."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import pytest
 from onnx_graph_models import conv_model, mlp_opset13
 
-from autoprec.deploy import providers as ep
+from autoprec.ort import providers as ep
 from autoprec.core.errors import UsageError
 from autoprec.core.formats import Precision
 from autoprec.onnx.graph import analyse_onnx
@@ -152,7 +152,7 @@ def test_exclusions_feed_the_search() -> None:
 
 
 def test_ep_support_imports_no_torch_and_no_runtime() -> None:
-    code = ("import sys, autoprec.deploy.providers; "
+    code = ("import sys, autoprec.ort.providers; "
             "assert not {'torch', 'onnxruntime', 'onnx'} & set(sys.modules), 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -178,7 +178,7 @@ def test_an_fp8_form_is_refused_for_the_kernel_it_lacks(monkeypatch: pytest.Monk
 def test_follow_ops_name_follow_kinds_and_known_ops() -> None:
     """Every FOLLOW kind with arithmetic maps to ONNX ops the built-in tables know (a typo would make
     follow_format price the op in fp32 everywhere); ReLU keeps bf16 on CUDA, a bf16 GELU does not."""
-    from autoprec.deploy.providers import FOLLOW_OPS, follow_format, table_ops
+    from autoprec.ort.providers import FOLLOW_OPS, follow_format, table_ops
     from autoprec.core.kinds import FOLLOW_KINDS
 
     assert set(FOLLOW_OPS) <= FOLLOW_KINDS

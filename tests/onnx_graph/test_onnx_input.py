@@ -30,7 +30,7 @@ from autoprec.onnx.model import CALIBRATION_SAMPLES, OnnxModel, profile_onnx
 from autoprec.core.plan import PrecisionPlan
 from autoprec.torch.profile import profile
 from autoprec.torch.quantize import quantize
-from autoprec.deploy.runtime import open_session
+from autoprec.ort.runtime import open_session
 from autoprec.torch.semantics import quantize_weight
 from autoprec.torch.spec import load_model_spec
 from autoprec.deploy.verify import verify_onnx_input
@@ -520,7 +520,7 @@ def test_verify_compares_the_deployment_graph_with_the_emulation_graph(
     and the parity compares its outputs with the emulation graph's (the GPU's numbers need a GPU; this
     checks the branch itself: ORT's CPU provider has no 16-bit kernels for most ops, so the plan puts
     only the classifier, whose output is the graph's, in fp8; the two graphs agree within fp8's eps)."""
-    import autoprec.deploy.runtime
+    import autoprec.ort.runtime
 
     onnx_path, data, labels = legacy_cnn
     om = OnnxModel.load(onnx_path, data, labels)
@@ -528,7 +528,7 @@ def test_verify_compares_the_deployment_graph_with_the_emulation_graph(
     prof = profile_onnx(om, (E4M3,))
     deployed = tmp_path / "deployed.onnx"
     onnx.save(om.build(plan, act_amax_from_profile(prof), "deploy"), str(deployed))
-    monkeypatch.setattr(autoprec.deploy.runtime, "probe_provider", lambda providers: ("cuda", ""))
+    monkeypatch.setattr(autoprec.ort.runtime, "probe_provider", lambda providers: ("cuda", ""))
     report = verify_onnx_input(deployed, onnx_path, data, labels, providers="cuda")
     assert report.metric_graph == "deployment" and report.metric_torch_emulated is None
     assert report.parity is not None and report.parity.ok, report.parity
@@ -541,7 +541,7 @@ def test_verify_compares_the_deployment_graph_with_the_emulation_graph(
 def test_tune_onnx_times_deployment_graphs_where_cuda_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """tune_onnx's timing check (ORT's timing faked: the test machines have no GPU) times deployment
     graphs for cuda fed with the data repeated to the priced batch, and adopts the fastest."""
-    import autoprec.deploy.runtime as runtime
+    import autoprec.ort.runtime as runtime
 
     seen = []
 

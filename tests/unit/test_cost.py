@@ -11,7 +11,7 @@ from autoprec.cost.model import CostModel
 from autoprec.cost.provider import ProviderCostModel
 from autoprec.cost.roofline import LAUNCH_OVERHEAD_S, RooflineCostModel, memory_bytes
 from autoprec.cost.targets import TARGETS, get_target
-from autoprec.deploy.providers import follow_format
+from autoprec.ort.providers import follow_format
 from autoprec.core.errors import UsageError
 from autoprec.core.formats import Precision
 from autoprec.core.opgraph import OpGraph, OpNode, Policy

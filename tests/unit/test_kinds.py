@@ -60,7 +60,7 @@ def test_an_inconsistent_kind_is_refused(bad: dict) -> None:
 
 
 def test_every_spelling_names_a_registry_kind() -> None:
-    from autoprec.deploy.providers import FOLLOW_OPS, LAYER_OPS
+    from autoprec.ort.providers import FOLLOW_OPS, LAYER_OPS
     from autoprec.onnx.passes.map_layers import CORE_OPS
     from autoprec.torch.capture import _FUNCTION_KINDS, MODULE_KINDS
 

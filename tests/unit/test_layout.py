@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "autoprec"
 
 #: modules a user with only an .onnx file, and the search and cost model, load without torch
-TORCH_FREE = ["autoprec.core", "autoprec.cost", "autoprec.search", "autoprec.onnx", "autoprec.deploy.providers",
-              "autoprec.deploy.runtime", "autoprec.report"]
+TORCH_FREE = ["autoprec.core", "autoprec.cost", "autoprec.search", "autoprec.onnx", "autoprec.ort.providers",
+              "autoprec.ort.runtime", "autoprec.report"]
 
 
 def _modules() -> dict[str, Path]:

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from autoprec.deploy.providers import kernel
+from autoprec.ort.providers import kernel
 from autoprec.core.formats import Precision
 from autoprec.core.fp8 import channel_amax, fp8_codes, fp8_scale
 from autoprec.core.kinds import weight_arg_position
@@ -43,7 +43,7 @@ def compute_precision(node: onnx.NodeProto, opset: int, fmt: Precision, mode: st
                       provider: str | None = None) -> Precision:
     """The element format a node computes in: its group's 16-bit format where the graph is a
     deployment graph, ONNX admits the type for the op and the target ``provider`` (when one is
-    named) has a kernel for it (:func:`autoprec.deploy.providers.kernel`); fp32 otherwise. fp8 layers
+    named) has a kernel for it (:func:`autoprec.ort.providers.kernel`); fp32 otherwise. fp8 layers
     compute on dequantized fp32 operands, and emulation graphs compute everything in fp32.
 
     An fp32 node in a 16-bit group reads values already in the group's format and its result is

@@ -21,7 +21,7 @@ bias unrounded; :mod:`autoprec.onnx.passes.keep_roundings` stores the deployment
 alone. Its ``ConvAddFusion`` folds a Conv's bias Add back into B whatever the form, and that is
 harmless: ORT's CUDA Conv writes its rounded product and then adds B with a cudnnAddTensor (two
 roundings, as here) unless the provider option ``fuse_conv_bias`` is on, which
-:mod:`autoprec.deploy.runtime` pins off; the CPU provider has no 16-bit Conv.
+:mod:`autoprec.ort.runtime` pins off; the CPU provider has no 16-bit Conv.
 
 Runs after AssignFormats (it reads the layer's format) and before LowerWeights.
 """

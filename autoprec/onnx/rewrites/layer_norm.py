@@ -3,7 +3,7 @@
 The nodes: ReduceMean(x), Sub(x, mean), Pow(., 2) or x * x, ReduceMean, Add(eps), Sqrt, Div, Mul(scale)
 [, Add(shift)], as exporters before opset 17 write it. Why: a decomposed layer norm is nine kernels on a GPU, one op. It stays fp32 either way (a NEVER
 op), so plans do not change, but the deployed file runs it as one kernel, as ONNX Runtime's own
-LayerNormFusion would (autoprec's sessions disable that fusion, see :mod:`autoprec.deploy.runtime`).
+LayerNormFusion would (autoprec's sessions disable that fusion, see :mod:`autoprec.ort.runtime`).
 
 onnxscript rewrite rules (with and without the shift Add, the square as Pow or x * x, every Add and
 Mul in either operand order) matched strictly by their check: both means over axis -1 with kept
