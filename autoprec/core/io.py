@@ -41,6 +41,13 @@ def writable_file(path: str | Path) -> Path:
     return p
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (same-folder temp file + os.replace)."""
     p = Path(path)
@@ -51,6 +58,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         raise _unwritable(p, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes it 0600: honour the umask as open() would
             f.write(data)
         os.replace(tmp, p)
     except BaseException as e:

@@ -345,6 +345,10 @@ class CompiledProblem:
         if len({q.format for q in forced}) > 1:
             raise UsageError(f"layer {name} matches conflicting pins: {', '.join(map(str, forced))}")
         if forced:
+            kept = [q for q in p.pins if q.source == "keep" and q.matches(op) and forced[0].format not in q.allowed()]
+            if kept:
+                raise UsageError(f"layer {name} matches {kept[0]} and {forced[0]}, which asks for a format the keep "
+                                 "forbids: drop one of the two or narrow its pattern")
             pin, f = forced[0], forced[0].format
             if not cm.supports(f):
                 raise UsageError(f"{pin} asks for {f} but {cm.name} does not support it")

@@ -191,6 +191,11 @@ def test_conflicting_pins():
     p2 = SensitivityProfile("m", g2.fingerprint(), "exact", "kl", profile.formats, profile.errors)
     with pytest.raises(UsageError, match="no format in common"):
         problem(g2, p2, pins=(parse_pin("fp16:l1", "force"), parse_pin("bf16:l0", "force"))).compiled
+    # a --force that a --keep on the same layer forbids is an error, not a silent override
+    with pytest.raises(UsageError, match="layer l1 matches --keep fp32:l1 and --force fp16:l"):
+        problem(graph, profile, pins=(parse_pin("fp32:l1"), parse_pin("fp16:l", "force"))).compiled
+    # a --force the keep allows (its format, or fp32) is fine
+    problem(graph, profile, pins=(parse_pin("fp16:l1"), parse_pin("fp16:l", "force"))).compiled
 
 
 def test_what_c_code_prints_during_a_solve_never_reaches_stdout(capfd: pytest.CaptureFixture[str]) -> None:
