@@ -335,6 +335,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except SystemExit as exc:  # autoprec itself never exits inside a command: user code did
+        if args.debug:
+            raise
+        err_console.print(f"[red]error:[/] {_exit_source(exc)} called sys.exit({exc.code!r}) during `autoprec "
+                          f"{args.command}`; a model file's functions must return, not exit", highlight=False)
+        return 1
+
+
+def _exit_source(exc: SystemExit) -> str:
+    """The user file whose code raised ``exc``: the innermost frame outside autoprec and the
+    installed packages (a model file, or a helper beside it)."""
+    package = str(Path(__file__).resolve().parent)
+    prefixes = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
+    tb, where = exc.__traceback__, "the model's code"
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if not name.startswith((package, *prefixes)) and not name.startswith("<"):
+            where = f"{name} (line {tb.tb_lineno})"
+        tb = tb.tb_next
+    return where
 
 
 if __name__ == "__main__":

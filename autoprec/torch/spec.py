@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-from autoprec.core.errors import ModelSpecError, UsageError
+from autoprec.core.errors import ModelSpecError, UsageError, first_line
 
 _REQUIRED = ("model", "example_inputs", "calibration_data")
 
@@ -70,6 +70,8 @@ def load_model_spec(path: str | Path) -> ModelSpec:
     p = Path(path)
     if p.suffix == ".onnx":
         raise UsageError(f"{p}: ONNX models are tuned with --data inputs.npz; this command needs a model.py")
+    if p.is_dir():
+        raise UsageError(f"{p} is a folder: give the path of a model .py file (e.g. models/digits_cnn.py)")
     if not p.is_file():
         raise UsageError(f"model file not found: {p} (give the path of a model .py file, e.g. models/digits_cnn.py)")
     if p.suffix != ".py":
@@ -116,9 +118,13 @@ def _import_file(p: Path) -> ModuleType:
     try:
         sys.modules[mod_name] = module
         spec.loader.exec_module(module)
+    except SystemExit as exc:  # a script, not a model file: it must not end autoprec
+        sys.modules.pop(mod_name, None)
+        raise ModelSpecError(f"{p}: the model file called sys.exit({exc.code!r}) while being imported; a model file "
+                             "defines functions (put script code under `if __name__ == \"__main__\":`)") from None
     except Exception as exc:  # the user's file failed: say where, keep it one line
         sys.modules.pop(mod_name, None)
-        raise ModelSpecError(f"{p}: importing the model file failed: {type(exc).__name__}: {exc}") from exc
+        raise ModelSpecError(f"{p}: importing the model file failed: {type(exc).__name__}: {first_line(exc)}") from exc
     finally:
         if added:
             sys.path.remove(folder)
