@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -60,12 +61,14 @@ def _read_arrays(path: Path, what: str) -> dict[str, np.ndarray]:
         raise UsageError(f"no {what} file at {path}")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {path} as a numpy .npz/.npy file: {first_line(exc)}") from None
-    if isinstance(loaded, np.ndarray):
-        return {"": loaded}
-    with loaded:
-        return {k: loaded[k] for k in loaded.files}
+        if isinstance(loaded, np.ndarray):
+            return {"": loaded}
+        with loaded:
+            return {k: loaded[k] for k in loaded.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        # np.load calls any file that is neither a zip nor an .npy "pickled data": say what it is not
+        why = "not an .npz (a zip of .npy arrays) or an .npy file" if "pickled" in str(exc) else first_line(exc)
+        raise UsageError(f"cannot read {path} as numpy data: {why}; write it with np.savez or np.save") from None
 
 
 def _input_dtype(vi: onnx.ValueInfoProto) -> np.dtype:

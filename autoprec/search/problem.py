@@ -75,6 +75,9 @@ class SearchProblem:
                 shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
                 raise UsageError(f"{pin} matches no layer's scope, name or kind: check the pattern "
                                  f"(layers: {shown})")
+        if offer and not any(cost_model.supports(f) for f in offer):
+            raise UsageError(f"{cost_model.name} supports none of the formats asked for "
+                             f"({', '.join(f.value for f in offer)}): ask for other formats or another target")
         cands: dict[str, tuple[Precision, ...]] = {}
         excl: dict[str, dict[Precision, str]] = {}
         for op in layers:

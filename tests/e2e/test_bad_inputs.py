@@ -62,3 +62,26 @@ def test_a_contract_function_that_exits_is_an_error_naming_the_file(tmp_path: Pa
 def test_a_folder_given_as_the_model_is_named_a_folder(tmp_path: Path) -> None:
     r = _run(tmp_path, "tune", str(tmp_path))
     _one_line_error(r, 2, "is a folder", ".py")
+
+
+def test_formats_the_target_lacks_entirely_are_an_error_not_an_all_fp32_plan(tmp_path: Path) -> None:
+    r = _run(tmp_path, "tune", "models/digits_cnn.py", "--target", "a100", "--formats", "fp8")
+    _one_line_error(r, 2, "a100 supports none of the formats asked for (fp8_e4m3)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_that_is_no_numpy_file_says_so(tmp_path: Path) -> None:
+    onnx_path = tmp_path / "m.onnx"
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), onnx_path)
+    for i, junk in enumerate((b"garbage", b"PK\x03\x04garbage")):
+        data = tmp_path / f"d{i}.npz"
+        data.write_bytes(junk)
+        r = _run(tmp_path, "tune", str(onnx_path), "--data", str(data))
+        _one_line_error(r, 2, f"cannot read {data} as numpy data", "np.savez")
+        assert not (tmp_path / "out").exists()
