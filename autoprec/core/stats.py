@@ -22,6 +22,10 @@ E4M3 = Precision.FP8_E4M3
 
 Progress = Callable[[int, int, str], None]  # (done, total, what) -> None
 
+#: the one-line error for a model whose fp32 output is already NaN or inf: no error can be measured against it
+NOT_FINITE = ("the fp32 model's output is not finite (NaN or inf) on the calibration data: no error can be measured "
+              "against it; fix the model or the data first")
+
 
 def output_kind_of(y: Any, declared: str | None) -> str:
     """"logits" for classifier-like outputs ``y`` (an array or tensor whose last dim is > 1), else

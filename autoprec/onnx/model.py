@@ -42,7 +42,7 @@ from autoprec.core.errors import UsageError, first_line
 from autoprec.core.formats import DEFAULT_CANDIDATES, Precision
 from autoprec.core.metrics import Metric, fidelity_to, label_metric
 from autoprec.onnx.graph import FLOAT_TYPES, OnnxAnalysis, analyse_onnx, graph_inputs, read_model
-from autoprec.core.stats import ErrorSum, Progress, RangeAccumulator, explain, measure_name, output_kind_of
+from autoprec.core.stats import NOT_FINITE, ErrorSum, Progress, RangeAccumulator, explain, measure_name, output_kind_of
 from autoprec.onnx.apply import apply_plan_analysed
 from autoprec.ort.runtime import open_session
 from autoprec.core.kinds import act_arg_positions
@@ -341,7 +341,7 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
         ranges[x.name] = LayerRanges(tuple(a.finish() for a in accs[:-1]), accs[-1].finish(), weight)
     refs = [np.asarray(r[0], dtype=np.float32) for r in base]
     if not all(bool(np.isfinite(r).all()) for r in refs):
-        raise UsageError("the fp32 model's output is not finite on the data: fix the model or the data first")
+        raise UsageError(NOT_FINITE)
     kind = output_kind_of(refs[0], None)
     prepared = [ErrorSum(kind).reference(r) for r in refs]
     amax = {x.name: tuple(s.amax for s in ranges[x.name].inputs) for x in io}

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
@@ -39,7 +40,7 @@ from autoprec.torch.quantize import quantize
 from autoprec.core.kinds import act_arg_positions
 from autoprec.torch.semantics import (LayerFormat, bias_view, emulate_layer, finish, lookup_rows, quantize_activation, quantize_weight, split_bias, weight_arg_position)
 from autoprec.core.sensitivity import LayerRanges, SensitivityProfile
-from autoprec.core.stats import ErrorSum, Progress, RangeAccumulator, explain, measure_name, output_kind_of
+from autoprec.core.stats import NOT_FINITE, ErrorSum, Progress, RangeAccumulator, explain, measure_name, output_kind_of
 from autoprec.torch.passes.assign_formats import follow_roundings
 
 
@@ -300,6 +301,8 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Pre
         y0 = first_tensor(envs[0][runner.nodes[-1].name])
         kind = output_kind_of(y0, declared)
         outputs = [_np(first_tensor(env[runner.nodes[-1].name])) for env in envs]
+        if not all(bool(np.isfinite(y).all()) for y in outputs):
+            raise UsageError(NOT_FINITE)
         prepared = [ErrorSum(kind).reference(y) for y in outputs]
         errors: dict[str, dict[Precision, float]] = {}
         local: dict[str, dict[Precision, float]] = {}
@@ -423,6 +426,8 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
                 if torch.is_tensor(env[n]) and env[n].requires_grad:
                     env[n].retain_grad()
             y = first_tensor(env[runner.nodes[-1].name])
+            if not bool(torch.isfinite(y).all()):
+                raise UsageError(NOT_FINITE)
             kind = output_kind_of(y, declared)
             if kind == "logits":
                 logp = torch.log_softmax(y.float(), dim=-1)

@@ -85,3 +85,16 @@ def test_data_that_is_no_numpy_file_says_so(tmp_path: Path) -> None:
         r = _run(tmp_path, "tune", str(onnx_path), "--data", str(data))
         _one_line_error(r, 2, f"cannot read {data} as numpy data", "np.savez")
         assert not (tmp_path / "out").exists()
+
+
+def test_a_model_whose_fp32_output_is_not_finite_is_an_error_in_either_profile_mode(tmp_path: Path) -> None:
+    """A model returning NaN: the fast profile's label sampling crashed on it, the exact one tuned it
+    to "agreement 1 -> 1"; no error can be measured against such a reference."""
+    path = tmp_path / "nan.py"
+    path.write_text(MODEL.replace("{model_body}", "pass").replace(
+        "return nn.Sequential(nn.Linear(4, 2))", "return nn.Sequential(nn.Linear(4, 2), NaN())")
+        + "\n\nclass NaN(nn.Module):\n    def forward(self, x):\n        return x * float('nan')\n")
+    for mode in ("fast", "exact"):
+        r = _run(tmp_path, "tune", str(path), "--profile-mode", mode)
+        _one_line_error(r, 2, "fp32 model's output is not finite (NaN or inf)")
+        assert not (tmp_path / "out").exists()
