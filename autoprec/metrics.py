@@ -1,4 +1,4 @@
-"""Metrics of a torch model: its own evaluate(), or its fidelity to the fp32 model and the KL reported beside it.
+"""Metrics of a torch model: its own evaluate(), or its fidelity to the fp32 model.
 
 A budget bounds the *drop* of a metric in its own direction (:mod:`autoprec.core.metrics`, which
 holds the torch-free definition of both). Models with ``evaluate()`` use their own metric on
@@ -32,18 +32,6 @@ def fidelity_metric(reference_module: Any, batches: list[tuple[Any, ...]], outpu
         return [o.cpu().numpy() for o in _outputs(module, batches)]
 
     return fidelity_to(outputs(reference_module), outputs, output_kind)
-
-
-def kl_to_reference(reference_module: Any, module: Any, batches: list[tuple[Any, ...]]) -> float:
-    """Mean KL(p_fp32 || p_module) per output position: reported beside top-1 agreement."""
-    refs, outs = _outputs(reference_module, batches), _outputs(module, batches)
-    total, count = 0.0, 0
-    for r, o in zip(refs, outs):
-        lp, lq = torch.log_softmax(r.double(), -1), torch.log_softmax(o.double(), -1)
-        kl = (lp.exp() * (lp - lq)).sum(-1)
-        total += float(kl.sum())
-        count += kl.numel()
-    return total / max(count, 1)
 
 
 def model_metric(spec: ModelSpec, captured: Captured, batches: list[tuple[Any, ...]]) -> Metric:

@@ -154,6 +154,7 @@ class ValueModel:
         self.elems = [op.act_out_elems for op in self.ops]
         self._follow_cost: dict[tuple[int, Precision], float] = {}
         self._cast_cost: dict[tuple[int, Precision, Precision], float] = {}
+        self._last: tuple[tuple[Precision, ...], list[tuple[Precision, Precision]]] | None = None
         n_units = 1 + max(self.unit, default=-1)
         # the nodes a unit's choice can reach: its layers and the FOLLOW ops downstream of them
         # through FOLLOW ops only (in graph order), and the values whose casts they change
@@ -177,11 +178,15 @@ class ValueModel:
 
     # --- evaluation ---------------------------------------------------------------------------
     def formats(self, fmt: Sequence[Precision]) -> list[tuple[Precision, Precision]]:
-        """(compute, value) format of every node under the unit assignment ``fmt``."""
-        out: list[tuple[Precision, Precision]] = []
-        for i in range(len(self.ops)):
-            out.append(self._decide(i, fmt, out))
-        return out
+        """(compute, value) format of every node under the unit assignment ``fmt`` (the last one is
+        kept: a strategy asks :meth:`delta` for many moves from one assignment)."""
+        key = tuple(fmt)
+        if self._last is None or self._last[0] != key:
+            out: list[tuple[Precision, Precision]] = []
+            for i in range(len(self.ops)):
+                out.append(self._decide(i, fmt, out))
+            self._last = (key, out)
+        return list(self._last[1])
 
     def _decide(self, i: int, fmt: Sequence[Precision], done: Sequence[tuple[Precision, Precision]]
                 ) -> tuple[Precision, Precision]:
