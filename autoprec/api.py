@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import onnx
 
@@ -41,7 +41,7 @@ from autoprec.search.problem import SearchProblem, Strategy
 from autoprec.search.registry import solve
 from autoprec.torch.semantics import needs_act_amax
 from autoprec.core.sensitivity import SensitivityProfile
-from autoprec.torch.spec import ModelSpec, load_model_spec
+from autoprec.torch.spec import ModelSpec, load_model_spec, model_spec
 from autoprec.torch.passes import act_amax_from_profile, apply_plan
 from autoprec.tune import SPEED_MARGIN, Tunable, run_tune
 
@@ -54,14 +54,31 @@ __all__ = ["capture", "profile", "load_model_spec", "profile_model", "SearchProb
            "Metric", "OnnxModel", "profile_onnx", "TorchTunable", "OnnxTunable", "DEPLOY_BATCH", "SPEED_MARGIN"]
 
 
-def profile_model(model: str | Path | ModelSpec, mode: str = "exact",
+def as_spec(model: Any, example_inputs: Any = None, calibration: Iterable[Any] | None = None,
+            evaluate: Callable[[Any], float] | None = None, metric_name: str | None = None,
+            higher_is_better: bool = True) -> ModelSpec:
+    """A model file's path, a :class:`ModelSpec`, or a live ``nn.Module`` with its example inputs,
+    calibration batches and (optionally) evaluate(), as the ModelSpec every entry point works on."""
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, (str, Path)):
+        return load_model_spec(model)
+    if example_inputs is None or calibration is None:
+        raise UsageError("a live module needs example_inputs=(...) and calibration=[batches of its inputs]; "
+                         "or give the path of a model file")
+    return model_spec(model, example_inputs, calibration, evaluate, metric_name, higher_is_better)
+
+
+def profile_model(model: Any, mode: str = "exact",
                   formats: Iterable[Precision] = DEFAULT_CANDIDATES, capture_method: str = "auto",
-                  progress: Progress | None = None) -> tuple[SensitivityProfile, Captured]:
-    """Load a model file, capture it and profile every layer: what ``autoprec profile`` does."""
-    spec = model if isinstance(model, ModelSpec) else load_model_spec(model)
+                  progress: Progress | None = None, *, example_inputs: Any = None,
+                  calibration: Iterable[Any] | None = None) -> tuple[SensitivityProfile, Captured]:
+    """Capture a model and profile every layer: what ``autoprec profile`` does. ``model``: a model
+    file, a ModelSpec, or a live nn.Module with ``example_inputs`` and ``calibration`` (:func:`as_spec`)."""
+    spec = as_spec(model, example_inputs, calibration)
     captured = capture(spec.model(), spec.example_inputs(), name=spec.name, method=capture_method)
     prof = profile(captured, spec.calibration_data(), formats=formats, mode=mode,
-                   output_kind=spec.output_kind, progress=progress)
+                   output_kind=spec.output_kind, outputs=spec.outputs, progress=progress)
     return prof, captured
 
 
@@ -120,7 +137,7 @@ class TorchTunable:
         metric = metric or model_metric(spec, captured, batches)
         reference, t_eval = _evaluate_fp32(metric, captured.gm)
         prof = profile(captured, batches, formats=formats, mode=profile_mode, output_kind=spec.output_kind,
-                       progress=progress, time_reference=False)
+                       outputs=spec.outputs, progress=progress, time_reference=False)
         return cls(spec, captured, metric, reference, t_eval, prof, onnx_check=onnx_check, timing=timing)
 
     @property
@@ -216,13 +233,21 @@ class OnnxTunable:
         return self.om.build(assignment, self._amax, mode, provider)
 
 
-def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fidelity_budget: str | float | None = None,
+def tune(model: Any, budget: str | float | None = None, *, fidelity_budget: str | float | None = None,
          target: str = "h100", objective: str = "latency", formats: Iterable[str | Precision] | None = None,
          strategy: str | Strategy = "milp", keep: Iterable[str] = (), force: Iterable[str] = (),
          profile_mode: str = "fast", cost_model: CostModel | None = None, metric: Metric | None = None,
          batch: int = DEPLOY_BATCH, provider: str | None = None, progress: Progress | None = None,
-         timing: bool = True, onnx_check: bool = True) -> TuneResult:
+         timing: bool = True, onnx_check: bool = True, example_inputs: Any = None,
+         calibration: Iterable[Any] | None = None, evaluate: Callable[[Any], float] | None = None,
+         metric_name: str | None = None, higher_is_better: bool = True) -> TuneResult:
     """Find the fastest per-layer plan whose *measured* metric drop stays within the budget.
+
+    ``model``: a model file (models/README.md), a ModelSpec, or a live ``nn.Module`` with
+    ``example_inputs``, ``calibration`` (an iterable or DataLoader of input batches) and optionally
+    ``evaluate(module) -> float`` named ``metric_name`` (:func:`as_spec`)::
+
+        result = tune(hf_model, example_inputs=(ids,), calibration=batches, fidelity_budget="1%")
 
     ``budget`` (models with evaluate()) or ``fidelity_budget`` (models without): "0.5%" relative
     to the fp32 metric, or an absolute drop such as 0.005. ``metric`` overrides the model's.
@@ -243,7 +268,7 @@ def tune(model: str | Path | ModelSpec, budget: str | float | None = None, *, fi
     """
     _check_batch(batch)
     started = time.perf_counter()
-    spec = model if isinstance(model, ModelSpec) else load_model_spec(model)
+    spec = as_spec(model, example_inputs, calibration, evaluate, metric_name, higher_is_better)
     drop_budget = _choose_budget(spec.name, spec.evaluate is not None or metric is not None,
                                  spec.metric or "metric", budget, fidelity_budget)
     fmts = parse_precisions(formats) if formats is not None else DEFAULT_CANDIDATES
@@ -322,7 +347,9 @@ def apply_plan_file(model: str | Path | ModelSpec, plan: PrecisionPlan | str | P
         if src is None or not src.is_file():
             raise UsageError(f"the plan has fp8 layers, whose scales come from calibration: give the profile.json "
                              f"written beside plan.json ({src or 'no path given'} not found)")
-        amax = act_amax_from_profile(SensitivityProfile.from_json(src.read_text()))
+        prof = SensitivityProfile.load(src)
+        prof.check_against(captured.graph)
+        amax = act_amax_from_profile(prof)
     return apply_plan(captured, plan.assignment, amax, mode=mode)
 
 

@@ -2,41 +2,48 @@
 
 A budget bounds the *drop* of a metric in its own direction (:mod:`autoprec.core.metrics`, which
 holds the torch-free definition of both). Models with ``evaluate()`` use their own metric on
-held-out data; models without it are judged on fidelity to the fp32 model over the calibration data:
-top-1 agreement (classifier-like outputs; KL reported beside it) or relative L2 error (values).
+held-out data; models without it are judged on fidelity to the fp32 model over the calibration data,
+on every output that counts (:class:`autoprec.core.stats.Outputs`): top-1 agreement (a
+classifier-like output) or relative L2 error (values) for one output, the worst output's fidelity
+loss for several.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from autoprec.core.metrics import Metric, fidelity_to
-from autoprec.core.stats import output_kind_of
+from autoprec.core.stats import DeclaredKinds
 from autoprec.torch.capture import Captured
 from autoprec.torch.spec import ModelSpec
-from autoprec.torch.profile import first_tensor  # the one definition of "the model's output"
+from autoprec.torch.profile import model_outputs, selected_outputs  # the one definition of "the model's outputs"
 
 
-def _outputs(module: Any, batches: list[tuple[Any, ...]]) -> list[torch.Tensor]:
+def fidelity_metric(reference_module: Any, batches: list[tuple[Any, ...]], output_kind: DeclaredKinds = None,
+                    outputs: Sequence[str] | None = None) -> Metric:
+    """Fidelity to the fp32 model, measured on ``batches`` over the outputs named in ``outputs``
+    (None: every floating output), each of the kind ``output_kind`` declares for it or its shape
+    says (:func:`autoprec.core.metrics.fidelity_to`)."""
     with torch.no_grad():
-        return [first_tensor(module(*b)).float() for b in batches]
+        results = [reference_module(*b) for b in batches]
+    measured = model_outputs(results[0], outputs, output_kind)
 
+    def arrays(result: Any) -> list[np.ndarray]:
+        return [y.float().cpu().numpy() for y in selected_outputs(measured, result)]
 
-def fidelity_metric(reference_module: Any, batches: list[tuple[Any, ...]], output_kind: str) -> Metric:
-    """Fidelity to the fp32 model: top-1 agreement (logits, higher is better) or relative L2
-    error (values, lower is better), measured on ``batches``."""
-    def outputs(module: Any) -> list[np.ndarray]:
-        return [o.cpu().numpy() for o in _outputs(module, batches)]
+    def outputs_of(module: Any) -> list[list[np.ndarray]]:
+        with torch.no_grad():
+            return [arrays(module(*b)) for b in batches]
 
-    return fidelity_to(outputs(reference_module), outputs, output_kind)
+    return fidelity_to([arrays(r) for r in results], outputs_of, measured.kinds)
 
 
 def model_metric(spec: ModelSpec, captured: Captured, batches: list[tuple[Any, ...]]) -> Metric:
-    """The model's own metric when it has evaluate(), else fidelity to its fp32 outputs."""
+    """The model's own metric when it has evaluate(), else fidelity to its fp32 outputs (those its
+    ``OUTPUTS`` names, or all)."""
     if spec.evaluate is not None:
         return Metric(spec.metric or "metric", spec.higher_is_better, spec.evaluate)
-    y = first_tensor(captured.gm(*batches[0]))
-    return fidelity_metric(captured.gm, batches, output_kind_of(y, spec.output_kind))
+    return fidelity_metric(captured.gm, batches, spec.output_kind, spec.outputs)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from autoprec.core.coverage import Coverage
 from autoprec.core.formats import Precision
 from autoprec.core.io import atomic_write_bytes, atomic_write_text
 from autoprec.core.metrics import metric_drop
@@ -72,6 +73,7 @@ class TuneSummary:
     metric_onnx: float | None = None  # the tuned plan's emulation graph on ONNX Runtime (torch models)
     onnx_checks: int = 0  # plans also measured on ONNX Runtime
     export_seconds: float = 0.0  # of ``seconds``: the fp32 ONNX export (which writing the tuned model needs)
+    coverage: Coverage | None = None  # what share of the model the plan can change, and what stays fp32
 
     @property
     def drop(self) -> float:
@@ -87,6 +89,8 @@ class TuneSummary:
             f"(drop {self.drop:.4g}; budget {self.budget_text} = {self.allowed_drop:.4g})",
             f"estimated speedup {self.speedup:.2f}x and memory {100 * self.memory_ratio:.0f}% of all-fp32",
         ]
+        if self.coverage is not None:
+            out.append(self.coverage.line())
         u = self.best_uniform
         if u is not None:
             out.append(f"best uniform plan within budget: all-{u.format} at {u.speedup:.2f}x "
@@ -119,6 +123,9 @@ def write_report(out_dir: Path, plan: PrecisionPlan, profile: SensitivityProfile
     lines += [f"- {s}" for s in summary.lines()]
     lines += [f"- target {plan.target}, objective {plan.objective}, strategy {plan.strategy}, "
               f"profile {profile.mode} ({profile.measure})", ""]
+    if summary.coverage is not None and summary.coverage.uncovered:
+        lines += ["## What stays fp32", "", "Whatever the plan, these ops run in fp32 (the estimate prices them so):",
+                  "", *summary.coverage.table(), ""]
     lines += ["## Uniform plans", "", "| format | est. speedup | memory | predicted error | measured drop | within budget |",
               "|---|---|---|---|---|---|"]
     for u in uniforms:

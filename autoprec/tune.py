@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import onnx
 
+from autoprec.core.coverage import coverage
 from autoprec.core.formats import Precision
 from autoprec.core.metrics import DropBudget, Metric
 from autoprec.core.opgraph import OpGraph
@@ -169,7 +170,7 @@ def run_tune(model: Tunable, budget: DropBudget, formats: tuple[Precision, ...],
     summary = TuneSummary(model.name, metric.name, metric.higher_is_better, reference, tuned_value, str(budget),
                           allowed, plan.speedup, _ratio(plan.memory_bytes, plan.fp32_memory_bytes), best_u,
                           len(measured) + 1, seconds, seconds / model.eval_seconds if model.eval_seconds > 0 else 0.0,
-                          timed, onnx_value, len(on_onnx), model.export_seconds)
+                          timed, onnx_value, len(on_onnx), model.export_seconds, coverage(model.graph))
     return TuneOutcome(plan, summary, uniforms, pareto)
 
 

@@ -33,6 +33,7 @@ class FlopsRule(enum.Enum):
     CONV = "conv"  # 2 * output elements * kernel elements per output channel (kernel.shape[1:])
     CONV_TRANSPOSE = "conv_transpose"  # 2 * input elements * kernel.shape[1:] (each input scatters)
     NORM = "norm"  # 5 per output element: statistics, normalise, scale (softmax and the norms)
+    RECURRENT = "recurrent"  # 2 * steps (the first operand's elements but its last axis) * weight elements
     ELEMENTWISE = "elementwise"  # 1 per output element (and the default for unknown kinds)
 
 
@@ -115,6 +116,9 @@ _REGISTRY: tuple[OpKind, ...] = (
             "cross_entropy", "nll_loss", "mse_loss", "scaled_dot_product_attention"),
     # NEVER, opaque: ops autoprec does not model (fp32 is the safe default for those)
     *_kinds(_NEVER, "maximum", "minimum", "if", "loop", "scan", opaque=True),
+    # recurrent layers: each step multiplies every weight matrix once (their products are not
+    # plan layers yet, so they stay fp32 and the coverage names them)
+    *_kinds(_NEVER, "lstm", "gru", "rnn_tanh", "rnn_relu", opaque=True, flops=FlopsRule.RECURRENT),
     # pools the torch side has no module or function entry for (and torch no 16-bit CPU kernel for
     # avg_pool3d): the names ONNX pools of those ranks get
     *_kinds(_NEVER, "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
@@ -127,6 +131,9 @@ _REGISTRY: tuple[OpKind, ...] = (
     # NONE: graph inputs and outputs, parameters, and reads of shapes and dtypes
     *_kinds(_NONE, "placeholder", "output", "get_attr", "dim", "numel", "shape", "dtype", "device", "type_as",
             "sym_size", flops=FlopsRule.ZERO),
+    # constants made at run time (a recurrent layer's zero state, position ids): inputs, as stored tensors are
+    *_kinds(_NONE, "zeros", "ones", "full", "empty", "zeros_like", "ones_like", "full_like", "empty_like",
+            "new_zeros", "new_ones", "new_full", "new_empty", "arange", "scalar_tensor", flops=FlopsRule.ZERO),
     OpKind("size", _NONE, view=True, flops=FlopsRule.ZERO),
 )
 
@@ -242,6 +249,7 @@ ONNX_KINDS: Mapping[str, str] = {
     "Where": "where", "Cast": "to_copy", "CastLike": "to_copy",
     "Constant": "get_attr", "Shape": "size", "Size": "size",
     "If": "if", "Loop": "loop", "Scan": "scan", "Attention": "scaled_dot_product_attention",
+    "LSTM": "lstm", "GRU": "gru", "RNN": "rnn_tanh", "ConstantOfShape": "full", "Range": "arange",
 }
 
 #: ONNX op types that exist for every spatial rank -> their kinds' names, "{}" the spatial rank
@@ -316,20 +324,23 @@ def aten_kind(target: str, rank: int | None = None) -> str:
 
 # --- FLOPs --------------------------------------------------------------------------------------
 def flops(kind: str, input_shapes: Sequence[Sequence[int]], output_shape: Sequence[int] | None,
-          weight_shape: Sequence[int] | None = None) -> int:
+          weight_shape: Sequence[int] | None = None, weight_elems: int = 0) -> int:
     """FLOPs of one op of ``kind`` (its :class:`FlopsRule`; multiply-adds count twice).
 
     ``input_shapes``: its operands' shapes in argument order (``()`` for one of unknown shape; a
     Gemm reading A transposed passes A's shape as the product sees it). ``output_shape``: its
     (first) output's, None when unknown (then 0). ``weight_shape``: a convolution's kernel, else its
-    operand 1. A rule whose shapes are missing counts one FLOP per output element.
+    operand 1. ``weight_elems``: the stored elements it reads (a recurrent layer's weight matrices).
+    A rule whose shapes are missing counts one FLOP per output element.
     """
-    if output_shape is None:
-        return 0
     k = KINDS.get(kind)
     rule = k.flops if k is not None else FlopsRule.ELEMENTWISE
-    n_out = math.prod(int(s) for s in output_shape)
     first = tuple(input_shapes[0]) if input_shapes else ()
+    if rule is FlopsRule.RECURRENT:  # returns a tuple (outputs and states): its shape says nothing here
+        return 2 * math.prod(int(s) for s in first[:-1]) * weight_elems if first else 0
+    if output_shape is None:
+        return 0
+    n_out = math.prod(int(s) for s in output_shape)
     kernel = tuple(weight_shape) if weight_shape is not None else \
         tuple(input_shapes[1]) if len(input_shapes) > 1 else ()
     if rule is FlopsRule.ZERO:

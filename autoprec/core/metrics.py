@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -85,28 +85,46 @@ class Metric:
         return metric_drop(reference, value, higher_is_better=self.higher_is_better)
 
 
-def fidelity_to(refs: list[np.ndarray], outputs_of: Callable[[Any], list[np.ndarray]], output_kind: str) -> Metric:
-    """Fidelity of a model's outputs (``outputs_of(model)``, one array per batch) to ``refs``, the
-    fp32 outputs of the same batches: top-1 agreement for logits (higher is better), relative L2
-    error for values (lower is better). The one definition the torch and ONNX flows share."""
-    if output_kind == "logits":
-        ref_top = [np.argmax(r, axis=-1) for r in refs]
+def fidelity_to(refs: Sequence[Any], outputs_of: Callable[[Any], Sequence[Any]], kinds: Sequence[str] | str) -> Metric:
+    """Fidelity of a model's outputs to ``refs``, the fp32 model's outputs on the same batches.
+    The one definition the torch and ONNX flows share.
 
-        def agreement(model: Any) -> float:
-            outs = outputs_of(model)
-            same = sum(int(np.count_nonzero(np.argmax(o, axis=-1) == t)) for o, t in zip(outs, ref_top))
-            return same / sum(t.size for t in ref_top)
+    ``refs[b]`` holds batch b's outputs that count, one array per output, of ``kinds`` ("logits"
+    or "values", :class:`autoprec.core.stats.Outputs`); ``outputs_of(model)`` returns the same for
+    ``model``. With one output the metric is its top-1 agreement (logits, higher is better) or
+    relative L2 error (values, lower is better). With several it is the worst output's fidelity
+    loss, the largest of 1 - top-1 agreement and relative L2 error over the outputs (lower is
+    better): a budget then holds for every output, where an average would let a small error on
+    one output hide a large one on another.
 
-        return Metric("top1_agreement", True, agreement)
+    ``kinds`` as one string is the one-output form: ``refs[b]`` and ``outputs_of(model)[b]`` are
+    then that output's arrays themselves (how :mod:`autoprec.onnx.model` calls it).
+    """
+    if isinstance(kinds, str):
+        return fidelity_to([[r] for r in refs], lambda model: [[o] for o in outputs_of(model)], (kinds,))
+    ref_top = {o: [np.argmax(r[o], axis=-1) for r in refs] for o, k in enumerate(kinds) if k == "logits"}
 
-    def rel_l2(model: Any) -> float:
-        outs = outputs_of(model)
-        num = sum(float(np.square(np.asarray(o, np.float32) - np.asarray(r, np.float32)).sum(dtype=np.float64))
-                  for o, r in zip(outs, refs))
-        den = sum(float(np.square(np.asarray(r, np.float32)).sum(dtype=np.float64)) for r in refs)
+    def agreement(o: int, outs: Sequence[Sequence[np.ndarray]]) -> float:
+        same = sum(int(np.count_nonzero(np.argmax(b[o], axis=-1) == t)) for b, t in zip(outs, ref_top[o]))
+        return same / sum(t.size for t in ref_top[o])
+
+    def rel_l2(o: int, outs: Sequence[Sequence[np.ndarray]]) -> float:
+        num = sum(float(np.square(np.asarray(b[o], np.float32) - np.asarray(r[o], np.float32)).sum(dtype=np.float64))
+                  for b, r in zip(outs, refs))
+        den = sum(float(np.square(np.asarray(r[o], np.float32)).sum(dtype=np.float64)) for r in refs)
         return math.sqrt(num / den) if den > 0 else 0.0
 
-    return Metric("rel_l2_error", False, rel_l2)
+    if len(kinds) == 1:
+        if kinds[0] == "logits":
+            return Metric("top1_agreement", True, lambda model: agreement(0, outputs_of(model)))
+        return Metric("rel_l2_error", False, lambda model: rel_l2(0, outputs_of(model)))
+
+    def worst_loss(model: Any) -> float:
+        outs = outputs_of(model)
+        losses = [1.0 - agreement(o, outs) if k == "logits" else rel_l2(o, outs) for o, k in enumerate(kinds)]
+        return math.nan if any(math.isnan(v) for v in losses) else max(losses)  # max() would skip a NaN
+
+    return Metric("worst_output_fidelity_loss", False, worst_loss)
 
 
 def label_metric(labels: list[np.ndarray], outputs_of: Callable[[Any], list[np.ndarray]]) -> Metric:

@@ -3,6 +3,7 @@
 A plan says, for every layer of one model, which format to run it in and why. It is what the
 apply passes read, what the report prints and what a user can edit by hand, so it carries the
 model's fingerprint and refuses to be applied to a different model (:meth:`check_against`).
+plan.json is checked field by field on load against :data:`PLAN_DOCUMENT` (:mod:`autoprec.core.schema`).
 Pins (``--keep`` / ``--force``) are parsed here because they are part of what a plan records.
 This module imports no torch.
 """
@@ -20,10 +21,53 @@ from autoprec.core.errors import PlanError, UsageError
 from autoprec.core.formats import Precision, parse_precision
 from autoprec.core.io import atomic_write_text
 from autoprec.core.opgraph import OpGraph, OpNode
+from autoprec.core.sensitivity import MEASURES
+from autoprec.core.schema import (
+    FINGERPRINT, FORMAT, Bool, Document, ListOf, Nullable, Num, Obj, OneOf, Regex, Str, check_fits,
+)
 
 PLAN_VERSION = 1
 
 PIN_SOURCES = ("keep", "force")
+
+#: an error measure (the profile's, or a sum of them): >= 0, infinite where a format overflows
+_ERROR = Num(lo=0, inf=True)
+#: an estimated cost (cost-model units or bytes): finite and >= 0
+_COST = Num(lo=0)
+
+#: plan.json, field by field. Every plan.json autoprec ever wrote carries ``version`` (1 since the
+#: first), so a file without one is no plan; the optional fields are those older files may lack.
+PLAN_DOCUMENT = Document("plan", PLAN_VERSION, PlanError, Obj(
+    required={
+        "model_name": Str(),
+        "target": Str(nonempty=True),
+        "objective": Str(nonempty=True),  # a user's cost model may name its own
+        "budget": Obj({"value": _ERROR, "kind": OneOf((*MEASURES, "metric_drop"))}),
+        "cost": _COST,
+        "fp32_cost": _COST,
+        "decisions": ListOf(Obj(
+            required={"layer": Str(nonempty=True), "format": FORMAT},
+            optional={"scope": Str(), "kind": Str(), "reason": Str(), "predicted_error": _ERROR, "cost": _COST},
+        ), unique="layer"),
+    },
+    optional={
+        "fingerprint": FINGERPRINT,
+        "strategy": Str(),
+        "speedup": Num(lo=0, inf=True),  # derived (fp32_cost / cost): written for readers, not read back
+        "cast_cost": _COST,
+        "memory_bytes": _COST,
+        "fp32_memory_bytes": _COST,
+        "predicted_error": _ERROR,
+        "pins": ListOf(Obj({"format": FORMAT, "pattern": Regex(), "source": OneOf(PIN_SOURCES)})),
+        # what verification found, free-form, but verify reads allowed_drop back as a number
+        "measured": Obj(optional={"allowed_drop": Num(inf=True)}, open=True),
+        "steps": ListOf(Obj({"error_budget": _ERROR, "predicted_error": _ERROR,
+                             "measured_drop": Nullable(Num(inf=True)), "cost": _COST, "accepted": Bool()})),
+        "alternatives": ListOf(Obj({"label": Str(), "predicted_error": _ERROR, "cost": _COST,
+                                    "within_budget": Bool()})),
+        "notes": ListOf(Str()),
+    },
+))
 
 
 # --- pins ------------------------------------------------------------------------------------
@@ -213,22 +257,8 @@ class PrecisionPlan:
     # --- checks ------------------------------------------------------------------------------
     def check_against(self, graph: OpGraph) -> None:
         """Raise PlanError unless this plan was made for ``graph`` (same layers, same shapes)."""
-        mine = [d.layer for d in self.decisions]
-        theirs = graph.layer_names()
-        unknown = [n for n in mine if n not in set(theirs)]
-        missing = [n for n in theirs if n not in set(mine)]
-        if unknown or missing:
-            parts = []
-            if unknown:
-                parts.append(f"unknown layers {_names(unknown)}")
-            if missing:
-                parts.append(f"missing layers {_names(missing)}")
-            raise PlanError(f"plan for {self.model_name or 'a model'!s} does not fit "
-                            f"{graph.model_name or 'this model'}: {'; '.join(parts)}")
-        if self.fingerprint and self.fingerprint != graph.fingerprint():
-            raise PlanError(f"plan for {self.model_name or 'a model'} has the same layers as "
-                            f"{graph.model_name or 'this model'} but other kinds or shapes "
-                            f"(fingerprint {self.fingerprint} != {graph.fingerprint()}): re-run the search")
+        check_fits("plan", self.model_name, self.fingerprint, [d.layer for d in self.decisions], graph,
+                   PlanError, "the search")
 
     # --- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -256,47 +286,38 @@ class PrecisionPlan:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PrecisionPlan":
-        try:
-            if d.get("version", PLAN_VERSION) != PLAN_VERSION:
-                raise PlanError(f"plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
-            return cls(
-                model_name=d["model_name"],
-                fingerprint=d.get("fingerprint", ""),
-                target=d["target"],
-                objective=d["objective"],
-                budget=Budget(float(d["budget"]["value"]), d["budget"]["kind"]),
-                decisions=tuple(LayerDecision.from_dict(x) for x in d["decisions"]),
-                strategy=d.get("strategy", ""),
-                cost=float(d["cost"]),
-                fp32_cost=float(d["fp32_cost"]),
-                cast_cost=float(d.get("cast_cost", 0.0)),
-                memory_bytes=float(d.get("memory_bytes", 0.0)),
-                fp32_memory_bytes=float(d.get("fp32_memory_bytes", 0.0)),
-                predicted_error=float(d.get("predicted_error", 0.0)),
-                pins=tuple(Pin.from_dict(p) for p in d.get("pins", [])),
-                measured=dict(d.get("measured", {})),
-                steps=tuple(TuneStep(**s) for s in d.get("steps", [])),
-                alternatives=tuple(Alternative(**a) for a in d.get("alternatives", [])),
-                notes=tuple(str(n) for n in d.get("notes", [])),
-            )
-        except PlanError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from None
+    def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> "PrecisionPlan":
+        """The plan in ``d`` (parsed plan.json), checked against :data:`PLAN_DOCUMENT` first: any
+        violation is a one-line PlanError naming ``source`` (the file), the field and what it expects."""
+        PLAN_DOCUMENT.check(d, source)
+        return cls(
+            model_name=d["model_name"],
+            fingerprint=d.get("fingerprint", ""),
+            target=d["target"],
+            objective=d["objective"],
+            budget=Budget(float(d["budget"]["value"]), d["budget"]["kind"]),
+            decisions=tuple(LayerDecision.from_dict(x) for x in d["decisions"]),
+            strategy=d.get("strategy", ""),
+            cost=float(d["cost"]),
+            fp32_cost=float(d["fp32_cost"]),
+            cast_cost=float(d.get("cast_cost", 0.0)),
+            memory_bytes=float(d.get("memory_bytes", 0.0)),
+            fp32_memory_bytes=float(d.get("fp32_memory_bytes", 0.0)),
+            predicted_error=float(d.get("predicted_error", 0.0)),
+            pins=tuple(Pin.from_dict(p) for p in d.get("pins", [])),
+            measured=dict(d.get("measured", {})),
+            steps=tuple(TuneStep(**s) for s in d.get("steps", [])),
+            alternatives=tuple(Alternative(**a) for a in d.get("alternatives", [])),
+            notes=tuple(d.get("notes", [])),
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=1) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "PrecisionPlan":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"plan is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise PlanError("malformed plan: expected a JSON object")
-        return cls.from_dict(data)
+    def from_json(cls, text: str, source: str | None = None) -> "PrecisionPlan":
+        """The plan in JSON ``text``; ``source`` (its file) is named in errors."""
+        return cls.from_dict(PLAN_DOCUMENT.parse(text, source), source)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the plan atomically (temp file + os.replace): a reader never sees half a file."""
@@ -304,13 +325,5 @@ class PrecisionPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "PrecisionPlan":
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise PlanError(f"cannot read plan {path}: {e.strerror}") from None
-        return cls.from_json(text)
-
-
-def _names(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+        """The plan saved at ``path``; an unreadable, truncated or malformed file is a one-line PlanError."""
+        return cls.from_dict(PLAN_DOCUMENT.read(path), str(path))

@@ -6,15 +6,56 @@ and everything else in fp32 (exact mode measures it; fast mode predicts it to fi
 The error measure is named by ``measure``: ``kl`` (mean KL divergence of the output distribution,
 per sample or per token, nats) for classifier-like outputs, ``rel_mse`` (||y'-y||^2 / ||y||^2)
 otherwise.
+
+profile.json is checked field by field on load against :data:`PROFILE_DOCUMENT`
+(:mod:`autoprec.core.schema`): a NaN or infinite amax, say, is a one-line ProfileError, not a scale.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
+from autoprec.core.errors import ProfileError
 from autoprec.core.formats import Precision
+from autoprec.core.io import atomic_write_text
+from autoprec.core.opgraph import OpGraph
+from autoprec.core.schema import (
+    FINGERPRINT, FORMAT, Document, Int, ListOf, MapOf, Nullable, Num, Obj, OneOf, Str, check_fits,
+)
+
+#: every error measure a profile can have (autoprec.core.stats.measure_name): the errors of logits
+#: outputs in KL, of values outputs in relative MSE, summed over outputs of both kinds
+MEASURES = ("kl", "rel_mse", "kl+rel_mse")
+
+PROFILE_VERSION = 1
+
+#: an output error: >= 0, infinite where a format overflows (the profilers write inf, never NaN)
+_ERROR = Num(lo=0, inf=True)
+_FRACTION = Num(lo=0, hi=1)
+#: RangeStats: calibrated statistics are finite (the profilers drop non-finite values before them)
+_RANGE = Obj(
+    required={"amax": Num(lo=0), "frac_over_fp16": _FRACTION, "frac_underflow_fp16": _FRACTION,
+              "fp8_scale": Num(lo=0), "frac_fp8_saturated": _FRACTION, "frac_fp8_flushed": _FRACTION},
+    optional={"rms": Num(lo=0)},
+)
+_ERRORS = MapOf(MapOf(_ERROR, key=FORMAT))  # layer -> format -> error
+
+#: profile.json, field by field. Files written before PROFILE_VERSION existed carry no ``version``
+#: field; their fields have not changed since profile.json was first written, so they read as
+#: version 1. From version 1 on, to_dict writes the field.
+PROFILE_DOCUMENT = Document("profile", PROFILE_VERSION, ProfileError, Obj(
+    required={"model_name": Str(), "fingerprint": FINGERPRINT, "mode": OneOf(("exact", "fast")),
+              "measure": OneOf(MEASURES), "formats": ListOf(FORMAT), "errors": _ERRORS},
+    optional={"ranges": MapOf(Obj(required={"inputs": ListOf(_RANGE), "output": _RANGE},
+                                  optional={"weight": Nullable(_RANGE)})),
+              "local_errors": _ERRORS, "flags": MapOf(ListOf(Str())), "samples": Int(lo=0),
+              "cost_passes": Num(lo=0), "rerun_fraction": _FRACTION, "seconds": Num(lo=0)},
+    keys_of={"ranges": "errors", "local_errors": "errors", "flags": "errors"},
+), unversioned=1)
 
 
 @dataclass(frozen=True)
@@ -49,7 +90,7 @@ class LayerRanges:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LayerRanges":
+    def from_dict(cls, d: Mapping[str, Any]) -> "LayerRanges":
         return cls(
             inputs=tuple(RangeStats(**r) for r in d["inputs"]),
             output=RangeStats(**d["output"]),
@@ -64,7 +105,7 @@ class SensitivityProfile:
     model_name: str
     fingerprint: str
     mode: str  # "exact" | "fast"
-    measure: str  # "kl" | "rel_mse"
+    measure: str  # one of core.stats.MEASURES
     formats: tuple[Precision, ...]
     errors: dict[str, dict[Precision, float]]
     ranges: dict[str, LayerRanges] = field(default_factory=dict)
@@ -96,6 +137,7 @@ class SensitivityProfile:
     # --- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
+            "version": PROFILE_VERSION,
             "model_name": self.model_name,
             "fingerprint": self.fingerprint,
             "mode": self.mode,
@@ -112,7 +154,10 @@ class SensitivityProfile:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SensitivityProfile":
+    def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> "SensitivityProfile":
+        """The profile in ``d`` (parsed profile.json), checked against :data:`PROFILE_DOCUMENT` first:
+        any violation is a one-line ProfileError naming ``source`` (the file), the field and what it expects."""
+        PROFILE_DOCUMENT.check(d, source)
         return cls(
             model_name=d["model_name"],
             fingerprint=d["fingerprint"],
@@ -124,7 +169,7 @@ class SensitivityProfile:
             local_errors={n: {Precision(f): float(v) for f, v in e.items()}
                           for n, e in d.get("local_errors", {}).items()},
             flags={n: list(v) for n, v in d.get("flags", {}).items()},
-            samples=int(d.get("samples", 0)),
+            samples=d.get("samples", 0),
             cost_passes=float(d.get("cost_passes", 0.0)),
             rerun_fraction=float(d.get("rerun_fraction", 0.0)),
             seconds=float(d.get("seconds", 0.0)),
@@ -134,5 +179,21 @@ class SensitivityProfile:
         return json.dumps(self.to_dict(), sort_keys=True, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "SensitivityProfile":
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, source: str | None = None) -> "SensitivityProfile":
+        """The profile in JSON ``text``; ``source`` (its file) is named in errors."""
+        return cls.from_dict(PROFILE_DOCUMENT.parse(text, source), source)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write profile.json atomically (temp file + os.replace), as :meth:`PrecisionPlan.save` does."""
+        return atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "SensitivityProfile":
+        """The profile saved at ``path``; an unreadable, truncated or malformed file is a one-line ProfileError."""
+        return cls.from_dict(PROFILE_DOCUMENT.read(path), str(path))
+
+    # --- checks ----------------------------------------------------------------------------
+    def check_against(self, graph: OpGraph) -> None:
+        """Raise ProfileError unless this profile was made for ``graph`` (same layers, same shapes):
+        its calibrated scales and errors mean nothing for another model."""
+        check_fits("profile", self.model_name, self.fingerprint, self.layers(), graph, ProfileError, "autoprec profile")

@@ -1,18 +1,25 @@
-"""Profile statistics in numpy: output errors over batches, range statistics, and the readable flags a profile gets.
+"""Profile statistics in numpy: the model's outputs, output errors over batches, range statistics, and the readable flags a profile gets.
 
 The torch profiler (:mod:`autoprec.torch.profile`) and the ONNX one (:mod:`autoprec.onnx.model`)
 accumulate with these on numpy arrays (a torch tensor is handed over as ``tensor.numpy()``), so a
 profile means the same from either frontend. Imports no torch.
+
+The model's outputs are every floating tensor leaf of what it returns (a tensor, or tuples, lists
+and dicts of them, nested), in pytree order, each named by its path: "0", "1", "logits", "aux.0"
+(a bare tensor is "0", as the first of a tuple is). :class:`Outputs` is which of them count (a
+model file's ``OUTPUTS``; all by default) and the error measure of each; a frontend lists the
+names and shapes and picks the tensors by position.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
+from autoprec.core.errors import UsageError
 from autoprec.core.formats import Precision
 from autoprec.core.fp8 import fp8_scale
 from autoprec.core.sensitivity import RangeStats, SensitivityProfile
@@ -27,17 +34,108 @@ NOT_FINITE = ("the fp32 model's output is not finite (NaN or inf) on the calibra
               "against it; fix the model or the data first")
 
 
+#: the error measures of an output: "logits" (classifier-like: KL per position, top-1 agreement) or
+#: "values" (regression-like: relative squared / L2 error)
+OUTPUT_KINDS = ("logits", "values")
+
+#: what a model declares about its outputs' kinds: one kind for all of them, a kind per output name,
+#: or nothing (each decided from its shape by :func:`output_kind_of`)
+DeclaredKinds = str | Mapping[str, str] | None
+
+T = TypeVar("T")
+
+
 def output_kind_of(y: Any, declared: str | None) -> str:
-    """"logits" for classifier-like outputs ``y`` (an array or tensor whose last dim is > 1), else
-    "values"; a model may declare it."""
+    """"logits" for classifier-like outputs ``y`` (an array or tensor, or its shape, whose last dim
+    is > 1), else "values"; a model may declare it."""
     if declared is not None:
         return declared
-    shape = tuple(y.shape)
+    shape = tuple(getattr(y, "shape", y))
     return "logits" if len(shape) >= 2 and shape[-1] > 1 else "values"
 
 
-def measure_name(kind: str) -> str:
-    return "kl" if kind == "logits" else "rel_mse"
+def measure_name(kinds: str | Sequence[str]) -> str:
+    """The profile's error measure for outputs of ``kinds`` (one kind, or one per output): "kl",
+    "rel_mse", or "kl+rel_mse" when the errors of logits and values outputs are summed."""
+    names = {"kl" if k == "logits" else "rel_mse" for k in ([kinds] if isinstance(kinds, str) else kinds)}
+    return "+".join(m for m in ("kl", "rel_mse") if m in names)
+
+
+def output_name(path: Sequence[str | int]) -> str:
+    """The name of the output at pytree ``path`` (tuple indices, dict keys, attribute names):
+    its parts joined by dots ("aux.0"); the empty path of a bare tensor is "0"."""
+    return ".".join(str(p) for p in path) if path else "0"
+
+
+def check_output_contract(outputs: Any, kinds: Any) -> str | None:
+    """Why a model file's ``OUTPUTS`` (names of the outputs that count) or ``OUTPUT`` (one kind,
+    or a dict name -> kind) is malformed, or None when both are well formed. Whether the names
+    exist is known only once the model has run (:meth:`Outputs.resolve`)."""
+    if outputs is not None and (not isinstance(outputs, (tuple, list)) or not outputs
+                                or not all(isinstance(n, str) for n in outputs)):
+        return f"OUTPUTS must be a non-empty tuple of output names such as ('logits',), not {outputs!r}"
+    if isinstance(kinds, Mapping):
+        bad = {k: v for k, v in kinds.items() if not isinstance(k, str) or v not in OUTPUT_KINDS}
+        if bad or not kinds:
+            return f"OUTPUT as a dict maps output names to 'logits' or 'values', not {dict(bad) or kinds!r}"
+    elif kinds is not None and kinds not in OUTPUT_KINDS:
+        return f"OUTPUT must be 'logits' or 'values' (or a dict output name -> kind), not {kinds!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The model outputs that count and the error measure of each.
+
+    ``names``: every floating output of the model, in pytree order; ``positions``: the selected
+    ones among them; ``kinds``: the kind of each selected output. Frontends flatten a model's
+    result into its floating tensors and :meth:`pick` the selected ones by position, so a result
+    that arrives flat (ONNX Runtime, a torch.export graph's output node) is read the same way.
+    """
+
+    names: tuple[str, ...]
+    positions: tuple[int, ...]
+    kinds: tuple[str, ...]
+
+    @classmethod
+    def resolve(cls, names: Sequence[str], shapes: Sequence[Sequence[int]], wanted: Sequence[str] | None = None,
+                declared: DeclaredKinds = None) -> "Outputs":
+        """The outputs ``wanted`` (None: all) among a model's floating outputs ``names`` (of
+        ``shapes``), each of the kind ``declared`` for it, else decided from its shape. A name not
+        among ``names`` is a one-line UsageError that lists them."""
+        if not names:
+            raise UsageError("the model returns no floating-point tensor: nothing to measure errors on")
+        chosen = list(dict.fromkeys(wanted)) if wanted is not None else list(names)
+        per_name = declared if isinstance(declared, Mapping) else {}
+        for what, given in (("OUTPUTS", chosen), ("OUTPUT", per_name)):
+            unknown = [n for n in given if n not in names]
+            if unknown:
+                raise UsageError(f"{what} names the output {unknown[0]!r}, which the model does not return: its "
+                                 f"floating-point outputs are {', '.join(repr(n) for n in names)}")
+        positions = tuple(names.index(n) for n in chosen)
+        kinds = tuple(output_kind_of(shapes[i], per_name.get(names[i]) if isinstance(declared, Mapping) else declared)
+                      for i in positions)
+        return cls(tuple(names), positions, kinds)
+
+    @property
+    def selected(self) -> tuple[str, ...]:
+        """The names of the outputs that count."""
+        return tuple(self.names[i] for i in self.positions)
+
+    @property
+    def measure(self) -> str:
+        """The profile's error measure: the sum of each selected output's (:func:`measure_name`)."""
+        return measure_name(self.kinds)
+
+    def pick(self, leaves: Sequence[T]) -> list[T]:
+        """The selected outputs among ``leaves``, a result's floating outputs in pytree order."""
+        if len(leaves) != len(self.names):
+            raise UsageError(f"the model returned {len(leaves)} floating-point output(s) where its fp32 run returned "
+                             f"{len(self.names)} ({', '.join(self.names)}): cannot tell which output is which")
+        return [leaves[i] for i in self.positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

@@ -7,12 +7,10 @@ This module imports no torch.
 
 from __future__ import annotations
 
-from typing import Mapping
-
 from autoprec.core.errors import UsageError
 from autoprec.core.formats import Precision
 from autoprec.core.kinds import LOOKUP_KINDS, VIEW_KINDS
-from autoprec.core.opgraph import OpGraph, OpNode, Policy
+from autoprec.core.opgraph import OpNode, Policy
 from autoprec.cost.model import CostModel
 from autoprec.cost.targets import DEFAULT_TARGET, Target, get_target
 
@@ -115,8 +113,3 @@ class RooflineCostModel(CostModel):
 def cost_model(target: str | Target = DEFAULT_TARGET, objective: str = "latency") -> RooflineCostModel:
     """The built-in cost model for ``target`` (a name such as "h100" or a :class:`Target`)."""
     return RooflineCostModel(target, objective)
-
-
-def memory_bytes(graph: OpGraph, assignment: Mapping[str, Precision]) -> float:
-    """The memory proxy of :class:`RooflineCostModel` (it does not depend on the target)."""
-    return RooflineCostModel(DEFAULT_TARGET, "memory").plan_cost(graph, assignment)

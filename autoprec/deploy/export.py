@@ -43,12 +43,14 @@ from typing import TYPE_CHECKING, Any, Mapping
 import onnx
 
 from autoprec.onnx.bn_fold import fold_onnx_batch_norms
+from autoprec.torch.attention import explicit_attention
 from autoprec.torch.bn_fold import foldable_norms
 from autoprec.torch.capture import Captured, capture
 from autoprec.core.errors import AutoprecError, PlanError, UsageError, first_line
 from autoprec.core.formats import Precision, parse_precision
 from autoprec.core.io import atomic_write_bytes
 from autoprec.core.kinds import aten_kind
+from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import PrecisionPlan
 from autoprec.torch.semantics import needs_act_amax
 from autoprec.core.sensitivity import SensitivityProfile
@@ -126,6 +128,40 @@ def _keep_lookups(node: onnx_ir.Node) -> bool | None:
     return False if node.op_type == "Gather" and classes and aten_kind(classes[-1]) == "embedding" else None
 
 
+def _fold_splits(graph: onnx_ir.Graph) -> None:
+    """A ``Split`` of a stored tensor becomes one initializer per part.
+
+    nn.MultiheadAttention cuts its packed projection into the query's and the key/value's weights
+    when query and key differ; folded, each part is the initializer its MatMul reads, as the capture
+    reads it (:func:`autoprec.torch.capture._fold_weight_paths`). onnxscript's folder leaves ops with
+    several outputs alone, and a Split only moves data, so numpy's split is exact. Parts are views
+    of the stored tensor's array until serialised."""
+    import numpy as np
+    from onnx_ir import Value, tensor
+    from onnx_ir.convenience import replace_all_uses_with
+
+    for node in list(graph):
+        if node.op_type != "Split" or node.domain != "" or node.inputs[0] is None \
+                or node.inputs[0].const_value is None:
+            continue
+        sizes_in = node.inputs[1] if len(node.inputs) > 1 else None
+        if sizes_in is not None and sizes_in.const_value is None:
+            continue
+        data = node.inputs[0].const_value.numpy()
+        axis = node.attributes.get_int("axis", 0) % data.ndim
+        n = len(node.outputs)
+        if sizes_in is not None:
+            sizes = [int(v) for v in sizes_in.const_value.numpy().reshape(-1)]
+        else:  # num_outputs: equal parts, the last one smaller
+            step = -(-data.shape[axis] // n)
+            sizes = [min(step, data.shape[axis] - i * step) for i in range(n)]
+        parts = np.split(data, np.cumsum(sizes)[:-1], axis=axis)
+        for out, part in zip(node.outputs, parts):
+            value = Value(name=f"{out.name}_folded", const_value=tensor(np.ascontiguousarray(part)))
+            graph.register_initializer(value)
+            replace_all_uses_with(out, value)
+
+
 def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """The fp32 model as ONNX: dynamo exporter, dynamic batch, constants folded, inference batch
     norms folded into their convolutions as :func:`autoprec.torch.capture.capture` folds them, nothing
@@ -141,7 +177,7 @@ def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFA
     model = model.eval()
     with _quiet_exporter() as out:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), explicit_attention():  # attention's products as the capture has them
                 program = torch.onnx.export(model, args, dynamo=True, external_data=False, optimize=False,
                                             opset_version=opset, dynamic_shapes=_batch_dims(args))
         except Exception as exc:  # the exporter raises many types
@@ -151,6 +187,8 @@ def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFA
         if program is None:
             raise ExportError("torch.onnx.export returned no program")
         ir_model = program.model
+        fold_constants_ir(ir_model, should_fold=_keep_lookups)
+        _fold_splits(ir_model.graph)  # then fold what reads the parts (a Transpose)
         fold_constants_ir(ir_model, should_fold=_keep_lookups)
         RemoveUnusedNodesPass()(ir_model)
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(ir_model)
@@ -199,24 +237,19 @@ def apply_plan_onnx(fp32_model: onnx.ModelProto, captured: Captured, assignment:
 # --- files ---------------------------------------------------------------------------------------
 
 
-def _load_amax(profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None
-               ) -> dict[str, tuple[float, ...]] | None:
+def _load_amax(profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None,
+               graph: OpGraph) -> dict[str, tuple[float, ...]] | None:
+    """The calibrated activation amax of each layer of ``graph``, from a profile made for it."""
     from autoprec.torch.passes import act_amax_from_profile
 
     if profile is None:
         return None
-    if isinstance(profile, SensitivityProfile):
-        return act_amax_from_profile(profile)
     if isinstance(profile, Mapping):
         return {k: tuple(float(a) for a in v) for k, v in profile.items()}
-    try:
-        text = Path(profile).read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"cannot read profile {profile}: {e.strerror}") from None
-    try:
-        return act_amax_from_profile(SensitivityProfile.from_json(text))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{profile} is not a profile.json written by autoprec ({type(e).__name__}: {e})") from None
+    if not isinstance(profile, SensitivityProfile):
+        profile = SensitivityProfile.load(profile)  # a one-line error naming the file and the field
+    profile.check_against(graph)
+    return act_amax_from_profile(profile)
 
 
 def build_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
@@ -241,7 +274,7 @@ def build_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
     if isinstance(plan, PrecisionPlan):
         plan.check_against(captured.graph)  # same layers, kinds and shapes as the model it was made for
     assignment = load_assignment(plan)
-    amax = _load_amax(profile)
+    amax = _load_amax(profile, captured.graph)
     fp8 = sorted(k for k, f in assignment.items() if k in captured.graph and needs_act_amax(captured.graph[k].kind, f))
     if fp8 and amax is None:
         raise PlanError(f"the plan runs {', '.join(fp8)} in fp8: give the profile.json of the tune run "
@@ -278,8 +311,8 @@ def export_analysed(onnx_file: str | os.PathLike[str], data: str | os.PathLike[s
     om = OnnxModel.load(onnx_file, data)
     plan = plan if isinstance(plan, PrecisionPlan) else PrecisionPlan.load(plan)
     plan.check_against(om.analysis.graph)
-    amax = _load_amax(profile)
     graph = om.analysis.graph
+    amax = _load_amax(profile, graph)
     if any(needs_act_amax(graph[k].kind, f) for k, f in plan.assignment.items()) and amax is None:
         raise PlanError("the plan has fp8 layers: give the profile.json of the tune run (--profile) for their "
                         "calibrated activation scales")

@@ -18,6 +18,9 @@ the epsilon of the narrowest format the plan uses (or twice the model's own resp
 input change, where that is larger: see :class:`Parity`), and equal argmax on at least 99.5% of
 positions (classifier outputs). The two differ only where the two runtimes' fp32 arithmetic does
 (summation order in a GEMM or convolution) and a rounding then lands on the other side of a tie.
+A model with several outputs (every floating tensor it returns, or those its ``OUTPUTS`` names) is
+held to that on each output; the report shows the output furthest from its tolerance, and the
+metric is the worst output's (:func:`autoprec.core.metrics.fidelity_to`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -36,7 +39,7 @@ from autoprec.core.formats import Precision
 from autoprec.core.metrics import metric_drop
 from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import PrecisionPlan
-from autoprec.core.stats import output_kind_of
+from autoprec.core.stats import DeclaredKinds, output_kind_of
 from autoprec.ort.providers import CPU
 from autoprec.ort import runtime
 from autoprec.onnx.apply import load_assignment, recorded_plan, set_io_format
@@ -74,6 +77,7 @@ class Parity:
     noise_floor: float = 0.0
     top1_raw: float | None = None
     near_ties: int = 0
+    output: str = ""  # the output this is the parity of, when the model has several: the one furthest from its tolerance
 
     @property
     def ok(self) -> bool:
@@ -156,7 +160,8 @@ class VerifyReport:
                 top += f" ({100 * p.top1_raw:.2f}% counting {p.near_ties} near-tie(s))"
         basis = (f"eps of {p.narrowest}" if p.tolerance <= max(Precision(p.narrowest).eps, MIN_TOLERANCE)
                  else f"twice the model's own response to a 1-ulp input change, {p.noise_floor:.3g}")
-        out.append(f"parity {self.parity_of}: relative L2 {p.rel_l2:.3g} (tolerance "
+        worst = f" on output {p.output!r} (the furthest of the model's outputs from its tolerance)" if p.output else ""
+        out.append(f"parity {self.parity_of}{worst}: relative L2 {p.rel_l2:.3g} (tolerance "
                    f"{p.tolerance:.3g}, {basis}){top} over {p.positions} outputs: {'ok' if p.ok else 'FAILED'}")
         out.extend(self.notes)
         return out
@@ -258,18 +263,32 @@ def compare_outputs(got: Sequence[Any], ref: Sequence[Any], narrowest: Precision
 
 
 def parity(torch_module: Any, session: Any, batches: Sequence[tuple[Any, ...]], narrowest: Precision,
-           logits: bool) -> Parity:
+           logits: bool | None = None, *, outputs: Sequence[str] | None = None,
+           output_kind: DeclaredKinds = None) -> Parity:
     """Relative L2 and top-1 agreement between a torch module (the reference) and an ORT session
-    on ``batches``, with the torch module's own noise floor (see :class:`Parity`)."""
+    on ``batches``, with the torch module's own noise floor (see :class:`Parity`), on each output
+    named in ``outputs`` (None: every floating output); the parity of the output furthest from its
+    tolerance. Each output is judged as ``output_kind`` declares it or its shape says, unless
+    ``logits`` judges them all as logits (True) or values (False)."""
     import torch
 
-    from autoprec.torch.profile import first_tensor
+    from autoprec.torch.profile import model_outputs, selected_outputs
 
+    declared = output_kind if logits is None else ("logits" if logits else "values")
+    ort = runtime.ort_module(session)
     with torch.no_grad():
-        ref = [first_tensor(torch_module(*b)) for b in batches]
-        nudged = [first_tensor(torch_module(*_nudged(b))) for b in batches]
-    got = [torch.from_numpy(session(*b)[0]) for b in batches]
-    return compare_outputs(got, ref, narrowest, logits, nudged)
+        results = [torch_module(*b) for b in batches]
+        measured = model_outputs(results[0], outputs, declared)
+        ref = [selected_outputs(measured, r) for r in results]
+        nudged = [selected_outputs(measured, torch_module(*_nudged(b))) for b in batches]
+        got = [selected_outputs(measured, ort(*b)) for b in batches]
+    per = [(measured.names[i], compare_outputs([g[o] for g in got], [r[o] for r in ref], narrowest, kind == "logits",
+                                               [n[o] for n in nudged]))
+           for o, (i, kind) in enumerate(zip(measured.positions, measured.kinds))]
+    if len(per) == 1:
+        return per[0][1]
+    name, worst = max(per, key=lambda item: (not item[1].ok, item[1].rel_l2 / item[1].tolerance))
+    return replace(worst, output=name)
 
 
 def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.PathLike[str],
@@ -288,7 +307,6 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
     from autoprec.metrics import model_metric
     from autoprec.torch.capture import capture
     from autoprec.deploy.export import apply_plan_onnx, torch_to_onnx
-    from autoprec.torch.profile import first_tensor
     from autoprec.torch.passes import apply_plan
 
     t0 = time.perf_counter()
@@ -320,14 +338,12 @@ def verify(onnx_path: str | os.PathLike[str], model_file: ModelSpec | str | os.P
         metric_session = emu_session
         graph = "emulation"
     batches = spec.calibration_data()
-    y = first_tensor(captured.gm(*batches[0]))
-    logits = output_kind_of(y, spec.output_kind) == "logits"
     narrow = narrowest_format(assignment, io)
-    par = parity(torch_emulated, metric_session, batches, narrow, logits)
+    par = parity(torch_emulated, metric_session, batches, narrow, outputs=spec.outputs, output_kind=spec.output_kind)
     parity_of = VerifyReport.parity_of  # the default: torch emulation vs ONNX emulation graph
     if metric_session is not emu_session:  # the deployed graph itself; the emulation graph's is a note
         parity_of = f"torch emulation vs ONNX {graph} graph on {provider}"
-        emu = parity(torch_emulated, emu_session, batches, narrow, logits)
+        emu = parity(torch_emulated, emu_session, batches, narrow, outputs=spec.outputs, output_kind=spec.output_kind)
         notes.append(f"parity torch emulation vs ONNX emulation graph on the CPU: relative L2 {emu.rel_l2:.3g} "
                      f"(tolerance {emu.tolerance:.3g}): {'ok' if emu.ok else 'FAILED'}")
     metric = model_metric(spec, captured, batches)

@@ -27,7 +27,7 @@ from autoprec.onnx.graph import OnnxAnalysis
 from autoprec.onnx.passes.assign_formats import AssignFormats
 from autoprec.onnx.passes.base import (FORMAT, INSERTED, LAYER, MODEL_ACT_AMAX, MODEL_ASSIGNMENT, MODEL_FINGERPRINT,
                                        MODEL_IO, MODEL_MODE, MODEL_NAME, MODEL_PROVIDER, REASON, ROLE, ROLE_CORE, OnnxPass,
-                                       drop_meta, get_meta, infer_types, model_meta, set_model_meta)
+                                       checkable, drop_meta, get_meta, infer_types, model_meta, set_model_meta)
 from autoprec.onnx.passes.insert_casts import InsertCasts
 from autoprec.onnx.passes.io_format import IO_FORMATS, IOFormat
 from autoprec.onnx.passes.keep_roundings import KeepRoundings
@@ -90,7 +90,7 @@ def run_plan_passes(fp32_model: onnx.ModelProto, passes: list[OnnxPass], graph: 
     if provider is not None and mode == "deploy":
         set_model_meta(model, MODEL_PROVIDER, parse_provider(provider))
     model = infer_types(model)
-    onnx.checker.check_model(model, full_check=True)
+    onnx.checker.check_model(checkable(model), full_check=True)
     if not keep_metadata:
         del model.graph.value_info[:]
     return model
@@ -135,7 +135,7 @@ def set_io_format(model: onnx.ModelProto, io: Precision | str) -> onnx.ModelProt
     model = PassManager([IOFormat(fmt, model_meta(copy).get(MODEL_MODE, "deploy"))]).run(copy).graph
     set_model_meta(model, MODEL_IO, fmt.value)
     del model.graph.value_info[:]
-    onnx.checker.check_model(model, full_check=True)
+    onnx.checker.check_model(checkable(model), full_check=True)
     return model
 
 

@@ -12,8 +12,10 @@ Preprocessing (:func:`preprocess`), in order; each rewrite is one onnx_ir pass o
 1. upgrade the default-domain opset to ``target_opset`` (``onnx.version_converter``; never
    downgrades) and raise the IR version to the one that opset needs;
 2. fold constants that make weights (:mod:`~autoprec.onnx.rewrites.fold_constants`): ``Constant``
-   nodes become initializers, and nodes that only move or convert constants are evaluated -- e.g. a
-   weight stored transposed and fed through Transpose becomes one initializer the MatMul reads;
+   nodes become initializers, and nodes that move, convert or make constants, or do exact
+   arithmetic on them, are evaluated -- e.g. a weight stored transposed and fed through Transpose,
+   or made by ``ConstantOfShape`` (the model-zoo graphs' Caffe2 exporter), becomes one initializer
+   the layer reads;
 3. fold each inference ``BatchNormalization`` that alone reads a ``Conv`` into it, in fp32
    (:mod:`~autoprec.onnx.rewrites.fold_batch_norms`, the fold a torch model's capture and export make);
 4. give every node a unique name (:mod:`~autoprec.onnx.rewrites.name_nodes`), so plans and passes
@@ -332,6 +334,7 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, ConcreteValue],
     unfused = {n.name or "": len(gelu) for gelu in gelus for n in gelu}
     fused.update((name, "gelu") for name in unfused)
     ties: dict[tuple[str, str, tuple[int, ...]], list[str]] = {}
+    bias_adds: set[str] = set()  # the Adds of layers' biases: their initializer is the layer's
     for node in g.node:
         ins = _node_inputs(node)
         base, weight = _kind(node, inits, values)
@@ -344,6 +347,7 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, ConcreteValue],
         bias_add = _bias_add(node, weight, inits, values, consumers)
         if policy is Policy.ALWAYS and bias_add is not None:
             groups[bias_add[0]] = node.name  # the bias belongs to the layer, as in torch's linear
+            bias_adds.add(bias_add[0])
         # floating activations read (a value of unknown type, e.g. a custom op's output, may be one)
         act_ins = [i for i in dict.fromkeys(ins) if i not in inits and (values.get(i) is None or values[i].is_float)]
         if policy is not Policy.NONE and not float_out:
@@ -361,6 +365,8 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, ConcreteValue],
             reasons[node.name] = why
         in_vals = [values[i] for i in dict.fromkeys(ins) if values.get(i) is not None and values[i].shape is not None]
         out_v = next((v for v in outs if v is not None), None)
+        stored = _weight_elems(node, weight, inits, values, bias_add[1] if bias_add else None) \
+            if weight is not None or node.name in bias_adds else _stored_elems(ins, inits, values)
         op = OpNode(
             name=node.name,
             kind=kind,
@@ -368,8 +374,8 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, ConcreteValue],
             policy=policy,
             input_shapes=tuple(v.shape for v in in_vals if v.shape is not None),
             output_shape=out_v.shape if out_v is not None and out_v.shape is not None else (),
-            flops=_flops(base, node, values) if policy is not Policy.NONE else 0,
-            weight_elems=_weight_elems(node, weight, inits, values, bias_add[1] if bias_add else None),
+            flops=_flops(base, node, values, stored) if policy is not Policy.NONE else 0,
+            weight_elems=stored,
             act_in_elems=sum(values[i].numel for i in act_ins if i in values),
             act_out_elems=sum(v.numel for v in outs if v is not None and v.is_float),
             weight=weight,
@@ -542,13 +548,20 @@ def _scope(node: onnx.NodeProto) -> str:
     return ""
 
 
-def _flops(kind: str, node: onnx.NodeProto, values: Mapping[str, ConcreteValue]) -> int:
-    """FLOPs by :func:`autoprec.core.kinds.flops`, the rule the torch capture counts by."""
+def _flops(kind: str, node: onnx.NodeProto, values: Mapping[str, ConcreteValue], stored: int = 0) -> int:
+    """FLOPs by :func:`autoprec.core.kinds.flops`, the rule the torch capture counts by (``stored``:
+    the initializer elements it reads)."""
     outs = [values[o] for o in node.output if o and o in values and values[o].shape is not None]
     shapes = [values[i].shape or () if i and i in values else () for i in node.input]
     if node.op_type == "Gemm" and _attr(node, "transA", 0) and shapes and len(shapes[0]) == 2:
         shapes[0] = shapes[0][::-1]  # A as the product reads it: its contracted dim last
-    return flops(kind, shapes, outs[0].shape if outs else None)
+    return flops(kind, shapes, outs[0].shape if outs else None, weight_elems=stored)
+
+
+def _stored_elems(ins: list[str], inits: set[str], values: Mapping[str, ConcreteValue]) -> int:
+    """Float initializer elements an op that is no layer reads (a norm's scale, a position table):
+    stored tensors a plan does not change (:mod:`autoprec.core.coverage`), as the torch capture counts them."""
+    return sum(values[i].numel for i in dict.fromkeys(ins) if i in inits and i in values and values[i].is_float)
 
 
 def _weight_elems(node: onnx.NodeProto, weight: str | None, inits: set[str], values: Mapping[str, ConcreteValue],

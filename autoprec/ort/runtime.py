@@ -359,11 +359,15 @@ def ort_module(session: Session) -> Any:
     import torch
 
     class OrtModule(torch.nn.Module):
-        """A torch-callable wrapper of an ONNX Runtime session (no parameters; runs on the CPU side)."""
+        """A torch-callable wrapper of an ONNX Runtime session; it runs on the CPU side.
+
+        Its one parameter is empty: it says where inputs go (``next(model.parameters()).device``,
+        the idiom evaluate() functions use) and holds no weight."""
 
         def __init__(self) -> None:
             super().__init__()
             self.session = session
+            self.device_marker = torch.nn.Parameter(torch.empty(0), requires_grad=False)
 
         def forward(self, *inputs: Any) -> Any:
             # fp16 outputs (a graph exported with fp16 outputs) widen to fp32, exactly, for the metric

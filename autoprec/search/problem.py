@@ -21,7 +21,8 @@ from autoprec.core.opgraph import OpGraph, OpNode, Policy
 from autoprec.core.plan import Alternative, Budget, LayerDecision, Pin, PrecisionPlan
 from autoprec.core.sensitivity import SensitivityProfile
 from autoprec.cost.model import CostModel
-from autoprec.cost.roofline import RooflineCostModel, memory_bytes
+from autoprec.cost.memory import deployed_memory
+from autoprec.cost.roofline import RooflineCostModel
 
 FP32 = Precision.FP32
 
@@ -414,8 +415,9 @@ class CompiledProblem:
     # --- plans ---------------------------------------------------------------------------------
     @cached_property
     def fp32_reference(self) -> tuple[float, float]:
-        """(cost, memory bytes) of the all-fp32 model, the baseline of every plan's speedup."""
-        return self.p.cost_model.plan_cost(self.p.graph, {}), memory_bytes(self.p.graph, {})
+        """(cost, deployed memory bytes) of the all-fp32 model, the baseline of every plan's speedup
+        and memory figure (:func:`autoprec.cost.memory.deployed_memory`)."""
+        return self.p.cost_model.plan_cost(self.p.graph, {}), deployed_memory(self.p.graph, {})
 
     def plan(self, assignment: Mapping[str, Precision], budget: float, strategy: str,
              alternatives: tuple[Alternative, ...], notes: tuple[str, ...]) -> PrecisionPlan:
@@ -436,7 +438,7 @@ class CompiledProblem:
             model_name=graph.model_name or p.profile.model_name, fingerprint=graph.fingerprint(),
             target=cm.name, objective=cm.objective, budget=Budget(budget, p.profile.measure),
             decisions=decisions, strategy=strategy, cost=b.total, fp32_cost=self.fp32_reference[0],
-            cast_cost=b.casts, memory_bytes=memory_bytes(graph, layer_fmt),
+            cast_cost=b.casts, memory_bytes=deployed_memory(graph, layer_fmt),
             fp32_memory_bytes=self.fp32_reference[1], predicted_error=total_err, pins=p.pins,
             alternatives=alternatives, notes=notes)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,9 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from autoprec.torch.attention import explicit_attention
 from autoprec.torch.bn_fold import fold_fx_batch_norms
 from autoprec.core.errors import CaptureError, first_line
-from autoprec.core.kinds import LOOKUP_KINDS, TORCH_MODULE_KINDS, aten_kind, flops, policy_of
+from autoprec.core.kinds import CONV_KINDS, LOOKUP_KINDS, TORCH_MODULE_KINDS, aten_kind, flops, policy_of
 from autoprec.core.opgraph import OpGraph, OpNode, Policy
 
 log = logging.getLogger(__name__)
@@ -129,7 +131,8 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...], name: str = "", m
     used = ""
     if method in ("auto", "fx"):
         try:
-            gm = fx.symbolic_trace(model)
+            with explicit_attention():
+                gm = fx.symbolic_trace(model)
             opaque = _opaque_modules(gm)
             if opaque:
                 gm = None
@@ -140,8 +143,15 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...], name: str = "", m
             errors.append(f"fx: {type(exc).__name__}: {first_line(exc, 160)}")
     if gm is None and method in ("auto", "export"):
         try:
-            ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=_batch_dynamic(example_inputs))
+            with explicit_attention(), warnings.catch_warnings():  # its advice is for the model's author
+                warnings.simplefilter("ignore")
+                ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=_batch_dynamic(example_inputs))
             gm = ep.module()
+            # export's module refuses train()/eval() (instance attributes that raise); its graph is
+            # the inference graph whatever the mode flag says, and a model file's evaluate() may
+            # switch modes (models/README.md): the plain nn.Module methods only set the flags
+            for method_name in ("train", "eval"):
+                gm.__dict__.pop(method_name, None)
             used = "export"
         except Exception as exc:
             errors.append(f"export: {type(exc).__name__}: {first_line(exc, 160)}")
@@ -187,6 +197,7 @@ def _opaque_modules(gm: fx.GraphModule) -> list[str]:
 _FUNCTIONAL = {nn.Linear: F.linear, nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 _aten_embedding = torch.ops.aten.embedding.default
+_ADDMM = (torch.addmm, torch.ops.aten.addmm.default)
 
 
 def _embedding_kwargs(padding_idx: int | None, scale_grad_by_freq: bool, sparse: bool) -> dict[str, Any]:
@@ -228,17 +239,51 @@ def _normalise_embedding(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return new
 
 
+def _normalise_addmm(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """``addmm(bias, x, W)`` with W a stored [in, out] weight (Hugging Face's Conv1D, a hand-written
+    ``x @ W + b``) becomes ``F.linear(x, W_t, bias)``, where ``W_t`` is an attribute of the captured
+    module holding ``W.t()``: a view, no copy, so the layer reads its weight in the [out, in] layout
+    every linear layer has (rows are output channels: the fp8 rule scales per row). The ONNX export
+    of the same model reads W as a Gemm/MatMul operand, which the layer mapping compares transposed.
+    Returns the replacement node, or None when ``node`` is not such a product."""
+    if node.op != "call_function" or node.target not in _ADDMM or len(node.args) != 3:
+        return None
+    bias, x, w = node.args
+    if any(float(node.kwargs.get(k, 1)) != 1.0 for k in ("beta", "alpha")) or not isinstance(w, fx.Node) \
+            or w.op != "get_attr" or not (bias is None or isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return None
+    weight = _attr(gm, str(w.target))
+    if weight.dim() != 2 or (bias is not None and _attr(gm, str(bias.target)).dim() != 1):
+        return None
+    name = "autoprec_t_" + str(w.target).replace(".", "_")
+    if not hasattr(gm, name):
+        gm.register_buffer(name, weight.detach().t(), persistent=False)
+    g = gm.graph
+    with g.inserting_before(node):
+        wt = g.get_attr(name)
+        new = g.call_function(F.linear, (x, wt, bias))
+    wt.meta.update(w.meta)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    old_name = node.name
+    g.erase_node(node)
+    if not w.users:
+        g.erase_node(w)
+    new.name = old_name
+    return new
+
+
 def normalise(gm: fx.GraphModule, method: str) -> None:
     """Turn weighted module calls into functional calls on get_attr weights; record scope and kind."""
     g = gm.graph
     for node in list(g.nodes):
         scope = _scope(gm, node, method)
-        lookup = _normalise_embedding(gm, node)
-        if lookup is not None:
-            for a in lookup.all_input_nodes:
+        replaced = _normalise_embedding(gm, node) or _normalise_addmm(gm, node)
+        if replaced is not None:
+            for a in replaced.all_input_nodes:
                 if a.op == "get_attr":
                     a.meta.setdefault("autoprec_scope", scope)
-            node = lookup
+            node = replaced
         elif node.op == "call_module":
             mod = gm.get_submodule(str(node.target))
             fn = _FUNCTIONAL.get(type(mod))
@@ -260,8 +305,62 @@ def normalise(gm: fx.GraphModule, method: str) -> None:
                 node = new
         node.meta["autoprec_scope"] = scope
         node.meta["autoprec_kind"] = op_kind(gm, node)
+    _fold_weight_paths(gm)
     g.lint()
     gm.recompile()
+
+
+def _constant_value(gm: fx.GraphModule, node: Any, memo: dict[str, Any]) -> Any:
+    """The value of ``node`` when it depends on stored tensors and literals only (a slice of a
+    parameter, its transpose), else None. Views stay views: nothing is copied."""
+    if not isinstance(node, fx.Node):
+        return node
+    if node.name in memo:
+        return memo[node.name]
+    value = None
+    if node.op == "get_attr":
+        value = _attr(gm, str(node.target))
+    elif node.op in ("call_function", "call_method"):
+        args = [_constant_value(gm, a, memo) for a in node.args]
+        kwargs = {k: _constant_value(gm, v, memo) for k, v in node.kwargs.items()}
+        known = all(v is not None or a is None for a, v in zip((*node.args, *node.kwargs.values()),
+                                                               (*args, *kwargs.values())))
+        if known:
+            with torch.no_grad():
+                value = node.target(*args, **kwargs) if node.op == "call_function" \
+                    else getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    memo[node.name] = value
+    return value
+
+
+def _fold_weight_paths(gm: fx.GraphModule) -> None:
+    """A linear or convolution whose weight or bias is computed from stored tensors only -- the
+    slices of ``nn.MultiheadAttention``'s packed projection when query and key differ -- reads
+    it as a stored attribute instead (a view of the parameter), as a layer's weight is read: the
+    profiler and the passes round it as a weight, and the ONNX export, whose folder folds the same
+    slices into initializers, pairs it with its MatMul."""
+    g = gm.graph
+    memo: dict[str, Any] = {}
+    for node in list(g.nodes):
+        kind = node.meta.get("autoprec_kind")
+        if node.op != "call_function" or not (kind == "linear" or kind in CONV_KINDS):
+            continue
+        for pos in (1, 2):
+            arg = node.args[pos] if len(node.args) > pos else None
+            if not isinstance(arg, fx.Node) or arg.op == "get_attr":
+                continue
+            value = _constant_value(gm, arg, memo)
+            if not isinstance(value, torch.Tensor):
+                continue
+            name = f"autoprec_w_{arg.name}"
+            if not hasattr(gm, name):
+                gm.register_buffer(name, value.detach(), persistent=False)
+            with g.inserting_before(node):
+                attr = g.get_attr(name)
+            attr.meta["autoprec_scope"] = node.meta.get("autoprec_scope", "")
+            attr.meta["autoprec_kind"] = "get_attr"
+            node.replace_input_with(arg, attr)
+    g.eliminate_dead_code()
 
 
 def _scope(gm: fx.GraphModule, node: fx.Node, method: str) -> str:
@@ -397,6 +496,9 @@ def build_opgraph(gm: fx.GraphModule, name: str) -> OpGraph:
                     else _attr(gm, str(x.target)).numel()
         if kind in ("matmul", "bmm") and any(a.op == "get_attr" for a in n.all_input_nodes):
             weight_elems = sum(_meta_tensor(a).numel() for a in n.all_input_nodes if a.op == "get_attr")
+        elif wnode is None and policy is not Policy.NONE:  # a norm's scale, a position table: stored, fp32
+            weight_elems = sum(m.numel() for a in n.all_input_nodes if a.op == "get_attr" and a.name not in weight_attrs
+                               for m in (_meta_tensor(a),) if _is_float(m))
         if policy is Policy.ALWAYS and (wnode is None if kind in LOOKUP_KINDS else len(float_ins) < 1):
             policy = Policy.NEVER  # nothing to lower: a product of constants, a lookup with no table
         input_shapes = tuple(tuple(int(s) for s in m.shape) for m in ins if m is not None)
@@ -408,7 +510,7 @@ def build_opgraph(gm: fx.GraphModule, name: str) -> OpGraph:
             input_shapes=input_shapes,
             output_shape=tuple(int(s) for s in out.shape) if out is not None else (),
             flops=flops(kind, input_shapes, out.shape if out is not None else None,
-                        wmeta.shape if wmeta is not None else None) if policy is not Policy.NONE else 0,
+                        wmeta.shape if wmeta is not None else None, weight_elems) if policy is not Policy.NONE else 0,
             weight_elems=weight_elems,
             act_in_elems=sum(m.numel() for m in float_ins),
             act_out_elems=out.numel() if float_out else 0,
@@ -438,19 +540,33 @@ def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
 
 
 def _ties(gm: fx.GraphModule, graph: OpGraph) -> list[list[str]]:
-    """Layers of one kind and weight shape reading the same input (q/k/v projections) share a format:
-    a deployment fuses them into one GEMM, which has one format."""
-    groups: dict[tuple[str, str, tuple[int, ...]], list[str]] = {}
+    """Groups of layers that must share one format.
+
+    - Layers reading one weight tensor (a language model's output head tied to its token
+      embedding): the weight is stored once, in one format.
+    - Layers of one kind and weight shape reading the same input (q/k/v projections): a deployment
+      fuses them into one GEMM, which has one format (lookups fuse into no GEMM).
+    Groups that share a layer are merged."""
+    by_weight: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
+    fused: dict[tuple[str, str, tuple[int, ...]], list[str]] = {}
     for n in gm.graph.nodes:
-        if n.name not in graph or not graph[n.name].is_layer or graph[n.name].weight is None \
-                or graph[n.name].kind in LOOKUP_KINDS:  # lookups fuse into no GEMM
+        op = graph[n.name] if n.name in graph else None
+        if op is None or not op.is_layer or op.weight is None:
             continue
+        w = _attr(gm, op.weight)
+        same = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
+        by_weight.setdefault(same, []).append(n.name)
         src = n.args[0]
-        if not isinstance(src, fx.Node):
-            continue
-        wshape = tuple(_attr(gm, graph[n.name].weight).shape)
-        groups.setdefault((src.name, graph[n.name].kind, wshape), []).append(n.name)
-    return [g for _, g in sorted(groups.items()) if len(g) > 1]
+        if op.kind not in LOOKUP_KINDS and isinstance(src, fx.Node):
+            fused.setdefault((src.name, op.kind, tuple(w.shape)), []).append(n.name)
+    groups = [g for g in by_weight.values() if len(g) > 1] + [g for _, g in sorted(fused.items()) if len(g) > 1]
+    merged: list[set[str]] = []
+    for g in groups:
+        overlapping = [m for m in merged if m & set(g)]
+        union = set(g).union(*overlapping)
+        merged = [m for m in merged if not m & set(g)] + [union]
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted((sorted(m, key=order.__getitem__) for m in merged), key=lambda m: order[m[0]])
 
 
 def layer_function(kind: str) -> Callable[..., torch.Tensor]:

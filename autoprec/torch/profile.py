@@ -17,7 +17,10 @@ Two modes, both over the calibration batches:
     and output, so overflow and fp8 flushing show up as they would in exact mode.
 
 The error measure is "kl" (mean KL divergence per output position, nats) for classifier-like
-outputs and "rel_mse" (|y'-y|^2 / |y|^2) otherwise.
+outputs and "rel_mse" (|y'-y|^2 / |y|^2) otherwise. A model with several outputs (every floating
+tensor it returns, :class:`autoprec.core.stats.Outputs`, or those its ``OUTPUTS`` names) gets the
+sum of its outputs' errors, each in its own measure ("kl+rel_mse" when both kinds are summed); in
+fast mode one backward pass serves all outputs (see :func:`_probe`).
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten_with_path, tree_leaves, tree_map
 
 from autoprec.torch.capture import Captured
 from autoprec.core.errors import UsageError
@@ -40,7 +43,7 @@ from autoprec.torch.quantize import quantize
 from autoprec.core.kinds import act_arg_positions
 from autoprec.torch.semantics import (LayerFormat, bias_view, emulate_layer, finish, lookup_rows, quantize_activation, quantize_weight, split_bias, weight_arg_position)
 from autoprec.core.sensitivity import LayerRanges, SensitivityProfile
-from autoprec.core.stats import NOT_FINITE, ErrorSum, Progress, RangeAccumulator, explain, measure_name, output_kind_of
+from autoprec.core.stats import NOT_FINITE, DeclaredKinds, ErrorSum, Outputs, Progress, RangeAccumulator, explain, output_name
 from autoprec.torch.passes.assign_formats import follow_roundings
 
 
@@ -99,6 +102,12 @@ class GraphRunner:
                 env[n.name] = self.value_of(n, env, lookup)
         return env
 
+    def model_output(self, value: Any) -> Any:
+        """The output node's ``value`` structured as the module returns it. A graph from
+        torch.export returns its outputs flat and rebuilds their pytree in its code generator; the
+        outputs' names (:func:`model_outputs`) are paths in that structure."""
+        return self.gm.graph._codegen.process_outputs(value)
+
     def downstream(self, name: str) -> list[fx.Node]:
         """Nodes that depend on ``name``, in execution order (cached)."""
         if name not in self._downstream:
@@ -149,12 +158,36 @@ def _np(t: torch.Tensor) -> Any:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def first_tensor(out: Any) -> torch.Tensor:
-    """The model output the error is measured on: its first floating tensor."""
-    for leaf in tree_flatten(out)[0]:
-        if torch.is_tensor(leaf) and leaf.is_floating_point():
-            return leaf
-    raise UsageError("the model returns no floating-point tensor: nothing to measure errors on")
+# --- the model's outputs ----------------------------------------------------------------------
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The model's outputs in one result ``out``: every floating tensor leaf, in pytree order
+    (:mod:`torch.utils._pytree`), the order :meth:`Outputs.pick` selects from."""
+    return [leaf for leaf in tree_leaves(out) if torch.is_tensor(leaf) and leaf.is_floating_point()]
+
+
+def model_outputs(out: Any, wanted: Sequence[str] | None = None, declared: DeclaredKinds = None) -> Outputs:
+    """Which outputs of a model count, read off one result ``out`` structured as the model returns
+    it: each floating tensor leaf named by its pytree path ("0", "logits", "aux.0"), those in
+    ``wanted`` (None: all) selected, each of the kind ``declared`` for it or decided by its shape."""
+    named = [(path, leaf) for path, leaf in tree_flatten_with_path(out)[0]
+             if torch.is_tensor(leaf) and leaf.is_floating_point()]
+    return Outputs.resolve([output_name([_key_part(k) for k in path]) for path, _ in named],
+                           [tuple(leaf.shape) for _, leaf in named], wanted, declared)
+
+
+def selected_outputs(outputs: Outputs, out: Any) -> list[torch.Tensor]:
+    """The tensors of the outputs that count in one result ``out`` (structured, or flat in the same order)."""
+    return outputs.pick(output_tensors(out))
+
+
+def _key_part(key: Any) -> str:
+    """One step of a pytree path: a sequence index, a mapping key or an attribute name (namedtuple)."""
+    for attr in ("idx", "key", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 # --- error measures ----------------------------------------------------------------------------
@@ -204,17 +237,20 @@ def profile(
     batches: list[tuple[Any, ...]],
     formats: Iterable[Precision] = DEFAULT_CANDIDATES,
     mode: str = "exact",
-    output_kind: str | None = None,
+    output_kind: DeclaredKinds = None,
     layers: Iterable[str] | None = None,
     progress: Progress | None = None,
     seed: int = 0,
     time_reference: bool = True,
+    outputs: Sequence[str] | None = None,
 ) -> SensitivityProfile:
     """Profile every layer (or ``layers``) of ``captured`` in each of ``formats``.
 
     ``batches`` are the calibration batches (tuples of inputs); ``output_kind`` is "logits",
-    "values" or None (decided from the output's shape). ``time_reference``: also time plain fp32
-    forward passes to express the profile's cost in them (``cost_passes``; 0 when skipped).
+    "values" (for every output), a dict output name -> kind, or None (each decided from its
+    shape). ``outputs``: the names of the outputs whose errors count (a model file's ``OUTPUTS``;
+    None: every floating output). ``time_reference``: also time plain fp32 forward passes to
+    express the profile's cost in them (``cost_passes``; 0 when skipped).
     """
     fmts = tuple(f for f in formats if f is not Precision.FP32)
     if not fmts:
@@ -232,18 +268,18 @@ def profile(
     t_ref = _time_reference(captured.gm, batches) if time_reference else 0.0
     t0 = time.perf_counter()
     if mode == "exact":
-        errors, local, ranges, kind, samples, rerun_frac = _profile_exact(
-            runner, infos, fmts, batches, output_kind, progress, roundings)
+        errors, local, ranges, measured, samples, rerun_frac = _profile_exact(
+            runner, infos, fmts, batches, (outputs, output_kind), progress, roundings)
     else:
-        errors, ranges, kind, samples = _profile_fast(runner, infos, fmts, batches, output_kind, progress, seed,
-                                                      roundings)
+        errors, ranges, measured, samples = _profile_fast(runner, infos, fmts, batches, (outputs, output_kind),
+                                                          progress, seed, roundings)
         local, rerun_frac = {}, 0.0
     seconds = time.perf_counter() - t0
     prof = SensitivityProfile(
         model_name=captured.graph.model_name,
         fingerprint=captured.graph.fingerprint(),
         mode=mode,
-        measure=measure_name(kind),
+        measure=measured.measure,
         formats=fmts,
         errors=errors,
         ranges=ranges,
@@ -282,10 +318,12 @@ def _finish_ranges(infos: list[_LayerInfo], accs: dict[str, list[RangeAccumulato
 
 
 _Roundings = dict[tuple[str, Precision], dict[str, Precision]]
+#: the outputs a profile asks for: (names of those that count or None for all, declared kinds)
+_Wanted = tuple[Sequence[str] | None, DeclaredKinds]
 
 
 def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Precision, ...],
-                   batches: list[tuple[Any, ...]], declared: str | None, progress: Progress | None,
+                   batches: list[tuple[Any, ...]], wanted: _Wanted, progress: Progress | None,
                    roundings: _Roundings):
     accs: dict[str, list[RangeAccumulator]] = {}
     envs: list[dict[str, Any]] = []
@@ -298,12 +336,12 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Pre
                 return out
             envs.append(runner.run(b, hook if infos else None))
         ranges = _finish_ranges(infos, accs)
-        y0 = first_tensor(envs[0][runner.nodes[-1].name])
-        kind = output_kind_of(y0, declared)
-        outputs = [_np(first_tensor(env[runner.nodes[-1].name])) for env in envs]
-        if not all(bool(np.isfinite(y).all()) for y in outputs):
+        out_name = runner.nodes[-1].name
+        measured = model_outputs(runner.model_output(envs[0][out_name]), *wanted)
+        outputs = [[_np(y) for y in selected_outputs(measured, env[out_name])] for env in envs]
+        if not all(bool(np.isfinite(y).all()) for ys in outputs for y in ys):
             raise UsageError(NOT_FINITE)
-        prepared = [ErrorSum(kind).reference(y) for y in outputs]
+        prepared = [[ErrorSum(k).reference(y) for k, y in zip(measured.kinds, ys)] for ys in outputs]
         errors: dict[str, dict[Precision, float]] = {}
         local: dict[str, dict[Precision, float]] = {}
         total = len(infos) * len(fmts)
@@ -315,7 +353,7 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Pre
             local[info.node.name] = {}
             for fmt in fmts:
                 lf = LayerFormat(fmt, tuple(r.amax for r in ranges[info.node.name].inputs))
-                acc = ErrorSum(kind)
+                accs = [ErrorSum(k) for k in measured.kinds]  # one per output: the error is their sum
                 own = ErrorSum("values")
                 wq = None
                 for bi, env in enumerate(envs):
@@ -327,15 +365,16 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Pre
                     own.add(_np(env[info.node.name]), _np(val))
                     out, count = runner.rerun(env, info.node.name, val, roundings[(info.node.name, fmt)])
                     recomputed += count + 1
-                    acc.add(outputs[bi], _np(first_tensor(out)), prepared[bi])
-                errors[info.node.name][fmt] = acc.value()
+                    for acc, ref, new, prep in zip(accs, outputs[bi], selected_outputs(measured, out), prepared[bi]):
+                        acc.add(ref, _np(new), prep)
+                errors[info.node.name][fmt] = sum(acc.value() for acc in accs)
                 local[info.node.name][fmt] = math.sqrt(own.value())
                 done += 1
                 if progress:
                     progress(done, total, f"{info.node.name} {fmt}")
     samples = sum(_batch_size(b) for b in batches)
     frac = recomputed / max(1, total * len(batches) * graph_nodes)
-    return errors, local, ranges, kind, samples, frac
+    return errors, local, ranges, measured, samples, frac
 
 
 def _batch_size(b: tuple[Any, ...]) -> int:
@@ -377,7 +416,7 @@ def _rounding_delta(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Precision, ...],
-                  batches: list[tuple[Any, ...]], declared: str | None, progress: Progress | None, seed: int,
+                  batches: list[tuple[Any, ...]], wanted: _Wanted, progress: Progress | None, seed: int,
                   roundings: _Roundings):
     gen = torch.Generator().manual_seed(seed)
     accs: dict[str, list[RangeAccumulator]] = {}
@@ -385,9 +424,10 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
     wgrads: list[dict[str, torch.Tensor]] = []
     followed = sorted({n for r in roundings.values() for n in r})
     fsaved: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
-    kind = declared
-    positions = 0
-    denom = 0.0
+    out_name = runner.nodes[-1].name
+    measured: Outputs | None = None  # known from the first batch's output
+    weights: list[float] | None = None
+    norms: list[float] = []  # per output: what its E[(g . d)^2] is divided by (see _fisher_error)
     biases: dict[str, torch.Tensor | None] = {}  # a layer's bias (a parameter: the same in every batch)
     params = dict(runner.gm.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
@@ -425,21 +465,16 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
             for n in followed:  # the rounding of a FOLLOW result reaches every consumer of it
                 if torch.is_tensor(env[n]) and env[n].requires_grad:
                     env[n].retain_grad()
-            y = first_tensor(env[runner.nodes[-1].name])
-            if not bool(torch.isfinite(y).all()):
+            if measured is None:
+                measured = model_outputs(runner.model_output(env[out_name]), *wanted)
+                weights = _probe_weights(runner, batches, measured)
+                norms = [0.0] * len(measured)
+            ys = selected_outputs(measured, env[out_name])
+            if not all(bool(torch.isfinite(y).all()) for y in ys):
                 raise UsageError(NOT_FINITE)
-            kind = output_kind_of(y, declared)
-            if kind == "logits":
-                logp = torch.log_softmax(y.float(), dim=-1)
-                flat = logp.detach().reshape(-1, y.shape[-1]).exp()
-                labels = torch.multinomial(flat, 1, generator=gen).reshape(y.shape[:-1] + (1,))
-                probe = logp.gather(-1, labels).sum()
-                positions += y.numel() // y.shape[-1]
-            else:
-                r = torch.randn(y.shape, generator=gen, dtype=y.dtype)
-                probe = (y * r).sum()
-                denom += float((y.detach().double() ** 2).sum())
-            probe.backward()
+            probe = _probe(ys, measured.kinds, weights, gen, norms)
+            if probe.requires_grad:  # else no layer reaches the outputs that count: every gradient is 0
+                probe.backward()
             saved.append({name: ([t.detach() for t in ins], [t.grad if t.grad is not None else torch.zeros_like(t)
                                                               for t in ins], out.detach(),
                                  out.grad if out.grad is not None else torch.zeros_like(out))
@@ -453,6 +488,7 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
         for n, p in params.items():
             p.requires_grad_(flags[n])
             p.grad = None
+    assert measured is not None  # set by the first batch; profile() refuses an empty list
     ranges = _finish_ranges(infos, accs)
     errors: dict[str, dict[Precision, float]] = {}
     with torch.no_grad():
@@ -482,14 +518,81 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
                         total += float((wgrads[bi][name] * dw).sum(dtype=torch.float64)) ** 2
                 if math.isnan(total) or math.isinf(total):
                     errors[name][fmt] = math.inf
-                elif kind == "logits":
-                    errors[name][fmt] = 0.5 * total / max(positions, 1)
-                else:
-                    errors[name][fmt] = total / denom if denom > 0 else 0.0
+                elif weights is None:  # one output, unscaled probe
+                    errors[name][fmt] = _fisher_error(measured.kinds[0], total, norms[0])
+                else:  # the probe's scaling already summed the outputs' errors
+                    errors[name][fmt] = total
             if progress:
                 progress(len(batches) + li + 1, len(batches) + len(infos), name)
     samples = sum(_batch_size(b) for b in batches)
-    return errors, ranges, kind or "logits", samples
+    return errors, ranges, measured, samples
+
+
+def _normaliser(kind: str, y: torch.Tensor) -> float:
+    """One batch's share of what an output's E[(g . d)^2] is divided by: its positions (logits),
+    or |y|^2 (values)."""
+    if kind == "logits":
+        return float(y.numel() // y.shape[-1])
+    return float((y.detach().double() ** 2).sum())
+
+
+def _fisher_error(kind: str, total: float, norm: float) -> float:
+    """An output's error measure from ``total``, E[(g . d)^2] summed over the batches, and
+    ``norm``, its normaliser summed over them: for logits E = d^T F d ~ 2 KL summed over
+    positions, so KL per position is total / (2 positions); for values E = |J d|^2, so the
+    rel_mse is total / |y|^2."""
+    if kind == "logits":
+        return 0.5 * total / max(norm, 1)
+    return total / norm if norm > 0 else 0.0
+
+
+def _probe_weights(runner: GraphRunner, batches: list[tuple[Any, ...]], measured: Outputs) -> list[float] | None:
+    """The scale of each output's probe (:func:`_probe`), sqrt of its error per unit of
+    E[(g . d)^2]; None for one output, whose probe is not scaled (its total is normalised at the end).
+
+    The scale depends on the normaliser over all calibration batches, while each batch's probe needs
+    it before that batch's backward pass: one fp32 forward pass over the batches (no gradients)
+    measures it first. Only models with several outputs that count pay for it.
+    """
+    if len(measured) == 1:
+        return None
+    norms = [0.0] * len(measured)
+    with torch.no_grad():
+        for b in batches:
+            for o, (kind, y) in enumerate(zip(measured.kinds, selected_outputs(measured, runner.gm(*b)))):
+                norms[o] += _normaliser(kind, y)
+    return [math.sqrt(_fisher_error(kind, 1.0, n)) for kind, n in zip(measured.kinds, norms)]
+
+
+def _probe(ys: list[torch.Tensor], kinds: tuple[str, ...], weights: list[float] | None, gen: torch.Generator,
+           norms: list[float]) -> torch.Tensor:
+    """One batch's probe: a scalar whose gradient g satisfies E[(g . d)^2] = the output error of a
+    small perturbation d of any tensor g is taken at. Adds each output's normaliser to ``norms``.
+
+    Per output ``y``: for logits the log-probability of labels sampled from the model's own
+    distribution (E[(g . d)^2] = d^T F d ~ 2 KL summed over positions); for values y . r with a
+    Gaussian r (E[(g . d)^2] = |J d|^2). With several outputs each one's probe p_o is scaled by
+    ``weights[o]`` = sqrt(c_o), c_o its error per unit of E[(g_o . d)^2], and the probe is their
+    sum: the probes are independent with zero-mean gradients, so the cross terms of
+    (sum_o sqrt(c_o) g_o . d)^2 have zero mean and E[(g . d)^2] = sum_o c_o E[(g_o . d)^2], the
+    sum of the outputs' errors, from one backward pass.
+    """
+    terms = []
+    for o, (y, kind) in enumerate(zip(ys, kinds)):
+        if kind == "logits":
+            logp = torch.log_softmax(y.float(), dim=-1)
+            flat = logp.detach().reshape(-1, y.shape[-1]).exp()
+            labels = torch.multinomial(flat, 1, generator=gen).reshape(y.shape[:-1] + (1,))
+            term = logp.gather(-1, labels).sum()
+        else:
+            r = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+            term = (y * r).sum()
+        norms[o] += _normaliser(kind, y)
+        terms.append(term if weights is None else term * weights[o])
+    probe = terms[0]
+    for term in terms[1:]:
+        probe = probe + term
+    return probe
 
 
 def _output_in(info: _LayerInfo, out: torch.Tensor, fmt: Precision, bias: torch.Tensor | None) -> torch.Tensor:

@@ -8,8 +8,11 @@ A model file is a Python module with:
 - ``evaluate(model) -> float``: the metric on held-out data (optional: models without it are
   tuned on fidelity to the fp32 model);
 - ``METRIC`` (str, e.g. "accuracy") and ``HIGHER_IS_BETTER`` (bool), required with evaluate();
-- optional ``OUTPUT``: "logits" (classifier-like, the default when the output's last dim > 1)
-  or "values" (regression-like);
+- optional ``OUTPUT``: "logits" (classifier-like, the default when an output's last dim > 1)
+  or "values" (regression-like), for every output; or a dict output name -> kind;
+- optional ``OUTPUTS``: the names of the outputs the errors and the fidelity metric count, e.g.
+  ``("logits",)``: every floating tensor the model returns is an output, named by its path in
+  what forward() returns ("0", "1" for a tuple, "logits", "aux.0" for a dict); default: all;
 - optional ``train_data()`` and ``loss(model, batch)`` for training in the tuned precision.
 """
 
@@ -20,9 +23,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from autoprec.core.errors import ModelSpecError, UsageError, first_line
+from autoprec.core.stats import DeclaredKinds, check_output_contract
 
 _REQUIRED = ("model", "example_inputs", "calibration_data")
 
@@ -36,7 +40,8 @@ class ModelSpec:
     module: ModuleType
     metric: str | None
     higher_is_better: bool
-    output_kind: str | None  # "logits" | "values" | None (decide from the output's shape)
+    output_kind: DeclaredKinds  # "logits" | "values" | {output name: kind} | None (decide from each output's shape)
+    outputs: tuple[str, ...] | None = None  # names of the outputs that count (OUTPUTS); None: every floating output
 
     def model(self) -> Any:
         return self.module.model()
@@ -90,8 +95,10 @@ def load_model_spec(path: str | Path) -> ModelSpec:
             raise ModelSpecError(
                 f"{p}: evaluate() needs METRIC = '<name>' and HIGHER_IS_BETTER = True/False beside it")
     output_kind = getattr(module, "OUTPUT", None)
-    if output_kind not in (None, "logits", "values"):
-        raise ModelSpecError(f"{p}: OUTPUT must be 'logits' or 'values', not {output_kind!r}")
+    outputs = getattr(module, "OUTPUTS", None)
+    malformed = check_output_contract(outputs, output_kind)
+    if malformed:
+        raise ModelSpecError(f"{p}: {malformed}")
     return ModelSpec(
         name=p.stem,
         path=p.resolve(),
@@ -99,7 +106,42 @@ def load_model_spec(path: str | Path) -> ModelSpec:
         metric=metric if evaluate is not None else None,
         higher_is_better=bool(higher) if evaluate is not None else True,
         output_kind=output_kind,
+        outputs=tuple(outputs) if outputs is not None else None,
     )
+
+
+def model_spec(model: Any, example_inputs: Any, calibration: Iterable[Any],
+               evaluate: Callable[[Any], float] | None = None, metric: str | None = None,
+               higher_is_better: bool = True, name: str | None = None) -> ModelSpec:
+    """A live ``nn.Module`` as a :class:`ModelSpec`, so everything that takes a model file takes it too
+    (a notebook user holding a Hugging Face model has no model file).
+
+    ``example_inputs``: one batch (a tensor or a tuple of positional tensors); ``calibration``: an
+    iterable or DataLoader of such batches, read once here (keep it small: about 4 batches);
+    ``evaluate(model) -> float``: the metric on held-out data, named ``metric`` (its direction
+    ``higher_is_better``); without it the model is tuned on fidelity to its fp32 outputs. The
+    module is used as it is, not copied: capture and export do not change it but set eval mode.
+    """
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if evaluate is not None and not callable(evaluate):
+        raise UsageError("evaluate must be a function evaluate(model) -> float")
+    label = name or type(model).__name__
+    batches = [as_tuple(b) for b in calibration]
+    if not batches:
+        raise UsageError(f"{label}: calibration yielded no batches; give at least one")
+    example = as_tuple(example_inputs)
+    module = ModuleType(f"autoprec_live_{label}")
+    module.model = lambda: model  # type: ignore[attr-defined]
+    module.example_inputs = lambda: example  # type: ignore[attr-defined]
+    module.calibration_data = lambda: list(batches)  # type: ignore[attr-defined]
+    if evaluate is not None:
+        module.evaluate = evaluate  # type: ignore[attr-defined]
+    return ModelSpec(name=label, path=Path(f"<{label}>"), module=module,
+                     metric=(metric or "metric") if evaluate is not None else None,
+                     higher_is_better=higher_is_better if evaluate is not None else True, output_kind=None)
 
 
 def _import_file(p: Path) -> ModuleType:

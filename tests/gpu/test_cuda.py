@@ -15,8 +15,7 @@ import torch
 from autoprec.torch.capture import Captured, capture
 from autoprec.deploy.export import export_onnx
 from autoprec.core.formats import Precision
-from autoprec.core.stats import output_kind_of
-from autoprec.torch.profile import first_tensor, profile
+from autoprec.torch.profile import model_outputs, profile, selected_outputs
 from autoprec.torch.spec import ModelSpec, load_model_spec
 from autoprec.deploy.verify import compare_outputs, narrowest_format, verify
 from autoprec.torch.passes import act_amax_from_profile, apply_plan
@@ -65,12 +64,14 @@ def test_native_formats_on_cuda_agree_with_the_emulation(torch_cuda, name: str, 
     native = apply_plan(cap, plan, amax, mode="native").cuda()
     batches = spec.calibration_data()
     with torch.no_grad():
-        ref = [first_tensor(emulated(*b)) for b in batches]
-        got = [first_tensor(native(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in b))).float().cpu()
-               for b in batches]
-    logits = output_kind_of(ref[0], spec.output_kind) == "logits"
-    par = compare_outputs(got, ref, narrowest_format(plan), logits)
-    assert par.ok, par
+        results = [emulated(*b) for b in batches]
+        measured = model_outputs(results[0], spec.outputs, spec.output_kind)
+        ref = [selected_outputs(measured, r) for r in results]
+        got = [[y.float().cpu() for y in selected_outputs(
+            measured, native(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in b)))] for b in batches]
+    for o, kind in enumerate(measured.kinds):
+        par = compare_outputs([g[o] for g in got], [r[o] for r in ref], narrowest_format(plan), kind == "logits")
+        assert par.ok, (measured.names[measured.positions[o]], par)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)

@@ -145,3 +145,35 @@ def test_stored_bytes(exact_cnn) -> None:
     assert sum(len(t.raw_data) for t in codes) == n_weights  # no stored zero points
     weight_dq = [n for n in fp8.graph.node if n.op_type == "DequantizeLinear" and get_meta(n, INSERTED) == "weight"]
     assert weight_dq and all(len(n.input) == 2 for n in weight_dq)
+
+
+@pytest.mark.parametrize("fmt", list(Precision))
+def test_rounded_array_rounds_as_torch_and_needs_no_torch(fmt: Precision) -> None:
+    """The weights the passes store (autoprec.onnx.passes.base.rounded_array, numpy and ml_dtypes)
+    hold torch's bits for every format: a million random bit patterns, ties, overflow, E4M3FN's
+    saturation; and the function runs where torch cannot be imported."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from autoprec.onnx.passes.base import rounded_array
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+                        np.array([0.0, -0.0, np.inf, -np.inf, 65504, 65520, 1e5, 448, 464, 465, -500, 57344,
+                                  61440, 3.4e38, 1 + 2**-8, 1 + 3 * 2**-8], np.float32)])
+    t = torch.from_numpy(x.copy())
+    if fmt.is_fp8 and fmt.info.saturates:
+        t = torch.clamp(t, -fmt.max, fmt.max)
+    want = t.to(fmt.torch_dtype)
+    got = rounded_array(x, fmt)
+    assert got.dtype == fmt.numpy_dtype
+    as_float = torch.from_numpy(got.astype(np.float32))
+    nan = torch.isnan(want.float())
+    assert torch.equal(torch.isnan(as_float), nan)
+    assert torch.equal(as_float[~nan], want.float()[~nan])
+    code = ("import sys; sys.modules['torch'] = None; import numpy as np; from autoprec.core.formats import Precision; "
+            "from autoprec.onnx.passes.base import rounded_array; "
+            f"print(rounded_array(np.array([1.0009765625, 500.0], np.float32), Precision({fmt.value!r})).tolist())")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

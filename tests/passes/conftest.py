@@ -20,7 +20,7 @@ import torch.nn as nn
 from autoprec.torch.capture import Captured, capture
 from autoprec.core.formats import Precision
 from autoprec.core.opgraph import Policy
-from autoprec.torch.profile import GraphRunner, first_tensor, profile
+from autoprec.torch.profile import GraphRunner, profile
 from autoprec.torch.quantize import quantize
 from autoprec.torch.semantics import LayerFormat, emulate_layer
 from autoprec.torch.passes import act_amax_from_profile
@@ -38,8 +38,8 @@ def _round_tree(x: Any, fmt: Precision) -> Any:
 
 
 def reference_run(c: Captured, assignment: Mapping[str, Precision], amax: Mapping[str, tuple[float, ...]],
-                  inputs: tuple[Any, ...], round_follow: bool = True) -> torch.Tensor:
-    """The plan's output computed straight from its definition (``round_follow=False``: FOLLOW ops
+                  inputs: tuple[Any, ...], round_follow: bool = True) -> Any:
+    """The plan's result (structured as the module returns it) computed straight from its definition (``round_follow=False``: FOLLOW ops
     in fp32 on whatever they read, i.e. only the layers rounded)."""
     formats = decide_formats(c.gm, c.graph, assignment)
     runner = GraphRunner(c.gm)
@@ -62,12 +62,12 @@ def reference_run(c: Captured, assignment: Mapping[str, Precision], amax: Mappin
                 env[n.name] = _round_tree(v, fmt)
             else:
                 env[n.name] = runner.value_of(n, env, lambda a: env[a.name])
-    return first_tensor(env[runner.nodes[-1].name])
+    return runner.model_output(env[runner.nodes[-1].name])
 
 
 def profiler_trial(c: Captured, layer: str, fmt: Precision, amax: tuple[float, ...],
-                   inputs: tuple[Any, ...]) -> torch.Tensor:
-    """What profile(mode="exact") computes for the trial (layer, fmt) on one batch, through the
+                   inputs: tuple[Any, ...]) -> Any:
+    """The result (structured as the module returns it) of what profile(mode="exact") computes for the trial (layer, fmt) on one batch, through the
     profiler's own GraphRunner.rerun (downstream re-run, FOLLOW results rounded as the plan does)."""
     runner = GraphRunner(c.gm)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def profiler_trial(c: Captured, layer: str, fmt: Precision, amax: tuple[float, .
         kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a.name])
         val = emulate_layer(node.meta["autoprec_kind"], args, kwargs, LayerFormat(fmt, amax))
         out, _ = runner.rerun(env, layer, val, follow_roundings(c.graph, {layer: fmt}))
-        return first_tensor(out)
+        return runner.model_output(out)
 
 
 class SplitAdd(nn.Module):

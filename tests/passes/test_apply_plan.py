@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from autoprec.core.kinds import act_arg_positions
 from autoprec.torch.capture import capture
 from autoprec.core.errors import PlanError, UsageError
 from autoprec.core.formats import Precision
@@ -82,14 +83,16 @@ def test_export_captured_model(oracles, encoder_layer) -> None:
     assert c.method == "export"
     layers = c.graph.layer_names()
     x = oracles.randn((3, 5, 16))
-    amax = {n: (8.0,) for n in layers}
+    # nn.MultiheadAttention's two products are layers too (autoprec.torch.attention): 2 amax each
+    assert [c.graph[n].kind for n in layers].count("matmul") == 2
+    amax = {n: (8.0,) * len(act_arg_positions(c.graph[n].kind)) for n in layers}
     # after each layer: views and selections (keep values), residual adds with an fp32 input (fp32),
     # and dropout with p=0 in eval mode, which the plan rounds but which keeps values too
     for layer in layers:
         with torch.no_grad():
             got = apply_plan(c, {layer: E4M3}, amax)(x)
         assert _same(got, oracles.trial(c, layer, E4M3, amax[layer], (x,))), layer
-    plan = dict(zip(layers, (BF16, FP16, E4M3, BF16, FP16)))
+    plan = dict(zip(layers, (BF16, FP16, E4M3, BF16, FP16, E4M3, BF16)))
     gm = apply_plan(c, plan, amax)
     with torch.no_grad():
         assert _same(gm(x), oracles.reference(c, plan, amax, (x,)))

@@ -14,6 +14,7 @@ its element type, whether it is an initializer).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -22,6 +23,7 @@ from onnx import TensorProto, numpy_helper
 
 from autoprec.core.errors import first_line
 from autoprec.core.formats import Precision
+from autoprec.core.fp8 import fp8_codes
 from autoprec.onnx.values import FLOAT_TYPES, referenced_names  # noqa: F401  (FLOAT_TYPES re-exported)
 from autoprec.core.passes import GraphPass, PassError
 
@@ -146,7 +148,7 @@ class OnnxPass(GraphPass[onnx.ModelProto]):
     def ensures(self, model: onnx.ModelProto) -> None:
         """Raise :class:`PassError` when the ONNX checker rejects the result."""
         try:
-            onnx.checker.check_model(model, full_check=self.type_consistent)
+            onnx.checker.check_model(checkable(model), full_check=self.type_consistent)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise PassError(f"{self.name}: the ONNX checker rejects the result: "
                                 f"{first_line(exc, 300)}") from exc
@@ -165,9 +167,69 @@ def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
 def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with value_info recomputed by ONNX shape inference (stale entries dropped first)."""
     del model.graph.value_info[:]
-    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(checkable(model), check_type=True, strict_mode=True, data_prop=True)
     model.graph.value_info.extend(inferred.graph.value_info)
     return model
+
+
+#: Elements above which a float initializer is checked by its declared type and shape alone.
+CHECKED_BY_SHAPE = 4096
+
+
+def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What the ONNX checker and shape inference read in place of ``model``: a copy in which every
+    float initializer of more than :data:`CHECKED_BY_SHAPE` elements is a graph input of its type
+    and shape, once its bytes are checked to fill that shape.
+
+    Why: both serialize the model they are given, and the passes check and type a graph several
+    times per plan; with the weights of a model-zoo CNN (100 MB for ResNet-50, 550 MB for VGG-19)
+    that copying was most of the time of a profile trial, which builds one plan's graph. Type and
+    shape are all the checks and the inference read of such a tensor: no shape is computed from a
+    large float constant.
+    """
+    big = {t.name for t in model.graph.initializer
+           if t.data_type in FLOAT_TYPES and int(np.prod(t.dims, dtype=np.int64)) > CHECKED_BY_SHAPE}
+    if not big:
+        return model
+    out = _copy_except(model, onnx.ModelProto(), "graph")
+    _copy_except(model.graph, out.graph, "initializer")
+    out.graph.initializer.extend(t for t in model.graph.initializer if t.name not in big)
+    listed = {i.name for i in out.graph.input}
+    for t in model.graph.initializer:
+        if t.name in big:
+            _check_filled(t)
+            if t.name not in listed:
+                out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return out
+
+
+def _copy_except(source: Any, target: Any, field: str) -> Any:
+    """Copy every set field of protobuf message ``source`` but ``field`` into ``target``."""
+    for fd, value in source.ListFields():
+        if fd.name == field:
+            continue
+        # protobuf >= 6 says is_repeated; older versions only label
+        if getattr(fd, "is_repeated", None) or getattr(fd, "label", None) == fd.LABEL_REPEATED:
+            getattr(target, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(target, fd.name).CopyFrom(value)
+        else:
+            setattr(target, fd.name, value)
+    return target
+
+
+def _check_filled(t: TensorProto) -> None:
+    """The check ``onnx.checker`` makes of an initializer it does not see: its data fill its shape."""
+    n = int(np.prod(t.dims, dtype=np.int64))
+    if t.data_location == TensorProto.EXTERNAL:
+        return  # external data is read where it lies, not checked here
+    if t.HasField("raw_data"):
+        have, want = len(t.raw_data), n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    else:
+        have, want = len(numpy_helper.to_array(t).reshape(-1)), n
+    if have != want:
+        raise onnx.checker.ValidationError(f"TensorProto (tensor name: {t.name}) holds {have} "
+                                           f"{'bytes' if t.HasField('raw_data') else 'values'}, its shape needs {want}")
 
 
 class GraphIndex:
@@ -217,6 +279,39 @@ def weight_slot(core: onnx.NodeProto) -> int:
     """Input slot of a layer's weight on its core node: a Gather (an embedding) reads its table as
     input 0 and the indices as input 1; MatMul, Gemm and Conv read the weight as input 1."""
     return 0 if core.op_type == "Gather" else 1
+
+
+@dataclass(frozen=True)
+class WeightRead:
+    """Where a layer's core node reads its weight initializer.
+
+    ``reader``/``slot``: the node and input slot naming the initializer -- the core node itself, or
+    a ``Transpose`` (perm [1, 0]) between them, which is how the exporter writes a linear layer
+    whose weight is tied to an embedding table: the table is stored once, [out, in], and read by
+    the Gather as it is and by the MatMul through the Transpose. ``transposed``: the initializer
+    holds the torch weight transposed ([in, out]: MatMul, Gemm without transB), so its output
+    channels are its columns."""
+
+    reader: onnx.NodeProto
+    slot: int
+    initializer: str
+    transposed: bool
+
+
+def weight_read(idx: GraphIndex, core: onnx.NodeProto) -> WeightRead | None:
+    """The :class:`WeightRead` of a layer's core node; None when it reads no weight initializer."""
+    slot = weight_slot(core)
+    if len(core.input) <= slot or not core.input[slot]:
+        return None
+    transposed = core.op_type == "MatMul" or (core.op_type == "Gemm" and not attr(core, "transB", 0))
+    name = core.input[slot]
+    if name in idx.inits:
+        return WeightRead(core, slot, name, transposed)
+    p = idx.nodes[idx.producer[name]] if name in idx.producer else None
+    if p is not None and p.op_type == "Transpose" and p.domain in ("", "ai.onnx") and p.input[0] in idx.inits \
+            and len(idx.inits[p.input[0]].dims) == 2 and list(attr(p, "perm", [1, 0])) == [1, 0]:
+        return WeightRead(p, 0, p.input[0], not transposed)
+    return None
 
 
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
@@ -287,19 +382,17 @@ def admits(node: onnx.NodeProto, opset: int, elem_type: int) -> bool:
 def rounded_array(a: np.ndarray, fmt: Precision) -> np.ndarray:
     """``a`` stored in ``fmt`` (numpy array of the format's dtype), rounded exactly as torch rounds.
 
-    fp8 clamps to the format's max first when it saturates (E4M3FN), as autoprec.torch.quantize does.
+    numpy and ml_dtypes round to nearest even as torch does, overflowing to inf; fp8 clamps to the
+    format's max first when it saturates (E4M3FN), as :func:`autoprec.core.fp8.fp8_codes` (held
+    bit-identical to torch by ``tests/unit/test_fp8_numpy.py``) and autoprec.torch.quantize do. In
+    numpy, not torch: the ONNX frontend runs without torch, and importing it for the first weight
+    a plan lowers cost a tune of an .onnx file ten seconds.
     """
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-    if fmt is Precision.FP32:
-        return t.numpy().copy()
-    if fmt.info.saturates:
-        t = torch.clamp(t, -fmt.max, fmt.max)
-    q = t.to(fmt.torch_dtype)
-    bits = {1: torch.uint8, 2: torch.int16}[q.element_size()]
-    raw = q.view(bits).numpy()
-    return raw.view(fmt.numpy_dtype).copy()
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if fmt.is_fp8:
+        return fp8_codes(a, np.float32(1.0), fmt)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf, NaN stays NaN: as torch
+        return a.astype(fmt.numpy_dtype)
 
 
 def make_tensor(name: str, a: np.ndarray, elem_type: int) -> TensorProto:

@@ -199,6 +199,9 @@ class InsertCasts(OnnxPass):
         if is_graph_output and self._st[v] != FLOAT:
             raw = self._rename_output_of_last(v, _type_name(self._st[v]))
             raw_of.setdefault(v, raw)
+            # a node that reads the output in the type it had before this cast reads it from there,
+            # not through a cast back (a chain; a redundant one after an fp8 layer's bf16 cast)
+            self._made[(v, "cast", self._st[raw], None)] = raw
             self._emit_cast(raw, FLOAT, v, n, "cast", "graph outputs are fp32")
 
     # --- building blocks --------------------------------------------------------------------------
@@ -230,13 +233,16 @@ class InsertCasts(OnnxPass):
         return raw
 
     def _rename_output_of_last(self, v: str, tag: str) -> str:
-        """Rename ``v`` where the last emitted node writes it (a cast we just added, or the producer)."""
+        """Rename ``v`` where the last emitted node writes it (a cast we just added, or the producer).
+        Renaming is a change on its own: a 16-bit layer that writes a graph output in its own
+        format (a bf16 Gather) gets no other cast before its cast back to fp32."""
         for node in reversed(self._nodes):
             for s, o in enumerate(node.output):
                 if o == v:
                     raw = unique_name(self._taken, f"{v}_{tag}")
                     node.output[s] = raw
                     self._st[raw] = self._st[v]
+                    self._modified = True
                     return raw
         raise PassError(f"{self.name}: no node writes graph output {v}")
 

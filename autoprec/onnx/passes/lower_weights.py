@@ -32,8 +32,8 @@ from autoprec.core.fp8 import channel_amax, fp8_codes, fp8_scale
 from autoprec.core.kinds import weight_arg_position
 from autoprec.core.passes import PassError, PassResult
 from autoprec.onnx.passes.base import (FORMAT, GROUP, INSERTED, KIND, LAYER, POLICY, REASON, ROLE,
-    ROLE_CORE, SCOPE, VALUE_FORMAT, GraphIndex, OnnxPass, admits, all_names, attr, get_meta,
-    make_tensor, node_format, rounded_array, set_meta, set_nodes, unique_name, weight_slot)
+    ROLE_CORE, SCOPE, VALUE_FORMAT, GraphIndex, OnnxPass, admits, all_names, get_meta,
+    make_tensor, node_format, rounded_array, set_meta, set_nodes, unique_name, weight_read, weight_slot)
 
 FP32 = Precision.FP32
 MODES = ("deploy", "emulate")
@@ -91,27 +91,24 @@ class LowerWeights(OnnxPass):
         # (fp32 initializer, fp8 format, transposed) -> (codes, scale, axis): a table that a Gather
         # reads by rows and a MatMul reads by columns needs two sets of scales
         made8: dict[tuple[str, Precision, bool], tuple[str, str, int]] = {}
-        new_nodes: list[onnx.NodeProto] = []
-        modified = False
+        before: dict[int, list[onnx.NodeProto]] = {}  # id(reader) -> inserted nodes that feed it
         for n in idx.nodes:
             fmt = node_format(n)
-            slot = weight_slot(n)
-            if not _reads_weight(n, fmt) or len(n.input) <= slot or n.input[slot] not in idx.inits:
-                new_nodes.append(n)
+            read = weight_read(idx, n) if _reads_weight(n, fmt) else None
+            if read is None:
                 continue
-            w_name = n.input[slot]
+            w_name = read.initializer
             w = idx.array(w_name).astype(np.float32)
-            transposed = n.op_type == "MatMul" or (n.op_type == "Gemm" and not attr(n, "transB", 0))
             if fmt.is_fp8:
-                key8 = (w_name, fmt, transposed)
+                key8 = (w_name, fmt, read.transposed)
                 if key8 not in made8:
-                    made8[key8] = self._fp8_initializers(model, taken, w_name, w, transposed, fmt)
+                    made8[key8] = self._fp8_initializers(model, taken, w_name, w, read.transposed, fmt)
                 codes, scale, axis = made8[key8]
                 dq = onnx.helper.make_node("DequantizeLinear", [codes, scale], [unique_name(taken, f"{w_name}_dq")],
                                            name=unique_name(taken, f"{n.name}_weight_dq"), axis=axis)
                 self._annotate(dq, n, f"{fmt} weight: codes x per-output-channel scale -> fp32")
-                new_nodes.append(dq)
-                n.input[slot] = dq.output[0]
+                before.setdefault(id(read.reader), []).append(dq)
+                read.reader.input[read.slot] = dq.output[0]
             else:
                 key = (w_name, fmt)
                 if key not in made:
@@ -120,7 +117,7 @@ class LowerWeights(OnnxPass):
                     made[key] = t.name
                 stored = made[key]
                 if compute_precision(n, idx.opset, fmt, self.mode, self.provider) is fmt:
-                    n.input[slot] = stored
+                    read.reader.input[read.slot] = stored
                 else:
                     why = ("emulation: the layer computes in fp32 on the rounded weight" if self.mode == "emulate"
                            else f"no {fmt} {n.op_type} (ONNX schema or the provider's kernels): fp32 compute on "
@@ -128,13 +125,12 @@ class LowerWeights(OnnxPass):
                     c = onnx.helper.make_node("Cast", [stored], [unique_name(taken, f"{stored}_fp32")],
                                               name=unique_name(taken, f"{n.name}_weight_cast"), to=TensorProto.FLOAT)
                     self._annotate(c, n, why)
-                    new_nodes.append(c)
-                    n.input[slot] = c.output[0]
-            new_nodes.append(n)
-            modified = True
-        if modified:
-            set_nodes(model, new_nodes)
-        return PassResult(model, modified)
+                    before.setdefault(id(read.reader), []).append(c)
+                    read.reader.input[read.slot] = c.output[0]
+        if not before and not made and not made8:
+            return PassResult(model, False)
+        set_nodes(model, [m for n in idx.nodes for m in (*before.get(id(n), ()), n)])
+        return PassResult(model, True)
 
     @staticmethod
     def _fp8_initializers(model: onnx.ModelProto, taken: set[str], w_name: str, w: np.ndarray, transposed: bool,
@@ -167,6 +163,9 @@ class LowerWeights(OnnxPass):
             if not _reads_weight(n, fmt):
                 continue
             w = n.input[weight_slot(n)]
+            via = idx.nodes[idx.producer[w]] if w in idx.producer else None
+            if via is not None and via.op_type == "Transpose":  # a tied table read through a Transpose
+                w = via.input[0]
             if w in idx.inits:
                 if idx.elem_type(w) != fmt.onnx_type:
                     raise PassError(f"{self.name}: {n.name} reads weight {w} of type {idx.elem_type(w)}, not {fmt}")

@@ -36,7 +36,7 @@ from autoprec.core.kinds import aten_kind, layer_class, onnx_kind, torch_module_
 from autoprec.core.formats import Precision
 from autoprec.core.passes import PassError, PassResult
 from autoprec.onnx.passes.base import (GROUP, KIND, LAYER, ROLE, ROLE_CORE, SCOPE, GraphIndex,
-    OnnxPass, attr, get_meta, mark_layer, set_meta, weight_slot)
+    OnnxPass, get_meta, mark_layer, set_meta, weight_read)
 
 if TYPE_CHECKING:  # the capture this export came from: only its data is read here
     from autoprec.torch.capture import Captured
@@ -154,14 +154,6 @@ def _torch_weight(captured: Captured, target: str) -> np.ndarray:
     return obj.detach().cpu().float().numpy()
 
 
-def _weight_of(idx: GraphIndex, core: onnx.NodeProto) -> tuple[str | None, bool]:
-    slot = weight_slot(core)
-    if len(core.input) <= slot or core.input[slot] not in idx.inits:
-        return None, False
-    transposed = core.op_type == "MatMul" or (core.op_type == "Gemm" and not attr(core, "transB", 0))
-    return core.input[slot], transposed
-
-
 def match_layers(model: onnx.ModelProto, captured: Captured,
                  groups: Mapping[str, list[int]]) -> tuple[dict[str, LayerMatch], dict[str, str]]:
     """Pair captured layers with ONNX groups. Returns (matches by layer, reason by unmatched layer)."""
@@ -195,10 +187,11 @@ def match_layers(model: onnx.ModelProto, captured: Captured,
             op = captured.graph[name]
             weight, transposed = (None, False)
             if weight_arg_position(op.kind) is not None:
-                weight, transposed = _weight_of(idx, core)
-                if weight is None:
+                read = weight_read(idx, core)
+                if read is None:
                     problems[name] = f"its ONNX {core.op_type} node {core.name} reads no weight initializer"
                     continue
+                weight, transposed = read.initializer, read.transposed
                 if op.weight is not None:
                     w = idx.array(weight).astype(np.float32)
                     w = w.T if transposed else w

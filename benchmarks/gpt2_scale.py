@@ -1,0 +1,51 @@
+"""GPT-2 at 124M parameters through `autoprec tune` on this machine: peak memory and tuning cost.
+
+Runs ``autoprec tune benchmarks/models/gpt2_124m.py --fidelity-budget 1%`` (2 calibration batches of
+2 x 64 tokens) in a child process and prints its peak resident memory (the child's ru_maxrss), its
+wall time and the tuning time in fp32 evaluations as the tune reports it. The goal (issue "Real
+models"): peak RSS at most 3 GB on a 2-core CPU machine; the fp32 weights alone are 0.5 GB.
+
+    python benchmarks/gpt2_scale.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "benchmarks" / "models" / "gpt2_124m.py"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="output folder of the tune (default: a temporary one)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or str(Path(tmp) / "gpt2")
+        cmd = [sys.executable, "-m", "autoprec.cli", "tune", str(MODEL), "--fidelity-budget", "1%", "--out", out]
+        t0 = time.perf_counter()
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    text = " ".join(run.stdout.split())
+    evals = re.search(r"= ([0-9.]+) fp32 evaluations", text)
+    print(f"autoprec tune gpt2_124m (124M parameters, fp32 weights 0.50 GB): exit {run.returncode}")
+    print(f"peak RSS {peak_kb / 1024 ** 2:.2f} GB (goal <= 3 GB); wall {wall:.0f} s; "
+          f"tuning = {evals.group(1) if evals else '?'} fp32 evaluations")
+    for line in run.stdout.splitlines():
+        if line.startswith(("estimated speedup", "coverage:", "formats:")):
+            print(line)
+    if run.returncode:
+        print(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "(no stderr)")
+    return run.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
