@@ -19,4 +19,5 @@ bench: setup
 	.venv/bin/python benchmarks/scale_fusion.py
 	.venv/bin/python benchmarks/ort_overhead.py
 	.venv/bin/python benchmarks/frontend_pricing.py
+	.venv/bin/python benchmarks/gpt2_scale.py
 	.venv/bin/python benchmarks/onnx_zoo_bench.py
