@@ -74,6 +74,7 @@ class TuneSummary:
     onnx_checks: int = 0  # plans also measured on ONNX Runtime
     export_seconds: float = 0.0  # of ``seconds``: the fp32 ONNX export (which writing the tuned model needs)
     coverage: Coverage | None = None  # what share of the model the plan can change, and what stays fp32
+    warnings: tuple[str, ...] = ()  # what makes the figures above mean less than they say
 
     @property
     def drop(self) -> float:
@@ -91,6 +92,7 @@ class TuneSummary:
         ]
         if self.coverage is not None:
             out.append(self.coverage.line())
+        out += [f"warning: {w}" for w in self.warnings]
         u = self.best_uniform
         if u is not None:
             out.append(f"best uniform plan within budget: all-{u.format} at {u.speedup:.2f}x "

@@ -170,7 +170,8 @@ def run_tune(model: Tunable, budget: DropBudget, formats: tuple[Precision, ...],
     summary = TuneSummary(model.name, metric.name, metric.higher_is_better, reference, tuned_value, str(budget),
                           allowed, plan.speedup, _ratio(plan.memory_bytes, plan.fp32_memory_bytes), best_u,
                           len(measured) + 1, seconds, seconds / model.eval_seconds if model.eval_seconds > 0 else 0.0,
-                          timed, onnx_value, len(on_onnx), model.export_seconds, coverage(model.graph))
+                          timed, onnx_value, len(on_onnx), model.export_seconds, coverage(model.graph),
+                          (metric.warning,) if metric.warning else ())
     return TuneOutcome(plan, summary, uniforms, pareto)
 
 

@@ -79,6 +79,8 @@ class Metric:
     name: str
     higher_is_better: bool
     measure: Callable[[Any], float]
+    #: what makes the metric meaningless for this model, for the summary (None: nothing)
+    warning: str | None = None
 
     def drop(self, reference: float, value: float) -> float:
         """How much worse ``value`` is than ``reference`` (positive = worse; NaN or inf: infinite)."""
@@ -114,17 +116,37 @@ def fidelity_to(refs: Sequence[Any], outputs_of: Callable[[Any], Sequence[Any]],
         den = sum(float(np.square(np.asarray(r[o], np.float32)).sum(dtype=np.float64)) for r in refs)
         return math.sqrt(num / den) if den > 0 else 0.0
 
+    warning = CONSTANT_REFERENCE if constant_reference(refs) else None
     if len(kinds) == 1:
         if kinds[0] == "logits":
-            return Metric("top1_agreement", True, lambda model: agreement(0, outputs_of(model)))
-        return Metric("rel_l2_error", False, lambda model: rel_l2(0, outputs_of(model)))
+            return Metric("top1_agreement", True, lambda model: agreement(0, outputs_of(model)), warning)
+        return Metric("rel_l2_error", False, lambda model: rel_l2(0, outputs_of(model)), warning)
 
     def worst_loss(model: Any) -> float:
         outs = outputs_of(model)
         losses = [1.0 - agreement(o, outs) if k == "logits" else rel_l2(o, outs) for o, k in enumerate(kinds)]
         return math.nan if any(math.isnan(v) for v in losses) else max(losses)  # max() would skip a NaN
 
-    return Metric("worst_output_fidelity_loss", False, worst_loss)
+    return Metric("worst_output_fidelity_loss", False, worst_loss, warning)
+
+
+CONSTANT_REFERENCE = ("the fp32 model gives the same outputs for every calibration sample, so fidelity to them says "
+                      "nothing about how the model treats its inputs: give the model a metric (evaluate(), or "
+                      "--labels for an .onnx file) or calibration data that changes its outputs")
+
+
+def constant_reference(refs: Sequence[Sequence[np.ndarray]]) -> bool:
+    """Whether every output in ``refs`` (``refs[b][o]``, samples on axis 0) is the same for every
+    sample of every batch: then agreement with it cannot tell a good plan from a bad one."""
+    if not refs or sum(int(np.shape(r[0])[0]) if np.ndim(r[0]) else 1 for r in refs) < 2:
+        return False
+    for o in range(len(refs[0])):
+        if any(np.ndim(r[o]) == 0 for r in refs):
+            return False
+        first = np.asarray(refs[0][o])[:1]
+        if any(not np.array_equal(np.asarray(r[o]), np.broadcast_to(first, np.shape(r[o]))) for r in refs):
+            return False
+    return True
 
 
 def label_metric(labels: list[np.ndarray], outputs_of: Callable[[Any], list[np.ndarray]]) -> Metric:
