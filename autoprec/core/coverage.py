@@ -95,8 +95,8 @@ def _reason(op: OpNode) -> str:
 def coverage(graph: OpGraph) -> Coverage:
     """The :class:`Coverage` of ``graph``. The plan changes the FLOPs of layers and of the ops that
     follow their formats, and the weights of layers; a weight read by several layers (tied) counts once."""
-    flops = changeable_flops = layer_weights = other_weights = 0
-    seen: set[str] = set()
+    flops = changeable_flops = other_weights = 0
+    layer_weights = sum(op.weight_elems for op in graph.storing_layers())
     groups: dict[tuple[str, str], list[OpNode]] = {}
     for op in graph:
         if op.policy is Policy.NONE:
@@ -104,10 +104,6 @@ def coverage(graph: OpGraph) -> Coverage:
         flops += op.flops
         if op.is_layer:
             changeable_flops += op.flops
-            if op.weight is None or op.weight not in seen:
-                layer_weights += op.weight_elems
-            if op.weight is not None:
-                seen.add(op.weight)
             continue
         other_weights += op.weight_elems
         if op.policy is Policy.FOLLOW:

@@ -122,6 +122,19 @@ class OpGraph:
     def layer_names(self) -> list[str]:
         return [n.name for n in self.layers()]
 
+    def storing_layers(self) -> list[OpNode]:
+        """The layers that store their weight: all but the later readers of a tensor an earlier
+        layer already reads (a head tied to its embedding), so a tied weight is counted once."""
+        seen: set[str] = set()
+        out = []
+        for n in self.layers():
+            if n.weight is not None and n.weight in seen:
+                continue
+            if n.weight is not None:
+                seen.add(n.weight)
+            out.append(n)
+        return out
+
     def predecessors(self, name: str) -> list[str]:
         return list(self.graph.predecessors(name))
 

@@ -29,20 +29,9 @@ FP32 = Precision.FP32
 def weight_bytes(graph: OpGraph, assignment: Mapping[str, Precision]) -> int:
     """Stored tensors in their formats: each layer's weight in its plan format (tied weights once),
     every other stored tensor in fp32."""
-    seen: set[str] = set()
-    total = 0
-    for op in graph:
-        if op.policy is Policy.NONE:
-            continue
-        if op.is_layer:
-            if op.weight is not None:
-                if op.weight in seen:
-                    continue
-                seen.add(op.weight)
-            total += op.weight_elems * assignment.get(op.name, FP32).bytes
-        else:
-            total += op.weight_elems * FP32.bytes
-    return total
+    layers = sum(op.weight_elems * assignment.get(op.name, FP32).bytes for op in graph.storing_layers())
+    others = sum(op.weight_elems for op in graph if op.policy is not Policy.NONE and not op.is_layer)
+    return layers + others * FP32.bytes
 
 
 def peak_activation_bytes(graph: OpGraph, assignment: Mapping[str, Precision]) -> int:

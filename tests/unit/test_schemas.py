@@ -12,22 +12,18 @@ import pytest
 
 from autoprec.core.errors import PlanError, ProfileError
 from autoprec.core.formats import Precision
-from autoprec.core.opgraph import OpGraph, OpNode, Policy
+from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import Alternative, Budget, LayerDecision, Pin, PrecisionPlan, TuneStep
 from autoprec.core.sensitivity import LayerRanges, RangeStats, SensitivityProfile
+
+from test_plan import graph as chain_graph  # tests/unit is on the path (rootdir import mode)
 
 P = Precision
 
 
 def graph(names: tuple[str, ...] = ("fc1", "fc2"), width: int = 8) -> OpGraph:
-    nodes = [OpNode("x", "input", "", Policy.NONE, act_out_elems=width)]
-    edges, prev = [], "x"
-    for n in names:
-        nodes.append(OpNode(n, "linear", f"net.{n}", Policy.ALWAYS, ((width,),), (width,), 2 * width * width,
-                            width * width, width, width))
-        edges.append((prev, n))
-        prev = n
-    return OpGraph(nodes, edges, "tiny")
+    """A chain of linear layers named ``names`` (test_plan's graph)."""
+    return chain_graph(names, width)
 
 
 def make_plan(g: OpGraph) -> PrecisionPlan:
