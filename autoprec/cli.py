@@ -58,6 +58,8 @@ def _is_onnx(model: str) -> bool:
 
 
 def _need_data(args: argparse.Namespace) -> None:
+    if _is_onnx(args.model) and getattr(args, "weights", None):
+        raise UsageError("--weights is for model files: an .onnx file holds its own weights")
     if _is_onnx(args.model) and not args.data:
         raise UsageError(f"{args.model} is an ONNX model: give its inputs with --data inputs.npz (arrays named "
                          "after the model's inputs, samples on axis 0)")
@@ -184,6 +186,52 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from autoprec.training import PromotionPolicy, Recipe, init_distributed, train
+
+    if _is_onnx(args.model):
+        raise UsageError(f"{args.model}: training needs a model file (a .py following models/README.md); an ONNX "
+                         "file has no training loop")
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be a positive whole number, not {args.epochs}")
+    recipe = Recipe(fp8_scaling=args.fp8_scaling, amax_history=args.amax_history, amax_compute=args.amax_compute,
+                    margin=args.margin, weight_scaling=args.weight_scaling)
+    promotion = None if args.no_promote else PromotionPolicy(args.promote_threshold, args.promote_patience)
+    out_dir = Path(args.out) if args.out else Path("out") / f"{Path(args.model).stem}.train"
+    ranks = init_distributed()
+    try:
+        with _progress() as bar:
+            task = bar.add_task("train", total=None, what="", visible=ranks.main)
+
+            def progress(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, what=what)
+
+            result = train(args.model, args.plan, formats=args.formats, epochs=args.epochs, out=out_dir,
+                           resume=args.resume, init=args.init, recipe=recipe, loss_scaling=args.loss_scaling,
+                           promotion=promotion, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                           monitor=not args.no_monitor, progress=progress, ranks=ranks)
+    finally:
+        if ranks.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if not ranks.main:
+        return 0
+    out = _console()
+    last = result.rows[-1]
+    metric = f"; held-out {result.plan.measured.get('metric_name', 'metric')} {result.metric:.4f}" \
+        if result.metric is not None else ""
+    agree = f" (weights identical on all {ranks.world})" if ranks.world > 1 else ""
+    out.print(f"{result.plan.model_name}: {last['step']} steps on {ranks.world} process(es){agree}, final loss "
+              f"{last['loss']:.4g}{metric}; {result.skipped_steps} step(s) skipped for non-finite gradients",
+              highlight=False)
+    for p in result.promotions:
+        out.print(f"promoted {p.layer} {p.src} -> {p.dst} at step {p.step}: {p.reason}", highlight=False)
+    out.print(f"formats: {', '.join(f'{k} x{v}' for k, v in result.plan.format_counts().items())}; wrote "
+              + ", ".join(str(f) for f in result.files), highlight=False)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from autoprec.deploy.export import export_onnx
     from autoprec.core.io import writable_file
@@ -199,7 +247,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_analysed(args.model, args.data, args.plan, profile, args.output, emulation=args.emulation,
                               io=args.io, provider=args.provider)
     else:
-        out = export_onnx(args.model, args.plan, profile, args.output, opset=args.opset, emulation=args.emulation,
+        from autoprec.torch.spec import load_model_spec
+
+        spec = load_model_spec(args.model).with_weights(args.weights)
+        out = export_onnx(spec, args.plan, profile, args.output, opset=args.opset, emulation=args.emulation,
                           io=args.io, provider=args.provider)
     what = ("emulation graph: fp32 compute with every rounding explicit, for ONNX Runtime's CPU provider"
             if args.emulation else "deployment graph: 16-bit tensors and fp8 Q/DQ, for the CUDA / TensorRT providers")
@@ -218,7 +269,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if _is_onnx(args.model):
         report = verify_onnx_input(args.onnx, args.model, args.data, args.labels, args.plan, providers=args.provider)
     else:
-        report = verify(args.onnx, args.model, args.plan, providers=args.provider)
+        from autoprec.torch.spec import load_model_spec
+
+        report = verify(args.onnx, load_model_spec(args.model).with_weights(args.weights), args.plan,
+                        providers=args.provider)
     if args.json:
         print(json.dumps(report.to_dict(), sort_keys=True, default=str))
     else:
@@ -287,11 +341,47 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--json", action="store_true", help="print the plan and summary as JSON on stdout")
     tu.set_defaults(func=cmd_tune)
 
+    tr = sub.add_parser("train", help="train a model file with a plan's numerics (16-bit gradients, fp8 recipe, "
+                                      "loss scaling, adaptive promotion); torchrun for several processes")
+    tr.add_argument("model", help="model file with train_data() and loss(model, batch) (models/README.md)")
+    tr.add_argument("--plan", help="plan.json written by `autoprec tune` (its promotions are added to it)")
+    tr.add_argument("--formats", help="instead of --plan: every layer in this one format (fp32, bf16, fp16, fp8), "
+                                      "the uniform baselines")
+    tr.add_argument("--epochs", type=int, default=None, help="epochs (default: the model file's TRAIN_EPOCHS)")
+    tr.add_argument("--init", choices=("scratch", "pretrained"), default="scratch",
+                    help="start from the model file's build() (scratch, default) or its trained model()")
+    tr.add_argument("--out", metavar="DIR", help="output folder (default: out/<model name>.train): weights.pt, "
+                                                 "plan.json, train.csv, numerics.csv, training.png, checkpoint.pt")
+    tr.add_argument("--resume", action="store_true", help="continue the run whose checkpoint.pt is in --out")
+    tr.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                    help="also checkpoint every STEPS optimizer steps (default: at each epoch's end only)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order (default 0)")
+    tr.add_argument("--loss-scaling", choices=("auto", "on", "off"), default="auto",
+                    help="dynamic loss scaling (torch.amp.GradScaler): auto = when the plan has fp16 layers")
+    tr.add_argument("--fp8-scaling", choices=("delayed", "current"), default="delayed",
+                    help="fp8 activation and gradient scales: from the amax history (delayed, default) or each "
+                         "tensor's own amax (current)")
+    tr.add_argument("--amax-history", type=int, default=16, help="delayed scaling: steps of amax history (16)")
+    tr.add_argument("--amax-compute", choices=("max", "most_recent"), default="max",
+                    help="delayed scaling: the history's max (default) or its newest entry")
+    tr.add_argument("--margin", type=int, default=0, help="fp8 scales 2**MARGIN larger than the amax needs (0)")
+    tr.add_argument("--weight-scaling", choices=("tensor", "rowwise"), default="tensor",
+                    help="fp8 weights: one scale per tensor (default) or per output row")
+    tr.add_argument("--promote-threshold", type=float, default=0.01,
+                    help="promote a layer whose roundings lose more than this fraction of their values (0.01) ...")
+    tr.add_argument("--promote-patience", type=int, default=5, help="... in this many consecutive steps (5)")
+    tr.add_argument("--no-promote", action="store_true", help="never change the plan during training")
+    tr.add_argument("--no-monitor", action="store_true", help="do not count overflows and underflows (no "
+                                                              "numerics.csv, no promotions)")
+    tr.set_defaults(func=cmd_train)
+
     ex = sub.add_parser("export", help="export a model with its plan to ONNX for ONNX Runtime")
     ex.add_argument("model", help="model file following models/README.md, or the .onnx file the plan was tuned on")
     ex.add_argument("--plan", required=True, help="plan.json written by `autoprec tune`")
     ex.add_argument("--data", metavar="INPUTS.npz", help=".onnx models: the --data the plan was tuned with")
     ex.add_argument("--profile", help="profile.json with the fp8 calibration (default: the one beside --plan)")
+    ex.add_argument("--weights", metavar="WEIGHTS.pt", help="model files: weights to export instead of model()'s "
+                                                             "(the weights.pt `autoprec train` writes beside its plan)")
     ex.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="where to write the model")
     ex.add_argument("--emulation", action="store_true",
                     help="write the emulation graph (fp32 compute, explicit rounding) that ORT's CPU provider "
@@ -313,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--data", metavar="INPUTS.npz", help=".onnx models: the inputs it was tuned with")
     ve.add_argument("--labels", metavar="LABELS", help=".onnx models: the labels it was tuned with")
     ve.add_argument("--plan", help="plan.json it was exported with (checked; its budget judges the metric)")
+    ve.add_argument("--weights", metavar="WEIGHTS.pt", help="model files: the weights it was exported with")
     ve.add_argument("--provider", default="auto",
                     help="ONNX Runtime providers to ask for: auto (CUDA, else CPU) or a list such as tensorrt,cuda")
     ve.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import random
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from autoprec.training import lr_factor  # the schedule `autoprec train` uses too
 
 MODELS_DIR = Path(__file__).resolve().parent
 SEED = 0
@@ -59,13 +60,6 @@ def trainable_models() -> list[str]:
     return names
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train(name: str) -> float:
     mod = _import(name)
     if not is_trainable(mod):
@@ -83,7 +77,7 @@ def train(name: str) -> float:
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     total = epochs * len(data)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     order_gen = torch.Generator().manual_seed(SEED)
     n_params = sum(p.numel() for p in net.parameters())
     print(f"[{name}] {n_params:,} parameters, {len(data)} batches x {epochs} epochs = {total} steps", flush=True)

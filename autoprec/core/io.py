@@ -72,3 +72,105 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class OutputFolder:
+    """A run's output folder written as a unit: completely or not at all.
+
+    ``with OutputFolder(dest) as staging:`` takes a lock beside ``dest`` (a second run into the same
+    folder fails at once, naming the first run's process), builds the new folder in ``staging``
+    (``.<name>.staging-<pid>`` beside ``dest``, same file system) and, only when the block ends
+    without an error, swaps it in: ``dest`` moves aside, ``staging`` takes its name, the old folder
+    is deleted. An error, Ctrl-C or a full disk removes the staging folder and leaves ``dest`` as it
+    was; after a ``kill -9`` the next run into ``dest`` removes what the killed run left (and puts
+    back a folder caught between the two renames of a swap). Folders honour the umask.
+    """
+
+    def __init__(self, dest: str | Path) -> None:
+        self.dest = Path(dest)
+        self.parent = self.dest.parent
+        self.name = self.dest.name
+        self.staging: Path | None = None
+        self._lock: int | None = None
+        self._lock_path: Path | None = None
+
+    def _leftovers(self, kind: str) -> list[Path]:
+        return sorted(self.parent.glob(f".{self.name}.{kind}-*"))
+
+    def __enter__(self) -> Path:
+        import fcntl
+
+        writable_dir(self.parent)
+        if self.dest.exists() and not self.dest.is_dir():
+            raise UsageError(f"cannot write the output folder {self.dest}: it is a file; choose a folder")
+        lock = self.parent / f".{self.name}.lock"
+        while True:  # the lock file is removed on release: lock the file that is still there
+            try:
+                self.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            except OSError as e:
+                raise _unwritable(self.dest, e) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise UsageError(f"another autoprec run (pid {holder}) is writing {self.dest}: wait for it to "
+                                 "finish or choose another --out folder") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock, self._lock_path = fd, lock
+        # what killed runs left: their staging folders, and an old folder a swap had moved aside
+        for old in self._leftovers("old"):
+            if not self.dest.exists():
+                os.rename(old, self.dest)
+            else:
+                _remove_tree(old)
+        for stale in self._leftovers("staging"):
+            _remove_tree(stale)
+        try:
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.name}.staging-{os.getpid()}-", dir=self.parent))
+            os.chmod(self.staging, 0o777 & ~_umask())
+        except OSError as e:
+            self._unlock()
+            raise _unwritable(self.dest, e) from None
+        return self.staging
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        assert self.staging is not None
+        try:
+            if exc_type is not None:
+                _remove_tree(self.staging)
+                return
+            aside = self.parent / f".{self.name}.old-{os.getpid()}"
+            try:
+                if self.dest.exists():
+                    os.rename(self.dest, aside)
+                os.rename(self.staging, self.dest)
+            except OSError as e:
+                if aside.exists() and not self.dest.exists():
+                    os.rename(aside, self.dest)
+                _remove_tree(self.staging)
+                raise _unwritable(self.dest, e) from None
+            _remove_tree(aside)
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None and self._lock_path is not None:
+            self._lock_path.unlink(missing_ok=True)  # before the flock goes: a waiter re-checks the inode
+            os.close(self._lock)
+            self._lock = None
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

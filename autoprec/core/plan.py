@@ -66,6 +66,9 @@ PLAN_DOCUMENT = Document("plan", PLAN_VERSION, PlanError, Obj(
         "alternatives": ListOf(Obj({"label": Str(), "predicted_error": _ERROR, "cost": _COST,
                                     "within_budget": Bool()})),
         "notes": ListOf(Str()),
+        # what training changed (autoprec train): the layers it promoted, when and why
+        "promotions": ListOf(Obj({"layer": Str(nonempty=True), "from": FORMAT, "to": FORMAT,
+                                  "step": Num(lo=0), "reason": Str()})),
     },
 ))
 
@@ -202,6 +205,26 @@ class Alternative:
 
 
 @dataclass(frozen=True)
+class Promotion:
+    """A layer training moved to a wider format (``autoprec train``'s adaptive precision): it kept
+    losing values to overflow or underflow in ``src``. ``step`` is the optimizer step it happened at."""
+
+    layer: str
+    src: Precision
+    dst: Precision
+    step: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "from": self.src.value, "to": self.dst.value, "step": self.step,
+                "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Promotion":
+        return cls(d["layer"], Precision(d["from"]), Precision(d["to"]), int(d["step"]), d["reason"])
+
+
+@dataclass(frozen=True)
 class PrecisionPlan:
     """Layer -> format for one model, with estimated cost and (after verification) measurements.
 
@@ -227,6 +250,7 @@ class PrecisionPlan:
     steps: tuple[TuneStep, ...] = ()
     alternatives: tuple[Alternative, ...] = ()
     notes: tuple[str, ...] = ()  # plan-wide remarks for the report (e.g. pins over budget)
+    promotions: tuple[Promotion, ...] = ()  # layers training widened, in the order it did
 
     # --- views -------------------------------------------------------------------------------
     @property
@@ -282,6 +306,7 @@ class PrecisionPlan:
             "steps": [s.to_dict() for s in self.steps],
             "alternatives": [a.to_dict() for a in self.alternatives],
             "notes": list(self.notes),
+            "promotions": [p.to_dict() for p in self.promotions],
             "decisions": [d.to_dict() for d in self.decisions],
         }
 
@@ -309,6 +334,7 @@ class PrecisionPlan:
             steps=tuple(TuneStep(**s) for s in d.get("steps", [])),
             alternatives=tuple(Alternative(**a) for a in d.get("alternatives", [])),
             notes=tuple(d.get("notes", [])),
+            promotions=tuple(Promotion.from_dict(p) for p in d.get("promotions", [])),
         )
 
     def to_json(self) -> str:

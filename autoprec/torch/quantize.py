@@ -8,11 +8,24 @@ fp8 formats take a scale: ``x`` is divided by it, rounded, and multiplied back, 
 the tensor's range onto the format's. Scales are per tensor (a scalar) or per output channel
 (a tensor broadcastable against ``x``, e.g. shape [C_out, 1] for a linear weight).
 
-The straight-through gradient (identity) lets emulated models train: rounding is treated as the
-identity in the backward pass, which is what fp32 master weights with low-precision compute do.
+Gradients. Outside training a rounding passes its gradient straight through (the identity), which
+is all the profiler's first-order estimate and a user's fine-tuning of the emulation need. While
+training numerics are active (:func:`rounding_gradients`, entered by :mod:`autoprec.torch.training`)
+a rounding to ``p`` also rounds the gradient it passes back, to ``p.compute_output``: a tensor a GPU
+stores in a 16-bit format has its gradient stored in that format (the backward GEMMs of a 16-bit
+layer write 16-bit results, and fp16 gradients underflow below 6e-8 and overflow above 65504), and
+an fp8 layer's backward GEMMs write bf16. So a 16-bit layer's input gradient is
+``round_P(round_P(g) @ W_P)`` and its weight gradient ``round_P(round_P(g).T @ x_P)``, reaching the
+fp32 master exactly. Each such rounding, forward and backward, is reported to the active
+:class:`RoundingObserver` under the site (layer) that made it.
 """
 
 from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator, Protocol
 
 import torch
 
@@ -32,6 +45,81 @@ def round_to(x: torch.Tensor, p: Precision) -> torch.Tensor:
     return x.to(p.torch_dtype).float()
 
 
+class RoundingObserver(Protocol):
+    """Receives every rounding made while training numerics are active (the numerics monitor)."""
+
+    def observe(self, site: str, scaled: torch.Tensor, rounded: torch.Tensor, fmt: Precision,
+                grad: bool) -> None:
+        """``scaled``: the fp32 values divided by their scale; ``rounded``: those values in ``fmt``;
+        ``grad``: a gradient in the backward pass (else a forward value)."""
+
+
+@dataclass(frozen=True)
+class _Training:
+    observer: RoundingObserver
+    site: str
+
+
+#: the training numerics in force in this context; None: straight-through gradients
+_TRAINING: ContextVar[_Training | None] = ContextVar("autoprec_training", default=None)
+
+
+def training_observer() -> RoundingObserver | None:
+    """The observer of the training numerics in force (inside :func:`rounding_gradients`), else None."""
+    state = _TRAINING.get()
+    return None if state is None else state.observer
+
+
+@contextlib.contextmanager
+def rounding_gradients(observer: RoundingObserver, site: str = "") -> Iterator[None]:
+    """Make every rounding in this context round its gradient too, reporting both to ``observer``
+    under ``site``. Nested use changes the site (a layer inside a training step)."""
+    token = _TRAINING.set(_Training(observer, site))
+    try:
+        yield
+    finally:
+        _TRAINING.reset(token)
+
+
+@contextlib.contextmanager
+def at_site(site: str) -> Iterator[None]:
+    """Report the roundings made in this context under ``site``; nothing outside training."""
+    state = _TRAINING.get()
+    if state is None:
+        yield
+        return
+    token = _TRAINING.set(_Training(state.observer, site))
+    try:
+        yield
+    finally:
+        _TRAINING.reset(token)
+
+
+def _scaled_round(x: torch.Tensor, p: Precision, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / scale, that rounded to ``p``) in fp32."""
+    y = x.float() if scale is None else x.float() / scale
+    return y, round_to(y, p)
+
+
+class _RoundingBoth(torch.autograd.Function):
+    """A training rounding: the value to ``p`` forward, its gradient to ``p.compute_output`` backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: Precision, scale: torch.Tensor | None,  # type: ignore[override]
+                state: _Training) -> torch.Tensor:
+        y, q = _scaled_round(x, p, scale)
+        state.observer.observe(state.site, y, q, p, False)
+        ctx.p, ctx.state = p, state
+        return q if scale is None else q * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        gp = ctx.p.compute_output
+        g, q = _scaled_round(grad, gp, None)
+        ctx.state.observer.observe(ctx.state.site, g, q, gp, True)
+        return q, None, None, None
+
+
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: Precision, scale: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
@@ -48,12 +136,16 @@ def quantize(x: torch.Tensor, p: Precision, scale: torch.Tensor | float | None =
     """Emulate storing ``x`` in format ``p``: the fp32 tensor of representable values.
 
     ``scale`` (fp8 only, optional elsewhere): per-tensor scalar or per-channel tensor; ``x`` is
-    divided by it before rounding and multiplied after. Gradients pass straight through.
+    divided by it before rounding and multiplied after. Gradients pass straight through, or are
+    rounded to ``p.compute_output`` while training numerics are active (module docstring).
     """
     if p is Precision.FP32:
         return x
     if scale is not None and not torch.is_tensor(scale):
         scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+    state = _TRAINING.get()
+    if state is not None:
+        return _RoundingBoth.apply(x, p, scale, state)
     return _StraightThrough.apply(x, p, scale)
 
 

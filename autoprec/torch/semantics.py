@@ -21,6 +21,11 @@ channels are its rows (dim 0), so the weight rule already gives one scale per ro
 are rounded to bf16 as the output of every fp8 layer is. It reads no activation, so it needs no
 calibrated amax.
 
+Training (:mod:`autoprec.torch.training`) runs the same functions: a 16-bit layer's backward
+rounding follows from its roundings (:mod:`autoprec.torch.quantize`), and an fp8 layer takes its
+scales from a recipe instead of calibration (:class:`Fp8Recipe`: E4M3 operands with current or
+delayed scales, its output gradient quantized to E5M2 before the backward GEMMs).
+
 The profiler calls :func:`emulate_layer` on single layers; the fx apply pass builds the same
 computation into the rewritten graph, and oracle tests hold the two to the same bits.
 """
@@ -28,14 +33,14 @@ computation into the rewritten graph, and oracle tests hold the two to the same 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from autoprec.torch.capture import layer_function
 from autoprec.core.formats import Precision
 from autoprec.core.kinds import BIAS_KINDS, LOOKUP_KINDS, act_arg_positions, weight_arg_position
-from autoprec.torch.quantize import channel_amax, fp8_scale, quantize
+from autoprec.torch.quantize import RoundingObserver, channel_amax, fp8_scale, quantize
 
 _BIAS_ARG = {kind: 2 for kind in BIAS_KINDS}
 
@@ -54,6 +59,27 @@ class LayerFormat:
         if not self.fmt.needs_scale:
             return None
         return self.act_amax[i] if i < len(self.act_amax) else None
+
+
+class Fp8Recipe(Protocol):
+    """How one fp8 layer scales its tensors while it trains (the recipe's state for that layer)."""
+
+    def activation(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Activation input ``j`` quantized to the forward fp8 format."""
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight quantized to the forward fp8 format."""
+
+    def output_grad(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` unchanged; its gradient quantized to the backward fp8 format (E5M2)."""
+
+
+class TrainingNumerics(RoundingObserver, Protocol):
+    """The training numerics in force (:class:`autoprec.torch.training.Numerics`): the observer of
+    every rounding, and the fp8 scaling of each fp8 layer."""
+
+    def fp8_recipe(self, site: str, fmt: Precision) -> Fp8Recipe:
+        """The scaling state of fp8 layer ``site`` (computing in ``fmt``) for this step."""
 
 
 def quantize_weight(w: torch.Tensor, fmt: Precision) -> torch.Tensor:
@@ -87,10 +113,14 @@ def bias_view(kind: str, bias: torch.Tensor) -> torch.Tensor:
     return bias.reshape(-1, *([1] * int(kind[-2])))  # conv1d / conv2d / conv3d
 
 
-def finish(kind: str, product: torch.Tensor, bias: torch.Tensor | None, fmt: Precision) -> torch.Tensor:
+def finish(kind: str, product: torch.Tensor, bias: torch.Tensor | None, fmt: Precision,
+           recipe: Fp8Recipe | None = None) -> torch.Tensor:
     """A layer's result in ``fmt`` from its fp32-accumulated ``product`` and its fp32 ``bias``
     (module docstring): 16-bit ``round_P(round_P(product) + round_P(bias))``, fp8
-    ``round_bf16(product + bias)``, without a bias the product rounded to ``fmt.compute_output``."""
+    ``round_bf16(product + bias)``, without a bias the product rounded to ``fmt.compute_output``.
+    A training fp8 ``recipe`` quantizes the product's gradient (the bias's stays bf16)."""
+    if recipe is not None:
+        product = recipe.output_grad(product)
     if bias is None:
         return quantize(product, fmt.compute_output)
     b = bias_view(kind, bias)
@@ -123,12 +153,15 @@ def quantize_activation(x: torch.Tensor, fmt: Precision, amax: float | None) -> 
 
 
 def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: LayerFormat,
-                  weight_q: torch.Tensor | None = None) -> torch.Tensor:
+                  weight_q: torch.Tensor | None = None, recipe: Fp8Recipe | None = None) -> torch.Tensor:
     """Compute a layer from its fp32 arguments with the rounding of ``lf`` (fp32 arithmetic).
 
     ``weight_q``: the weight already rounded by :func:`quantize_weight` (callers that run one
-    layer on many batches round it once).
+    layer on many batches round it once). ``recipe``: a training fp8 layer's scaling, used instead
+    of the calibrated amax and the per-channel weight scales.
     """
+    if recipe is not None and not lf.fmt.is_fp8:
+        raise ValueError(f"an fp8 recipe was given for a layer in {lf.fmt}")
     fn = layer_function(kind)
     if lf.fmt is Precision.FP32:
         return fn(*args, **kwargs)
@@ -137,9 +170,12 @@ def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: 
     a = list(args)
     for j, pos in enumerate(act_arg_positions(kind)):
         if torch.is_tensor(a[pos]):
-            a[pos] = quantize_activation(a[pos], lf.fmt, lf.amax_for(j))
+            a[pos] = recipe.activation(j, a[pos]) if recipe else quantize_activation(a[pos], lf.fmt, lf.amax_for(j))
     wpos = weight_arg_position(kind)
     if wpos is not None and torch.is_tensor(a[wpos]):
-        a[wpos] = weight_q if weight_q is not None else quantize_weight(a[wpos], lf.fmt)
+        if weight_q is not None:
+            a[wpos] = weight_q
+        else:
+            a[wpos] = recipe.weight(a[wpos]) if recipe else quantize_weight(a[wpos], lf.fmt)
     a2, kw, bias = split_bias(kind, tuple(a), kwargs)
-    return finish(kind, fn(*a2, **kw), bias, lf.fmt)
+    return finish(kind, fn(*a2, **kw), bias, lf.fmt, recipe)

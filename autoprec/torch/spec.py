@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterable
@@ -42,9 +42,22 @@ class ModelSpec:
     higher_is_better: bool
     output_kind: DeclaredKinds  # "logits" | "values" | {output name: kind} | None (decide from each output's shape)
     outputs: tuple[str, ...] | None = None  # names of the outputs that count (OUTPUTS); None: every floating output
+    weights: Path | None = None  # a state_dict (``autoprec train``'s weights.pt) loaded into model()
 
     def model(self) -> Any:
-        return self.module.model()
+        net = self.module.model()
+        if self.weights is not None:
+            load_weights(net, self.weights)
+        return net
+
+    def with_weights(self, path: str | Path | None) -> "ModelSpec":
+        """This model file with the weights saved at ``path`` (None: its own)."""
+        if path is None:
+            return self
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"weights file not found: {p} (give the weights.pt written by `autoprec train`)")
+        return replace(self, weights=p)
 
     def example_inputs(self) -> tuple[Any, ...]:
         return as_tuple(self.module.example_inputs())
@@ -63,6 +76,23 @@ class ModelSpec:
     @property
     def has_training(self) -> bool:
         return callable(getattr(self.module, "train_data", None)) and callable(getattr(self.module, "loss", None))
+
+
+def load_weights(net: Any, path: Path) -> None:
+    """Load the state_dict saved at ``path`` into ``net``; a file that does not fit is a one-line error."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"{path} is not a readable weights file ({type(exc).__name__}: {first_line(exc, 120)})") from exc
+    if not isinstance(state, dict):
+        raise UsageError(f"{path} holds no state_dict (a mapping of tensor names to tensors)")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UsageError(f"{path} does not fit the model: {first_line(exc, 200)}; were these weights trained for "
+                         "another model?") from None
 
 
 def as_tuple(batch: Any) -> tuple[Any, ...]:

@@ -40,23 +40,28 @@ def act_amax_from_profile(profile: SensitivityProfile) -> dict[str, tuple[float,
 
 
 def plan_passes(captured: Captured, assignment: Mapping[str, Precision],
-                act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "emulate") -> list[Pass]:
+                act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "emulate",
+                dynamic_fp8: bool = False) -> list[Pass]:
     """The pass sequence :func:`apply_plan` runs (for callers who want to run or inspect it)."""
     if mode not in MODES:
         raise UsageError(f"unknown apply mode {mode!r}: use 'emulate' (fp32 tensors, exact rounding) or 'native'")
     native = mode == "native"
-    return [AssignFormats(captured.graph, assignment, act_amax), LowerLayers(native),
+    return [AssignFormats(captured.graph, assignment, act_amax, dynamic_fp8), LowerLayers(native),
             InsertCasts(captured.graph, native)]
 
 
 def apply_plan(captured: Captured, assignment: Mapping[str, Precision | str],
-               act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "emulate") -> fx.GraphModule:
+               act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "emulate",
+               dynamic_fp8: bool = False) -> fx.GraphModule:
     """A copy of ``captured.gm`` that runs each layer in its planned format.
 
     ``assignment`` maps layer node names to formats; layers it leaves out stay fp32, and names the
     model does not have raise :class:`~autoprec.core.errors.PlanError`. ``act_amax`` maps each fp8 layer
     to the calibrated amax of its activation inputs (:func:`act_amax_from_profile`); fp8 layers use
     these static scales, and a missing amax is a PlanError (no silent dynamic scaling).
+
+    ``dynamic_fp8``: fp8 layers need no ``act_amax``: each activation is scaled by its own amax at
+    run time, or by the training recipe while :mod:`autoprec.torch.training` trains the result.
 
     ``mode``: "emulate" keeps fp32 tensors and rounds exactly as :mod:`autoprec.torch.semantics` (the
     default; bit-exact to the profiler); "native" computes 16-bit ops on real bf16/fp16 tensors and
@@ -66,7 +71,7 @@ def apply_plan(captured: Captured, assignment: Mapping[str, Precision | str],
     masters), runs on any batch size and trains.
     """
     plan = {name: parse_precision(p) for name, p in assignment.items()}
-    passes = plan_passes(captured, plan, act_amax, mode)
+    passes = plan_passes(captured, plan, act_amax, mode, dynamic_fp8)
     with warnings.catch_warnings():  # deep-copying torch.export modules warns about pytree specs
         warnings.simplefilter("ignore", FutureWarning)
         gm = copy.deepcopy(captured.gm)

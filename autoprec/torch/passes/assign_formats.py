@@ -15,7 +15,7 @@ from typing import Mapping
 import torch.fx as fx
 
 from autoprec.core.formats import Precision
-from autoprec.core.lowering import PARAMETER, NodeDecision, lower, validate_plan
+from autoprec.core.lowering import PARAMETER, NodeDecision, check_assignment, lower, validate_plan
 from autoprec.core.opgraph import OpGraph, Policy
 from autoprec.core.passes import PassError, PassResult
 from autoprec.torch.passes.base import ACT_AMAX, FORMAT, REASON, ROUNDS, VALUE_FORMAT, Pass
@@ -56,10 +56,16 @@ class AssignFormats(Pass):
     """Annotate every node with its format and the reason (changes no graph structure)."""
 
     def __init__(self, graph: OpGraph, assignment: Mapping[str, Precision],
-                 act_amax: Mapping[str, tuple[float, ...]] | None = None) -> None:
+                 act_amax: Mapping[str, tuple[float, ...]] | None = None, dynamic_fp8: bool = False) -> None:
+        """``dynamic_fp8``: fp8 layers take no calibrated amax and scale each activation by its own
+        at run time (or by a training recipe's scales), so none is required."""
         self.graph = graph
         self.assignment = dict(assignment)
-        self.amax = validate_plan(graph, self.assignment, act_amax)
+        if dynamic_fp8:
+            check_assignment(graph, self.assignment)
+            self.amax: dict[str, tuple[float, ...]] = {n: () for n, f in self.assignment.items() if f.is_fp8}
+        else:
+            self.amax = validate_plan(graph, self.assignment, act_amax)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         formats = decide_formats(gm, self.graph, self.assignment)

@@ -59,7 +59,7 @@ def needs(graph: OpGraph, consumer: fx.Node, value: fx.Node) -> tuple[Precision,
         amax = consumer.meta.get(ACT_AMAX, ())
         for j, pos in enumerate(act_arg_positions(kind)):
             if pos < len(consumer.args) and consumer.args[pos] is value:
-                return fmt, (amax[j] if fmt.is_fp8 else None)
+                return fmt, (amax[j] if fmt.is_fp8 and j < len(amax) else None)
         return None  # weight, bias: the layer reads them itself
     if pol in (Policy.ALWAYS, Policy.FOLLOW, Policy.NEVER):
         return fmt, None
@@ -107,10 +107,12 @@ class InsertCasts(Pass):
         with g.inserting_before(consumer):
             kwargs = {"fmt": fmt, "amax": amax, "native": self.native} if fmt.is_fp8 else \
                 {"fmt": fmt, "native": self.native}
+            kwargs["site"] = consumer.name  # a training monitor reports its roundings under its first reader
             c = g.create_node("call_function", cast, (value,), kwargs, name=f"{value.name}_to_{fmt.value}")
         have = value_format(value)
         if fmt.is_fp8:
-            why = f"{have} -> {fmt} (static scale amax {amax:.6g} / {fmt.max:g}) for fp8 layer {consumer.name}"
+            scale = f"static scale amax {amax:.6g} / {fmt.max:g}" if amax is not None else "scaled at run time"
+            why = f"{have} -> {fmt} ({scale}) for fp8 layer {consumer.name}"
         elif fmt.rank < have.rank:
             why = f"{have} -> {fmt}: widening for {consumer.name} ({consumer.meta[REASON]})"
         else:
@@ -121,7 +123,8 @@ class InsertCasts(Pass):
     def _round_node(self, g: fx.Graph, node: fx.Node) -> fx.Node:
         fmt = node.meta[FORMAT]
         with g.inserting_after(node):
-            r = g.create_node("call_function", round_output, (node,), {"fmt": fmt, "native": self.native},
+            r = g.create_node("call_function", round_output, (node,),
+                              {"fmt": fmt, "native": self.native, "site": node.name},
                               name=f"{node.name}_{fmt.value}")
         node.replace_all_uses_with(r, delete_user_cb=lambda u: u is not r)
         self._annotate(r, node, fmt, "round",

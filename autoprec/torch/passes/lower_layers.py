@@ -68,7 +68,7 @@ class LowerLayers(Pass):
             node.op = "call_function"
             node.target = LAYER_OPS[kind]
             node.kwargs = {**node.kwargs, "fmt": fmt, "amax": tuple(amax) if amax else None,
-                           "native": self.native}
+                           "native": self.native, "site": node.name}
             modified = True
         return PassResult(gm, modified)
 

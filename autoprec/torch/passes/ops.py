@@ -19,6 +19,12 @@ native (``native=True``)
     bf16. fp8 conv, matmul and bmm have no fp8 kernel in torch: native mode emulates those layers'
     numerics and writes a real bf16 tensor, as does an fp8 embedding lookup.
 
+While training numerics are active (:func:`autoprec.torch.quantize.rounding_gradients`, emulate mode)
+every rounding also rounds its gradient and reports both to the monitor under its ``site`` (the
+layer's node name; a cast's first reader; a FOLLOW op's own name), and an fp8 layer scales its
+operands by the training recipe instead of calibration: its fp8 casts pass values through and the
+layer quantizes them itself.
+
 Why a layer may re-round inputs a cast already rounded: rounding to a 16-bit format is idempotent,
 and so is the static fp8 quantize-dequantize (``q(q(x)) == q(x)``: ``fl(v*s)/s`` lies within 2^-23
 relative of the E4M3 value ``v``, far inside its rounding interval). So a layer computes the same
@@ -36,8 +42,8 @@ import torch
 from autoprec.torch.capture import layer_function
 from autoprec.core.formats import Precision
 from autoprec.core.kinds import LOOKUP_KINDS
-from autoprec.torch.quantize import channel_amax, fp8_scale, quantize
-from autoprec.torch.semantics import LayerFormat, bias_view, emulate_layer, quantize_activation, split_bias
+from autoprec.torch.quantize import at_site, channel_amax, fp8_scale, quantize, training_observer
+from autoprec.torch.semantics import LayerFormat, TrainingNumerics, bias_view, emulate_layer, quantize_activation, split_bias
 
 FP32 = Precision.FP32
 
@@ -54,23 +60,27 @@ def _tree(fn: Any, x: Any) -> Any:
 # --- edges and FOLLOW ops -----------------------------------------------------------------------
 
 
-def cast(x: Any, *, fmt: Precision, amax: float | None = None, native: bool = False) -> Any:
+def cast(x: Any, *, fmt: Precision, amax: float | None = None, native: bool = False, site: str = "") -> Any:
     """Convert a value to ``fmt`` on an edge where its producer and consumer disagree.
 
     fp8 (``amax`` given): the scaled E4M3 quantize with the calibrated static scale amax/max,
-    returned dequantized in fp32 in both modes. Widening to fp32 is exact: the identity in emulate
+    returned dequantized in fp32 in both modes (in training, the value as it is: the fp8 layer
+    quantizes it with the recipe's scale). Widening to fp32 is exact: the identity in emulate
     mode, a real ``.float()`` in native mode.
     """
     if fmt.is_fp8:
+        if training_observer() is not None:
+            return x
         return _tree(lambda t: quantize_activation(t.float(), fmt, amax), x)
     if native:
         return _tree(lambda t: t if t.dtype == fmt.torch_dtype else t.to(fmt.torch_dtype), x)
     if fmt is FP32:
         return x
-    return _tree(lambda t: quantize(t, fmt), x)
+    with at_site(site):
+        return _tree(lambda t: quantize(t, fmt), x)
 
 
-def round_output(x: Any, *, fmt: Precision, native: bool = False) -> Any:
+def round_output(x: Any, *, fmt: Precision, native: bool = False, site: str = "") -> Any:
     """The result of a FOLLOW op that runs in 16-bit ``fmt``: computed in fp32, stored in ``fmt``.
 
     Native mode computes the op on 16-bit tensors already; this only fixes a result that type
@@ -82,54 +92,55 @@ def round_output(x: Any, *, fmt: Precision, native: bool = False) -> Any:
         return _tree(lambda t: t if t.dtype == fmt.torch_dtype else t.to(fmt.torch_dtype), x)
     if fmt is FP32:
         return x
-    return _tree(lambda t: quantize(t, fmt), x)
+    with at_site(site):
+        return _tree(lambda t: quantize(t, fmt), x)
 
 
 # --- layers ---------------------------------------------------------------------------------------
 
 
 def lowp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                fmt: Precision, amax: Sequence[float] | None = None, native: bool = False) -> torch.Tensor:
+                fmt: Precision, amax: Sequence[float] | None = None, native: bool = False, site: str = "") -> torch.Tensor:
     """``F.linear`` in ``fmt``: inputs and weight rounded, fp32 accumulation, output rounded."""
-    if native and fmt.is_fp8 and _scaled_mm_usable(x, weight, fmt):
+    if native and fmt.is_fp8 and training_observer() is None and _scaled_mm_usable(x, weight, fmt):
         a = _amax(amax, 0)
         return _Fp8Linear.apply(x, weight, bias, a, fmt)
-    return _layer("linear", (x, weight, bias), {}, fmt, amax, native)
+    return _layer("linear", (x, weight, bias), {}, fmt, amax, native, site)
 
 
 def lowp_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
                 padding: Any = 0, dilation: Any = 1, groups: int = 1, *, fmt: Precision,
-                amax: Sequence[float] | None = None, native: bool = False) -> torch.Tensor:
-    return _layer("conv1d", (x, weight, bias, stride, padding, dilation, groups), {}, fmt, amax, native)
+                amax: Sequence[float] | None = None, native: bool = False, site: str = "") -> torch.Tensor:
+    return _layer("conv1d", (x, weight, bias, stride, padding, dilation, groups), {}, fmt, amax, native, site)
 
 
 def lowp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
                 padding: Any = 0, dilation: Any = 1, groups: int = 1, *, fmt: Precision,
-                amax: Sequence[float] | None = None, native: bool = False) -> torch.Tensor:
-    return _layer("conv2d", (x, weight, bias, stride, padding, dilation, groups), {}, fmt, amax, native)
+                amax: Sequence[float] | None = None, native: bool = False, site: str = "") -> torch.Tensor:
+    return _layer("conv2d", (x, weight, bias, stride, padding, dilation, groups), {}, fmt, amax, native, site)
 
 
 def lowp_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
                 padding: Any = 0, dilation: Any = 1, groups: int = 1, *, fmt: Precision,
-                amax: Sequence[float] | None = None, native: bool = False) -> torch.Tensor:
-    return _layer("conv3d", (x, weight, bias, stride, padding, dilation, groups), {}, fmt, amax, native)
+                amax: Sequence[float] | None = None, native: bool = False, site: str = "") -> torch.Tensor:
+    return _layer("conv3d", (x, weight, bias, stride, padding, dilation, groups), {}, fmt, amax, native, site)
 
 
 def lowp_matmul(a: torch.Tensor, b: torch.Tensor, *, fmt: Precision, amax: Sequence[float] | None = None,
-                native: bool = False) -> torch.Tensor:
+                native: bool = False, site: str = "") -> torch.Tensor:
     """``a @ b`` in ``fmt`` (both operands are activations: each has its own fp8 scale)."""
-    return _layer("matmul", (a, b), {}, fmt, amax, native)
+    return _layer("matmul", (a, b), {}, fmt, amax, native, site)
 
 
 def lowp_bmm(a: torch.Tensor, b: torch.Tensor, *, fmt: Precision, amax: Sequence[float] | None = None,
-             native: bool = False) -> torch.Tensor:
-    return _layer("bmm", (a, b), {}, fmt, amax, native)
+             native: bool = False, site: str = "") -> torch.Tensor:
+    return _layer("bmm", (a, b), {}, fmt, amax, native, site)
 
 
 def lowp_embedding(indices: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None,
                    max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
                    sparse: bool = False, *, fmt: Precision, amax: Sequence[float] | None = None,
-                   native: bool = False) -> torch.Tensor:
+                   native: bool = False, site: str = "") -> torch.Tensor:
     """``F.embedding`` in ``fmt``: the rows of the table rounded to ``fmt`` (fp8: one scale per row,
     the rows then rounded to bf16, :mod:`autoprec.torch.semantics`).
 
@@ -139,7 +150,7 @@ def lowp_embedding(indices: torch.Tensor, weight: torch.Tensor, padding_idx: int
     as bf16). The gradient reaches the fp32 master table straight through the rounding in both modes.
     """
     return _layer("embedding", (indices, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse),
-                  {}, fmt, amax, native)
+                  {}, fmt, amax, native, site)
 
 
 #: layer kind -> the function a lowered layer calls
@@ -154,8 +165,15 @@ def _amax(amax: Sequence[float] | None, i: int) -> float:
 
 
 def _layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], fmt: Precision,
-           amax: Sequence[float] | None, native: bool) -> torch.Tensor:
+           amax: Sequence[float] | None, native: bool, site: str = "") -> torch.Tensor:
     lf = LayerFormat(fmt, tuple(float(a) for a in amax) if amax else ())
+    numerics: TrainingNumerics | None = training_observer()  # type: ignore[assignment]
+    if numerics is not None:
+        if native:
+            raise NotImplementedError("training numerics are emulated: apply the plan with mode='emulate'")
+        recipe = numerics.fp8_recipe(site, fmt) if fmt.is_fp8 else None
+        with at_site(site):
+            return emulate_layer(kind, args, kwargs, lf, recipe=recipe)
     if not native:
         return emulate_layer(kind, args, kwargs, lf)
     if fmt.is_fp8:

@@ -1,0 +1,48 @@
+"""GPU checks of the training numerics, skipped where there is no GPU: a 16-bit layer's backward on
+real bf16/fp16 CUDA tensors (cuBLAS GEMMs, fp32 accumulation, 16-bit results) against the emulated
+training step on the CPU (:mod:`autoprec.torch.numerics`).
+
+On a machine with a GPU: ``.venv/bin/python -m pytest -q tests/gpu``. cuBLAS may sum in another
+order than the CPU, so the two agree within one unit in the last place of the format, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autoprec.core.formats import Precision
+from autoprec.torch.numerics import Numerics
+from autoprec.torch.quantize import quantize, rounding_gradients
+from autoprec.torch.semantics import LayerFormat, emulate_layer
+
+
+@pytest.fixture(scope="module")
+def torch_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device for torch")
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor, p: Precision) -> float:
+    """The largest difference of ``a`` and ``b`` in units of ``p``'s spacing at their magnitude."""
+    scale = torch.maximum(a.abs(), b.abs()).clamp_min(p.min_normal)
+    return float(((a - b).abs() / (scale * p.eps)).max())
+
+
+@pytest.mark.parametrize("p", [Precision.BF16, Precision.FP16], ids=str)
+def test_native_16bit_linear_backward_matches_the_emulated_training_step(torch_cuda, p: Precision) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(64, 128, generator=gen), torch.randn(96, 128, generator=gen) * 0.1, torch.randn(96, generator=gen)
+    g = torch.randn(64, 96, generator=gen) * 1e-2
+    # native: 16-bit tensors on the GPU, gradients in the tensors' own format
+    xn, wn, bn = (t.to("cuda", p.torch_dtype).requires_grad_(True) for t in (x, w, b))
+    F.linear(xn, wn, bn).backward(g.to("cuda", p.torch_dtype))
+    # emulated: fp32 tensors holding the same values, the training numerics on
+    xe, we, be = (quantize(t, p).detach().requires_grad_(True) for t in (x, w, b))
+    with rounding_gradients(Numerics()):
+        y = emulate_layer("linear", (xe, we, be), {}, LayerFormat(p))
+    y.backward(g)
+    for native, emulated in ((xn.grad, xe.grad), (wn.grad, we.grad), (bn.grad, be.grad)):
+        assert native.dtype == p.torch_dtype
+        assert _ulps(native.float().cpu(), emulated, p) <= 1.0
