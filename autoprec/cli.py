@@ -131,40 +131,43 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from autoprec import api
-    from autoprec.core.io import atomic_write_bytes, atomic_write_text, writable_dir
+    from autoprec.core.io import OutputFolder, atomic_write_bytes, atomic_write_text
     from autoprec.report import write_report
 
     _need_data(args)
     onnx_input = _is_onnx(args.model)
-    out_dir = writable_dir(Path(args.out) if args.out else Path("out") / Path(args.model).stem)  # before the work
-    with _progress() as bar:
-        task = bar.add_task("profile", total=None, what="")
+    dest = Path(args.out) if args.out else Path("out") / Path(args.model).stem
+    # the folder is written as a unit: built beside dest, swapped in when complete (locked till then)
+    with OutputFolder(dest) as out_dir:
+        with _progress() as bar:
+            task = bar.add_task("profile", total=None, what="")
 
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, what=what)
+            def progress(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, what=what)
 
-        common = dict(fidelity_budget=args.fidelity_budget, target=args.target, objective=args.objective,
-                      formats=args.formats, strategy=args.strategy, keep=args.keep, force=args.force,
-                      batch=args.batch, provider=args.provider, progress=progress, timing=not args.no_timing)
-        if onnx_input:
-            if args.profile_mode == "fast":
-                raise UsageError(_EXACT_ONLY.format(flag="--profile-mode"))
-            if args.no_onnx_check:
-                raise UsageError(".onnx models are measured on ONNX Runtime itself, every plan: drop --no-onnx-check")
-            result = api.tune_onnx(args.model, args.data, args.labels, args.budget, **common)
-        else:
-            result = api.tune(args.model, args.budget, profile_mode=args.profile_mode or "fast",
-                              onnx_check=not args.no_onnx_check, **common)
-    plan = result.plan
-    files = [plan.save(out_dir / "plan.json"), atomic_write_text(out_dir / "profile.json", result.profile.to_json())]
-    # the tuned model itself: the deployment graph, and the graph ORT's CPU provider runs faithfully
-    stem = Path(args.model).stem
-    files += [atomic_write_bytes(out_dir / f"{stem}.tuned.onnx", result.onnx_model("deploy").SerializeToString()),
-              atomic_write_bytes(out_dir / f"{stem}.emulation.onnx", result.onnx_model("emulate").SerializeToString())]
-    analysis = result.onnx.analysis if result.onnx is not None else None
-    files += write_report(out_dir, plan, result.profile, result.graph, result.summary, result.uniforms,
-                          result.pareto, fixed=analysis.reasons if analysis else None,
-                          notes=analysis.notes if analysis else result.captured.notes())
+            common = dict(fidelity_budget=args.fidelity_budget, target=args.target, objective=args.objective,
+                          formats=args.formats, strategy=args.strategy, keep=args.keep, force=args.force,
+                          batch=args.batch, provider=args.provider, progress=progress, timing=not args.no_timing)
+            if onnx_input:
+                if args.profile_mode == "fast":
+                    raise UsageError(_EXACT_ONLY.format(flag="--profile-mode"))
+                if args.no_onnx_check:
+                    raise UsageError(".onnx models are measured on ONNX Runtime itself, every plan: drop --no-onnx-check")
+                result = api.tune_onnx(args.model, args.data, args.labels, args.budget, **common)
+            else:
+                result = api.tune(args.model, args.budget, profile_mode=args.profile_mode or "fast",
+                                  onnx_check=not args.no_onnx_check, **common)
+        plan = result.plan
+        files = [plan.save(out_dir / "plan.json"), atomic_write_text(out_dir / "profile.json", result.profile.to_json())]
+        # the tuned model itself: the deployment graph, and the graph ORT's CPU provider runs faithfully
+        stem = Path(args.model).stem
+        files += [atomic_write_bytes(out_dir / f"{stem}.tuned.onnx", result.onnx_model("deploy").SerializeToString()),
+                  atomic_write_bytes(out_dir / f"{stem}.emulation.onnx", result.onnx_model("emulate").SerializeToString())]
+        analysis = result.onnx.analysis if result.onnx is not None else None
+        files += write_report(out_dir, plan, result.profile, result.graph, result.summary, result.uniforms,
+                              result.pareto, fixed=analysis.reasons if analysis else None,
+                              notes=analysis.notes if analysis else result.captured.notes())
+    files = [dest / f.relative_to(out_dir) for f in files]  # where they are now
     if args.json:
         print(json.dumps({"plan": plan.to_dict(), "summary": asdict(result.summary),
                           "files": [str(f) for f in files]}, sort_keys=True, default=str))
@@ -209,7 +212,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = train(args.model, args.plan, formats=args.formats, epochs=args.epochs, out=out_dir,
                            resume=args.resume, init=args.init, recipe=recipe, loss_scaling=args.loss_scaling,
                            promotion=promotion, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                           monitor=not args.no_monitor, progress=progress, ranks=ranks)
+                           monitor=not args.no_monitor, mode="native" if args.native else "emulate",
+                           device=args.device, progress=progress, ranks=ranks)
     finally:
         if ranks.world > 1:
             import torch.distributed as dist
@@ -373,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-promote", action="store_true", help="never change the plan during training")
     tr.add_argument("--no-monitor", action="store_true", help="do not count overflows and underflows (no "
                                                               "numerics.csv, no promotions)")
+    tr.add_argument("--native", action="store_true",
+                    help="compute on real bf16/fp16 tensors (a GPU's speed) instead of the emulation; fp8 layers "
+                         "keep the emulated recipe")
+    tr.add_argument("--device", default=None, help="where to train, e.g. cuda (default: the model's device; under "
+                                                   "torchrun with GPUs, each rank's own)")
     tr.set_defaults(func=cmd_train)
 
     ex = sub.add_parser("export", help="export a model with its plan to ONNX for ONNX Runtime")

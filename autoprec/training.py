@@ -51,7 +51,7 @@ from torch import nn
 
 from autoprec.core.errors import AutoprecError, ModelSpecError, PlanError, UsageError, first_line
 from autoprec.core.formats import Precision, parse_precision
-from autoprec.core.io import atomic_write_bytes, atomic_write_text, writable_dir
+from autoprec.core.io import OutputFolder, atomic_write_bytes, atomic_write_text, writable_dir
 from autoprec.core.lowering import check_assignment
 from autoprec.core.opgraph import OpGraph, Policy
 from autoprec.core.plan import Budget, LayerDecision, PrecisionPlan, Promotion
@@ -101,6 +101,7 @@ class TrainConfig:
     promotion: PromotionPolicy | None = field(default_factory=PromotionPolicy)
     checkpoint_every: int = 0  # steps between checkpoints (0: at each epoch's end only)
     monitor: bool = True
+    mode: str = "emulate"  # "native": real bf16/fp16 tensors (a GPU's speed; fp8 layers stay emulated)
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -111,6 +112,8 @@ class TrainConfig:
             raise UsageError(f"unknown loss scaling {self.loss_scaling!r}: use {', '.join(LOSS_SCALING)}")
         if self.checkpoint_every < 0:
             raise UsageError(f"--checkpoint-every must be >= 0 steps, not {self.checkpoint_every}")
+        if self.mode not in ("emulate", "native"):
+            raise UsageError(f"unknown training mode {self.mode!r}: use emulate or native")
 
     def to_dict(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "lr": self.lr, "weight_decay": self.weight_decay,
@@ -118,7 +121,7 @@ class TrainConfig:
                 "recipe": self.recipe.to_dict(), "loss_scaling": self.loss_scaling,
                 "promotion": None if self.promotion is None else
                 {"threshold": self.promotion.threshold, "patience": self.promotion.patience},
-                "checkpoint_every": self.checkpoint_every, "monitor": self.monitor}
+                "checkpoint_every": self.checkpoint_every, "monitor": self.monitor, "mode": self.mode}
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -200,11 +203,11 @@ def priced_plan(graph: OpGraph, assignment: Mapping[str, Precision], base: Preci
         promotions=tuple(promotions))
 
 
-def bound_graph(captured: Captured, assignment: Mapping[str, Precision]) -> nn.Module:
-    """The plan's rewritten graph (emulate mode, fp8 scaled at run time) reading the captured
-    model's own parameters and buffers: the fp32 masters an optimizer updates, shared with the
-    user's model (fx keeps its modules), and kept when a promotion rebuilds the graph."""
-    gm = apply_plan(captured, assignment, mode="emulate", dynamic_fp8=True)
+def bound_graph(captured: Captured, assignment: Mapping[str, Precision], mode: str = "emulate") -> nn.Module:
+    """The plan's rewritten graph (fp8 scaled at run time; ``mode`` as :func:`apply_plan`'s) reading
+    the captured model's own parameters and buffers: the fp32 masters an optimizer updates, shared
+    with the user's model (fx keeps its modules), and kept when a promotion rebuilds the graph."""
+    gm = apply_plan(captured, assignment, mode=mode, dynamic_fp8=True)
     for kind in ("parameters", "buffers"):
         for qual, t in getattr(captured.gm, f"named_{kind}")(remove_duplicate=False):
             owner, _, attr = qual.rpartition(".")
@@ -217,7 +220,7 @@ def bound_graph(captured: Captured, assignment: Mapping[str, Precision]) -> nn.M
 
 
 def plan_module(model: nn.Module, plan: PrecisionPlan | Mapping[str, Precision | str], example_inputs: Any,
-                recipe: Recipe | None = None, monitor: bool = True) -> PlanModule:
+                recipe: Recipe | None = None, monitor: bool = True, mode: str = "emulate") -> PlanModule:
     """``model`` rewritten by ``plan`` for a training loop of the user's own: its forward and backward
     have the plan's numerics, its parameters are ``model``'s (trained in place). Call
     ``module.end_step()`` after each optimizer step (delayed fp8 scales, the monitor's counts), and
@@ -227,7 +230,7 @@ def plan_module(model: nn.Module, plan: PrecisionPlan | Mapping[str, Precision |
     assignment = plan.assignment if isinstance(plan, PrecisionPlan) else \
         {k: parse_precision(v) for k, v in plan.items()}
     captured = capture(model, as_tuple(example_inputs), name=type(model).__name__, fold_norms=False)
-    module = PlanModule(bound_graph(captured, assignment), Numerics(recipe, monitor=monitor))
+    module = PlanModule(bound_graph(captured, assignment, mode), Numerics(recipe, monitor=monitor))
     module.train()
     return module
 
@@ -269,9 +272,22 @@ def init_distributed() -> Ranks:
         return Ranks()
     import torch.distributed as dist
 
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor on ``device`` (the model's)."""
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
 
 
 def shard(batch: Any, ranks: Ranks) -> Any:
@@ -350,8 +366,8 @@ class Trainer:
             self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, total, warm))
         has_fp16 = any(f is Precision.FP16 for f in self.assignment.values())
         scaling = config.loss_scaling == "on" or (config.loss_scaling == "auto" and has_fp16)
-        device = next(iter(params)).device.type
-        self.scaler = torch.amp.GradScaler(device, enabled=scaling)
+        self.device = next(iter(params)).device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=scaling)
         self.step_no = 0
         self.rows: list[dict[str, Any]] = []
         self.site_rows: list[dict[str, Any]] = []
@@ -361,13 +377,13 @@ class Trainer:
 
     # --- the module ---------------------------------------------------------------------------
     def _graph_module(self) -> nn.Module:
-        return bound_graph(self.captured, self.assignment)
+        return bound_graph(self.captured, self.assignment, self.config.mode)
 
     # --- one step -------------------------------------------------------------------------------
     def step(self, batch: Any) -> dict[str, Any]:
         """One optimizer step on ``batch`` (this rank's slice of it); returns its record."""
         self.module.train()
-        loss = self.loss_fn(self.net, shard(batch, self.ranks))
+        loss = self.loss_fn(self.net, to_device(shard(batch, self.ranks), self.device))
         if not torch.is_tensor(loss) or loss.numel() != 1:
             raise ModelSpecError(f"loss(model, batch) must return a scalar tensor, got {type(loss).__name__}"
                                  + (f" of shape {tuple(loss.shape)}" if torch.is_tensor(loss) else ""))
@@ -538,6 +554,16 @@ def run(trainer: Trainer, out: Path | None, base: PrecisionPlan | None, label: s
         example_inputs: tuple[Any, ...] = (), name: str = "") -> TrainResult:
     """Train to the end (from ``out``'s checkpoint when ``resume``) and write the records."""
     ckpt = out / CHECKPOINT if out is not None else None
+    folder = OutputFolder(out) if out is not None and trainer.ranks.main else None
+    if folder is None:
+        return _run(trainer, out, ckpt, None, base, label, resume, progress, calibration, example_inputs, name)
+    with folder.locked():  # one run per folder: a second fails at once, naming this one
+        return _run(trainer, out, ckpt, folder, base, label, resume, progress, calibration, example_inputs, name)
+
+
+def _run(trainer: Trainer, out: Path | None, ckpt: Path | None, folder: OutputFolder | None,
+         base: PrecisionPlan | None, label: str, resume: bool, progress: Progress | None,
+         calibration: list[tuple[Any, ...]] | None, example_inputs: tuple[Any, ...], name: str) -> TrainResult:
     if resume:
         if ckpt is None or not ckpt.is_file():
             raise UsageError(f"nothing to resume: {ckpt or 'no --out folder'} has no {CHECKPOINT}; drop --resume "
@@ -577,8 +603,14 @@ def run(trainer: Trainer, out: Path | None, base: PrecisionPlan | None, label: s
     plan = priced_plan(plan_graph, trainer.assignment, base, trainer.promotions, label)
     if metric is not None:
         plan = plan.with_measured(metric_trained=metric, metric_name=trainer.metric_name)
-    if out is not None and trainer.ranks.main:
-        files = _write_outputs(trainer, out, plan, calibration, example_inputs, name)
+    if out is not None and folder is not None:
+        # the records are written beside the folder and swapped in with the last checkpoint, as a unit
+        with folder as staging:
+            written = _write_outputs(trainer, staging, plan, calibration, example_inputs, name)
+            if ckpt is not None and ckpt.exists():
+                os.replace(ckpt, staging / CHECKPOINT)
+                written.append(staging / CHECKPOINT)
+        files = [out / f.relative_to(staging) for f in written]
     trainer.ranks.barrier()
     return TrainResult(plan, trainer.module, trainer.model, trainer.rows, trainer.promotions, metric,
                        trainer.skipped, out, files)
@@ -725,7 +757,8 @@ def train(model: Any, plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str
           out: str | os.PathLike[str] | None = None, resume: bool = False,
           init: str = "scratch", recipe: Recipe | None = None, loss_scaling: str = "auto",
           promotion: PromotionPolicy | None = PromotionPolicy(), checkpoint_every: int = 0, seed: int = 0,
-          monitor: bool = True, progress: Progress | None = None, ranks: Ranks | None = None) -> TrainResult:
+          monitor: bool = True, mode: str = "emulate", device: str | None = None,
+          progress: Progress | None = None, ranks: Ranks | None = None) -> TrainResult:
     """Train ``model`` with a plan's numerics; what ``autoprec train`` does.
 
     ``model``: a model file (its ``build()`` for ``init="scratch"``, ``model()`` for
@@ -735,6 +768,10 @@ def train(model: Any, plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str
     in place) with ``data`` (a list or DataLoader of batches), ``loss`` and ``example_inputs``.
     ``plan``: plan.json from ``autoprec tune``, a PrecisionPlan or a layer -> format mapping; or
     ``formats="fp16"`` for the uniform plan. The result's plan records every promotion.
+    ``mode="native"`` computes on real bf16/fp16 tensors (the speed of a GPU; its backward rounds
+    as torch's kernels do, which the emulation matches within one unit in the last place; fp8 layers
+    keep the emulated recipe); ``device`` ("cuda", "cuda:1") moves the model and every batch there
+    (default: where the model is; under torchrun with CUDA, each rank's own GPU).
     ``lr``, ``weight_decay``, ``warmup_steps``, ``clip``, ``optimizer(model)`` and
     ``schedule(optimizer, total_steps)`` override the model file's (defaults: 1e-3, 0, 0, 1.0,
     AdamW, warm-up then cosine decay).
@@ -795,7 +832,16 @@ def train(model: Any, plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str
                          warmup_steps=int(file_defaults.get("warmup_steps", 0)),
                          clip=file_defaults.get("clip", 1.0), seed=seed, recipe=recipe or Recipe(),
                          loss_scaling=loss_scaling, promotion=promotion, checkpoint_every=checkpoint_every,
-                         monitor=monitor)
+                         monitor=monitor, mode=mode)
+    if device is None and ranks.world > 1 and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.current_device()}"
+    if device is not None:
+        try:
+            net = net.to(device)
+        except (RuntimeError, AssertionError) as exc:
+            raise UsageError(f"cannot move the model to {device}: {first_line(exc, 160)}") from None
+        example_inputs = to_device(example_inputs, torch.device(device))
+        calibration = [to_device(b, torch.device(device)) for b in calibration] if calibration else calibration
     graph = capture(net, example_inputs, name=name, fold_norms=False).graph
     base: PrecisionPlan | None = None
     if formats is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from autoprec.core.errors import UsageError
 
@@ -93,14 +95,25 @@ class OutputFolder:
         self.staging: Path | None = None
         self._lock: int | None = None
         self._lock_path: Path | None = None
+        self._owns_lock = False
 
     def _leftovers(self, kind: str) -> list[Path]:
         return sorted(self.parent.glob(f".{self.name}.{kind}-*"))
 
-    def __enter__(self) -> Path:
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's lock for a whole run (``autoprec train`` writes checkpoints into the folder
+        itself before its records are swapped in); ``with self`` inside it does not lock again."""
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._unlock()
+
+    def _acquire(self) -> None:
         import fcntl
 
-        writable_dir(self.parent)
+        writable_dir(self.dest)  # names the folder asked for, whichever ancestor is the problem
         if self.dest.exists() and not self.dest.is_dir():
             raise UsageError(f"cannot write the output folder {self.dest}: it is a file; choose a folder")
         lock = self.parent / f".{self.name}.lock"
@@ -135,11 +148,17 @@ class OutputFolder:
                 _remove_tree(old)
         for stale in self._leftovers("staging"):
             _remove_tree(stale)
+
+    def __enter__(self) -> Path:
+        self._owns_lock = self._lock is None
+        if self._owns_lock:
+            self._acquire()
         try:
             self.staging = Path(tempfile.mkdtemp(prefix=f".{self.name}.staging-{os.getpid()}-", dir=self.parent))
             os.chmod(self.staging, 0o777 & ~_umask())
         except OSError as e:
-            self._unlock()
+            if self._owns_lock:
+                self._unlock()
             raise _unwritable(self.dest, e) from None
         return self.staging
 
@@ -161,7 +180,8 @@ class OutputFolder:
                 raise _unwritable(self.dest, e) from None
             _remove_tree(aside)
         finally:
-            self._unlock()
+            if self._owns_lock:
+                self._unlock()
 
     def _unlock(self) -> None:
         if self._lock is not None and self._lock_path is not None:

@@ -247,6 +247,24 @@ class Numerics:
             acc[off:off + 3] += torch.stack([over, under, nonzero.sum()]).double().cpu()
             acc[_AMAX_AT + int(grad)] = torch.maximum(acc[_AMAX_AT + int(grad)], amax.double().cpu())
 
+    def observe_result(self, site: str, values: torch.Tensor, fmt: Precision, grad: bool) -> None:
+        """Count a native 16-bit result whose rounding happened inside a kernel: its non-finite
+        values are overflows; its underflows cannot be seen (native mode counts none)."""
+        if not (self.monitor and self.recording) or not values.is_floating_point():
+            return
+        with torch.no_grad():
+            v = values.detach()
+            over = (~torch.isfinite(v)).sum()
+            nonzero = (v != 0).sum()
+            finite = v.float().abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            amax = finite.amax() if finite.numel() else finite.new_zeros(())
+            acc = self._acc.get(site)
+            if acc is None:
+                acc = self._acc[site] = torch.zeros(len(COUNTERS), dtype=torch.float64)
+            off = 3 if grad else 0
+            acc[off:off + 3] += torch.stack([over, over.new_zeros(()), nonzero]).double().cpu()
+            acc[_AMAX_AT + int(grad)] = torch.maximum(acc[_AMAX_AT + int(grad)], amax.double().cpu())
+
     # --- steps ----------------------------------------------------------------------------------
     def end_step(self, reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None) -> dict[str, SiteStep]:
         """Close a training step: agree fp8 amax and counts across ranks (``reduce(tensor, op)``,

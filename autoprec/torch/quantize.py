@@ -53,6 +53,9 @@ class RoundingObserver(Protocol):
         """``scaled``: the fp32 values divided by their scale; ``rounded``: those values in ``fmt``;
         ``grad``: a gradient in the backward pass (else a forward value)."""
 
+    def observe_result(self, site: str, values: torch.Tensor, fmt: Precision, grad: bool) -> None:
+        """A native tensor already in ``fmt`` (rounded inside a kernel): only what it holds is known."""
+
 
 @dataclass(frozen=True)
 class _Training:

@@ -60,6 +60,34 @@ def _tree(fn: Any, x: Any) -> Any:
 # --- edges and FOLLOW ops -----------------------------------------------------------------------
 
 
+class _Watched(torch.autograd.Function):
+    """Native training: the identity, reporting a 16-bit value and, backward, its gradient (both
+    already rounded by torch's kernels) to the monitor."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, fmt: Precision, numerics: Any, site: str) -> torch.Tensor:  # type: ignore[override]
+        numerics.observe_result(site, t, fmt, False)
+        ctx.fmt, ctx.numerics, ctx.site = fmt, numerics, site
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        ctx.numerics.observe_result(ctx.site, g, ctx.fmt, True)
+        return g, None, None, None
+
+
+def _native_to(t: torch.Tensor, fmt: Precision, site: str) -> torch.Tensor:
+    """``t`` as a real ``fmt`` tensor; in native training, the conversion counted forward (before
+    and after are both known) and its gradient watched."""
+    out = t if t.dtype == fmt.torch_dtype else t.to(fmt.torch_dtype)
+    numerics = training_observer()
+    if numerics is None or not t.is_floating_point():
+        return out
+    if out is not t and fmt is not FP32:
+        numerics.observe(site, t.float(), out.float(), fmt, False)
+    return _Watched.apply(out, fmt, numerics, site) if fmt is not FP32 else out
+
+
 def cast(x: Any, *, fmt: Precision, amax: float | None = None, native: bool = False, site: str = "") -> Any:
     """Convert a value to ``fmt`` on an edge where its producer and consumer disagree.
 
@@ -73,7 +101,7 @@ def cast(x: Any, *, fmt: Precision, amax: float | None = None, native: bool = Fa
             return x
         return _tree(lambda t: quantize_activation(t.float(), fmt, amax), x)
     if native:
-        return _tree(lambda t: t if t.dtype == fmt.torch_dtype else t.to(fmt.torch_dtype), x)
+        return _tree(lambda t: _native_to(t, fmt, site), x)
     if fmt is FP32:
         return x
     with at_site(site):
@@ -89,7 +117,7 @@ def round_output(x: Any, *, fmt: Precision, native: bool = False, site: str = ""
     if fmt.is_fp8:
         raise ValueError(f"fp8 is never a storage format for FOLLOW ops (asked for {fmt})")
     if native:
-        return _tree(lambda t: t if t.dtype == fmt.torch_dtype else t.to(fmt.torch_dtype), x)
+        return _tree(lambda t: _native_to(t, fmt, site), x)
     if fmt is FP32:
         return x
     with at_site(site):
@@ -103,7 +131,7 @@ def lowp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 fmt: Precision, amax: Sequence[float] | None = None, native: bool = False, site: str = "") -> torch.Tensor:
     """``F.linear`` in ``fmt``: inputs and weight rounded, fp32 accumulation, output rounded."""
     if native and fmt.is_fp8 and training_observer() is None and _scaled_mm_usable(x, weight, fmt):
-        a = _amax(amax, 0)
+        a = _amax(amax, 0) if amax else float(x.detach().abs().amax())  # dynamic: the tensor's own amax
         return _Fp8Linear.apply(x, weight, bias, a, fmt)
     return _layer("linear", (x, weight, bias), {}, fmt, amax, native, site)
 
@@ -168,12 +196,14 @@ def _layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], fmt: Precis
            amax: Sequence[float] | None, native: bool, site: str = "") -> torch.Tensor:
     lf = LayerFormat(fmt, tuple(float(a) for a in amax) if amax else ())
     numerics: TrainingNumerics | None = training_observer()  # type: ignore[assignment]
-    if numerics is not None:
-        if native:
-            raise NotImplementedError("training numerics are emulated: apply the plan with mode='emulate'")
+    if numerics is not None and (not native or fmt.is_fp8):
+        # emulated training, or an fp8 layer in native training (its recipe emulated on fp32
+        # operands, its result a real bf16 tensor)
         recipe = numerics.fp8_recipe(site, fmt) if fmt.is_fp8 else None
+        fargs = tuple(_tree(lambda t: t.float(), a) for a in args) if native else args
         with at_site(site):
-            return emulate_layer(kind, args, kwargs, lf, recipe=recipe)
+            y = emulate_layer(kind, fargs, kwargs, lf, recipe=recipe)
+        return y.to(fmt.compute_output.torch_dtype) if native else y
     if not native:
         return emulate_layer(kind, args, kwargs, lf)
     if fmt.is_fp8:
@@ -183,10 +213,16 @@ def _layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], fmt: Precis
     dt = fmt.torch_dtype
     if kind in LOOKUP_KINDS:  # round the rows it copies, not the whole table: the same values
         return layer_function(kind)(*args, **kwargs).to(dt)
-    nargs = tuple(_tree(lambda t: t if t.dtype == dt else t.to(dt), a) for a in args)
+    def operand(t: torch.Tensor) -> torch.Tensor:
+        """An operand in ``dt``; in training, watched: its gradient is a backward GEMM's result."""
+        out = t if t.dtype == dt else t.to(dt)
+        return out if numerics is None else _Watched.apply(out, fmt, numerics, site)
+
+    nargs = tuple(_tree(operand, a) for a in args)
     nargs, kw, bias = split_bias(kind, nargs, kwargs)
     y = layer_function(kind)(*nargs, **kw)  # the product, rounded once to the 16-bit format
-    return y if bias is None else y + bias_view(kind, bias.to(dt))  # a 16-bit add: rounded again
+    y = y if bias is None else y + bias_view(kind, bias.to(dt))  # a 16-bit add: rounded again
+    return y if numerics is None else _Watched.apply(y, fmt, numerics, site)
 
 
 # --- native fp8 linear ------------------------------------------------------------------------------
