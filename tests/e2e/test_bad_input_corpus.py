@@ -196,6 +196,11 @@ def _call(argv: list[str]) -> tuple[int, str]:
     uncaught exception is the traceback Python would print; a warning is the line Python would print
     (once per place, DeprecationWarnings hidden, as Python's default filters do outside __main__)."""
     extra = ""
+    # main() configures logging with basicConfig, which does nothing where the root logger has handlers
+    # (pytest's, or a stream of an earlier test's): let it add its own, on this test's stderr
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -206,6 +211,9 @@ def _call(argv: list[str]) -> tuple[int, str]:
             code = exc.code if isinstance(exc.code, int) else 1
         except Exception:
             code, extra = 1, traceback.format_exc()
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
     for w in caught:
         extra += warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)
     return code, extra
@@ -231,8 +239,6 @@ def _check(err: str, got: int, code: int, fragments: tuple[str, ...], before: di
 def run_case(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
              files: Mapping[str, Any], argv: list[str], code: int, fragments: tuple[str, ...]) -> None:
     monkeypatch.chdir(tmp_path)
-    # main() configures logging: give it a fresh root logger so that what it logs reaches this test's stderr
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])
     _write(tmp_path, {f"out/{k}": v for k, v in OLD.items()})
     _write(tmp_path, files)
     before = _tree(tmp_path)

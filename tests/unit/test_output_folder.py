@@ -82,6 +82,6 @@ def test_the_folder_honours_the_umask_and_a_file_in_its_place_is_an_error(tmp_pa
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "out" / "plan.json").stat().st_mode & 0o777 == 0o640
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UsageError, match="it is a file"):
+    with pytest.raises(UsageError, match="file is a file; choose a folder"):
         with OutputFolder(tmp_path / "file"):
             pass
