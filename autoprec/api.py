@@ -34,7 +34,8 @@ from autoprec.onnx.model import OnnxModel, profile_onnx
 from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import PrecisionPlan
 from autoprec.core.stats import Progress
-from autoprec.torch.profile import profile
+from autoprec.torch.profile import profile, profile_cache
+from autoprec.core.cache import ResultCache
 from autoprec.report import TuneSummary, UniformResult
 from autoprec.search.pareto import ParetoPoint
 from autoprec.search.problem import SearchProblem, Strategy
@@ -100,6 +101,11 @@ class TuneResult:
     provider: str | None = None  # the ONNX Runtime provider the plan was tuned for (its deployment graph's)
     _tunable: Tunable | None = field(default=None, repr=False, compare=False)  # the model as tune measured it
 
+    @property
+    def cache(self) -> ResultCache | None:
+        """The profiling cache the tune used (None: off, or an .onnx model)."""
+        return getattr(self._tunable, "cache", None)
+
     def onnx_model(self, mode: str = "deploy") -> onnx.ModelProto:
         """The tuned ONNX model (deploy: 16-bit tensors and fp8 Q/DQ for CUDA / TensorRT; emulate:
         fp32 compute with every rounding explicit, for ORT's CPU provider). A torch model is
@@ -125,20 +131,36 @@ class TorchTunable:
         self._amax = act_amax_from_profile(prof)
         self._fp32 = _Fp32Export(spec)
         self._onnx_check, self._timing = onnx_check, timing
+        self.cache: ResultCache | None = None  # where the fp32 metric and the profile were kept
 
     @classmethod
     def load(cls, spec: ModelSpec, formats: tuple[Precision, ...], metric: Metric | None, profile_mode: str,
-             progress: Progress | None, *, onnx_check: bool, timing: bool) -> TorchTunable:
+             progress: Progress | None, *, onnx_check: bool, timing: bool, cache: bool = True) -> TorchTunable:
         """Capture ``spec``'s model, evaluate it in fp32 (an error stops here, before the
-        profile's cost) and profile it; ``metric`` overrides the model's own."""
+        profile's cost) and profile it; ``metric`` overrides the model's own. ``cache``: reuse and
+        keep the fp32 metric and the profile on disk (:mod:`autoprec.core.cache`)."""
         captured = capture(spec.model(), spec.example_inputs(), name=spec.name)
         _need_layers(captured.graph)
         batches = spec.calibration_data()
         metric = metric or model_metric(spec, captured, batches)
-        reference, t_eval = _evaluate_fp32(metric, captured.gm)
+        store = None
+        if cache:
+            source = spec.path.read_bytes() if spec.path.is_file() else b""
+            settings = {"mode": profile_mode, "formats": [f.value for f in formats], "outputs": spec.outputs,
+                        "output_kind": spec.output_kind, "metric": metric.name, "weights": str(spec.weights or "")}
+            store = profile_cache(captured, batches, settings, source)
+        kept = store.get("reference") if store is not None and spec.path.is_file() else None
+        if kept is not None:
+            reference, t_eval = float(kept["value"]), float(kept["seconds"])
+        else:
+            reference, t_eval = _evaluate_fp32(metric, captured.gm)
+            if store is not None and spec.path.is_file():  # evaluate() lives in the file: its bytes are in the key
+                store.put("reference", {"value": reference, "seconds": t_eval})
         prof = profile(captured, batches, formats=formats, mode=profile_mode, output_kind=spec.output_kind,
-                       outputs=spec.outputs, progress=progress, time_reference=False)
-        return cls(spec, captured, metric, reference, t_eval, prof, onnx_check=onnx_check, timing=timing)
+                       outputs=spec.outputs, progress=progress, time_reference=False, cache=store)
+        tunable = cls(spec, captured, metric, reference, t_eval, prof, onnx_check=onnx_check, timing=timing)
+        tunable.cache = store
+        return tunable
 
     @property
     def export_seconds(self) -> float:
@@ -240,7 +262,7 @@ def tune(model: Any, budget: str | float | None = None, *, fidelity_budget: str 
          batch: int = DEPLOY_BATCH, provider: str | None = None, progress: Progress | None = None,
          timing: bool = True, onnx_check: bool = True, example_inputs: Any = None,
          calibration: Iterable[Any] | None = None, evaluate: Callable[[Any], float] | None = None,
-         metric_name: str | None = None, higher_is_better: bool = True) -> TuneResult:
+         metric_name: str | None = None, higher_is_better: bool = True, cache: bool = True) -> TuneResult:
     """Find the fastest per-layer plan whose *measured* metric drop stays within the budget.
 
     ``model``: a model file (models/README.md), a ModelSpec, or a live ``nn.Module`` with
@@ -265,6 +287,8 @@ def tune(model: Any, budget: str | float | None = None, *, fidelity_budget: str 
     Both compute the plan's roundings, in other summation orders, and where a sample's fp32 top-1 is
     a near tie the two can decide it differently; the budget holds for the model that is deployed.
     Off, the model is never exported to ONNX during the search.
+    ``cache``: reuse the fp32 metric and the profile of an earlier run of the same model, data,
+    code and settings, and keep this run's (:mod:`autoprec.core.cache`; a killed tune resumes).
     """
     _check_batch(batch)
     started = time.perf_counter()
@@ -272,7 +296,8 @@ def tune(model: Any, budget: str | float | None = None, *, fidelity_budget: str 
     drop_budget = _choose_budget(spec.name, spec.evaluate is not None or metric is not None,
                                  spec.metric or "metric", budget, fidelity_budget)
     fmts = parse_precisions(formats) if formats is not None else DEFAULT_CANDIDATES
-    tunable = TorchTunable.load(spec, fmts, metric, profile_mode, progress, onnx_check=onnx_check, timing=timing)
+    tunable = TorchTunable.load(spec, fmts, metric, profile_mode, progress, onnx_check=onnx_check, timing=timing,
+                                cache=cache)
     out = run_tune(tunable, drop_budget, fmts, target=target, objective=objective, strategy=strategy, keep=keep,
                    force=force, cost_model=cost_model, batch=batch, provider=provider, started=started)
     return TuneResult(out.plan, tunable.profile, tunable.graph, tunable.metric, out.summary, out.uniforms, out.pareto,

@@ -156,7 +156,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 result = api.tune_onnx(args.model, args.data, args.labels, args.budget, **common)
             else:
                 result = api.tune(args.model, args.budget, profile_mode=args.profile_mode or "fast",
-                                  onnx_check=not args.no_onnx_check, **common)
+                                  onnx_check=not args.no_onnx_check, cache=not args.no_cache, **common)
         plan = result.plan
         files = [plan.save(out_dir / "plan.json"), atomic_write_text(out_dir / "profile.json", result.profile.to_json())]
         # the tuned model itself: the deployment graph, and the graph ORT's CPU provider runs faithfully
@@ -181,6 +181,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out.print(table)
     for line in result.summary.lines():
         out.print(line, highlight=False)
+    if result.cache is not None:
+        out.print(result.cache.line(), highlight=False)
     if analysis is not None and analysis.reasons:
         out.print(f"{len(analysis.reasons)} ONNX node(s) stay fp32 whatever the plan (reasons in report.md)",
                   highlight=False)
@@ -342,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sensitivity estimate used by the search (default: fast; .onnx models: exact, the only one)")
     tu.add_argument("--out", metavar="DIR", help="output folder (default: out/<model name>): plan.json, profile.json, "
                                                  "report.md, plots, <name>.tuned.onnx and <name>.emulation.onnx")
+    tu.add_argument("--no-cache", action="store_true",
+                    help="neither reuse nor keep profiling results (by default they are kept in $AUTOPREC_CACHE or "
+                         "~/.cache/autoprec, keyed by the model, its data, autoprec and the settings, so a tune "
+                         "killed mid-profile resumes)")
     tu.add_argument("--json", action="store_true", help="print the plan and summary as JSON on stdout")
     tu.set_defaults(func=cmd_tune)
 

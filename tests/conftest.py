@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,8 +11,11 @@ import torch.nn as nn
 
 def pytest_configure(config: pytest.Config) -> None:
     """One intra-op thread per test process: the test models are tiny, and with pytest-xdist's two
-    workers on two cores, extra threads only add synchronisation."""
+    workers on two cores, extra threads only add synchronisation. The profiling cache is off (each
+    test computes what it checks; tests/e2e/test_cache.py turns it on in a folder of its own), and
+    subprocesses inherit that."""
     torch.set_num_threads(1)
+    os.environ["AUTOPREC_CACHE"] = "off"
 
 
 class TinyAttention(nn.Module):

@@ -25,6 +25,7 @@ fast mode one backward pass serves all outputs (see :func:`_probe`).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten_with_path, tree_leaves, tree_map
 
 from autoprec.torch.capture import Captured
+from autoprec.core.cache import ResultCache, cache_root, code_fingerprint, fingerprint
 from autoprec.core.errors import UsageError
 from autoprec.core.formats import DEFAULT_CANDIDATES, Precision
 from autoprec.core.kinds import LOOKUP_KINDS
@@ -243,6 +245,7 @@ def profile(
     seed: int = 0,
     time_reference: bool = True,
     outputs: Sequence[str] | None = None,
+    cache: ResultCache | None = None,
 ) -> SensitivityProfile:
     """Profile every layer (or ``layers``) of ``captured`` in each of ``formats``.
 
@@ -250,7 +253,9 @@ def profile(
     "values" (for every output), a dict output name -> kind, or None (each decided from its
     shape). ``outputs``: the names of the outputs whose errors count (a model file's ``OUTPUTS``;
     None: every floating output). ``time_reference``: also time plain fp32 forward passes to
-    express the profile's cost in them (``cost_passes``; 0 when skipped).
+    express the profile's cost in them (``cost_passes``; 0 when skipped). ``cache``: results
+    kept from an earlier run of the same model, data and settings (:func:`profile_cache`): a whole
+    profile is reused, and an exact profile reuses each layer finished before (a killed run resumes).
     """
     fmts = tuple(f for f in formats if f is not Precision.FP32)
     if not fmts:
@@ -259,6 +264,10 @@ def profile(
         raise UsageError(f"unknown profile mode {mode!r}: use 'exact' or 'fast'")
     if not batches:
         raise UsageError("no calibration batches to profile on")
+    if cache is not None:
+        whole = cache.get("profile")
+        if whole is not None:
+            return SensitivityProfile.from_dict(whole)
     infos = _layers(captured, layers)
     runner = GraphRunner(captured.gm)
     # FOLLOW ops the plan {layer: fmt} runs in 16-bit (e.g. a GELU after a bf16 linear): each trial
@@ -269,7 +278,7 @@ def profile(
     t0 = time.perf_counter()
     if mode == "exact":
         errors, local, ranges, measured, samples, rerun_frac = _profile_exact(
-            runner, infos, fmts, batches, (outputs, output_kind), progress, roundings)
+            runner, infos, fmts, batches, (outputs, output_kind), progress, roundings, cache)
     else:
         errors, ranges, measured, samples = _profile_fast(runner, infos, fmts, batches, (outputs, output_kind),
                                                           progress, seed, roundings)
@@ -290,7 +299,32 @@ def profile(
         seconds=seconds,
     )
     prof.flags = explain(prof)
+    if cache is not None:
+        cache.put("profile", prof.to_dict())
     return prof
+
+
+def profile_cache(captured: Captured, batches: list[tuple[Any, ...]], settings: Mapping[str, Any],
+                  source: bytes = b"") -> ResultCache | None:
+    """The cache of profiles of this model (its graph and every stored tensor), these calibration
+    batches, autoprec's code and ``settings`` (mode, formats, outputs...); ``source``: the model
+    file's bytes, for results that depend on its functions. None when the cache is off."""
+    root = cache_root()
+    if root is None:
+        return None
+    parts: list[bytes | str] = [code_fingerprint(), captured.graph.fingerprint(),
+                                json.dumps(settings, sort_keys=True, default=str), source]
+    for name, t in sorted(captured.gm.state_dict().items()):
+        parts += [name, str(t.dtype), str(tuple(t.shape)), _tensor_bytes(t)]
+    for b in batches:
+        for x in tree_leaves(b):
+            parts += [str(type(x).__name__), _tensor_bytes(x) if torch.is_tensor(x) else repr(x)]
+    return ResultCache(root, fingerprint(*parts))
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def _collect_ranges(info: _LayerInfo, args: tuple[Any, ...], out: torch.Tensor,
@@ -324,7 +358,7 @@ _Wanted = tuple[Sequence[str] | None, DeclaredKinds]
 
 def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Precision, ...],
                    batches: list[tuple[Any, ...]], wanted: _Wanted, progress: Progress | None,
-                   roundings: _Roundings):
+                   roundings: _Roundings, cache: ResultCache | None = None):
     accs: dict[str, list[RangeAccumulator]] = {}
     envs: list[dict[str, Any]] = []
     with torch.no_grad():
@@ -351,6 +385,15 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Pre
         for info in infos:
             errors[info.node.name] = {}
             local[info.node.name] = {}
+            kept = cache.get(f"exact-{info.node.name}") if cache is not None else None
+            if kept is not None and set(kept["errors"]) == {f.value for f in fmts}:
+                for fmt in fmts:  # finished by an earlier run of this very profile
+                    errors[info.node.name][fmt] = float(kept["errors"][fmt.value])
+                    local[info.node.name][fmt] = float(kept["local"][fmt.value])
+                done += len(fmts)
+                if progress:
+                    progress(done, total, f"{info.node.name} (cached)")
+                continue
             for fmt in fmts:
                 lf = LayerFormat(fmt, tuple(r.amax for r in ranges[info.node.name].inputs))
                 accs = [ErrorSum(k) for k in measured.kinds]  # one per output: the error is their sum
@@ -372,6 +415,10 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Pre
                 done += 1
                 if progress:
                     progress(done, total, f"{info.node.name} {fmt}")
+            if cache is not None:
+                cache.put(f"exact-{info.node.name}",
+                          {"errors": {f.value: errors[info.node.name][f] for f in fmts},
+                           "local": {f.value: local[info.node.name][f] for f in fmts}})
     samples = sum(_batch_size(b) for b in batches)
     frac = recomputed / max(1, total * len(batches) * graph_nodes)
     return errors, local, ranges, measured, samples, frac

@@ -247,12 +247,12 @@ def run_case(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: py
     _check(capsys.readouterr().err + extra, got, code, fragments, before, _tree(tmp_path))
 
 
-def case(id: str, files: Mapping[str, Any], argv: list[str], code: int, fragments: str | tuple[str, ...],
+def case(name: str, files: Mapping[str, Any], argv: list[str], code: int, fragments: str | tuple[str, ...],
          bug: str | None = None) -> Any:
     """One bad input: the files it writes, the command line, the exit code and what the message must
     say. ``bug``: what autoprec does wrong today (the case is then a strict xfail)."""
     marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
-    return pytest.param(files, argv, code, (fragments,) if isinstance(fragments, str) else fragments, id=id,
+    return pytest.param(files, argv, code, (fragments,) if isinstance(fragments, str) else fragments, id=name,
                         marks=marks)
 
 
@@ -302,7 +302,7 @@ def test_model_file_calling_os_exit(tmp_path: Path) -> None:
     _write(tmp_path, {f"out/{k}": v for k, v in OLD.items()})
     _write(tmp_path, {"m.py": py("import os\nos._exit(0)")})
     before = _tree(tmp_path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     r = subprocess.run([sys.executable, "-m", "autoprec", *tune("m.py")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     _check(r.stderr, r.returncode, 1, ("m.py",), before, _tree(tmp_path))
@@ -395,7 +395,8 @@ def test_contract_functions(files: Mapping[str, Any], argv: list[str], code: int
 # --- data for .onnx inputs --------------------------------------------------------------------
 
 ONNX_DATA = [
-    case("onnx-without-data", {"m.onnx": ONNX}, tune("m.onnx"), 2, "m.onnx is an ONNX model: give its inputs with --data"),
+    case("onnx-without-data", {"m.onnx": ONNX}, tune("m.onnx"), 2,
+         "m.onnx is an ONNX model: give its inputs with --data"),
     case("data-not-npz", {"m.onnx": ONNX, "d.npz": b"garbage"}, tune("m.onnx", "--data", "d.npz"), 2,
          "cannot read d.npz as numpy data"),
     case("data-missing", {"m.onnx": ONNX}, tune("m.onnx", "--data", "nowhere.npz"), 2, "no data file at nowhere.npz"),
@@ -478,8 +479,9 @@ _NO_PLAN = ("exit 1 for a --plan path that does not exist (a path the user typed
 PLANS = [
     case("plan-missing", M, export("m.py", "--plan", "nowhere/plan.json"), 2, "nowhere/plan.json",
          bug=_NO_PLAN.format("nowhere/plan.json")),
-    case("verify-plan-missing", {**M, "x.onnx": EXPORTED}, ["verify", "x.onnx", "--model", "m.py", "--plan", "nowhere.json"],
-         2, "nowhere.json", bug=_NO_PLAN.format("nowhere.json")),
+    case("verify-plan-missing", {**M, "x.onnx": EXPORTED},
+         ["verify", "x.onnx", "--model", "m.py", "--plan", "nowhere.json"], 2, "nowhere.json",
+         bug=_NO_PLAN.format("nowhere.json")),
     case("plan-not-json", {**M, "p.json": "formats: bf16\n"}, export("m.py", "--plan", "p.json"), 1,
          "plan p.json is not valid JSON"),
     case("plan-empty", {**M, "p.json": ""}, export("m.py", "--plan", "p.json"), 1,
