@@ -15,6 +15,9 @@ evaluation of every plan they accept: each describes its model as a :class:`~aut
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ import onnx
 from autoprec.torch.capture import Captured, capture
 from autoprec.cost.model import CostModel
 from autoprec.cost.roofline import RooflineCostModel
-from autoprec.core.errors import AutoprecError, UsageError, first_line
+from autoprec.core.errors import AutoprecError, ModelSpecError, UsageError, first_line
 from autoprec.core.formats import DEFAULT_CANDIDATES, Precision, parse_precisions
 from autoprec.core.metrics import DropBudget, Metric
 from autoprec.metrics import model_metric
@@ -142,6 +145,7 @@ class TorchTunable:
         captured = capture(spec.model(), spec.example_inputs(), name=spec.name)
         _need_layers(captured.graph)
         batches = spec.calibration_data()
+        _check_batches(spec, captured, batches)
         metric = metric or model_metric(spec, captured, batches)
         store = None
         if cache:
@@ -392,6 +396,26 @@ def _choose_budget(name: str, has_metric: bool, metric_name: str, budget: str | 
     return DropBudget.parse(budget if budget is not None else "0.5%")
 
 
+def _check_batches(spec: ModelSpec, captured: Captured, batches: list[tuple[Any, ...]]) -> None:
+    """A one-line error naming the first calibration batch the model cannot run, before any work
+    (one forward pass per distinct input signature: batches shaped alike run alike)."""
+    import torch
+
+    seen = set()
+    with torch.no_grad():
+        for i, b in enumerate(batches):
+            sig = tuple((tuple(x.shape), x.dtype) if torch.is_tensor(x) else repr(x) for x in b)
+            if sig in seen:
+                continue
+            seen.add(sig)
+            try:  # an fx module prints the failing line's traceback itself: one line instead
+                with contextlib.redirect_stderr(io.StringIO()):
+                    captured.gm(*b)
+            except Exception as exc:
+                raise ModelSpecError(f"{spec.path}: calibration_data() batch {i} does not fit the model: "
+                                     f"{type(exc).__name__}: {first_line(exc, 200)}") from exc
+
+
 def _evaluate_fp32(metric: Metric, fp32_model: Any) -> tuple[float, float]:
     """The fp32 metric and the seconds one evaluation takes; stop early if it cannot be had."""
     t = time.perf_counter()
@@ -400,10 +424,10 @@ def _evaluate_fp32(metric: Metric, fp32_model: Any) -> tuple[float, float]:
     except AutoprecError:
         raise
     except Exception as exc:
-        raise UsageError(f"the fp32 model cannot be evaluated, so there is nothing to keep within a budget: "
-                         f"{metric.name} raised {type(exc).__name__}: {first_line(exc, 160)}") from exc
+        raise ModelSpecError(f"the fp32 model cannot be evaluated, so there is nothing to keep within a budget: "
+                             f"{metric.name} raised {type(exc).__name__}: {first_line(exc, 160)}") from exc
     if not math.isfinite(value):
-        raise UsageError(f"the fp32 model's {metric.name} is {value}: fix the model's metric before tuning")
+        raise ModelSpecError(f"the fp32 model's {metric.name} is {value}: fix the model's metric before tuning")
     return value, time.perf_counter() - t
 
 

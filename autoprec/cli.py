@@ -13,7 +13,7 @@ import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -137,6 +137,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _need_data(args)
     onnx_input = _is_onnx(args.model)
     dest = Path(args.out) if args.out else Path("out") / Path(args.model).stem
+    if not onnx_input:  # the model file's import runs its code: before anything is written
+        from autoprec.torch.spec import load_model_spec
+
+        load_model_spec(args.model)
     # the folder is written as a unit: built beside dest, swapped in when complete (locked till then)
     with OutputFolder(dest) as out_dir:
         with _progress() as bar:
@@ -288,8 +292,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: what is wrong and where the help is, exit 2 (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        err_console.print(f"[red]error:[/] {message} (see `{self.prog} --help`)", highlight=False)
+        raise SystemExit(2)
+
+
+#: third-party loggers whose chatter (exporter dumps, graph printouts) is for --debug only
+_QUIET_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnxruntime", "matplotlib", "PIL")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="autoprec", description="Per-layer mixed precision (fp32/bf16/fp16/fp8) "
+    p = _Parser(prog="autoprec", description="Per-layer mixed precision (fp32/bf16/fp16/fp8) "
                                 "for PyTorch models under an accuracy budget.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -430,6 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     set_runtime_log(debug=args.debug)
     try:
         return int(args.func(args))

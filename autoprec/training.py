@@ -383,7 +383,13 @@ class Trainer:
     def step(self, batch: Any) -> dict[str, Any]:
         """One optimizer step on ``batch`` (this rank's slice of it); returns its record."""
         self.module.train()
-        loss = self.loss_fn(self.net, to_device(shard(batch, self.ranks), self.device))
+        try:
+            loss = self.loss_fn(self.net, to_device(shard(batch, self.ranks), self.device))
+        except (AutoprecError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            raise ModelSpecError(f"loss(model, batch) raised {type(exc).__name__} at step {self.step_no + 1}: "
+                                 f"{first_line(exc, 160)}") from exc
         if not torch.is_tensor(loss) or loss.numel() != 1:
             raise ModelSpecError(f"loss(model, batch) must return a scalar tensor, got {type(loss).__name__}"
                                  + (f" of shape {tuple(loss.shape)}" if torch.is_tensor(loss) else ""))
@@ -566,8 +572,8 @@ def _run(trainer: Trainer, out: Path | None, ckpt: Path | None, folder: OutputFo
          calibration: list[tuple[Any, ...]] | None, example_inputs: tuple[Any, ...], name: str) -> TrainResult:
     if resume:
         if ckpt is None or not ckpt.is_file():
-            raise UsageError(f"nothing to resume: {ckpt or 'no --out folder'} has no {CHECKPOINT}; drop --resume "
-                             "to start a new run")
+            raise UsageError(f"nothing to resume: {out if out is not None else 'no --out folder given'} has no "
+                             f"{CHECKPOINT}; drop --resume to start a new run")
         state = _load_checkpoint(ckpt)
         if state["config"] != trainer.config.to_dict():
             raise UsageError(f"{ckpt} was written with other training settings; resume with the same options "
@@ -576,6 +582,24 @@ def _run(trainer: Trainer, out: Path | None, ckpt: Path | None, folder: OutputFo
     elif ckpt is not None and ckpt.exists():
         raise UsageError(f"{out} holds a checkpoint of an earlier run: pass --resume to continue it, or choose "
                          "another --out folder")
+    elif out is not None and out.is_dir() and any(out.iterdir()):
+        # a training run writes its checkpoints into its folder as it goes: never into another run's
+        shown = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise UsageError(f"{out} already holds files ({shown}) that are no training run's: give autoprec train a "
+                         "folder of its own (--out)")
+    try:
+        _loop(trainer, ckpt, progress)
+    except AutoprecError as exc:
+        if ckpt is not None and ckpt.exists() and trainer.ranks.main:
+            step = _load_checkpoint(ckpt)["step"]
+            raise type(exc)(f"{exc}; {out} keeps the checkpoint of step {step}: fix this and rerun with --resume") \
+                from exc
+        raise
+    return _finish(trainer, out, ckpt, folder, base, label, calibration, example_inputs, name)
+
+
+def _loop(trainer: Trainer, ckpt: Path | None, progress: Progress | None) -> None:
+    """Optimizer steps to the end, with the records and checkpoints along the way."""
     spe = trainer.steps_per_epoch
     total = trainer.total_steps
     while trainer.step_no < total:
@@ -596,6 +620,12 @@ def _run(trainer: Trainer, out: Path | None, ckpt: Path | None, folder: OutputFo
                 _save_checkpoint(trainer, ckpt)
             if last_in_epoch:
                 break
+
+
+def _finish(trainer: Trainer, out: Path | None, ckpt: Path | None, folder: OutputFolder | None,
+            base: PrecisionPlan | None, label: str, calibration: list[tuple[Any, ...]] | None,
+            example_inputs: tuple[Any, ...], name: str) -> TrainResult:
+    """Check the ranks agree, price the plan training ends with, and write the folder."""
     check_ranks_agree(trainer)
     metric = next((r["metric"] for r in reversed(trainer.rows) if r["metric"] != ""), None)
     files: list[Path] = []
@@ -803,6 +833,9 @@ def train(model: Any, plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str
         seed_everything(seed)
         net = builder()
         data = list(mod.train_data())
+        if not data:
+            raise ModelSpecError(f"{spec.path}: train_data() returned no batches; return a list of (inputs, "
+                                 "targets) batches")
         loss = mod.loss
         example_inputs = spec.example_inputs()
         evaluate = spec.evaluate

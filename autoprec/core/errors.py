@@ -31,13 +31,9 @@ class PlanError(AutoprecError):
     """A plan does not fit the model it is applied to, or is malformed."""
 
 
-class ProfileError(UsageError):
-    """A sensitivity profile (profile.json) is malformed or was made for another model.
-
-    A UsageError (exit 2) because a profile is an input the user names (``--profile``) and its
-    readers reported such problems as usage errors before this class existed; the subclass lets a
-    caller tell a bad profile from other usage errors.
-    """
+class ProfileError(AutoprecError):
+    """A sensitivity profile (profile.json) is malformed or was made for another model: a failure
+    (exit 1), as a corrupt plan is; a profile path that does not exist is a UsageError (exit 2)."""
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NoReturn
 
-from autoprec.core.errors import AutoprecError
+from autoprec.core.errors import AutoprecError, UsageError
 from autoprec.core.formats import Precision
 from autoprec.core.opgraph import OpGraph
 
@@ -314,6 +314,8 @@ class Document:
         """The parsed JSON of the file at ``path`` (not yet checked: :meth:`check` is the loader's)."""
         try:
             text = Path(path).read_text(encoding="utf-8")
+        except (FileNotFoundError, IsADirectoryError) as e:  # a path the user typed: a usage error
+            raise UsageError(f"cannot read {self.what} {path}: {e.strerror}") from None
         except OSError as e:
             raise self.error(f"cannot read {self.what} {path}: {e.strerror}") from None
         except UnicodeDecodeError:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from autoprec.core.errors import UsageError
+from autoprec.core.errors import ModelSpecError, UsageError
 from autoprec.core.formats import Precision
 from autoprec.core.fp8 import fp8_scale
 from autoprec.core.sensitivity import RangeStats, SensitivityProfile
@@ -102,7 +102,7 @@ class Outputs:
                 declared: DeclaredKinds = None) -> "Outputs":
         """The outputs ``wanted`` (None: all) among a model's floating outputs ``names`` (of
         ``shapes``), each of the kind ``declared`` for it, else decided from its shape. A name not
-        among ``names`` is a one-line UsageError that lists them."""
+        among ``names`` is a one-line ModelSpecError that lists them."""
         if not names:
             raise UsageError("the model returns no floating-point tensor: nothing to measure errors on")
         chosen = list(dict.fromkeys(wanted)) if wanted is not None else list(names)
@@ -110,7 +110,7 @@ class Outputs:
         for what, given in (("OUTPUTS", chosen), ("OUTPUT", per_name)):
             unknown = [n for n in given if n not in names]
             if unknown:
-                raise UsageError(f"{what} names the output {unknown[0]!r}, which the model does not return: its "
+                raise ModelSpecError(f"{what} names the output {unknown[0]!r}, which the model does not return: its "
                                  f"floating-point outputs are {', '.join(repr(n) for n in names)}")
         positions = tuple(names.index(n) for n in chosen)
         kinds = tuple(output_kind_of(shapes[i], per_name.get(names[i]) if isinstance(declared, Mapping) else declared)

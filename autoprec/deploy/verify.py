@@ -42,6 +42,7 @@ from autoprec.core.plan import PrecisionPlan
 from autoprec.core.stats import DeclaredKinds, output_kind_of
 from autoprec.ort.providers import CPU
 from autoprec.ort import runtime
+from autoprec.onnx.graph import read_onnx_file
 from autoprec.onnx.apply import load_assignment, recorded_plan, set_io_format
 from autoprec.onnx.model import OnnxModel
 from autoprec.onnx.passes.base import MODEL_FINGERPRINT, MODEL_IO, MODEL_MODE, MODEL_PROVIDER, model_meta, opset_of
@@ -391,13 +392,10 @@ def _read_exported(onnx_path: str | os.PathLike[str], plan: PrecisionPlan | str 
     given beside it must be the one it recorded (its measured allowed drop judges the metric)."""
 
     path = Path(onnx_path)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"ONNX file not found: {path}")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # protobuf decode errors
-        raise UsageError(f"{path} is not an ONNX model: {type(exc).__name__}: {exc}") from None
-    mode, assignment, amax = recorded_plan(model)
+    model = read_onnx_file(path)
+    mode, assignment, amax = recorded_plan(model, str(path))
     allowed = None
     if plan is not None:
         _check_same_plan(assignment, _assignment_of(plan))

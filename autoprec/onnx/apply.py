@@ -110,11 +110,14 @@ def compact_metadata(model: onnx.ModelProto) -> None:
             drop_meta(n, drop)
 
 
-def recorded_plan(model: onnx.ModelProto) -> tuple[str, dict[str, Precision], dict[str, tuple[float, ...]]]:
-    """(mode, assignment, fp8 amax) an autoprec export recorded in ``model``'s metadata."""
+def recorded_plan(model: onnx.ModelProto, source: str = "this ONNX file"
+                  ) -> tuple[str, dict[str, Precision], dict[str, tuple[float, ...]]]:
+    """(mode, assignment, fp8 amax) an autoprec export recorded in ``model``'s metadata (``source``
+    names the file in errors)."""
     meta = model_meta(model)
     if MODEL_ASSIGNMENT not in meta:
-        raise UsageError("this ONNX file was not written by `autoprec export` (no autoprec.assignment metadata)")
+        raise UsageError(f"{source} was not written by `autoprec export` (no autoprec.assignment metadata): "
+                         "verify the file export or tune wrote")
     assignment = {k: Precision(v) for k, v in json.loads(meta[MODEL_ASSIGNMENT]).items()}
     amax = {k: tuple(float(a) for a in v) for k, v in json.loads(meta.get(MODEL_ACT_AMAX, "{}")).items()}
     return meta.get(MODEL_MODE, "deploy"), assignment, amax

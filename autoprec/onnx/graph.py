@@ -159,13 +159,26 @@ def read_model(source: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.M
         model.CopyFrom(source)
         return model, model.graph.name or "onnx_model"
     path = os.fspath(source)
+    return read_onnx_file(path), os.path.splitext(os.path.basename(path))[0]
+
+
+def read_onnx_file(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """The ONNX model in file ``path``: a missing path is a UsageError, a file that holds no ONNX
+    graph (empty, other bytes, no nodes) a one-line CaptureError naming it."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise UsageError(f"no ONNX file at {path}")
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder: give the path of an .onnx file")
+    if os.path.getsize(path) == 0:
+        raise CaptureError(f"{path} is empty (0 bytes): not an ONNX model")
     try:
         model = onnx.load(path)
     except Exception as exc:
         raise CaptureError(f"cannot read {path} as ONNX: {type(exc).__name__}: {first_line(exc)}") from exc
-    return model, os.path.splitext(os.path.basename(path))[0]
+    if not model.graph.node:
+        raise CaptureError(f"{path} holds no ONNX graph (no nodes): is it an ONNX model?")
+    return model
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -16,11 +16,14 @@ plans keyed by them are stable for the same model code.
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import logging
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -143,7 +146,7 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...], name: str = "", m
             errors.append(f"fx: {type(exc).__name__}: {first_line(exc, 160)}")
     if gm is None and method in ("auto", "export"):
         try:
-            with explicit_attention(), warnings.catch_warnings():  # its advice is for the model's author
+            with explicit_attention(), warnings.catch_warnings(), quiet():  # its advice is for the model's author
                 warnings.simplefilter("ignore")
                 ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=_batch_dynamic(example_inputs))
             gm = ep.module()
@@ -387,13 +390,32 @@ class _ShapeProp(ShapeProp):
     """ShapeProp that tolerates non-tensor outputs."""
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Keep a third-party tool's chatter (torch.export's graph printouts and log lines when it fails)
+    off the user's terminal; with autoprec's debug logging on, it goes to the debug log instead."""
+    out, err = io.StringIO(), io.StringIO()
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        logging.disable(previous)
+        chatter = (out.getvalue() + err.getvalue()).strip()
+        if chatter:
+            log.debug("suppressed output:\n%s", chatter)
+
+
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
     with torch.no_grad():
-        try:
-            _ShapeProp(gm).propagate(*example_inputs)
+        try:  # ShapeProp prints the traceback of a failing node itself: the user gets one line instead
+            with contextlib.redirect_stderr(io.StringIO()):
+                _ShapeProp(gm).propagate(*example_inputs)
         except Exception as exc:
-            raise CaptureError(f"the captured graph does not run on example_inputs(): "
-                               f"{type(exc).__name__}: {first_line(exc)}") from exc
+            cause = exc.__cause__ if exc.__cause__ is not None else exc  # ShapeProp wraps the node's error
+            raise CaptureError(f"the model does not run on example_inputs(): "
+                               f"{type(cause).__name__}: {first_line(cause)}") from exc
 
 
 def _meta_tensor(node: Any) -> Any:

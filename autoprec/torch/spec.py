@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterable
 
-from autoprec.core.errors import ModelSpecError, UsageError, first_line
+from autoprec.core.errors import AutoprecError, ModelSpecError, UsageError, first_line
 from autoprec.core.stats import DeclaredKinds, check_output_contract
 
 _REQUIRED = ("model", "example_inputs", "calibration_data")
@@ -45,10 +45,30 @@ class ModelSpec:
     weights: Path | None = None  # a state_dict (``autoprec train``'s weights.pt) loaded into model()
 
     def model(self) -> Any:
-        net = self.module.model()
+        """A fresh module from the file's ``model()``, checked: an nn.Module whose floating
+        parameters and buffers are float32 (the plans' reference format)."""
+        import torch
+
+        net = self._call("model")
+        if not isinstance(net, torch.nn.Module):
+            raise ModelSpecError(f"{self.path}: model() returned {type(net).__name__}, not a torch.nn.Module")
+        for name, t in (*net.named_parameters(), *net.named_buffers()):
+            if t.is_floating_point() and t.dtype != torch.float32:
+                raise ModelSpecError(f"{self.path}: model() holds {name} as {str(t.dtype).removeprefix('torch.')}; "
+                                     "autoprec tunes float32 models (return the model after .float())")
         if self.weights is not None:
             load_weights(net, self.weights)
         return net
+
+    def _call(self, function: str) -> Any:
+        """The model file's ``function()``; what it raises is a one-line error naming the file (an
+        exit stays an exit: the CLI reports it with the file and line)."""
+        try:
+            return getattr(self.module, function)()
+        except (AutoprecError, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise ModelSpecError(f"{self.path}: {function}() raised {type(exc).__name__}: {first_line(exc, 200)}") from exc
 
     def with_weights(self, path: str | Path | None) -> "ModelSpec":
         """This model file with the weights saved at ``path`` (None: its own)."""
@@ -60,11 +80,18 @@ class ModelSpec:
         return replace(self, weights=p)
 
     def example_inputs(self) -> tuple[Any, ...]:
-        return as_tuple(self.module.example_inputs())
+        return _checked_batch(as_tuple(self._call("example_inputs")), f"{self.path}: example_inputs()")
 
     def calibration_data(self) -> list[tuple[Any, ...]]:
         """Materialised so every stage sees the same batches in the same order."""
-        batches = [as_tuple(b) for b in self.module.calibration_data()]
+        data = self._call("calibration_data")
+        try:
+            items = list(data)
+        except TypeError:
+            raise ModelSpecError(f"{self.path}: calibration_data() returned {type(data).__name__}; return a list of "
+                                 "batches (each a tensor or a tuple of tensors)") from None
+        batches = [_checked_batch(as_tuple(b), f"{self.path}: calibration_data() batch {i}")
+                   for i, b in enumerate(items)]
         if not batches:
             raise ModelSpecError(f"{self.path}: calibration_data() yielded no batches; return at least one")
         return batches
@@ -93,6 +120,14 @@ def load_weights(net: Any, path: Path) -> None:
     except RuntimeError as exc:
         raise UsageError(f"{path} does not fit the model: {first_line(exc, 200)}; were these weights trained for "
                          "another model?") from None
+
+
+def _checked_batch(batch: tuple[Any, ...], what: str) -> tuple[Any, ...]:
+    """``batch`` unless it holds numpy arrays, which a torch model cannot take: say so."""
+    for x in batch:
+        if type(x).__module__ == "numpy":
+            raise ModelSpecError(f"{what} holds a numpy {type(x).__name__}: give torch tensors (torch.from_numpy)")
+    return batch
 
 
 def as_tuple(batch: Any) -> tuple[Any, ...]:

@@ -153,7 +153,8 @@ def tune(*a: str) -> list[str]:
 
 
 def train(*a: str) -> list[str]:
-    return ["train", *a, "--out", "out"]
+    """A training run into a folder of its own (it may not write into out/, another run's: a case)."""
+    return ["train", *a, "--out", "trainout"]
 
 
 def export(*a: str) -> list[str]:
@@ -294,18 +295,18 @@ def test_model_file(files: Mapping[str, Any], argv: list[str], code: int, fragme
     run_case(tmp_path, capsys, monkeypatch, files, argv, code, fragments)
 
 
-@pytest.mark.xfail(strict=True, reason="os._exit(0) while autoprec imports the model file ends `autoprec tune` with "
-                   "exit 0 and no output (a silent success), and leaves .out.lock and .out.staging-<pid>-* beside "
-                   "out/: the model file is imported only after the output folder is locked and staged")
 def test_model_file_calling_os_exit(tmp_path: Path) -> None:
-    """A model file that ends the process itself: only a separate process shows what a user sees."""
+    """A model file that ends the process itself (os._exit cannot be caught, so the exit status is the
+    model file's): the model file is imported before anything is written, so nothing is left behind
+    and the older folder is intact. Only a separate process shows what a user sees."""
     _write(tmp_path, {f"out/{k}": v for k, v in OLD.items()})
     _write(tmp_path, {"m.py": py("import os\nos._exit(0)")})
     before = _tree(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     r = subprocess.run([sys.executable, "-m", "autoprec", *tune("m.py")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
-    _check(r.stderr, r.returncode, 1, ("m.py",), before, _tree(tmp_path))
+    assert r.returncode == 0 and r.stdout == ""  # the model file's own exit
+    assert _tree(tmp_path) == before
 
 
 # --- the contract functions and what they return ----------------------------------------------
@@ -314,40 +315,26 @@ _TRACEBACK = "a traceback instead of a one-line error: "
 
 CONTRACT = [
     case("model-raises", {"m.py": py("def model():\n    raise FileNotFoundError('weights/m.pt not found')")},
-         tune("m.py"), 1, ("model()", "weights/m.pt not found"),
-         bug=_TRACEBACK + "FileNotFoundError: weights/m.pt not found (ModelSpec.model() does not wrap the model "
-                          "file's exceptions)"),
-    case("model-returns-no-module", {"m.py": py("def model():\n    return 42")}, tune("m.py"), 1, ("model()", "int"),
-         bug=_TRACEBACK + "AttributeError: 'int' object has no attribute 'eval' (autoprec/torch/capture.py)"),
+         tune("m.py"), 1, ("model()", "weights/m.pt not found")),
+    case("model-returns-no-module", {"m.py": py("def model():\n    return 42")}, tune("m.py"), 1, ("model()", "int")),
     case("model-calls-sys-exit", {"m.py": py("def model():\n    import sys\n    sys.exit(3)")}, tune("m.py"), 1,
          ("m.py", "called sys.exit(3)", "must return, not exit")),
     case("example-inputs-raise", {"m.py": py("def example_inputs():\n    raise ValueError('no example')")},
-         tune("m.py"), 1, ("example_inputs()", "no example"), bug=_TRACEBACK + "ValueError: no example"),
+         tune("m.py"), 1, ("example_inputs()", "no example")),
     case("example-inputs-wrong-shape", {"m.py": py("def example_inputs():\n    return (torch.randn(2, 5),)")},
-         tune("m.py"), 1, ("example_inputs()", "mat1 and mat2 shapes cannot be multiplied"),
-         bug="torch's ShapeProp prints a traceback (RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x5 and "
-             "4x8)) on stderr before the error line, and the error line is cut at 200 characters inside a dump of "
-             "the node's meta ('the captured graph does not run on example_inputs(): RuntimeError: ShapeProp error "
-             "for: node=%_0 ... 'autoprec_kind': 'line'), so it never says what is wrong"),
+         tune("m.py"), 1, ("example_inputs()", "mat1 and mat2 shapes cannot be multiplied")),
     case("calibration-data-empty", {"m.py": py("def calibration_data():\n    return []")}, tune("m.py"), 1,
          "calibration_data() yielded no batches"),
     case("calibration-data-none", {"m.py": py("def calibration_data():\n    return None")}, tune("m.py"), 1,
-         ("calibration_data()", "None"), bug=_TRACEBACK + "TypeError: 'NoneType' object is not iterable"),
+         ("calibration_data()", "None")),
     case("calibration-batch-wrong-shape", {"m.py": py("def calibration_data():\n    return [torch.randn(8, 5)]")},
-         tune("m.py"), 1, ("calibration", "mat1 and mat2 shapes cannot be multiplied"),
-         bug=_TRACEBACK + "RuntimeError: mat1 and mat2 shapes cannot be multiplied (8x5 and 4x8) from "
-                          "autoprec/metrics.py fidelity_metric"),
+         tune("m.py"), 1, ("calibration", "mat1 and mat2 shapes cannot be multiplied")),
     case("calibration-batch-numpy", {"m.py": py("def calibration_data():\n    return [torch.randn(8, 4).numpy()]")},
-         tune("m.py"), 1, ("calibration", "ndarray"),
-         bug=_TRACEBACK + "TypeError: linear(): argument 'input' (position 1) must be Tensor, not numpy.ndarray"),
+         tune("m.py"), 1, ("calibration", "ndarray")),
     case("float64-model", {"m.py": py("def model():\n    return build().double().eval()",
                                       "def example_inputs():\n    return (torch.randn(2, 4, dtype=torch.float64),)",
                                       "def calibration_data():\n    return [torch.randn(8, 4, dtype=torch.float64)]")},
-         tune("m.py"), 1, "float64",
-         bug="misleading message, after the whole profile and search: 'cannot map plan layer(s) _0, _2 onto the "
-             "exported ONNX graph (_0: ONNX node node_linear in the same scope reads weight 0.weight [8, 4], which "
-             "is not 0.weight; ...); keep them in fp32 or report the model' instead of saying that the model is "
-             "float64 where the contract asks for float32"),
+         tune("m.py"), 1, "float64"),
     case("untraceable-model", {"m.py": py('''
         class Branchy(nn.Module):
             def __init__(self):
@@ -362,26 +349,15 @@ CONTRACT = [
 
         def model():
             return Branchy().eval()
-        ''')}, tune("m.py"), 1, ("cannot capture m", "data-dependent"),
-         bug="torch.export's log lines and two dumps of the graph ('def forward(self, arg0_1: ...') are printed on "
-             "stderr before the (good) error line: 13 lines here, 22 in a real `autoprec tune` run"),
+        ''')}, tune("m.py"), 1, ("cannot capture m", "data-dependent")),
     case("evaluate-returns-nan", {"m.py": py(EVAL, "def evaluate(net):\n    return float('nan')")}, tune("m.py"), 1,
-         "accuracy is nan",
-         bug="exit 2 (a usage error) for the model file's evaluate() misbehaving: 'error: the fp32 model's "
-             "accuracy is nan: fix the model's metric before tuning'"),
+         "accuracy is nan"),
     case("evaluate-raises", {"m.py": py(EVAL, "def evaluate(net):\n    raise KeyError('labels')")}, tune("m.py"), 1,
-         "KeyError: 'labels'",
-         bug="exit 2 (a usage error) for the model file's evaluate() raising: 'error: the fp32 model cannot be "
-             "evaluated, so there is nothing to keep within a budget: accuracy raised KeyError: 'labels''"),
+         "KeyError: 'labels'"),
     case("evaluate-returns-text", {"m.py": py(EVAL, "def evaluate(net):\n    return 'good'")}, tune("m.py"), 1,
-         "'good'", bug="exit 2 (a usage error) for the model file's evaluate() returning a string: 'error: the fp32 "
-                       "model cannot be evaluated, ...: accuracy raised ValueError: could not convert string to "
-                       "float: 'good''"),
+         "'good'"),
     case("OUTPUTS-names-no-output", {"m.py": py("OUTPUTS = ('logits',)")}, tune("m.py"), 1,
-         "OUTPUTS names the output 'logits'",
-         bug="exit 2 (a usage error) for the model file's OUTPUTS naming an output its model does not return, where "
-             "a malformed OUTPUT/OUTPUTS is exit 1 (ModelSpecError): 'error: OUTPUTS names the output 'logits', "
-             "which the model does not return: its floating-point outputs are '0''"),
+         "OUTPUTS names the output 'logits'"),
 ]
 
 
@@ -431,8 +407,6 @@ def test_onnx_data(files: Mapping[str, Any], argv: list[str], code: int, fragmen
 
 M, ME = {"m.py": BASE}, {"m.py": py(EVAL)}
 
-_ARGPARSE = "argparse's own error: a usage block and '{}' on stderr, not one line starting with 'error:'"
-
 FLAGS = [
     case("budget-malformed", ME, tune("m.py", "--budget", "lots"), 2, "bad budget 'lots'"),
     case("budget-negative", ME, tune("m.py", "--budget=-0.5%"), 2, ("bad budget '-0.5%'", "non-negative")),
@@ -446,10 +420,8 @@ FLAGS = [
     case("target-lacks-the-formats", M, tune("m.py", "--target", "a100", "--formats", "fp8"), 2,
          "a100 supports none of the formats asked for"),
     case("batch-zero", M, tune("m.py", "--batch", "0"), 2, "--batch must be a positive number of samples, not 0"),
-    case("batch-not-a-number", M, tune("m.py", "--batch", "lots"), 2, ("--batch", "'lots'"),
-         bug=_ARGPARSE.format("autoprec tune: error: argument --batch: invalid int value: 'lots'") + " (9 lines)"),
-    case("unknown-flag", M, tune("m.py", "--bugdet", "1%"), 2, "--bugdet",
-         bug=_ARGPARSE.format("autoprec: error: unrecognized arguments: --bugdet 1%") + " (2 lines)"),
+    case("batch-not-a-number", M, tune("m.py", "--batch", "lots"), 2, ("--batch", "'lots'")),
+    case("unknown-flag", M, tune("m.py", "--bugdet", "1%"), 2, "--bugdet"),
     case("strategy-unknown", M, tune("m.py", "--strategy", "annealing"), 2, "unknown strategy 'annealing'"),
     case("keep-bad-regex", M, tune("m.py", "--keep", "fp32:("), 2, "bad --keep pattern '('"),
     case("keep-bad-format", M, tune("m.py", "--keep", "fp12:_0"), 2, ("bad --keep 'fp12:_0'", "unknown format")),
@@ -472,16 +444,10 @@ def test_budgets_and_flags(files: Mapping[str, Any], argv: list[str], code: int,
 
 FULL_PLAN = plan()
 FP8_PLAN = plan({"_0": "fp8_e4m3", "_2": "fp32"})
-_NO_PLAN = ("exit 1 for a --plan path that does not exist (a path the user typed: a missing model, data, "
-            "weights or ONNX file is exit 2): 'error: cannot read plan {}: No such file or directory'; note that "
-            "tests/training/test_cli_train.py asserts exit 1 for `train --plan missing.json`")
-
 PLANS = [
-    case("plan-missing", M, export("m.py", "--plan", "nowhere/plan.json"), 2, "nowhere/plan.json",
-         bug=_NO_PLAN.format("nowhere/plan.json")),
+    case("plan-missing", M, export("m.py", "--plan", "nowhere/plan.json"), 2, "nowhere/plan.json"),
     case("verify-plan-missing", {**M, "x.onnx": EXPORTED},
-         ["verify", "x.onnx", "--model", "m.py", "--plan", "nowhere.json"], 2, "nowhere.json",
-         bug=_NO_PLAN.format("nowhere.json")),
+         ["verify", "x.onnx", "--model", "m.py", "--plan", "nowhere.json"], 2, "nowhere.json"),
     case("plan-not-json", {**M, "p.json": "formats: bf16\n"}, export("m.py", "--plan", "p.json"), 1,
          "plan p.json is not valid JSON"),
     case("plan-empty", {**M, "p.json": ""}, export("m.py", "--plan", "p.json"), 1,
@@ -501,10 +467,7 @@ PLANS = [
     case("fp8-plan-without-profile", {**M, "p.json": FP8_PLAN}, export("m.py", "--plan", "p.json"), 1,
          ("runs _0 in fp8", "give the profile.json")),
     case("profile-not-json", {**M, "p.json": FP8_PLAN, "prof.json": "{"},
-         export("m.py", "--plan", "p.json", "--profile", "prof.json"), 1, "profile prof.json is not valid JSON",
-         bug="exit 2 for a corrupt profile.json (ProfileError subclasses UsageError, see autoprec/core/errors.py), "
-             "where a corrupt plan.json is exit 1: 'error: profile prof.json is not valid JSON: Expecting property "
-             "name enclosed in double quotes (line 1, column 2); the text ends early: truncated?'"),
+         export("m.py", "--plan", "p.json", "--profile", "prof.json"), 1, "profile prof.json is not valid JSON"),
     case("profile-missing", {**M, "p.json": FP8_PLAN}, export("m.py", "--plan", "p.json", "--profile", "nowhere.json"),
          2, "cannot read profile nowhere.json"),
     case("export-weights-missing", {**M, "p.json": FULL_PLAN},
@@ -535,9 +498,7 @@ def test_plans_and_profiles(files: Mapping[str, Any], argv: list[str], code: int
 GARBAGE = b"\x00\xffnot an onnx model"
 
 ONNX_FILES = [
-    case("tune-empty-onnx", {"m.onnx": b"", "d.npz": DATA}, tune("m.onnx", "--data", "d.npz"), 1, ("m.onnx", "empty"),
-         bug="misleading message for an empty m.onnx, and exit 2 where garbage bytes are exit 1: 'error: the model "
-             "has no input with samples on axis 0: nothing to calibrate or measure on'"),
+    case("tune-empty-onnx", {"m.onnx": b"", "d.npz": DATA}, tune("m.onnx", "--data", "d.npz"), 1, ("m.onnx", "empty")),
     case("tune-garbage-onnx", {"m.onnx": GARBAGE, "d.npz": DATA}, tune("m.onnx", "--data", "d.npz"), 1,
          "cannot read m.onnx as ONNX"),
     case("profile-garbage-onnx", {"m.onnx": GARBAGE, "d.npz": DATA}, profile("m.onnx", "--data", "d.npz"), 1,
@@ -546,14 +507,9 @@ ONNX_FILES = [
          tune("m.onnx", "--data", "d.npz"), 2, "has no layer whose format can be chosen"),
     case("verify-missing-onnx", M, ["verify", "nowhere.onnx", "--model", "m.py"], 2,
          "ONNX file not found: nowhere.onnx"),
-    case("verify-empty-onnx", {**M, "x.onnx": b""}, ["verify", "x.onnx", "--model", "m.py"], 1, ("x.onnx", "empty"),
-         bug="misleading message for an empty x.onnx, naming no file, and exit 2: 'error: this ONNX file was not "
-             "written by `autoprec export` (no autoprec.assignment metadata)'"),
+    case("verify-empty-onnx", {**M, "x.onnx": b""}, ["verify", "x.onnx", "--model", "m.py"], 1, ("x.onnx", "empty")),
     case("verify-garbage-onnx", {**M, "x.onnx": GARBAGE}, ["verify", "x.onnx", "--model", "m.py"], 1,
-         "x.onnx is not an ONNX model",
-         bug="exit 2 for a corrupt ONNX file where tune and profile exit 1 for the same bytes: 'error: x.onnx is "
-             "not an ONNX model: DecodeError: Error parsing message with type 'onnx.ModelProto': Wire format was "
-             "corrupt'"),
+         "cannot read x.onnx as ONNX: DecodeError"),
     case("verify-onnx-not-from-export", {**M, "x.onnx": ONNX}, ["verify", "x.onnx", "--model", "m.py"], 2,
          "not written by `autoprec export`"),
     case("train-an-onnx-file", {"m.onnx": ONNX}, train("m.onnx", "--formats", "bf16"), 2,
@@ -608,23 +564,35 @@ TRAINING = [
     case("no-epochs-anywhere", {"m.py": py(TRAIN, "del TRAIN_EPOCHS")}, train("m.py", "--formats", "bf16"), 2,
          "give the number of epochs (--epochs N)"),
     case("resume-without-checkpoint", MT, train("m.py", "--formats", "bf16", "--resume"), 2,
-         ("nothing to resume", "out has no checkpoint.pt"),
-         bug="garbled message: 'error: nothing to resume: out/checkpoint.pt has no checkpoint.pt; drop --resume to "
-             "start a new run' (the folder is out)"),
+         ("nothing to resume", "trainout has no checkpoint.pt")),
+    case("train-into-another-runs-folder", MT, ["train", "m.py", "--formats", "bf16", "--out", "out"], 2,
+         ("out already holds files (plan.json, report.md)", "a folder of its own")),
     case("promote-threshold-out-of-range", MT, train("m.py", "--formats", "bf16", "--promote-threshold", "2"), 2,
          "0 <= threshold < 1"),
     case("checkpoint-every-negative", MT, train("m.py", "--formats", "bf16", "--checkpoint-every=-1"), 2,
          "--checkpoint-every must be >= 0"),
     case("train-data-empty", {"m.py": py(TRAIN, "def train_data():\n    return []")},
-         train("m.py", "--formats", "bf16"), 1, "no batches",
-         bug="exit 2 (a usage error) for the model file's train_data() returning no batches: 'error: the training "
-             "data has no batches'"),
+         train("m.py", "--formats", "bf16"), 1, "no batches"),
     case("loss-not-scalar", {"m.py": py(TRAIN, "def loss(net, batch):\n    return net(batch[0]).sum(-1)")},
          train("m.py", "--formats", "bf16"), 1, "must return a scalar tensor"),
     case("loss-raises", {"m.py": py(TRAIN, "def loss(net, batch):\n    raise ValueError('bad targets')")},
-         train("m.py", "--formats", "bf16"), 1, ("loss", "bad targets"),
-         bug=_TRACEBACK + "ValueError: bad targets (from Trainer.step, autoprec/training.py)"),
-    case("loss-raises-in-the-second-epoch", {"m.py": py(TRAIN, '''
+         train("m.py", "--formats", "bf16"), 1, ("loss(model, batch) raised ValueError at step 1", "bad targets")),
+]
+
+
+@pytest.mark.parametrize(ARGS, TRAINING)
+def test_train(files: Mapping[str, Any], argv: list[str], code: int, fragments: tuple[str, ...], tmp_path: Path,
+               capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    run_case(tmp_path, capsys, monkeypatch, files, argv, code, fragments)
+
+
+def test_a_training_run_that_fails_after_a_checkpoint_keeps_it_for_resume(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one output a failed run leaves, on purpose: the checkpoint in its own folder, named in the
+    message, so a fixed loss continues with --resume."""
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, {f"out/{k}": v for k, v in OLD.items()})
+    _write(tmp_path, {"m.py": py(TRAIN, '''
         CALLS = []
 
 
@@ -634,17 +602,17 @@ TRAINING = [
                 raise ValueError('bad targets in epoch 2')
             x, y = batch
             return nn.functional.cross_entropy(net(x), y)
-        ''')}, train("m.py", "--formats", "bf16", "--epochs", "2"), 1, ("loss", "bad targets in epoch 2"),
-         bug=_TRACEBACK + "ValueError: bad targets in epoch 2; and the first epoch's out/checkpoint.pt is left in "
-                          "the older output folder (train checkpoints into --out itself, not into its staging "
-                          "folder)"),
-]
-
-
-@pytest.mark.parametrize(ARGS, TRAINING)
-def test_train(files: Mapping[str, Any], argv: list[str], code: int, fragments: tuple[str, ...], tmp_path: Path,
-               capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    run_case(tmp_path, capsys, monkeypatch, files, argv, code, fragments)
+        ''')})
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    got, extra = _call(train("m.py", "--formats", "bf16", "--epochs", "2"))
+    after = _tree(tmp_path)
+    kept = {k for k in after if k.startswith("trainout")}
+    assert kept == {"trainout", "trainout/checkpoint.pt"}
+    _check(capsys.readouterr().err + extra, got, 1,
+           ("loss(model, batch) raised ValueError at step 3", "bad targets in epoch 2",
+            "trainout keeps the checkpoint of step 2", "--resume"),
+           before, {k: v for k, v in after.items() if k not in kept})
 
 
 def test_the_corpus_is_large_and_its_ids_unique() -> None:

@@ -46,7 +46,7 @@ def test_train_export_verify_with_an_fp8_layer(tmp_path: Path, capsys: pytest.Ca
     (["train", DIGITS, "--epochs", "1"], "not both and not neither", 2),
     (["train", DIGITS, "--formats", "fp12", "--epochs", "1"], "fp12", 2),
     (["train", DIGITS, "--formats", "bf16", "--epochs", "0"], "--epochs must be a positive", 2),
-    (["train", DIGITS, "--plan", "missing.json", "--epochs", "1"], "missing.json", 1),
+    (["train", DIGITS, "--plan", "missing.json", "--epochs", "1"], "missing.json", 2),
     (["train", str(ROOT / "models" / "resnet18.py"), "--formats", "bf16"], "train_data()", 1),
     (["train", "model.onnx", "--formats", "bf16"], "needs a model file", 2),
     (["train", DIGITS, "--formats", "bf16", "--amax-history", "0"], "amax history", 2),

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import pytest
 
-from autoprec.core.errors import PlanError, ProfileError
+from autoprec.core.errors import PlanError, ProfileError, UsageError
 from autoprec.core.formats import Precision
 from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import Alternative, Budget, LayerDecision, Pin, PrecisionPlan, TuneStep
@@ -196,7 +196,7 @@ def test_text_without_a_file_is_named_by_kind() -> None:
         SensitivityProfile.from_json(make_profile(graph()).to_json().replace('"amax": 3.5', '"amax": NaN'))
     with pytest.raises(PlanError, match=r"^plan is not valid JSON"):
         PrecisionPlan.from_json("{")
-    with pytest.raises(ProfileError, match=r"cannot read profile .*missing\.json"):
+    with pytest.raises(UsageError, match=r"cannot read profile .*missing\.json"):
         SensitivityProfile.load(Path("missing.json"))
 
 
