@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from autoprec.cli import main
-from autoprec.core.errors import ModelSpecError, UsageError
+from autoprec.core.errors import ModelSpecError
 from autoprec.core.formats import Precision
 from autoprec.core.plan import PrecisionPlan
 from autoprec.core.sensitivity import SensitivityProfile
@@ -186,12 +186,12 @@ def test_outputs_selects_a_key_of_a_dict_output(tmp_path: Path) -> None:
 def test_an_unknown_output_name_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = _spec(tmp_path, "typo", DICT_OUT.replace('OUTPUTS = ("logits",)', 'OUTPUTS = ("logit",)'))
     c = capture(spec.model(), spec.example_inputs())
-    with pytest.raises(UsageError, match=r"^OUTPUTS names the output 'logit', which the model does not return: its "
+    with pytest.raises(ModelSpecError, match=r"^OUTPUTS names the output 'logit', which the model does not return: its "
                                          r"floating-point outputs are 'logits', 'aux.0', 'aux.2'$"):
         model_metric(spec, c, spec.calibration_data())
     code = main(["tune", str(spec.path), "--fidelity-budget", "1%", "--out", str(tmp_path / "out")])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert code == UsageError.exit_code and len(err) == 1 and "'logits', 'aux.0', 'aux.2'" in err[0]
+    assert code == ModelSpecError.exit_code and len(err) == 1 and "'logits', 'aux.0', 'aux.2'" in err[0]
     with pytest.raises(ModelSpecError, match="OUTPUTS must be a non-empty tuple of output names"):
         _spec(tmp_path, "bare", DICT_OUT.replace('OUTPUTS = ("logits",)', 'OUTPUTS = "logits"'))
 

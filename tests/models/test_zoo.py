@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.fx
 
+from autoprec.core.errors import ModelSpecError
 from autoprec.torch.spec import load_model_spec
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
@@ -153,7 +154,7 @@ def test_train_data_and_loss(name):
 def test_missing_weights_say_how_to_train(monkeypatch, tmp_path):
     s = spec("digits_cnn")
     monkeypatch.setattr(s.module.zoo_common, "WEIGHTS_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"models/train\.py digits_cnn"):
+    with pytest.raises(ModelSpecError, match=r"digits_cnn\.py: model\(\) raised FileNotFoundError: .*models/train\.py digits_cnn"):
         s.model()
 
 

@@ -129,7 +129,7 @@ def test_malformed_plans_raise_plan_error(tmp_path):
     bad["decisions"][0]["format"] = "fp12"
     with pytest.raises(PlanError, match="malformed plan"):
         PrecisionPlan.from_dict(bad)
-    with pytest.raises(PlanError, match="cannot read plan"):
+    with pytest.raises(UsageError, match="cannot read plan"):  # a path the user typed
         PrecisionPlan.load(tmp_path / "missing.json")
     with pytest.raises(PlanError, match="not in the plan"):
         plan_for(graph()).decision("zzz")
