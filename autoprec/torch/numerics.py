@@ -157,16 +157,23 @@ class Fp8Layer:
         self.inputs: dict[int, ScaleState] = {}
         self.grad = ScaleState(numerics.recipe, GRAD_FP8)
 
-    def activation(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        state = self.inputs.setdefault(j, ScaleState(self.numerics.recipe, self.fmt))
-        return quantize(x, self.fmt, state.scale_for(x, self.numerics.recording))
+    def input_state(self, j: int) -> ScaleState:
+        """The scale state of activation input ``j``."""
+        return self.inputs.setdefault(j, ScaleState(self.numerics.recipe, self.fmt))
 
-    def weight(self, w: torch.Tensor) -> torch.Tensor:
+    def activation(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        return quantize(x, self.fmt, self.input_state(j).scale_for(x, self.numerics.recording))
+
+    def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight's scale from its own amax: a scalar, or one per output row ([N, 1])."""
         if self.numerics.recipe.weight_scaling == "rowwise":
             amax = channel_amax(w)
         else:
             amax = w.detach().abs().amax()
-        return quantize(w, self.fmt, fp8_scale(amax * float(2 ** self.numerics.recipe.margin), self.fmt))
+        return fp8_scale(amax * float(2 ** self.numerics.recipe.margin), self.fmt)
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        return quantize(w, self.fmt, self.weight_scale(w))
 
     def output_grad(self, y: torch.Tensor) -> torch.Tensor:
         return _GradFp8.apply(y, self.grad, self.numerics, self.site)

@@ -179,3 +179,43 @@ def test_training_numerics_do_not_change_the_forward() -> None:
             trained = emulate_layer("linear", (x, w, b), {}, LayerFormat(p))
         assert torch.equal(plain, trained)
         assert torch.equal(plain, r(r(r(x, p) @ r(w, p).t(), p) + r(b, p), p))
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_native_fp8_linear_training_on_scaled_mm_matches_the_emulated_recipe(scaling: str) -> None:
+    """Native training runs an fp8 linear layer on torch._scaled_mm (E4M3 forward, E5M2 x E4M3
+    backward GEMMs); the emulated recipe computes the same values (here, on the CPU's kernels, bit
+    for bit; a GPU's may scale after accumulating: tests/gpu)."""
+    from autoprec.torch.passes import ops
+
+    calls = []
+    forward = ops._Fp8LinearTraining.forward
+
+    def counted(ctx, *args):
+        calls.append(1)
+        return forward(ctx, *args)
+
+    gen = torch.Generator().manual_seed(5)
+    w, b = torch.randn(32, 64, generator=gen) * 0.2, torch.randn(32, generator=gen)
+    runs = {False: Numerics(Recipe(fp8_scaling=scaling)), True: Numerics(Recipe(fp8_scaling=scaling))}
+    dtypes: dict[bool, torch.dtype] = {}
+    ops._Fp8LinearTraining.forward = staticmethod(counted)
+    try:
+        for step in range(4):
+            x, g = torch.randn(16, 64, generator=gen) * (1 + step), torch.randn(16, 32, generator=gen) * 1e-2
+            got = {}
+            for native, num in runs.items():
+                xl, wl, bl = _leaf(x), _leaf(w), _leaf(b)
+                with rounding_gradients(num):
+                    y = ops.lowp_linear(xl, wl, bl, fmt=E4M3, amax=None, native=native, site="lin")
+                y.float().backward(g.to(y.dtype))
+                got[native] = (y.float().detach(), xl.grad, wl.grad, bl.grad)
+                dtypes[native] = y.dtype
+                num.end_step()
+            for emulated, native_value in zip(got[False], got[True]):
+                assert torch.allclose(native_value, emulated, rtol=2 ** -8, atol=0), step
+            assert torch.equal(runs[False].layers["lin"].grad.scale, runs[True].layers["lin"].grad.scale)
+    finally:
+        ops._Fp8LinearTraining.forward = forward
+    assert len(calls) == 4  # the native run took the fp8 kernel path every step
+    assert dtypes == {False: torch.float32, True: torch.bfloat16}  # an fp8 layer writes a real bf16 tensor

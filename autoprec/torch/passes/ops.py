@@ -130,7 +130,12 @@ def round_output(x: Any, *, fmt: Precision, native: bool = False, site: str = ""
 def lowp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 fmt: Precision, amax: Sequence[float] | None = None, native: bool = False, site: str = "") -> torch.Tensor:
     """``F.linear`` in ``fmt``: inputs and weight rounded, fp32 accumulation, output rounded."""
-    if native and fmt.is_fp8 and training_observer() is None and _scaled_mm_usable(x, weight, fmt):
+    numerics = training_observer()
+    if native and fmt.is_fp8 and numerics is not None and _scaled_mm_usable(x, weight, fmt):
+        layer = numerics.fp8_recipe(site, fmt)  # type: ignore[attr-defined]
+        if layer.numerics.recipe.weight_scaling == "tensor":  # per-row weight scales sit along dgrad's sum
+            return _Fp8LinearTraining.apply(x, weight, bias, layer, site)
+    if native and fmt.is_fp8 and numerics is None and _scaled_mm_usable(x, weight, fmt):
         a = _amax(amax, 0) if amax else float(x.detach().abs().amax())  # dynamic: the tensor's own amax
         return _Fp8Linear.apply(x, weight, bias, a, fmt)
     return _layer("linear", (x, weight, bias), {}, fmt, amax, native, site)
@@ -295,4 +300,55 @@ class _Fp8Linear(torch.autograd.Function):
         gx = (g @ wd).reshape(ctx.x_shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         gw = (g.t() @ xd).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
         gb = g.sum(0).to(ctx.b_dtype) if ctx.b_dtype is not None and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None
+
+
+class _Fp8LinearTraining(torch.autograd.Function):
+    """The HYBRID recipe's linear layer on fp8 kernels (native training, per-tensor weight scales):
+    E4M3 activation and weight codes with the recipe's scales, a ``torch._scaled_mm`` forward with
+    fp32 accumulation, bias in fp32, a bf16 result; backward, the output gradient quantized to E5M2
+    (saturating, with its own current or delayed scale) and both gradient GEMMs as fp8
+    ``torch._scaled_mm`` products written in bf16. The numerics of the emulated recipe
+    (:class:`autoprec.torch.numerics.Fp8Layer`), except that the kernels scale after accumulating,
+    so results agree within a bf16 rounding."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, layer: Any,  # type: ignore[override]
+                site: str) -> torch.Tensor:
+        numerics, fmt = layer.numerics, layer.fmt
+        n, k = w.shape
+        x2 = x.reshape(-1, k).float()
+        sx = layer.input_state(0).scale_for(x2, numerics.recording).to(x.device).float().reshape(1, 1)
+        sw = layer.weight_scale(w.float()).to(w.device).float().reshape(1, 1)
+        xq, wq = fp8_codes(x2, sx, fmt), fp8_codes(w.float(), sw, fmt)
+        numerics.observe(site, x2 / sx, xq.float(), fmt, False)
+        y = torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, out_dtype=torch.float32)
+        if b is not None:
+            y = y + b.float()
+        ctx.save_for_backward(xq, wq, sx, sw)
+        ctx.layer, ctx.site = layer, site
+        ctx.dtypes = (x.shape, x.dtype, w.dtype, None if b is None else b.dtype)
+        return y.to(torch.bfloat16).reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        from autoprec.torch.numerics import GRAD_FP8
+
+        xq, wq, sx, sw = ctx.saved_tensors
+        layer, site = ctx.layer, ctx.site
+        x_shape, x_dtype, w_dtype, b_dtype = ctx.dtypes
+        g = grad.reshape(-1, wq.shape[0]).float()
+        sg = layer.grad.scale_for(g, layer.numerics.recording).to(g.device).float().reshape(1, 1)
+        scaled = g / sg
+        gq = scaled.clamp(-GRAD_FP8.max, GRAD_FP8.max).to(GRAD_FP8.torch_dtype)  # a saturating cast
+        layer.numerics.observe(site, scaled, gq.float(), GRAD_FP8, True, saturating=True)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:  # dgrad [M, N] x [N, K]
+            gx = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=sg, scale_b=sw, out_dtype=torch.float32)
+            gx = gx.to(torch.bfloat16).reshape(x_shape).to(x_dtype)
+        if ctx.needs_input_grad[1]:  # wgrad [N, M] x [M, K]
+            gw = torch._scaled_mm(gq.t().contiguous(), xq.t().contiguous().t(), scale_a=sg, scale_b=sx,
+                                  out_dtype=torch.float32).to(torch.bfloat16).to(w_dtype)
+        if b_dtype is not None and ctx.needs_input_grad[2]:
+            gb = g.sum(0).to(b_dtype)
         return gx, gw, gb, None, None
