@@ -73,3 +73,27 @@ def test_native_training_on_cuda_follows_the_emulated_run(torch_cuda) -> None:
     a, b = ([r["loss"] for r in runs[m].rows] for m in runs)
     assert all(abs(x - y) <= 0.01 * abs(x) for x, y in zip(a, b))
     assert runs["emulate"].skipped_steps == runs["native"].skipped_steps
+
+
+def test_native_fp8_linear_training_on_cuda_matches_the_emulated_recipe(torch_cuda) -> None:
+    """The HYBRID recipe's linear layer on the GPU's fp8 GEMMs (torch._scaled_mm: E4M3 forward, E5M2
+    x E4M3 backward) against the emulated recipe on the CPU: within one bf16 rounding."""
+    from autoprec.torch.numerics import Recipe
+    from autoprec.torch.passes.ops import lowp_linear
+
+    e4m3 = Precision.FP8_E4M3
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(64, 128, generator=gen) * 0.2, torch.randn(64, generator=gen)
+    cpu, gpu = Numerics(Recipe()), Numerics(Recipe())
+    for step in range(4):
+        x, g = torch.randn(32, 128, generator=gen) * (1 + step), torch.randn(32, 64, generator=gen) * 1e-2
+        got = []
+        for num, device, native in ((cpu, "cpu", False), (gpu, "cuda", True)):
+            xl, wl, bl = (t.to(device).requires_grad_(True) for t in (x, w, b))
+            with rounding_gradients(num):
+                y = lowp_linear(xl, wl, bl, fmt=e4m3, amax=None, native=native, site="lin")
+            y.float().backward(g.to(device, y.dtype))
+            got.append([t.float().cpu() for t in (y.detach(), xl.grad, wl.grad, bl.grad)])
+            num.end_step()
+        for emulated, native_value in zip(*got):
+            assert _ulps(native_value, emulated, Precision.BF16) <= 1.0, step
