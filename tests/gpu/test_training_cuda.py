@@ -68,7 +68,7 @@ def test_native_training_on_cuda_follows_the_emulated_run(torch_cuda) -> None:
     for mode, device in (("emulate", "cpu"), ("native", "cuda")):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
-        runs[mode] = train(net, {"0": "bf16", "2": "fp16"}, data=data, loss=mse, example_inputs=data[0][0],
+        runs[mode] = train(net, {"_0": "bf16", "_2": "fp16"}, data=data, loss=mse, example_inputs=data[0][0],
                            epochs=3, lr=0.01, mode=mode, device=device)
     a, b = ([r["loss"] for r in runs[m].rows] for m in runs)
     assert all(abs(x - y) <= 0.01 * abs(x) for x, y in zip(a, b))
