@@ -127,12 +127,13 @@ class TorchTunable:
     the timing and the written files."""
 
     def __init__(self, spec: ModelSpec, captured: Captured, metric: Metric, reference: float, eval_seconds: float,
-                 prof: SensitivityProfile, *, onnx_check: bool, timing: bool) -> None:
+                 prof: SensitivityProfile, *, onnx_check: bool, timing: bool,
+                 weight_sums: Mapping[str, float] | None = None) -> None:
         self.spec, self.captured, self.metric, self.profile = spec, captured, metric, prof
         self.reference, self.eval_seconds = reference, eval_seconds
         self.name, self.graph, self.op_types = spec.name, captured.graph, None
         self._amax = act_amax_from_profile(prof)
-        self._fp32 = _Fp32Export(spec)
+        self._fp32 = _Fp32Export(spec, weight_sums)
         self._onnx_check, self._timing = onnx_check, timing
         self.cache: ResultCache | None = None  # where the fp32 metric and the profile were kept
 
@@ -142,7 +143,9 @@ class TorchTunable:
         """Capture ``spec``'s model, evaluate it in fp32 (an error stops here, before the
         profile's cost) and profile it; ``metric`` overrides the model's own. ``cache``: reuse and
         keep the fp32 metric and the profile on disk (:mod:`autoprec.core.cache`)."""
-        captured = capture(spec.model(), spec.example_inputs(), name=spec.name)
+        net = spec.model()
+        sums = weight_sums(net)
+        captured = capture(net, spec.example_inputs(), name=spec.name)
         _need_layers(captured.graph)
         batches = spec.calibration_data()
         _check_batches(spec, captured, batches)
@@ -162,7 +165,8 @@ class TorchTunable:
                 store.put("reference", {"value": reference, "seconds": t_eval})
         prof = profile(captured, batches, formats=formats, mode=profile_mode, output_kind=spec.output_kind,
                        outputs=spec.outputs, progress=progress, time_reference=False, cache=store)
-        tunable = cls(spec, captured, metric, reference, t_eval, prof, onnx_check=onnx_check, timing=timing)
+        tunable = cls(spec, captured, metric, reference, t_eval, prof, onnx_check=onnx_check, timing=timing,
+                      weight_sums=sums)  # what the export's model() must hold
         tunable.cache = store
         return tunable
 
@@ -435,8 +439,9 @@ class _Fp32Export:
     """The model's fp32 ONNX export (torch.onnx), made on the first call and kept, with the seconds
     it took: tune reports them apart, since writing the tuned model needs the export anyway."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, sums: Mapping[str, float] | None = None) -> None:
         self._spec = spec
+        self._sums = sums
         self._model: Any = None
         self.seconds = 0.0
 
@@ -445,6 +450,25 @@ class _Fp32Export:
             from autoprec.deploy.export import torch_to_onnx
 
             t = time.perf_counter()
-            self._model = torch_to_onnx(self._spec.model(), self._spec.example_inputs())
+            net = self._spec.model()
+            if self._sums is not None:
+                _same_weights(self._spec, self._sums, net)
+            self._model = torch_to_onnx(net, self._spec.example_inputs())
             self.seconds = time.perf_counter() - t
         return self._model
+
+
+def weight_sums(net: Any) -> dict[str, float]:
+    """A checksum of each floating tensor ``net`` stores (its float64 sum): two model() calls that
+    built different weights differ in them."""
+    return {k: float(v.detach().double().sum()) for k, v in net.state_dict().items() if v.is_floating_point()}
+
+
+def _same_weights(spec: ModelSpec, sums: Mapping[str, float], net: Any) -> None:
+    """A ModelSpecError unless a second ``model()`` holds the weights the captured one did: the plan is
+    measured on one and exported from the other, so a model() that initialises at random on each call
+    would make them disagree (with a message about ONNX nodes that would not say why)."""
+    for name, value in weight_sums(net).items():
+        if name in sums and sums[name] != value and not (math.isnan(value) and math.isnan(sums[name])):
+            raise ModelSpecError(f"{spec.path}: model() returns other weights on each call ({name} differs): seed "
+                                 "its initialisation or load saved weights, so every call builds the same model")

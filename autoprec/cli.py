@@ -7,13 +7,14 @@ line to stderr and exits with its code; tracebacks are for bugs only (or ``--deb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn, Sequence, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,10 +27,20 @@ from autoprec.ort.runtime import set_runtime_log
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
 
+#: where autoprec's own results go: the process's stdout. While a command runs, sys.stdout is the
+#: terminal's stderr, so what user code prints (a model file's print()) cannot mix into them
+#: (`tune --json` prints JSON alone)
+_RESULTS = [sys.stdout]
+
+
+def _stdout() -> TextIO:
+    return _RESULTS[-1]
+
+
 def _console() -> Console:
     """stdout console; wide enough for the tables when output goes to a file or a pipe."""
-    c = Console()
-    return c if c.is_terminal else Console(width=160)
+    c = Console(file=_stdout())
+    return c if c.is_terminal else Console(file=_stdout(), width=160)
 
 
 def _progress() -> Progress:
@@ -174,7 +185,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     files = [dest / f.relative_to(out_dir) for f in files]  # where they are now
     if args.json:
         print(json.dumps({"plan": plan.to_dict(), "summary": asdict(result.summary),
-                          "files": [str(f) for f in files]}, sort_keys=True, default=str))
+                          "files": [str(f) for f in files]}, sort_keys=True, default=str), file=_stdout())
         return 0
     out = _console()
     table = Table(title=f"{plan.model_name}: plan for {plan.target} ({plan.objective})")
@@ -284,7 +295,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         report = verify(args.onnx, load_model_spec(args.model).with_weights(args.weights), args.plan,
                         providers=args.provider)
     if args.json:
-        print(json.dumps(report.to_dict(), sort_keys=True, default=str))
+        print(json.dumps(report.to_dict(), sort_keys=True, default=str), file=_stdout())
     else:
         out = _console()
         for line in report.lines():
@@ -450,8 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in _QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
     set_runtime_log(debug=args.debug)
+    _RESULTS.append(sys.stdout)
     try:
-        return int(args.func(args))
+        with contextlib.redirect_stdout(sys.stderr):  # user code's prints: see _RESULTS
+            return int(args.func(args))
     except AutoprecError as exc:
         if args.debug:
             raise
@@ -466,6 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print(f"[red]error:[/] {_exit_source(exc)} called sys.exit({exc.code!r}) during `autoprec "
                           f"{args.command}`; a model file's functions must return, not exit", highlight=False)
         return 1
+    finally:
+        _RESULTS.pop()
 
 
 def _exit_source(exc: SystemExit) -> str:

@@ -98,8 +98,11 @@ def _match_inputs(arrays: dict[str, np.ndarray], inputs: Sequence[onnx.ValueInfo
         a = chosen[vi.name]
         want = _input_dtype(vi)
         if a.dtype != want:
-            if not np.can_cast(a.dtype, want, casting="same_kind"):
-                raise UsageError(f"input {vi.name!r}: the data are {a.dtype}, the model takes {want}")
+            # float64 -> float32 is a rounding a user expects; integers for a float input (or the
+            # reverse) usually mean the wrong array: say so rather than convert silently
+            if not np.can_cast(a.dtype, want, casting="same_kind") or (a.dtype.kind in "iub") != (want.kind in "iub"):
+                raise UsageError(f"input {vi.name!r}: the data are {a.dtype}, the model takes {want}: save them as "
+                                 f"{want} (e.g. x.astype(np.{want})) if that is what you mean")
             a = a.astype(want)
         rank = len(vi.type.tensor_type.shape.dim) if vi.type.tensor_type.HasField("shape") else a.ndim
         if rank == 0 and a.ndim == 0:

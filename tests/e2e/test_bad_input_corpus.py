@@ -350,6 +350,8 @@ CONTRACT = [
         def model():
             return Branchy().eval()
         ''')}, tune("m.py"), 1, ("cannot capture m", "data-dependent")),
+    case("model-random-on-each-call", {"m.py": py(EVAL, "def evaluate(net):\n    return 0.5")}, tune("m.py"), 1,
+         ("model() returns other weights on each call", "seed its initialisation")),
     case("evaluate-returns-nan", {"m.py": py(EVAL, "def evaluate(net):\n    return float('nan')")}, tune("m.py"), 1,
          "accuracy is nan"),
     case("evaluate-raises", {"m.py": py(EVAL, "def evaluate(net):\n    raise KeyError('labels')")}, tune("m.py"), 1,
@@ -382,6 +384,8 @@ ONNX_DATA = [
          "the data have shape [16], the model takes rank 2"),
     case("data-no-samples", {"m.onnx": ONNX, "d.npz": npz(x=X[:0])}, tune("m.onnx", "--data", "d.npz"), 2,
          "d.npz holds no samples"),
+    case("data-integers-for-a-float-input", {"m.onnx": ONNX, "d.npz": npz(x=np.ones((16, 4), np.int64))},
+         tune("m.onnx", "--data", "d.npz"), 2, ("the data are int64, the model takes float32", "astype")),
     case("data-with-a-py-model", {"m.py": BASE, "d.npz": DATA}, tune("m.py", "--data", "d.npz"), 2,
          "--data and --labels are for .onnx models"),
     case("labels-missing", {"m.onnx": ONNX, "d.npz": DATA},
@@ -613,6 +617,20 @@ def test_a_training_run_that_fails_after_a_checkpoint_keeps_it_for_resume(
            ("loss(model, batch) raised ValueError at step 3", "bad targets in epoch 2",
             "trainout keeps the checkpoint of step 2", "--resume"),
            before, {k: v for k, v in after.items() if k not in kept})
+
+
+def test_what_user_code_prints_stays_out_of_the_results(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model file that prints (at import, in model()) does not corrupt `tune --json`: its lines go to
+    stderr, autoprec's JSON alone to stdout."""
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, {"m.py": py("print('hello from the model file')\n_model = model\n\n"
+                                 "def model():\n    print('building')\n    torch.manual_seed(0)\n    return _model()")})
+    capsys.readouterr()
+    assert main(["tune", "m.py", "--out", "o", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert sorted(json.loads(out)) == ["files", "plan", "summary"]
+    assert "hello from the model file" in err and "building" in err
 
 
 def test_the_corpus_is_large_and_its_ids_unique() -> None:

@@ -491,7 +491,7 @@ def test_a_scalar_input_is_fed_to_every_run(cond: bool) -> None:
     (["--data", "{data}", "--profile-mode", "fast"], "profiled in exact mode"),
     (["--data", "{data}", "--budget", "1%"], "give --fidelity-budget"),
     (["--data", "{data}", "--no-onnx-check"], "measured on ONNX Runtime itself"),
-    (["--data", "{labels}"], "the model takes rank 4"),
+    (["--data", "{labels}"], "the data are int64, the model takes float32"),
 ])
 def test_cli_onnx_errors_are_one_line_and_write_nothing(legacy_cnn: tuple[Path, Path, Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str], extra: list[str],
