@@ -21,3 +21,4 @@ bench: setup
 	.venv/bin/python benchmarks/frontend_pricing.py
 	.venv/bin/python benchmarks/gpt2_scale.py
 	.venv/bin/python benchmarks/onnx_zoo_bench.py
+	.venv/bin/python benchmarks/train_bench.py
