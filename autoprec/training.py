@@ -708,15 +708,15 @@ def _write_outputs(trainer: Trainer, out: Path, plan: PrecisionPlan, calibration
     files.append(atomic_write_text(out / "train.csv", _csv(trainer.rows, _ROW_FIELDS)))
     files.append(atomic_write_text(out / "numerics.csv", _csv(trainer.site_rows, ("step", "site", *_SITE_FIELDS))))
     if any(f.is_fp8 for f in trainer.assignment.values()) and calibration:
-        files.append(_write_profile(trainer, out, plan, calibration, example_inputs, name))
+        files.append(_write_profile(trainer, out, calibration, example_inputs, name))
     files.append(plan.save(out / "plan.json"))
     files.append(plot_training(out / "training.png", trainer.rows))
     _tensorboard(out, trainer.rows)
     return files
 
 
-def _write_profile(trainer: Trainer, out: Path, plan: PrecisionPlan, calibration: list[tuple[Any, ...]],
-                   example_inputs: tuple[Any, ...], name: str) -> Path:
+def _write_profile(trainer: Trainer, out: Path, calibration: list[tuple[Any, ...]], example_inputs: tuple[Any, ...],
+                   name: str) -> Path:
     """profile.json of the trained weights: fp8 layers deploy with scales calibrated on them."""
     from autoprec.torch.profile import profile
 
