@@ -224,7 +224,7 @@ class Numerics:
         self.monitor = monitor
         self.recording = True
         self.layers: dict[str, Fp8Layer] = {}
-        self._acc: dict[str, torch.Tensor] = {}
+        self._acc: dict[str, list[tuple[bool, torch.Tensor, torch.Tensor]]] = {}
 
     # --- TrainingNumerics -----------------------------------------------------------------------
     def fp8_recipe(self, site: str, fmt: Precision) -> Fp8Layer:
@@ -235,24 +235,27 @@ class Numerics:
 
     def observe(self, site: str, scaled: torch.Tensor, rounded: torch.Tensor, fmt: Precision, grad: bool,
                 saturating: bool = False) -> None:
-        """Count one rounding (``saturating``: the values were clamped to the format's max first)."""
+        """Count one rounding (``saturating``: the values were clamped to the format's max first).
+
+        Cheap enough to leave on: three passes over the tensor. A value underflowed when it rounded
+        to zero and was not zero (zeros of ``rounded`` less zeros of ``scaled``); overflow is looked
+        for only when the amax passes the format's max; the counts are kept as tensors per rounding
+        and summed once, at :meth:`end_step`."""
         if not (self.monitor and self.recording):
             return
         with torch.no_grad():
-            a = scaled.abs()
-            if saturating or fmt.info.saturates:
-                over = (a > fmt.max).sum()
+            lo, hi = torch.aminmax(scaled) if scaled.numel() else (scaled.new_zeros(()), scaled.new_zeros(()))
+            amax = torch.maximum(-lo, hi).float()
+            zeros_in = (scaled == 0).sum()
+            under = (rounded == 0).sum() - zeros_in
+            if scaled.is_cuda or not bool(amax <= fmt.max):  # no sync on a GPU; on the CPU, skip the usual case
+                if saturating or fmt.info.saturates:
+                    over = (scaled.abs() > fmt.max).sum()
+                else:
+                    over = torch.isinf(rounded).sum() - torch.isinf(scaled).sum()
             else:
-                over = (torch.isinf(rounded) & torch.isfinite(scaled)).sum()
-            nonzero = scaled != 0
-            under = (nonzero & (rounded == 0)).sum()
-            amax = a.amax() if a.numel() else a.new_zeros(())
-            acc = self._acc.get(site)
-            if acc is None:
-                acc = self._acc[site] = torch.zeros(len(COUNTERS), dtype=torch.float64)
-            off = 3 if grad else 0
-            acc[off:off + 3] += torch.stack([over, under, nonzero.sum()]).double().cpu()
-            acc[_AMAX_AT + int(grad)] = torch.maximum(acc[_AMAX_AT + int(grad)], amax.double().cpu())
+                over = zeros_in.new_zeros(())
+            self._record(site, grad, torch.stack([over, under, scaled.numel() - zeros_in]), amax)
 
     def observe_result(self, site: str, values: torch.Tensor, fmt: Precision, grad: bool) -> None:
         """Count a native 16-bit result whose rounding happened inside a kernel: its non-finite
@@ -265,12 +268,11 @@ class Numerics:
             nonzero = (v != 0).sum()
             finite = v.float().abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
             amax = finite.amax() if finite.numel() else finite.new_zeros(())
-            acc = self._acc.get(site)
-            if acc is None:
-                acc = self._acc[site] = torch.zeros(len(COUNTERS), dtype=torch.float64)
-            off = 3 if grad else 0
-            acc[off:off + 3] += torch.stack([over, over.new_zeros(()), nonzero]).double().cpu()
-            acc[_AMAX_AT + int(grad)] = torch.maximum(acc[_AMAX_AT + int(grad)], amax.double().cpu())
+            self._record(site, grad, torch.stack([over, over.new_zeros(()), nonzero]), amax)
+
+    def _record(self, site: str, grad: bool, counts: torch.Tensor, amax: torch.Tensor) -> None:
+        """Keep one rounding's (overflow, underflow, non-zero) counts and amax for :meth:`end_step`."""
+        self._acc.setdefault(site, []).append((grad, counts, amax))
 
     # --- steps ----------------------------------------------------------------------------------
     def end_step(self, reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None) -> dict[str, SiteStep]:
@@ -287,7 +289,14 @@ class Numerics:
         sites = sorted(self._acc)
         if not sites:
             return {}
-        acc = torch.stack([self._acc[s] for s in sites])
+        acc = torch.zeros(len(sites), len(COUNTERS), dtype=torch.float64)
+        for i, site in enumerate(sites):
+            for g in (False, True):
+                kept = [(c, a) for grad, c, a in self._acc[site] if grad is g]
+                if kept:
+                    off = 3 if g else 0
+                    acc[i, off:off + 3] = torch.stack([c for c, _ in kept]).sum(0).double().cpu()
+                    acc[i, _AMAX_AT + int(g)] = torch.stack([a for _, a in kept]).max().double().cpu()
         if reduce is not None:
             acc = torch.cat([reduce(acc[:, :_AMAX_AT].contiguous(), "sum"), reduce(acc[:, _AMAX_AT:].contiguous(), "max")], 1)
         self._acc = {}
