@@ -328,7 +328,7 @@ class Trainer:
                  evaluate: Callable[[Any], float] | None = None, metric_name: str = "metric",
                  optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
                  schedule: Callable[[torch.optim.Optimizer, int], Any] | None = None,
-                 ranks: Ranks | None = None, name: str = "") -> None:
+                 ranks: Ranks | None = None, name: str = "", captured: Captured | None = None) -> None:
         self.model = model
         self.config = config
         self.ranks = ranks or Ranks()
@@ -336,7 +336,9 @@ class Trainer:
         self.evaluate = evaluate
         self.metric_name = metric_name
         self.data = data
-        self.captured: Captured = capture(model, example_inputs, name=name or type(model).__name__, fold_norms=False)
+        # the training graph (norms kept): train() passes the one it made, anyone else gets a fresh one
+        self.captured: Captured = captured or capture(model, example_inputs, name=name or type(model).__name__,
+                                                      fold_norms=False)
         check_assignment(self.captured.graph, assignment)
         self.assignment = {k: v for k, v in assignment.items()}
         self.owners = layer_owners(self.captured.graph)
@@ -629,14 +631,17 @@ def _finish(trainer: Trainer, out: Path | None, ckpt: Path | None, folder: Outpu
     check_ranks_agree(trainer)
     metric = next((r["metric"] for r in reversed(trainer.rows) if r["metric"] != ""), None)
     files: list[Path] = []
-    plan_graph = capture(trainer.model, example_inputs, name=name).graph if example_inputs else trainer.captured.graph
-    plan = priced_plan(plan_graph, trainer.assignment, base, trainer.promotions, label)
+    # the inference graph (norms folded), as tune captured it: what the plan is priced and calibrated on
+    was = trainer.model.training
+    deployed = capture(trainer.model, example_inputs, name=name) if example_inputs else trainer.captured
+    trainer.model.train(was)  # capture sets eval mode: leave the user's module as training left it
+    plan = priced_plan(deployed.graph, trainer.assignment, base, trainer.promotions, label)
     if metric is not None:
         plan = plan.with_measured(metric_trained=metric, metric_name=trainer.metric_name)
     if out is not None and folder is not None:
         # the records are written beside the folder and swapped in with the last checkpoint, as a unit
         with folder as staging:
-            written = _write_outputs(trainer, staging, plan, calibration, example_inputs, name)
+            written = _write_outputs(trainer, staging, plan, calibration, deployed)
             if ckpt is not None and ckpt.exists():
                 os.replace(ckpt, staging / CHECKPOINT)
                 written.append(staging / CHECKPOINT)
@@ -700,7 +705,7 @@ def trained_state_dict(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def _write_outputs(trainer: Trainer, out: Path, plan: PrecisionPlan, calibration: list[tuple[Any, ...]] | None,
-                   example_inputs: tuple[Any, ...], name: str) -> list[Path]:
+                   deployed: Captured) -> list[Path]:
     files = []
     buf = io.BytesIO()
     torch.save(trained_state_dict(trainer), buf)
@@ -708,23 +713,19 @@ def _write_outputs(trainer: Trainer, out: Path, plan: PrecisionPlan, calibration
     files.append(atomic_write_text(out / "train.csv", _csv(trainer.rows, _ROW_FIELDS)))
     files.append(atomic_write_text(out / "numerics.csv", _csv(trainer.site_rows, ("step", "site", *_SITE_FIELDS))))
     if any(f.is_fp8 for f in trainer.assignment.values()) and calibration:
-        files.append(_write_profile(trainer, out, calibration, example_inputs, name))
+        files.append(_write_profile(trainer, out, calibration, deployed))
     files.append(plan.save(out / "plan.json"))
     files.append(plot_training(out / "training.png", trainer.rows))
     _tensorboard(out, trainer.rows)
     return files
 
 
-def _write_profile(trainer: Trainer, out: Path, calibration: list[tuple[Any, ...]], example_inputs: tuple[Any, ...],
-                   name: str) -> Path:
+def _write_profile(trainer: Trainer, out: Path, calibration: list[tuple[Any, ...]], deployed: Captured) -> Path:
     """profile.json of the trained weights: fp8 layers deploy with scales calibrated on them."""
     from autoprec.torch.profile import profile
 
-    was = trainer.model.training
-    captured = capture(trainer.model, example_inputs, name=name)
     fmts = tuple(sorted({f for f in trainer.assignment.values() if f is not FP32}, key=lambda f: f.rank))
-    prof = profile(captured, calibration, formats=fmts, mode="fast", time_reference=False)
-    trainer.model.train(was)
+    prof = profile(deployed, calibration, formats=fmts, mode="fast", time_reference=False)
     return prof.save(out / "profile.json")
 
 
@@ -875,7 +876,8 @@ def train(model: Any, plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str
             raise UsageError(f"cannot move the model to {device}: {first_line(exc, 160)}") from None
         example_inputs = to_device(example_inputs, torch.device(device))
         calibration = [to_device(b, torch.device(device)) for b in calibration] if calibration else calibration
-    graph = capture(net, example_inputs, name=name, fold_norms=False).graph
+    captured = capture(net, example_inputs, name=name, fold_norms=False)
+    graph = captured.graph
     base: PrecisionPlan | None = None
     if formats is not None:
         assignment = uniform_assignment(graph, formats)
@@ -888,7 +890,7 @@ def train(model: Any, plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str
     else:
         assignment, label = {k: parse_precision(v) for k, v in dict(plan).items()}, "given assignment"
     trainer = Trainer(net, example_inputs, assignment, data, loss, config, evaluate=evaluate, metric_name=metric_name,
-                      optimizer=optimizer, schedule=schedule, ranks=ranks, name=name)
+                      optimizer=optimizer, schedule=schedule, ranks=ranks, name=name, captured=captured)
     return run(trainer, outp, base, label, resume=resume, progress=progress, calibration=calibration,
                example_inputs=example_inputs, name=name)
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from autoprec import training
 from autoprec.training import lr_factor  # the schedule `autoprec train` uses too
 
 MODELS_DIR = Path(__file__).resolve().parent
@@ -33,9 +32,7 @@ SEED = 0
 
 
 def seed_everything(seed: int = SEED) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    training.seed_everything(seed)
     torch.use_deterministic_algorithms(True)
 
 
