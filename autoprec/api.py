@@ -16,6 +16,7 @@ evaluation of every plan they accept: each describes its model as a :class:`~aut
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 
 import math
@@ -36,6 +37,7 @@ from autoprec.metrics import model_metric
 from autoprec.onnx.model import OnnxModel, profile_onnx
 from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import PrecisionPlan
+from autoprec.core.resources import release_memory
 from autoprec.core.stats import Progress
 from autoprec.torch.profile import profile, profile_cache
 from autoprec.core.cache import ResultCache
@@ -98,11 +100,19 @@ class TuneResult:
     uniforms: list[UniformResult]
     pareto: list[ParetoPoint]
     captured: Captured | None = None  # torch models: the capture the plan applies to
-    module: Any = None  # torch models: the emulated tuned module (inference: batch norms folded; runs on CPU)
     onnx: OnnxModel | None = None  # .onnx models: the analysed model and its data
     spec: ModelSpec | None = None  # torch models: the model file's contract (for the ONNX export)
     provider: str | None = None  # the ONNX Runtime provider the plan was tuned for (its deployment graph's)
     _tunable: Tunable | None = field(default=None, repr=False, compare=False)  # the model as tune measured it
+
+    @functools.cached_property
+    def module(self) -> Any:
+        """torch models: the emulated tuned module (inference: batch norms folded; runs on CPU);
+        None for .onnx models. Built on first use: it holds its own copy of the weights, which the
+        tune's writing of a large model's files should not have beside it."""
+        if self.captured is None or self._tunable is None:
+            return None
+        return self._tunable.module(self.plan.assignment)
 
     @property
     def cache(self) -> ResultCache | None:
@@ -127,13 +137,13 @@ class TorchTunable:
     the timing and the written files."""
 
     def __init__(self, spec: ModelSpec, captured: Captured, metric: Metric, reference: float, eval_seconds: float,
-                 prof: SensitivityProfile, *, onnx_check: bool, timing: bool,
+                 prof: SensitivityProfile, *, onnx_check: bool, timing: bool, net: Any = None,
                  weight_sums: Mapping[str, float] | None = None) -> None:
         self.spec, self.captured, self.metric, self.profile = spec, captured, metric, prof
         self.reference, self.eval_seconds = reference, eval_seconds
         self.name, self.graph, self.op_types = spec.name, captured.graph, None
         self._amax = act_amax_from_profile(prof)
-        self._fp32 = _Fp32Export(spec, weight_sums)
+        self._fp32 = _Fp32Export(spec, net, weight_sums)
         self._onnx_check, self._timing = onnx_check, timing
         self.cache: ResultCache | None = None  # where the fp32 metric and the profile were kept
 
@@ -165,8 +175,9 @@ class TorchTunable:
                 store.put("reference", {"value": reference, "seconds": t_eval})
         prof = profile(captured, batches, formats=formats, mode=profile_mode, output_kind=spec.output_kind,
                        outputs=spec.outputs, progress=progress, time_reference=False, cache=store)
+        release_memory()  # the profile's saved activations and gradients
         tunable = cls(spec, captured, metric, reference, t_eval, prof, onnx_check=onnx_check, timing=timing,
-                      weight_sums=sums)  # what the export's model() must hold
+                      net=net, weight_sums=sums)  # the model the capture reads: the fp32 export is of it
         tunable.cache = store
         return tunable
 
@@ -179,7 +190,8 @@ class TorchTunable:
         return apply_plan(self.captured, assignment, self._amax)
 
     def measure(self, assignment: Mapping[str, Precision]) -> float:
-        return float(self.metric.measure(self.module(assignment)))
+        """The metric of the plan's torch emulation, which reads the captured weights (no copy per trial)."""
+        return float(self.metric.measure(apply_plan(self.captured, assignment, self._amax, share_weights=True)))
 
     def measure_on_onnx(self, assignment: Mapping[str, Precision]) -> float | None:
         """The metric of ONNX Runtime's CPU session of the plan's emulation graph, as a
@@ -190,8 +202,11 @@ class TorchTunable:
         from autoprec.ort.runtime import open_session, ort_module
 
         try:
-            graph = self.onnx_model(assignment, "emulate")
-            return float(self.metric.measure(ort_module(open_session(graph.SerializeToString(), "cpu"))))
+            data = self.onnx_model(assignment, "emulate").SerializeToString()
+            release_memory()  # the graph's protobuf: only its bytes go on to the session
+            session = open_session(data, "cpu")
+            del data
+            return float(self.metric.measure(ort_module(session)))
         except AutoprecError:
             raise
         except Exception as exc:  # the model's own evaluate(), or ONNX Runtime
@@ -309,7 +324,7 @@ def tune(model: Any, budget: str | float | None = None, *, fidelity_budget: str 
     out = run_tune(tunable, drop_budget, fmts, target=target, objective=objective, strategy=strategy, keep=keep,
                    force=force, cost_model=cost_model, batch=batch, provider=provider, started=started)
     return TuneResult(out.plan, tunable.profile, tunable.graph, tunable.metric, out.summary, out.uniforms, out.pareto,
-                      captured=tunable.captured, module=tunable.module(out.plan.assignment), spec=spec,
+                      captured=tunable.captured, spec=spec,
                       provider=provider, _tunable=tunable)
 
 
@@ -437,10 +452,16 @@ def _evaluate_fp32(metric: Metric, fp32_model: Any) -> tuple[float, float]:
 
 class _Fp32Export:
     """The model's fp32 ONNX export (torch.onnx), made on the first call and kept, with the seconds
-    it took: tune reports them apart, since writing the tuned model needs the export anyway."""
+    it took: tune reports them apart, since writing the tuned model needs the export anyway.
 
-    def __init__(self, spec: ModelSpec, sums: Mapping[str, float] | None = None) -> None:
+    ``net``: the module the capture was made from (the capture shares its parameters, so exporting
+    it holds no second copy of the weights); None: the model file's ``model()``. ``sums``: ``net``'s
+    :func:`weight_sums`, which a second ``model()`` must match before anything is exported
+    (:func:`_same_weights`)."""
+
+    def __init__(self, spec: ModelSpec, net: Any = None, sums: Mapping[str, float] | None = None) -> None:
         self._spec = spec
+        self._net = net
         self._sums = sums
         self._model: Any = None
         self.seconds = 0.0
@@ -450,10 +471,13 @@ class _Fp32Export:
             from autoprec.deploy.export import torch_to_onnx
 
             t = time.perf_counter()
-            net = self._spec.model()
-            if self._sums is not None:
-                _same_weights(self._spec, self._sums, net)
+            if self._sums is not None:  # one model at a time: the check's copy is gone before the export
+                _same_weights(self._spec, self._sums, self._spec.model())
+                release_memory()
+            net = self._net if self._net is not None else self._spec.model()
             self._model = torch_to_onnx(net, self._spec.example_inputs())
+            del net
+            release_memory()  # the exporter's graphs, before a plan is built from the export
             self.seconds = time.perf_counter() - t
         return self._model
 
@@ -466,8 +490,8 @@ def weight_sums(net: Any) -> dict[str, float]:
 
 def _same_weights(spec: ModelSpec, sums: Mapping[str, float], net: Any) -> None:
     """A ModelSpecError unless a second ``model()`` holds the weights the captured one did: the plan is
-    measured on one and exported from the other, so a model() that initialises at random on each call
-    would make them disagree (with a message about ONNX nodes that would not say why)."""
+    measured on one, and ``autoprec export`` builds another, so a model() that initialises at random
+    on each call would deploy weights the plan was never measured on."""
     for name, value in weight_sums(net).items():
         if name in sums and sums[name] != value and not (math.isnan(value) and math.isnan(sums[name])):
             raise ModelSpecError(f"{spec.path}: model() returns other weights on each call ({name} differs): seed "

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from autoprec.core.errors import AutoprecError, UsageError
 from autoprec.core.formats import DEFAULT_CANDIDATES, parse_precisions
+from autoprec.core.resources import release_memory
 from autoprec.ort.runtime import set_runtime_log
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
@@ -73,7 +74,7 @@ def _need_data(args: argparse.Namespace) -> None:
         raise UsageError("--weights is for model files: an .onnx file holds its own weights")
     if _is_onnx(args.model) and not args.data:
         raise UsageError(f"{args.model} is an ONNX model: give its inputs with --data inputs.npz (arrays named "
-                         "after the model's inputs, samples on axis 0)")
+                         "after the model's inputs; see --help for which hold samples)")
     if not _is_onnx(args.model) and (args.data or getattr(args, "labels", None)):
         raise UsageError("--data and --labels are for .onnx models; a model file brings its own data")
 
@@ -176,8 +177,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         files = [plan.save(out_dir / "plan.json"), atomic_write_text(out_dir / "profile.json", result.profile.to_json())]
         # the tuned model itself: the deployment graph, and the graph ORT's CPU provider runs faithfully
         stem = Path(args.model).stem
-        files += [atomic_write_bytes(out_dir / f"{stem}.tuned.onnx", result.onnx_model("deploy").SerializeToString()),
-                  atomic_write_bytes(out_dir / f"{stem}.emulation.onnx", result.onnx_model("emulate").SerializeToString())]
+        for mode, suffix in (("deploy", "tuned"), ("emulate", "emulation")):
+            files.append(atomic_write_bytes(out_dir / f"{stem}.{suffix}.onnx", result.onnx_model(mode).SerializeToString()))
+            release_memory()  # one graph of a large model at a time
         analysis = result.onnx.analysis if result.onnx is not None else None
         files += write_report(out_dir, plan, result.profile, result.graph, result.summary, result.uniforms,
                               result.pareto, fixed=analysis.reasons if analysis else None,
@@ -315,6 +317,15 @@ class _Parser(argparse.ArgumentParser):
 _QUIET_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnxruntime", "matplotlib", "PIL")
 
 
+#: --data of an .onnx model: which inputs hold samples is read off the graph (autoprec.onnx.model)
+_DATA_HELP = (".onnx models: their inputs, arrays named after the graph inputs. An input whose axis 0 the graph "
+              "leaves symbolic holds the samples on axis 0 (the same number in each); one whose axis 0 the graph "
+              "fixes is fed whole to every run where its data have the graph's shape (a weight matrix, a scalar), "
+              "and holds the samples where its data have another size there (runs then take the fixed number). "
+              "Where every array has its input's exact shape, they are one batch if their axes 0 agree, else "
+              "the model runs once on them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="autoprec", description="Per-layer mixed precision (fp32/bf16/fp16/fp8) "
                                 "for PyTorch models under an accuracy budget.")
@@ -323,8 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="per-layer sensitivity to bf16/fp16/fp8, with range statistics")
     pr.add_argument("model", help="model file following models/README.md (e.g. models/digits_cnn.py) or an .onnx file")
-    pr.add_argument("--data", metavar="INPUTS.npz", help=".onnx models: their inputs, arrays named after the graph "
-                                                          "inputs with the samples on axis 0")
+    pr.add_argument("--data", metavar="INPUTS.npz", help=_DATA_HELP)
     pr.add_argument("--mode", choices=("fast", "exact"), default="exact",
                     help="exact: isolated trials with downstream-only re-runs; fast: one forward+backward "
                          "first-order estimate (default: exact)")
@@ -337,8 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tu = sub.add_parser("tune", help="search the fastest per-layer plan within an accuracy budget, verified")
     tu.add_argument("model", help="model file following models/README.md, or an .onnx file (with --data)")
-    tu.add_argument("--data", metavar="INPUTS.npz", help=".onnx models: their inputs, arrays named after the graph "
-                                                          "inputs with the samples on axis 0")
+    tu.add_argument("--data", metavar="INPUTS.npz", help=_DATA_HELP)
     tu.add_argument("--labels", metavar="LABELS", help=".onnx models: labels of the --data samples (.npy, or the name "
                                                        "of an array in the --data file): integers give an accuracy "
                                                        "budget, floats a mean-squared-error one; without labels the "

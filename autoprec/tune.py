@@ -22,6 +22,7 @@ from autoprec.core.formats import Precision
 from autoprec.core.metrics import DropBudget, Metric
 from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import PrecisionPlan, parse_pins
+from autoprec.core.resources import release_memory
 from autoprec.core.sensitivity import SensitivityProfile
 from autoprec.cost.model import CostModel
 from autoprec.cost.provider import ProviderCostModel
@@ -136,9 +137,11 @@ def run_tune(model: Tunable, budget: DropBudget, formats: tuple[Precision, ...],
         key = _key(assignment)
         if key not in measured:
             measured[key] = model.measure(assignment)
+            release_memory()  # the trial's emulated module, before the ONNX graph is built
             rounds = any(f != Precision.FP32 for f in assignment.values())  # all-fp32: the export itself
             if rounds and metric.drop(reference, measured[key]) <= allowed:
                 value = model.measure_on_onnx(assignment)
+                release_memory()
                 if value is not None:
                     on_onnx[key] = value
         drops = [metric.drop(reference, measured[key])]

@@ -1,10 +1,10 @@
 """Coverage: how much of a model a plan can change, and what it cannot change, with the reason.
 
 A plan chooses formats for layers only. The rest of the model stays fp32: ops kept fp32 by rule
-(softmax, the norms: numerically sensitive), ops autoprec does not model (an LSTM, a transposed
-convolution: unknown behaviour in low precision), and the stored tensors those ops read. A
+(softmax, the norms: numerically sensitive), ops autoprec does not model (an ONNX LSTM node:
+unknown behaviour in low precision), and the stored tensors those ops read. A
 speedup or memory figure means little without saying how much of the model it could touch: an
-LSTM tagger whose LSTM holds 94% of the weights has a plan for the other 6%. The cost model
+ONNX tagger whose LSTM node holds 94% of the weights has a plan for the other 6%. The cost model
 already prices what stays fp32 at fp32; this says it in words, in the summary and the report.
 
 Computed from the op graph alone (FLOPs and weight elements per op), for both frontends. Torch-free.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autoprec.core.kinds import KINDS
+from autoprec.core.kinds import KINDS, FlopsRule
 from autoprec.core.opgraph import OpGraph, OpNode, Policy
 
 #: how many kinds the one-line summary names (the report lists them all)
@@ -87,6 +87,9 @@ def _reason(op: OpNode) -> str:
         return "reads a stored tensor that is no layer's weight: the tensor stays fp32"
     if k is not None and k.layer is not None:
         return "a layer with nothing to lower here (a product of constants, or an operand form autoprec cannot rewrite)"
+    if k is not None and k.flops is FlopsRule.RECURRENT:  # autoprec.torch.recurrent writes out the others
+        return ("a recurrent op autoprec does not write out as layers (an ONNX LSTM/GRU/RNN node, nn.RNN, "
+                "an LSTM with proj_size, a packed sequence): not modelled")
     if k is None or k.opaque:
         return "not modelled by autoprec (its behaviour in low precision is unknown)"
     return "kept fp32 by rule (numerically sensitive)"

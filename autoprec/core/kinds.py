@@ -38,7 +38,7 @@ class FlopsRule(enum.Enum):
 
 
 #: the classes of layers: what matches a captured layer with an ONNX group (autoprec.onnx.passes.map_layers)
-LAYER_CLASSES = ("linear", "conv", "matmul", "embedding")
+LAYER_CLASSES = ("linear", "conv", "conv_transpose", "matmul", "embedding")
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,11 @@ _REGISTRY: tuple[OpKind, ...] = (
     # layers: the search chooses their format
     OpKind("linear", _ALWAYS, layer="linear", bias=True, flops=FlopsRule.PRODUCT),
     *(OpKind(name, _ALWAYS, layer="conv", bias=True, flops=FlopsRule.CONV) for name in _per_rank("conv{}d")),
+    # a class of its own: its weight is [C_in, C_out/groups, k...] (the output channels on axis 1,
+    # :func:`weight_channel_axis`), ONNX writes it as ConvTranspose, and a batch norm after it does
+    # not fold as after a convolution (CONV_KINDS)
+    *(OpKind(name, _ALWAYS, layer="conv_transpose", bias=True, flops=FlopsRule.CONV_TRANSPOSE)
+      for name in _per_rank("conv_transpose{}d")),
     OpKind("matmul", _ALWAYS, layer="matmul", flops=FlopsRule.PRODUCT),
     OpKind("bmm", _ALWAYS, layer="matmul", flops=FlopsRule.PRODUCT),
     # an embedding table is the weight a language model stores first; in a format its output is the
@@ -116,15 +121,15 @@ _REGISTRY: tuple[OpKind, ...] = (
             "cross_entropy", "nll_loss", "mse_loss", "scaled_dot_product_attention"),
     # NEVER, opaque: ops autoprec does not model (fp32 is the safe default for those)
     *_kinds(_NEVER, "maximum", "minimum", "if", "loop", "scan", opaque=True),
-    # recurrent layers: each step multiplies every weight matrix once (their products are not
-    # plan layers yet, so they stay fp32 and the coverage names them)
+    # recurrent layers as one op: each step multiplies every weight matrix once. nn.LSTM/nn.GRU of
+    # a torch model are traced as their products instead (autoprec.torch.recurrent: linear layers);
+    # these kinds are what stays one op -- ONNX LSTM/GRU/RNN nodes, nn.RNN, an LSTM with proj_size,
+    # a packed sequence -- whose products no plan reaches: fp32, and the coverage names them
     *_kinds(_NEVER, "lstm", "gru", "rnn_tanh", "rnn_relu", opaque=True, flops=FlopsRule.RECURRENT),
     # pools the torch side has no module or function entry for (and torch no 16-bit CPU kernel for
     # avg_pool3d): the names ONNX pools of those ranks get
     *_kinds(_NEVER, "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
             "adaptive_max_pool3d", opaque=True),
-    *(OpKind(name, _NEVER, opaque=True, flops=FlopsRule.CONV_TRANSPOSE)
-      for name in _per_rank("conv_transpose{}d")),
     # an attribute read: a shape (no floating value: no op) or a property such as .T, which capture
     # cannot tell apart from other attributes
     OpKind("getattr", _NEVER, view=True, opaque=True),
@@ -151,16 +156,24 @@ def policy_of(kind: str) -> Policy:
 
 
 def layer_class(kind: str) -> str | None:
-    """The layer class of a layer kind ("conv" for conv1d/2d/3d, "matmul" for bmm), else None."""
+    """The layer class of a layer kind ("conv" for conv1d/2d/3d, "conv_transpose" for
+    conv_transpose1d/2d/3d, "matmul" for bmm), else None."""
     k = KINDS.get(kind)
     return k.layer if k is not None else None
 
 
 # --- argument positions of layers (the capture's normalised form: F.linear(x, w, b), F.conv*(x, w, b,
-# ...), torch.matmul(a, b), F.embedding(idx, table)); an ONNX layer's core node reads its activation
-# and weight at the same input slots (MatMul/Gemm/Conv: A, B; Gather: table first, handled apart)
-_ACT_ARGS = {"linear": (0,), "conv": (0,), "matmul": (0, 1), "embedding": ()}
-_WEIGHT_ARG = {"linear": 1, "conv": 1, "embedding": 1}
+# ...), F.conv_transpose*(x, w, b, stride, padding, output_padding, groups, dilation), torch.matmul(a,
+# b), F.embedding(idx, table)); an ONNX layer's core node reads its activation and weight at the same
+# input slots (MatMul/Gemm/Conv/ConvTranspose: A, B; Gather: table first, handled apart)
+_ACT_ARGS = {"linear": (0,), "conv": (0,), "conv_transpose": (0,), "matmul": (0, 1), "embedding": ()}
+_WEIGHT_ARG = {"linear": 1, "conv": 1, "conv_transpose": 1, "embedding": 1}
+#: where a weight holds its output channels when not on axis 0 (a linear weight's rows, a
+#: convolution's [C_out, C_in/groups, k...], a table's rows): a transposed convolution's weight is
+#: [C_in, C_out/groups, k...], and with groups its output channel (g, j) reads only the input
+#: channels of group g, so its groups argument (ONNX: the ``group`` attribute) matters too
+_CHANNEL_AXIS = {"conv_transpose": 1}
+_GROUPS_ARG = {"conv_transpose": 6}
 
 
 def act_arg_positions(kind: str) -> tuple[int, ...]:
@@ -177,6 +190,18 @@ def weight_arg_position(kind: str) -> int | None:
     return None if cls is None else _WEIGHT_ARG.get(cls)
 
 
+def weight_channel_axis(kind: str) -> int:
+    """The axis of a layer's weight that holds its output channels (what fp8 scales per channel
+    along): 1 for a transposed convolution, 0 for every other layer with a weight."""
+    return _CHANNEL_AXIS.get(layer_class(kind) or "", 0)
+
+
+def groups_arg_position(kind: str) -> int | None:
+    """Position of the groups argument of a layer whose output channels depend on it (a transposed
+    convolution's, :data:`_CHANNEL_AXIS`); None for the others."""
+    return _GROUPS_ARG.get(layer_class(kind) or "")
+
+
 def _where(**want: object) -> frozenset[str]:
     return frozenset(k.name for k in _REGISTRY if all(getattr(k, f) == v for f, v in want.items()))
 
@@ -187,8 +212,11 @@ LAYER_KINDS = _where(policy=Policy.ALWAYS)
 LOOKUP_KINDS = _where(lookup=True)
 #: layers that may add a bias to their product (their third argument)
 BIAS_KINDS = _where(bias=True)
-#: convolutions: an inference-mode batch norm right after one folds into it (autoprec.core.bn_fold)
+#: convolutions: an inference-mode batch norm right after one folds into it (autoprec.core.bn_fold; not
+#: after a transposed convolution, whose output channels lie on another axis of its weight)
 CONV_KINDS = _where(layer="conv")
+#: transposed convolutions (ONNX ConvTranspose): their weight is [C_in, C_out/groups, k...]
+CONV_TRANSPOSE_KINDS = _where(layer="conv_transpose")
 FOLLOW_KINDS = _where(policy=Policy.FOLLOW)
 #: kinds kept fp32 because their numerics are sensitive (norms, softmax, exp/log/pow, reductions, losses)
 NEVER_KINDS = _where(policy=Policy.NEVER, opaque=False)
@@ -205,6 +233,8 @@ VIEW_KINDS = _where(view=True)
 #: them as torch.nn.modules.<file>.<name>, which autoprec.onnx.passes.map_layers reads)
 TORCH_MODULE_KINDS: Mapping[str, str] = {
     "Linear": "linear", "Conv1d": "conv1d", "Conv2d": "conv2d", "Conv3d": "conv3d", "ReLU": "relu",
+    "ConvTranspose1d": "conv_transpose1d", "ConvTranspose2d": "conv_transpose2d",
+    "ConvTranspose3d": "conv_transpose3d",
     "GELU": "gelu", "SiLU": "silu", "Sigmoid": "sigmoid", "Tanh": "tanh", "LeakyReLU": "leaky_relu",
     "Hardtanh": "hardtanh", "ELU": "elu", "MaxPool1d": "max_pool1d", "MaxPool2d": "max_pool2d",
     "AvgPool1d": "avg_pool1d", "AvgPool2d": "avg_pool2d", "AdaptiveAvgPool1d": "adaptive_avg_pool1d",
@@ -309,16 +339,21 @@ ATEN_ALIASES: Mapping[str, str] = {
 
 #: ATen ops that exist for every spatial rank -> their kinds' names, "{}" the spatial rank
 ATEN_RANKED_KINDS: Mapping[str, str] = {"convolution": "conv{}d"}
+#: the same for the transposed form (``aten.convolution`` with ``transposed=True``)
+ATEN_TRANSPOSED_KINDS: Mapping[str, str] = {"convolution": "conv_transpose{}d"}
 
 
-def aten_kind(target: str, rank: int | None = None) -> str:
+def aten_kind(target: str, rank: int | None = None, transposed: bool = False) -> str:
     """The kind of an ATen op: ``aten.conv2d.default`` (an exporter's spelling) or ``conv2d`` (a
     schema's name). ``rank``: the rank of its kernel where known, which names ``aten.convolution``
-    (2-D when unknown)."""
+    (2-D when unknown); ``transposed``: its transposed flag, which the ONNX exporter's metadata does
+    not record (it writes every convolution as ``aten.convolution``; the ONNX op, Conv or
+    ConvTranspose, says which)."""
     parts = target.split(".")
     base = parts[1] if len(parts) > 1 and parts[0] == "aten" else parts[-1]
-    if base in ATEN_RANKED_KINDS:
-        return _ranked(ATEN_RANKED_KINDS[base], rank) or base
+    ranked = ATEN_TRANSPOSED_KINDS if transposed else ATEN_RANKED_KINDS
+    if base in ranked:
+        return _ranked(ranked[base], rank) or base
     return ATEN_ALIASES.get(base, base)
 
 

@@ -87,7 +87,7 @@ class Metric:
         return metric_drop(reference, value, higher_is_better=self.higher_is_better)
 
 
-def fidelity_to(refs: Sequence[Any], outputs_of: Callable[[Any], Sequence[Any]], kinds: Sequence[str] | str) -> Metric:
+def fidelity_to(refs: Sequence[Any], outputs_of: Callable[[Any], Sequence[Any]], kinds: Sequence[str]) -> Metric:
     """Fidelity of a model's outputs to ``refs``, the fp32 model's outputs on the same batches.
     The one definition the torch and ONNX flows share.
 
@@ -98,12 +98,7 @@ def fidelity_to(refs: Sequence[Any], outputs_of: Callable[[Any], Sequence[Any]],
     loss, the largest of 1 - top-1 agreement and relative L2 error over the outputs (lower is
     better): a budget then holds for every output, where an average would let a small error on
     one output hide a large one on another.
-
-    ``kinds`` as one string is the one-output form: ``refs[b]`` and ``outputs_of(model)[b]`` are
-    then that output's arrays themselves (how :mod:`autoprec.onnx.model` calls it).
     """
-    if isinstance(kinds, str):
-        return fidelity_to([[r] for r in refs], lambda model: [[o] for o in outputs_of(model)], (kinds,))
     ref_top = {o: [np.argmax(r[o], axis=-1) for r in refs] for o, k in enumerate(kinds) if k == "logits"}
 
     def agreement(o: int, outs: Sequence[Sequence[np.ndarray]]) -> float:

@@ -196,8 +196,15 @@ class RangeAccumulator:
     over16: int = 0
     under16: int = 0
     values: list[np.ndarray] = field(default_factory=list)  # kept for fp8 stats at the final amax
+    final: bool = False  # added once as a whole (a weight): its fp8 counts are taken at once, no values kept
+    fp8_counts: tuple[int, int, int] = (0, 0, 0)  # (saturated, flushed, non-zero) of a final tensor
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: np.ndarray, final: bool = False) -> None:
+        """Add one batch of the tensor; ``final``: this is the whole tensor and nothing more comes
+        (a weight), so its fp8 statistics are counted now instead of keeping a copy of it (the
+        copies of every weight were half a GPT-2-size fast profile's memory)."""
+        if self.final or (final and self.count):
+            raise ValueError("a final tensor is added once, and alone")
         a = np.abs(np.asarray(x, dtype=np.float32))
         amax = float(a.max()) if a.size else 0.0
         if not math.isfinite(amax):  # rare: ignore non-finite values for the statistics
@@ -209,19 +216,17 @@ class RangeAccumulator:
         self.over16 += int(np.count_nonzero(a > FP16.max))
         # 0 < |x| < min normal, counted as (|x| < min normal) - (|x| == 0) without a third mask
         self.under16 += int(np.count_nonzero(a < FP16.min_normal)) - (a.size - int(np.count_nonzero(a)))
-        self.values.append(a)
+        if final:
+            self.final, self.fp8_counts = True, _fp8_counts(a, self.amax)
+        else:
+            self.values.append(a)
 
     def finish(self) -> RangeStats:
         scale = float(fp8_scale(self.amax, E4M3))
-        # |x|/scale at or below half of E4M3's smallest subnormal (2^-9) rounds to zero (ties to even)
-        flush_at = E4M3.min_subnormal / 2
-        sat = flushed = nonzero = 0
+        sat, flushed, nonzero = self.fp8_counts
         for a in self.values:
-            s = a / np.float32(scale)
-            sat += int(np.count_nonzero(s > E4M3.max))
-            nz = int(np.count_nonzero(a))
-            nonzero += nz
-            flushed += int(np.count_nonzero(s <= flush_at)) - (a.size - nz)  # zeros are not flushed
+            s, f, nz = _fp8_counts(a, self.amax)
+            sat, flushed, nonzero = sat + s, flushed + f, nonzero + nz
         n = max(self.count, 1)
         self.values = []
         return RangeStats(
@@ -233,6 +238,15 @@ class RangeAccumulator:
             frac_fp8_saturated=sat / n,
             frac_fp8_flushed=flushed / max(nonzero, 1),
         )
+
+
+def _fp8_counts(a: np.ndarray, amax: float) -> tuple[int, int, int]:
+    """(saturated, flushed to zero, non-zero) elements of ``a`` (magnitudes) in E4M3 scaled by ``amax``."""
+    s = a / np.float32(float(fp8_scale(amax, E4M3)))
+    nz = int(np.count_nonzero(a))
+    # |x|/scale at or below half of E4M3's smallest subnormal (2^-9) rounds to zero (ties to even)
+    flushed = int(np.count_nonzero(s <= E4M3.min_subnormal / 2)) - (a.size - nz)  # zeros are not flushed
+    return int(np.count_nonzero(s > E4M3.max)), flushed, nz
 
 
 def _fmt_num(x: float) -> str:

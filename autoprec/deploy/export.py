@@ -25,7 +25,7 @@ fp32 without their rounding and has no bf16 kernels, reproduces the torch emulat
 The plan and calibration travel in the model's metadata (``autoprec.*`` keys), so
 :mod:`autoprec.deploy.verify` can rebuild the emulation of a deployed file.
 
-fp8 layers are written as QuantizeLinear/DequantizeLinear around a standard MatMul/Gemm/Conv (the
+fp8 layers are written as QuantizeLinear/DequantizeLinear around a standard MatMul/Gemm/Conv/ConvTranspose (the
 form TensorRT fuses into fp8 GEMMs), not as ``com.microsoft.GemmFloat8``: that kernel takes one
 scale per tensor, and the plan's numerics use one scale per output channel for weights.
 """
@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import onnx
 
-from autoprec.onnx.bn_fold import fold_onnx_batch_norms
+from autoprec.onnx.rewrites.fold_batch_norms import FoldBatchNorms
 from autoprec.torch.attention import explicit_attention
+from autoprec.torch.recurrent import explicit_recurrence
 from autoprec.torch.bn_fold import foldable_norms
 from autoprec.torch.capture import Captured, capture
 from autoprec.core.errors import AutoprecError, PlanError, UsageError, first_line
@@ -52,6 +53,7 @@ from autoprec.core.io import atomic_write_bytes
 from autoprec.core.kinds import aten_kind
 from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import PrecisionPlan
+from autoprec.core.resources import release_memory
 from autoprec.torch.semantics import needs_act_amax
 from autoprec.core.sensitivity import SensitivityProfile
 from autoprec.torch.spec import ModelSpec, load_model_spec
@@ -165,7 +167,8 @@ def _fold_splits(graph: onnx_ir.Graph) -> None:
 def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """The fp32 model as ONNX: dynamo exporter, dynamic batch, constants folded, inference batch
     norms folded into their convolutions as :func:`autoprec.torch.capture.capture` folds them, nothing
-    else fused."""
+    else fused. Attention and ``nn.LSTM``/``nn.GRU`` are exported as their products, as the capture
+    traces them (:mod:`autoprec.torch.attention`, :mod:`autoprec.torch.recurrent`)."""
     import torch
     from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
     from onnxscript import ir
@@ -177,7 +180,8 @@ def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFA
     model = model.eval()
     with _quiet_exporter() as out:
         try:
-            with torch.no_grad(), explicit_attention():  # attention's products as the capture has them
+            # attention's and recurrent layers' products as the capture has them
+            with torch.no_grad(), explicit_attention(), explicit_recurrence():
                 program = torch.onnx.export(model, args, dynamo=True, external_data=False, optimize=False,
                                             opset_version=opset, dynamic_shapes=_batch_dims(args))
         except Exception as exc:  # the exporter raises many types
@@ -193,8 +197,10 @@ def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFA
         RemoveUnusedNodesPass()(ir_model)
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(ir_model)
         RemoveUnusedNodesPass()(ir_model)
+        FoldBatchNorms()(ir_model)  # as capture folds them: the same weights, bit for bit
         proto = ir.serde.serialize_model(ir_model)
-    fold_onnx_batch_norms(proto)  # as capture folds them: the same weights, bit for bit
+        del program, ir_model
+    release_memory()  # the exporter's graphs and the constants it folded, before a plan is built from it
     return infer_types(proto)
 
 

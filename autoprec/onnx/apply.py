@@ -27,7 +27,7 @@ from autoprec.onnx.graph import OnnxAnalysis
 from autoprec.onnx.passes.assign_formats import AssignFormats
 from autoprec.onnx.passes.base import (FORMAT, INSERTED, LAYER, MODEL_ACT_AMAX, MODEL_ASSIGNMENT, MODEL_FINGERPRINT,
                                        MODEL_IO, MODEL_MODE, MODEL_NAME, MODEL_PROVIDER, REASON, ROLE, ROLE_CORE, OnnxPass,
-                                       checkable, drop_meta, get_meta, infer_types, model_meta, set_model_meta)
+                                       checkable, compacted, drop_meta, get_meta, infer_types, model_meta, set_model_meta)
 from autoprec.onnx.passes.insert_casts import InsertCasts
 from autoprec.onnx.passes.io_format import IO_FORMATS, IOFormat
 from autoprec.onnx.passes.keep_roundings import KeepRoundings
@@ -93,7 +93,7 @@ def run_plan_passes(fp32_model: onnx.ModelProto, passes: list[OnnxPass], graph: 
     onnx.checker.check_model(checkable(model), full_check=True)
     if not keep_metadata:
         del model.graph.value_info[:]
-    return model
+    return compacted(model)
 
 
 def compact_metadata(model: onnx.ModelProto) -> None:

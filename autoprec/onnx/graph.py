@@ -10,7 +10,9 @@ Preprocessing (:func:`preprocess`), in order; each rewrite is one onnx_ir pass o
 
 0. inline the model's local functions (:mod:`~autoprec.onnx.rewrites.inline_functions`);
 1. upgrade the default-domain opset to ``target_opset`` (``onnx.version_converter``; never
-   downgrades) and raise the IR version to the one that opset needs;
+   downgrades) and raise the IR version to the one that opset needs, then expand each fused op of
+   :data:`EXPANDED_OPS` (``Attention``) into the function body ONNX defines for it (onnx's
+   inliner), so that the products inside it are layers (:func:`_expand_ops`);
 2. fold constants that make weights (:mod:`~autoprec.onnx.rewrites.fold_constants`): ``Constant``
    nodes become initializers, and nodes that move, convert or make constants, or do exact
    arithmetic on them, are evaluated -- e.g. a weight stored transposed and fed through Transpose,
@@ -28,7 +30,8 @@ Preprocessing (:func:`preprocess`), in order; each rewrite is one onnx_ir pass o
 The op graph has one :class:`OpNode` per top-level ONNX node plus one ``placeholder`` per graph
 input, with the kinds, policies and FLOP counts of the registry the torch capture uses too
 (:mod:`autoprec.core.kinds`: MatMul or Gemm reading an initializer is ``linear``, of two
-activations ``matmul``, Conv ``conv1d``/``conv2d``/``conv3d`` by rank, ...). A decomposed layer
+activations ``matmul``, Conv ``conv1d``/``conv2d``/``conv3d`` by rank, ConvTranspose
+``conv_transpose1d``/... likewise, ...). A decomposed layer
 norm the fusion leaves (no scale, other axes) is one group whose every node is a ``layer_norm``;
 either way it is NEVER, so its statistics stay fp32 as torch's single op does. Below opset 20,
 where ONNX has no Gelu, an erf GELU's nodes are ``gelu`` pieces kept fp32 with a reason. Control
@@ -48,11 +51,13 @@ from typing import Any, Mapping
 
 import onnx
 import onnx.defs
+import onnx.inliner
 import onnx_ir as ir
 from onnx import helper, version_converter
 
 from autoprec.core.errors import CaptureError, UsageError, first_line
-from autoprec.core.kinds import CONV_KINDS, LOOKUP_KINDS, NEVER_KINDS, flops, onnx_kind, policy_of
+from autoprec.core.kinds import (CONV_KINDS, CONV_TRANSPOSE_KINDS, LOOKUP_KINDS, NEVER_KINDS, flops, onnx_kind,
+    policy_of)
 from autoprec.core.opgraph import OpGraph, OpNode, Policy
 from autoprec.onnx.rewrites.base import Rewrite
 from autoprec.onnx.rewrites.erf_gelu import GELU_OPSET, FuseErfGelus, erf_gelu_nodes, fuse_erf_gelus
@@ -74,6 +79,11 @@ __all__ = ["FLOAT_TYPES", "OnnxAnalysis", "TARGET_OPSET", "analyse_onnx", "build
 TARGET_OPSET = 21
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
+
+#: Fused ONNX ops that preprocessing replaces by the function body ONNX defines for them
+#: (:func:`_expand_ops`), so that the products inside become layers: Attention (opset 23) computes
+#: Q Kᵀ and P V, the two matmuls a torch model's attention is captured as.
+EXPANDED_OPS = ("Attention",)
 
 _NEVER_WHY = "stays fp32 by default (numerically sensitive: norms, softmax, exp/log/pow, reductions)"
 
@@ -198,6 +208,7 @@ def preprocess(model: onnx.ModelProto, target_opset: int = TARGET_OPSET) -> tupl
         notes.append(f"inlined the model's {InlineFunctions()(ir_model).count} local function(s)")
         model = _from_ir(ir_model, maps)
     model = _upgrade(model, target_opset, notes)
+    model = _expand_ops(model, notes)
     ir_model, maps = _to_ir(model)
     for rewrite, note in _REWRITES:
         count = rewrite()(ir_model).count
@@ -286,6 +297,57 @@ def _upgrade(model: onnx.ModelProto, target_opset: int, notes: list[str]) -> onn
         notes.append(f"raised IR version {model.ir_version} -> {needed}")
         model.ir_version = needed
     return model
+
+
+def _expand_ops(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+    """``model`` with each node of :data:`EXPANDED_OPS` replaced by the ONNX function body its
+    schema defines for it (onnx's inliner builds the context-dependent body from the node's
+    attributes and inputs): the fused op's products become ordinary MatMuls, i.e. ``matmul``
+    layers, as a fused attention kernel computes them. The body's nodes are named after the node
+    they expand (``<name>/<op_type>``, made unique by :class:`NameNodes`) and carry its metadata, so
+    their layers keep its scope. A body onnx cannot build leaves the model as it is, with a note:
+    the fused node then stays fp32 with its reason."""
+    fused = [n for n in model.graph.node if _expands(n)]
+    if not fused:
+        return model
+    what = ", ".join(sorted({n.op_type for n in fused}))
+    try:
+        out = onnx.inliner.inline_selected_functions(model, [("", op) for op in EXPANDED_OPS],
+                                                     inline_schema_functions=True)
+    except Exception as exc:  # onnx's C++ inliner: a body it cannot build for these inputs or attributes
+        notes.append(f"could not expand {len(fused)} {what} node(s) into their ONNX function body "
+                     f"({first_line(exc)}): kept as one fp32 op each")
+        return model
+    _name_expanded(model.graph, out.graph)
+    notes.append(f"expanded {len(fused)} {what} node(s) into their ONNX function body, so that each one's "
+                 "products (Q Kᵀ and P V) are matmul layers")
+    return out
+
+
+def _name_expanded(before: onnx.GraphProto, after: onnx.GraphProto) -> None:
+    """Name each node the inliner made (the nodes of ``after`` that are not nodes of ``before``)
+    after the node of ``before`` it expands, with that node's metadata. The inliner writes each
+    expanded node's body in its place, in order, the node's outputs written by the body's last
+    nodes: so the made nodes belong to the expanded nodes in turn, each up to its outputs."""
+    kept = {n.SerializeToString() for n in before.node if not _expands(n)}
+    owners = [n for n in before.node if _expands(n)]
+    k, pending = 0, {o for o in owners[0].output if o}
+    for node in after.node:
+        if node.SerializeToString() in kept:
+            continue
+        owner = owners[k]
+        if owner.name:
+            node.name = f"{owner.name}/{node.op_type}"
+        node.metadata_props.extend(owner.metadata_props)
+        pending.difference_update(node.output)
+        if not pending and k + 1 < len(owners):
+            k += 1
+            pending = {o for o in owners[k].output if o}
+
+
+def _expands(node: onnx.NodeProto) -> bool:
+    """Whether preprocessing replaces ``node`` by its ONNX function body (:data:`EXPANDED_OPS`)."""
+    return node.domain in ("", "ai.onnx") and node.op_type in EXPANDED_OPS
 
 
 def _ops_missing_at(g: onnx.GraphProto, opset: int) -> list[str]:
@@ -419,11 +481,16 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, ConcreteValue],
     return graph, op_types, reasons, {n.name: groups.get(n.name, n.name) for n in g.node}
 
 
+#: kinds of the ONNX ops that read their kernel as input 1 (Conv, ConvTranspose)
+_KERNEL_KINDS = CONV_KINDS | CONV_TRANSPOSE_KINDS
+
+
 def _unsupported_layer(node: onnx.NodeProto, kind: str, weight: str | None) -> bool:
-    """A MatMul/Gemm/Conv the passes cannot lower: its weight is not a constant second operand."""
+    """A MatMul/Gemm/Conv/ConvTranspose the passes cannot lower: its weight is not a constant
+    second operand."""
     if kind == "linear":
         return weight is None or len(node.input) < 2 or node.input[1] != weight
-    if kind in CONV_KINDS:
+    if kind in _KERNEL_KINDS:
         return weight is None
     return False
 
@@ -511,7 +578,7 @@ def _kind(node: onnx.NodeProto, inits: set[str], values: Mapping[str, ConcreteVa
     # a Conv's kernel (input 1) has its input's rank; a pool has only its input
     rank = next((r for r in (_rank(values, i) for i in ins[1::-1]) if r is not None), None)
     kind = onnx_kind(op, node.domain, rank)
-    weight = ins[1] if kind in CONV_KINDS and len(ins) > 1 and ins[1] in inits else None
+    weight = ins[1] if kind in _KERNEL_KINDS and len(ins) > 1 and ins[1] in inits else None
     return kind, weight
 
 
@@ -525,7 +592,7 @@ def _reason(node: onnx.NodeProto, kind: str, policy: Policy, reads_activations: 
         return None
     if (kind in ("linear", "matmul") or kind.startswith("conv")) and not reads_activations:
         return f"{node.op_type} reads only constants: nothing to lower"
-    if kind == "linear" or kind in CONV_KINDS:
+    if kind == "linear" or kind in _KERNEL_KINDS:
         return (f"{node.op_type} whose weight is not a constant second operand: kept fp32 (autoprec lowers "
                 f"weights stored as initializers and read as input 1)")
     if node.domain == "ai.onnx.ml":
@@ -579,12 +646,12 @@ def _stored_elems(ins: list[str], inits: set[str], values: Mapping[str, Concrete
 
 def _weight_elems(node: onnx.NodeProto, weight: str | None, inits: set[str], values: Mapping[str, ConcreteValue],
                   bias_add: str | None) -> int:
-    """Parameter elements a layer reads: its weight and its bias -- Gemm's/Conv's C/B input, or a
+    """Parameter elements a layer reads: its weight and its bias -- Gemm's C, (Transpose)Conv's B, or a
     MatMul's ``bias_add`` constant (:func:`_bias_add`), counted as torch counts nn.Linear's bias."""
     if weight is None:
         return 0
     total = values[weight].numel
-    if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2] in inits:
+    if node.op_type in ("Gemm", "Conv", "ConvTranspose") and len(node.input) > 2 and node.input[2] in inits:
         total += values[node.input[2]].numel
     elif bias_add is not None:
         total += values[bias_add].numel

@@ -13,15 +13,26 @@ search's verification and the final metric all measure such graphs, so the error
 construction the error the tuned model has.
 
 Data: an ``.npz`` file whose arrays are named after the model's inputs (or, written by
-``np.savez(path, a, b)``, given in input order), all with the same number of samples on axis 0,
-except the inputs the model declares as scalars (an If's condition), given once for every run.
+``np.savez(path, a, b)``, given in input order). Which inputs carry samples is read off the graph's
+input shapes (:func:`_match_inputs`): an input whose axis 0 the graph leaves symbolic is *batched*,
+its data hold the samples on axis 0 (all batched inputs the same number N). An input whose axis 0
+the graph fixes to D is *fed whole*, the same array to every run, when its data have D there (a
+weight matrix given as an input: it follows no batch), and batched when they hold N there instead
+(a multiple of D: runs then take D samples). Without symbolic inputs, N is the axis-0 size of the
+data that differ from their fixed D; where every array has exactly its input's shape, the inputs are
+one batch when their axes 0 agree, and all fed whole, in one run, when they do not (a [2, 3] @
+[3, 4] operator test). Rank-0 inputs (an If's condition) are fed whole. Integer inputs stay integers.
 Labels: an ``.npy``/``.npz`` file, or the name of an array in the data file that is not an input.
 The first :data:`CALIBRATION_SAMPLES` samples calibrate (range statistics, fp8 scales) and profile;
 the metric is measured on all of them.
 
+Every floating graph output counts (:class:`autoprec.core.stats.Outputs`, as for torch models):
+the profile's error of a trial is the sum of each output's error, and fidelity to fp32 is the worst
+output's (:func:`autoprec.core.metrics.fidelity_to`). Labels judge the first floating output.
+
 Profiling is exact (ONNX Runtime has no backward pass for the fast estimate): one fp32 run records
 every layer's input and output ranges, then each (layer, format) trial runs the graph with only that
-layer lowered and measures the output error against fp32, and the layer's own output change.
+layer lowered and measures the outputs' error against fp32, and the layer's own output change.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ from autoprec.core.errors import UsageError, first_line
 from autoprec.core.formats import DEFAULT_CANDIDATES, Precision
 from autoprec.core.metrics import Metric, fidelity_to, label_metric
 from autoprec.onnx.graph import FLOAT_TYPES, OnnxAnalysis, analyse_onnx, graph_inputs, read_model
-from autoprec.core.stats import NOT_FINITE, ErrorSum, Progress, RangeAccumulator, explain, measure_name, output_kind_of
+from autoprec.core.stats import NOT_FINITE, ErrorSum, Outputs, Progress, RangeAccumulator, explain
 from autoprec.onnx.apply import apply_plan_analysed
 from autoprec.ort.runtime import open_session
 from autoprec.core.kinds import act_arg_positions
@@ -76,9 +87,10 @@ def _input_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
 
 
 def _match_inputs(arrays: dict[str, np.ndarray], inputs: Sequence[onnx.ValueInfoProto],
-                  path: Path) -> tuple[Feeds, Feeds]:
-    """The data arrays of each model input, by name, else (np.savez's arr_0, arr_1, ...) by order:
-    (batched inputs, samples on axis 0; scalar inputs, e.g. an If's condition, the same for every run)."""
+                  path: Path) -> tuple[Feeds, Feeds, int | None]:
+    """The data arrays of each model input, by name, else (np.savez's arr_0, arr_1, ...) by order,
+    split by the rule of the module docstring: (batched inputs, samples on axis 0; inputs fed whole
+    to every run; the batch the batched inputs' graph shapes fix on axis 0, or None where it is free)."""
     names = [vi.name for vi in inputs]
     if list(arrays) == [""] and len(names) == 1:  # one .npy for a one-input model
         arrays = {names[0]: arrays[""]}
@@ -92,41 +104,78 @@ def _match_inputs(arrays: dict[str, np.ndarray], inputs: Sequence[onnx.ValueInfo
         raise UsageError(f"{path} has no array for model input(s) {', '.join(missing)} (it has "
                          f"{', '.join(sorted(arrays)) or 'none'}): name the arrays after the inputs, "
                          f"e.g. np.savez(path, **{{{names[0]!r}: x}})")
-    feeds: Feeds = {}
-    scalars: Feeds = {}
+    data: Feeds = {}
+    whole: Feeds = {}
+    leading: dict[str, int | None] = {}  # the graph's axis 0 of each array input (None: symbolic)
     for vi in inputs:
         a = chosen[vi.name]
         want = _input_dtype(vi)
         if a.dtype != want:
-            # float64 -> float32 is a rounding a user expects; integers for a float input (or the
-            # reverse) usually mean the wrong array: say so rather than convert silently
+            # float64 -> float32 is a rounding a user expects, int32 -> int64 a widening; integers for a
+            # float input (or the reverse) usually mean the wrong array: say so rather than convert silently
             if not np.can_cast(a.dtype, want, casting="same_kind") or (a.dtype.kind in "iub") != (want.kind in "iub"):
                 raise UsageError(f"input {vi.name!r}: the data are {a.dtype}, the model takes {want}: save them as "
                                  f"{want} (e.g. x.astype(np.{want})) if that is what you mean")
             a = a.astype(want)
-        rank = len(vi.type.tensor_type.shape.dim) if vi.type.tensor_type.HasField("shape") else a.ndim
-        if rank == 0 and a.ndim == 0:
-            scalars[vi.name] = a
+        declared = _declared_dims(vi)
+        if a.ndim == 0 and not declared:
+            whole[vi.name] = a  # a scalar (an If's condition): the same for every run
             continue
-        if a.ndim != rank or a.ndim == 0:
-            raise UsageError(f"input {vi.name!r}: the data have shape {list(a.shape)}, the model takes rank {rank} "
-                             "with the samples on axis 0")
-        feeds[vi.name] = np.ascontiguousarray(a)
-    if not feeds:
-        raise UsageError("the model has no input with samples on axis 0: nothing to calibrate or measure on")
-    sizes = {n: int(a.shape[0]) for n, a in feeds.items()}
-    if len(set(sizes.values())) > 1:
-        raise UsageError(f"the inputs in {path} hold different numbers of samples on axis 0: {sizes}")
-    return feeds, scalars
+        if declared is not None and (a.ndim != len(declared) or any(
+                d is not None and d != s for d, s in zip(declared[1:], a.shape[1:]))):
+            dims = vi.type.tensor_type.shape.dim
+            shown = ", ".join(str(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?" for d in dims)
+            raise UsageError(f"input {vi.name!r}: the data have shape {list(a.shape)}, the model takes rank "
+                             f"{len(declared)}: [{shown}]; the data cannot fit the graph")
+        data[vi.name] = np.ascontiguousarray(a)
+        leading[vi.name] = declared[0] if declared else None
+    samples = _samples(data, leading)
+    # every input's axis 0 fixed by the graph, every array of that exact shape, one size: one batch
+    one_batch = samples is not None and all(a.shape[0] == leading[n] for n, a in data.items())
+    feeds: Feeds = {}
+    for name, a in data.items():
+        fixed = leading[name]
+        if fixed is None or one_batch or (a.shape[0] != fixed and a.shape[0] == samples):
+            feeds[name] = a
+        elif a.shape[0] == fixed:
+            whole[name] = a  # the graph fixes its axis 0 and the data have that shape: it follows no batch
+        else:
+            raise UsageError(f"input {name!r}: its data have {a.shape[0]} on axis 0, neither the {samples} samples "
+                             f"of the other inputs nor the {fixed} the model fixes: the data cannot fit the graph")
+    fixed_by = {name: leading[name] for name in feeds if leading[name] is not None}
+    if len(set(fixed_by.values())) > 1:
+        raise UsageError(f"the model's inputs fix different batch sizes on axis 0 ({fixed_by}) and the data give "
+                         f"each {samples} samples: the data cannot fit the graph")
+    return feeds, whole, next(iter(fixed_by.values()), None)
 
 
-def _fixed_batch(inputs: Sequence[onnx.ValueInfoProto]) -> int | None:
-    """The batch size the model's inputs fix on axis 0, if they do."""
-    fixed = {d.dim_value for vi in inputs if vi.type.tensor_type.HasField("shape")
-             for d in vi.type.tensor_type.shape.dim[:1] if d.HasField("dim_value") and d.dim_value > 0}
-    if len(fixed) > 1:
-        raise UsageError(f"the model's inputs fix different batch sizes {sorted(fixed)} on axis 0")
-    return fixed.pop() if fixed else None
+def _declared_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
+    """The graph's shape of input ``vi``, a symbolic or unknown dim as None; None without a shape."""
+    if not vi.type.tensor_type.HasField("shape"):
+        return None
+    return [int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in vi.type.tensor_type.shape.dim]
+
+
+def _samples(data: Feeds, leading: Mapping[str, int | None]) -> int | None:
+    """How many samples the data hold on axis 0 (None: no input carries samples, one run): the
+    shared axis-0 size of the inputs whose axis 0 the graph leaves symbolic; else that of the data
+    whose axis 0 differs from the one the graph fixes; else, where every array has its input's exact
+    shape, their shared axis 0 (one batch) -- or None when those differ (no shared batch axis)."""
+    free = {n: a.shape[0] for n, a in data.items() if leading[n] is None}
+    if free:
+        if len(set(free.values())) > 1:
+            raise UsageError(f"the inputs whose axis 0 is free (samples) hold different numbers of samples: {free}")
+        return next(iter(free.values()))
+    more = {n: a.shape[0] for n, a in data.items() if a.shape[0] != leading[n]}
+    if len(set(more.values())) > 1:
+        fixed = {n: leading[n] for n in more}
+        raise UsageError(f"the inputs hold different numbers of samples on axis 0: {more}, where the model fixes "
+                         f"{fixed}: the data cannot fit the graph")
+    if more:
+        return next(iter(more.values()))
+    sizes = {a.shape[0] for a in data.values()}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _batch_size(b: int | None, n: int) -> int:
@@ -143,8 +192,8 @@ class OnnxModel:
     """An analysed ONNX model with its data: what the ONNX tune flow works on."""
 
     analysis: OnnxAnalysis
-    feeds: Feeds  # every sample, by input name
-    scalars: Feeds  # rank-0 inputs, the same in every run
+    feeds: Feeds  # the batched inputs: every sample, by input name
+    whole: Feeds  # the inputs fed whole, the same in every run (rank 0, or without a shared batch axis)
     labels: np.ndarray | None
     batch: int  # samples per ONNX Runtime run
     fixed_batch: bool = False  # the model takes exactly ``batch`` samples per run
@@ -162,23 +211,30 @@ class OnnxModel:
         else:
             path = Path(data)
             arrays = _read_arrays(path, "data")
-        feeds, scalars = _match_inputs(arrays, inputs, path)
-        n = next(iter(feeds.values())).shape[0]
+        feeds, whole, fixed = _match_inputs(arrays, inputs, path)
+        n = next(iter(feeds.values())).shape[0] if feeds else 1  # without batched inputs: one run
         if n == 0:
             raise UsageError(f"{path} holds no samples")
         lab = _labels(labels, arrays, feeds, n)
-        fixed = _fixed_batch(inputs)
         run_batch = _batch_size(fixed, n)
         # shapes at one sample (or the batch the model fixes): the op graph, and so the plan's
         # fingerprint, do not depend on how many samples the data hold
         one = fixed or 1
-        analysis = analyse_onnx(proto, example={**{k: v[:one] for k, v in feeds.items()}, **scalars}, name=label)
-        return cls(analysis, feeds, scalars, lab, run_batch, fixed is not None)
+        analysis = analyse_onnx(proto, example={**{k: v[:one] for k, v in feeds.items()}, **whole}, name=label)
+        # the cost model scales what the inputs feed to the deployment batch; with every input fed
+        # whole there are no samples to scale (0: price the graph as it is)
+        analysis.graph.batch = one if feeds else 0
+        return cls(analysis, feeds, whole, lab, run_batch, fixed is not None)
 
     # --- data -----------------------------------------------------------------------------------
     @property
     def samples(self) -> int:
-        return next(iter(self.feeds.values())).shape[0]
+        """Samples in the data (1 where every input is fed whole: the model then runs once)."""
+        return next(iter(self.feeds.values())).shape[0] if self.feeds else 1
+
+    def samples_in(self, batch: Feeds) -> int:
+        """Samples in one run's ``batch`` (1 where every input is fed whole)."""
+        return next((batch[k].shape[0] for k in self.feeds), 1)
 
     def batches(self, limit: int | None = None) -> list[Feeds]:
         """The data as runs of :attr:`batch` samples: the first ``limit`` samples (rounded up to
@@ -186,7 +242,7 @@ class OnnxModel:
         n = self.samples if limit is None else min(self.samples, limit)
         if self.fixed_batch and n % self.batch:
             n = min(self.samples, math.ceil(n / self.batch) * self.batch)
-        return [{**{k: v[i:min(i + self.batch, n)] for k, v in self.feeds.items()}, **self.scalars}
+        return [{**{k: v[i:min(i + self.batch, n)] for k, v in self.feeds.items()}, **self.whole}
                 for i in range(0, n, self.batch)]
 
     def calibration(self) -> list[Feeds]:
@@ -201,7 +257,8 @@ class OnnxModel:
         return apply_plan_analysed(self.analysis, assignment, act_amax, mode, provider=provider)
 
     def run(self, model: onnx.ModelProto, batches: Sequence[Feeds], extra: Sequence[str] = ()) -> list[list[np.ndarray]]:
-        """Per batch: the model's first floating output, then the values named in ``extra``."""
+        """Per batch: the analysed model's floating outputs (:attr:`output_names`, which every graph
+        a plan makes of it keeps), then the values named in ``extra``."""
         m = model
         if extra:
             m = onnx.ModelProto()
@@ -209,8 +266,7 @@ class OnnxModel:
             have = {o.name for o in m.graph.output}
             m.graph.output.extend(onnx.ValueInfoProto(name=e) for e in extra if e not in have)
         session = open_session(m.SerializeToString(), self.providers)
-        out_name = self._first_float_output(model)
-        names = [out_name, *extra]
+        names = [*self.output_names, *extra]
         return [session.run(b, names) for b in batches]
 
     def time_reference(self, batches: Sequence[Feeds]) -> float:
@@ -225,41 +281,55 @@ class OnnxModel:
             best = min(best, time.perf_counter() - t)
         return best
 
-    def outputs(self, model: onnx.ModelProto, batches: Sequence[Feeds] | None = None) -> list[np.ndarray]:
-        """The first floating output of ``model`` on ``batches`` (default: all the data)."""
-        return [np.asarray(r[0], dtype=np.float32) for r in self.run(model, self.batches() if batches is None else batches)]
+    def outputs(self, model: onnx.ModelProto, batches: Sequence[Feeds] | None = None) -> list[list[np.ndarray]]:
+        """Per batch of ``batches`` (default: all the data), every floating output of ``model`` in
+        fp32, in graph order (:attr:`output_names`)."""
+        n = len(self.output_names)
+        return [[np.asarray(y, dtype=np.float32) for y in r[:n]]
+                for r in self.run(model, self.batches() if batches is None else batches)]
 
-    @staticmethod
-    def _first_float_output(model: onnx.ModelProto) -> str:
-        for o in model.graph.output:
-            if o.type.tensor_type.elem_type in FLOAT_TYPES:
-                return o.name
-        hint = ""
-        if any(n.op_type == "ZipMap" for n in model.graph.node):
-            hint = (" (its probabilities go through a ZipMap into maps: convert it with skl2onnx's option "
-                    "{'zipmap': False} to get them as a tensor)")
-        raise UsageError(f"the model has no floating-point output: nothing to measure errors on{hint}")
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The analysed model's floating graph outputs, in graph order: the outputs whose errors count."""
+        model = self.analysis.model
+        names = tuple(o.name for o in model.graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES)
+        if not names:
+            hint = ""
+            if any(n.op_type == "ZipMap" for n in model.graph.node):
+                hint = (" (its probabilities go through a ZipMap into maps: convert it with skl2onnx's option "
+                        "{'zipmap': False} to get them as a tensor)")
+            raise UsageError(f"the model has no floating-point output: nothing to measure errors on{hint}")
+        return names
+
+    def measured(self, first: Sequence[np.ndarray]) -> Outputs:
+        """The outputs that count and the kind of each (:meth:`Outputs.resolve`, decided by their
+        shapes in ``first``, one fp32 run's outputs): every floating output, as for torch models."""
+        return Outputs.resolve(self.output_names, [np.shape(y) for y in first])
 
     # --- the metric -----------------------------------------------------------------------------
     def metric(self) -> Metric:
-        """Accuracy (integer labels) or mean squared error (float labels) on all the data; without
-        labels, fidelity to the fp32 model (top-1 agreement for logits, else relative L2 error)."""
+        """Accuracy (integer labels) or mean squared error (float labels) of the first floating
+        output on all the data; without labels, fidelity to the fp32 model on every floating output
+        (one: top-1 agreement for logits, else relative L2 error; several: the worst output's loss)."""
         batches = self.batches()
 
-        def outputs_of(model: onnx.ModelProto) -> list[np.ndarray]:
+        def outputs_of(model: onnx.ModelProto) -> list[list[np.ndarray]]:
             return self.outputs(model, batches)
 
         if self.labels is not None:
             labs = [np.ascontiguousarray(self.labels[i:i + self.batch]) for i in range(0, self.samples, self.batch)]
-            return label_metric(labs, outputs_of)
+            return label_metric(labs, lambda model: [ys[0] for ys in outputs_of(model)])
         refs = outputs_of(self.analysis.model)
-        return fidelity_to(refs, outputs_of, output_kind_of(refs[0], None))
+        return fidelity_to(refs, outputs_of, self.measured(refs[0]).kinds)
 
 
 def _labels(labels: str | os.PathLike[str] | np.ndarray | None, arrays: Mapping[str, np.ndarray], feeds: Feeds,
             n: int) -> np.ndarray | None:
     if labels is None:
         return None
+    if not feeds:
+        raise UsageError("labels need samples, but every input of the model is fed whole (no input holds samples "
+                         "on axis 0: the model runs once): tune it on fidelity to fp32, without labels")
     if isinstance(labels, np.ndarray):
         lab = labels
     elif str(labels) in arrays and str(labels) not in feeds:
@@ -319,7 +389,7 @@ def _weight_array(model: OnnxModel, name: str) -> np.ndarray:
 def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDIDATES,
                  progress: Progress | None = None) -> SensitivityProfile:
     """Exact sensitivity of every layer in each of ``formats``, measured on ONNX Runtime (CPU) with
-    emulation graphs over the calibration samples."""
+    emulation graphs over the calibration samples: the sum of every floating output's error."""
     fmts = tuple(f for f in formats if f is not Precision.FP32)
     if not fmts:
         raise UsageError("no low-precision format to profile: give at least one of bf16, fp16, fp8")
@@ -329,7 +399,8 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
     t0 = time.perf_counter()
     extra = list(dict.fromkeys(v for x in io for v in (*x.acts, x.output)))
     base = model.run(model.analysis.model, batches, extra)
-    pos = {v: i + 1 for i, v in enumerate(extra)}
+    n_out = len(model.output_names)  # each run's results: the outputs, then the extra values
+    pos = {v: i + n_out for i, v in enumerate(extra)}
     ranges: dict[str, LayerRanges] = {}
     for x in io:
         accs = [RangeAccumulator() for _ in range(len(x.acts) + 1)]
@@ -342,11 +413,11 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
             wacc.add(_weight_array(model, x.weight))
             weight = wacc.finish()
         ranges[x.name] = LayerRanges(tuple(a.finish() for a in accs[:-1]), accs[-1].finish(), weight)
-    refs = [np.asarray(r[0], dtype=np.float32) for r in base]
-    if not all(bool(np.isfinite(r).all()) for r in refs):
+    refs = [[np.asarray(y, dtype=np.float32) for y in r[:n_out]] for r in base]
+    if not all(bool(np.isfinite(y).all()) for ys in refs for y in ys):
         raise UsageError(NOT_FINITE)
-    kind = output_kind_of(refs[0], None)
-    prepared = [ErrorSum(kind).reference(r) for r in refs]
+    measured = model.measured(refs[0])
+    prepared = [[ErrorSum(k).reference(y) for k, y in zip(measured.kinds, ys)] for ys in refs]
     amax = {x.name: tuple(s.amax for s in ranges[x.name].inputs) for x in io}
     errors: dict[str, dict[Precision, float]] = {}
     local: dict[str, dict[Precision, float]] = {}
@@ -356,11 +427,13 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
         own_ref = [np.asarray(r[pos[x.output]], dtype=np.float32) for r in base]
         for fmt in fmts:
             trial = model.build({x.name: fmt}, {x.name: amax[x.name]} if fmt.is_fp8 else None)
-            acc, own = ErrorSum(kind), ErrorSum("values")
+            accs = [ErrorSum(k) for k in measured.kinds]  # one per output: the error is their sum
+            own = ErrorSum("values")
             for bi, res in enumerate(model.run(trial, batches, [x.output])):
-                acc.add(refs[bi], np.asarray(res[0], dtype=np.float32), prepared[bi])
-                own.add(own_ref[bi], np.asarray(res[1], dtype=np.float32))
-            errors[x.name][fmt] = acc.value()
+                for acc, ref, new, prep in zip(accs, refs[bi], res, prepared[bi]):
+                    acc.add(ref, np.asarray(new, dtype=np.float32), prep)
+                own.add(own_ref[bi], np.asarray(res[n_out], dtype=np.float32))
+            errors[x.name][fmt] = sum(acc.value() for acc in accs)
             local[x.name][fmt] = math.sqrt(own.value())
             done += 1
             if progress:
@@ -368,8 +441,8 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
     seconds = time.perf_counter() - t0
     graph = model.analysis.graph
     prof = SensitivityProfile(model_name=graph.model_name, fingerprint=graph.fingerprint(), mode="exact",
-                              measure=measure_name(kind), formats=fmts, errors=errors, ranges=ranges,
-                              local_errors=local, samples=sum(b[next(iter(model.feeds))].shape[0] for b in batches),
+                              measure=measured.measure, formats=fmts, errors=errors, ranges=ranges,
+                              local_errors=local, samples=sum(model.samples_in(b) for b in batches),
                               cost_passes=seconds / t_ref if t_ref > 0 else 0.0, rerun_fraction=1.0, seconds=seconds)
     prof.flags = explain(prof)
     return prof

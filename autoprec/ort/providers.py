@@ -27,7 +27,7 @@ Sources of the built-in table (every entry records whether it is *documented* or
   the engine allows it (``trt_fp16_enable`` / ``trt_bf16_enable`` or a strongly typed network);
   ops TensorRT rejects fall back to the CUDA EP, which this table does not model.
 
-fp8 is never a compute type of an ONNX MatMul, Gemm, Conv or Gather (such a graph is invalid). An
+fp8 is never a compute type of an ONNX MatMul, Gemm, Conv, ConvTranspose or Gather (such a graph is invalid). An
 fp8 layer is emitted as QuantizeLinear -> DequantizeLinear on its inputs followed by the ordinary op,
 so it is *legal* on an EP when fp8 QuantizeLinear and DequantizeLinear kernels exist there, the
 op runs in the dequantized format (fp32 is always available) and a bf16 Cast writes its result. An
@@ -38,6 +38,17 @@ Gather looks the rows up and a Cast rounds them to bf16 (:data:`FP8_FORMS`). Wha
 - CUDA: the same; a real fp8 GEMM would need the contrib op ``com.microsoft.GemmFloat8`` (sm89+),
   which autoprec does not emit. Note that CUDA's DequantizeLinear outputs fp32 or fp16, not bf16.
 - TensorRT: fuses the Q/DQ pair into an fp8 GEMM on sm89+ (assumed; Conv coverage is narrower).
+
+ConvTranspose, read 2026-12-03 from microsoft/onnxruntime (onnxruntime/core/providers/cuda/nn/
+conv_transpose.cc and cuda/tensor/quantize_linear.cc): the CUDA kernel is registered for float,
+double and MLFloat16 only, so a bf16 ConvTranspose computes in fp32 between casts there (no bf16
+entry below; ONNX's ConvTranspose admits no bf16 before opset 22 anyway). An fp8 ConvTranspose with
+several groups reads its weight through a *blocked* DequantizeLinear (one scale per group and output
+channel, :mod:`autoprec.onnx.passes.lower_weights`), which the CPU kernel runs (probed: exact) but
+whose CUDA kernel implements blocks for 4-bit types only. autoprec's own sessions fold a weight's
+DequantizeLinear on the CPU when they start (:mod:`autoprec.ort.runtime` turns the QDQ transformers
+off, so constant folding takes DequantizeLinear too), so the CUDA kernel never runs it there; a
+session of the deployment file opened with ONNX Runtime's defaults would hand it to that kernel.
 
 The live refresh (on by default, once per process): ONNX Runtime's kernel registry is read in a
 child process, since ``get_all_opkernel_def()`` crashes the interpreter (SIGSEGV, measured with
@@ -90,6 +101,8 @@ LAYER_OPS: dict[str, tuple[str, ...]] = {
     "linear": ("Gemm", "MatMul"),  # the exporter writes Gemm for 2-D inputs, MatMul (+Add) otherwise
     "matmul": ("MatMul",), "bmm": ("MatMul",),
     "conv1d": ("Conv",), "conv2d": ("Conv",), "conv3d": ("Conv",),
+    "conv_transpose1d": ("ConvTranspose",), "conv_transpose2d": ("ConvTranspose",),
+    "conv_transpose3d": ("ConvTranspose",),
     "embedding": ("Gather",),  # the lookup reads the table initializer (fp8: through DequantizeLinear)
 }
 
@@ -135,7 +148,7 @@ class Fp8Form(NamedTuple):
 FP8_FORMS: dict[str, Fp8Form] = {
     **{op: Fp8Form((("QuantizeLinear", None), ("DequantizeLinear", None), (op, Precision.FP32),
                     ("Cast", Precision.BF16)), "QuantizeLinear/DequantizeLinear")
-       for op in ("MatMul", "Gemm", "Conv")},
+       for op in ("MatMul", "Gemm", "Conv", "ConvTranspose")},
     "Gather": Fp8Form((("DequantizeLinear", None), ("Gather", Precision.FP32), ("Cast", Precision.BF16)),
                       "DequantizeLinear of the table, fp32 Gather, bf16 Cast"),
 }
@@ -296,7 +309,7 @@ def supported(op_type: str, precision: Precision | str, provider: str, live: boo
     """Whether ``provider`` runs ``op_type`` in ``precision`` faithfully, as autoprec emits it.
 
     16-bit: a native kernel (on the CPU EP a missing fp16 kernel is "run" in fp32 between inserted
-    casts, which loses the rounding, so it counts as unsupported). fp8 for MatMul/Gemm/Conv and for
+    casts, which loses the rounding, so it counts as unsupported). fp8 for MatMul/Gemm/Conv/ConvTranspose and for
     an embedding's Gather: every kernel of its :data:`FP8_FORMS` entry (fp8 QuantizeLinear (not for
     a Gather) and DequantizeLinear, the op itself in fp32, a bf16 Cast); fp8 for any other op: a
     native kernel (Cast, Q/DQ, Reshape, ...).

@@ -240,9 +240,8 @@ def open_session(path_or_bytes: str | os.PathLike[str] | bytes, providers: str |
     so.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads is not None:
         so.intra_op_num_threads = int(threads)
-    model = path_or_bytes if isinstance(path_or_bytes, bytes) else str(Path(path_or_bytes))
     ctx = _captured_output() if quiet else contextlib.nullcontext([])
-    with ctx as captured:
+    with ctx as captured, _model_source(path_or_bytes) as model:
         try:
             sess = ort.InferenceSession(model, so, providers=asked,
                                         provider_options=[PROVIDER_OPTIONS.get(p, {}) for p in short],
@@ -263,6 +262,32 @@ def open_session(path_or_bytes: str | os.PathLike[str] | bytes, providers: str |
             _warned.add(key)
             log.warning("asked ONNX Runtime for %s, got %s: %s", PROVIDERS[wanted[0]], PROVIDERS.get(got, got), reason)
     return Session(sess, got, wanted, reason)
+
+
+#: serialized models above this size are opened from a temporary file (see :func:`_model_source`)
+SPILL_BYTES = 32 * 2 ** 20
+
+
+@contextlib.contextmanager
+def _model_source(path_or_bytes: str | os.PathLike[str] | bytes) -> Iterator[str | bytes]:
+    """What ``ort.InferenceSession`` is given for ``path_or_bytes``: a path as a string; small bytes
+    as they are; bytes above :data:`SPILL_BYTES` written to a temporary file whose path is given
+    (removed once the session is open). onnxruntime's Python session keeps the bytes it was opened
+    from for its whole life, so a 124M-parameter model's bytes would stay resident beside the
+    session's own copy of its weights; from a path it keeps nothing."""
+    if not isinstance(path_or_bytes, bytes):
+        yield str(Path(path_or_bytes))
+        return
+    if len(path_or_bytes) <= SPILL_BYTES:
+        yield path_or_bytes
+        return
+    fd, name = tempfile.mkstemp(suffix=".onnx", prefix="autoprec-session-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(path_or_bytes)
+        yield name
+    finally:
+        os.unlink(name)
 
 
 def _probe_model() -> bytes:

@@ -2,9 +2,10 @@
 
 Capture tries ``torch.fx.symbolic_trace`` first (it keeps the user's module names) and falls back
 to ``torch.export`` when fx fails or stops at an opaque torch.nn module that hides compute layers
-inside (nn.TransformerEncoderLayer, nn.MultiheadAttention). Both paths end in the same form:
+inside (nn.TransformerEncoderLayer, nn.MultiheadAttention, nn.LSTM and nn.GRU, whose per-step
+products autoprec.torch.recurrent writes out under torch.export). Both paths end in the same form:
 
-- every weighted layer is a ``call_function`` (``F.linear``/``F.conv*`` or the aten equivalent;
+- every weighted layer is a ``call_function`` (``F.linear``/``F.conv*``/``F.conv_transpose*`` or the aten equivalent;
   ``F.embedding`` for lookups, whose aten form takes its arguments in another order) whose weight
   and bias are ``get_attr`` nodes, so one code path quantizes weights for both;
 - every node carries ``meta["autoprec_scope"]`` (module path) and ``meta["autoprec_kind"]``;
@@ -33,8 +34,9 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from autoprec.torch.attention import explicit_attention
 from autoprec.torch.bn_fold import fold_fx_batch_norms
+from autoprec.torch.recurrent import explicit_recurrence
 from autoprec.core.errors import CaptureError, first_line
-from autoprec.core.kinds import CONV_KINDS, LOOKUP_KINDS, TORCH_MODULE_KINDS, aten_kind, flops, policy_of
+from autoprec.core.kinds import BIAS_KINDS, LOOKUP_KINDS, TORCH_MODULE_KINDS, aten_kind, flops, policy_of
 from autoprec.core.opgraph import OpGraph, OpNode, Policy
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ MODULE_KINDS: dict[type, str] = {getattr(nn, name): kind for name, kind in TORCH
 #: torch functions and operators (fx's call_function targets) -> kind
 _FUNCTION_KINDS: dict[Any, str] = {
     F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
+    F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
+    F.conv_transpose3d: "conv_transpose3d",
     torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "bmm",
     operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
     operator.iadd: "add", operator.imul: "mul", operator.neg: "neg", operator.getitem: "getitem",
@@ -104,13 +108,22 @@ class Captured:
     #: (convolution layer, batch norm) pairs folded into one convolution (autoprec.core.bn_fold)
     folded_norms: tuple[tuple[str, str], ...] = ()
     folds_norms: bool = True  # capture(fold_norms=...): False keeps the norms, for training
+    #: recurrent modules (nn.LSTM, nn.GRU) traced as their products (autoprec.torch.recurrent)
+    unrolled: tuple[str, ...] = ()
 
     def notes(self) -> list[str]:
         """What capture changed in the model, for the report."""
-        if not self.folded_norms:
-            return []
-        pairs = ", ".join(f"{norm} into {conv}" for conv, norm in self.folded_norms)
-        return [f"folded {len(self.folded_norms)} batch norm(s) into the convolution before them, in fp32: {pairs}"]
+        out: list[str] = []
+        if self.folded_norms:
+            pairs = ", ".join(f"{norm} into {conv}" for conv, norm in self.folded_norms)
+            out.append(f"folded {len(self.folded_norms)} batch norm(s) into the convolution before them, "
+                       f"in fp32: {pairs}")
+        if self.unrolled:
+            out.append(f"unrolled {len(self.unrolled)} recurrent module(s) over the example's time steps: "
+                       f"{', '.join(self.unrolled)}; each layer and direction is one linear layer for its input "
+                       "product and one per step for its hidden product, the steps tied to one format (they "
+                       "read one stored weight); the gates follow the products' formats")
+        return out
 
     def node(self, name: str) -> fx.Node:
         for n in self.gm.graph.nodes:
@@ -132,9 +145,12 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...], name: str = "", m
     errors: list[str] = []
     gm: fx.GraphModule | None = None
     used = ""
+    unrolled: list[nn.Module] = []
     if method in ("auto", "fx"):
         try:
-            with explicit_attention():
+            # fx keeps nn.LSTM/nn.GRU as leaf modules (opaque: export takes over) and cannot loop
+            # over a traced length; a subclass it traces into fails on that loop and falls back too
+            with explicit_attention(), explicit_recurrence():
                 gm = fx.symbolic_trace(model)
             opaque = _opaque_modules(gm)
             if opaque:
@@ -146,8 +162,8 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...], name: str = "", m
             errors.append(f"fx: {type(exc).__name__}: {first_line(exc, 160)}")
     if gm is None and method in ("auto", "export"):
         try:
-            with explicit_attention(), warnings.catch_warnings(), quiet():  # its advice is for the model's author
-                warnings.simplefilter("ignore")
+            with explicit_attention(), explicit_recurrence() as unrolled, warnings.catch_warnings(), quiet():
+                warnings.simplefilter("ignore")  # its advice is for the model's author
                 ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=_batch_dynamic(example_inputs))
             gm = ep.module()
             # export's module refuses train()/eval() (instance attributes that raise); its graph is
@@ -172,8 +188,10 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...], name: str = "", m
     _propagate_shapes(gm, example_inputs)
     graph = build_opgraph(gm, name or type(model).__name__)
     graph.batch = next((int(x.shape[0]) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
+    names = {id(m): n for n, m in model.named_modules()}
     return Captured(gm=gm, graph=graph, method=used, example_inputs=tuple(example_inputs),
-                    folded_norms=tuple(folded), folds_norms=fold_norms)
+                    folded_norms=tuple(folded), folds_norms=fold_norms,
+                    unrolled=tuple(names.get(id(m)) or type(m).__name__ for m in unrolled))
 
 
 def _batch_dynamic(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -197,7 +215,9 @@ def _opaque_modules(gm: fx.GraphModule) -> list[str]:
     return out
 
 
-_FUNCTIONAL = {nn.Linear: F.linear, nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_FUNCTIONAL = {nn.Linear: F.linear, nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d,
+               nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
+               nn.ConvTranspose3d: F.conv_transpose3d}
 
 _aten_embedding = torch.ops.aten.embedding.default
 _ADDMM = (torch.addmm, torch.ops.aten.addmm.default)
@@ -290,13 +310,20 @@ def normalise(gm: fx.GraphModule, method: str) -> None:
         elif node.op == "call_module":
             mod = gm.get_submodule(str(node.target))
             fn = _FUNCTIONAL.get(type(mod))
-            if fn is not None and getattr(mod, "padding_mode", "zeros") == "zeros":
+            # a transposed convolution called with output_size picks its output padding from the
+            # input's shape at run time: left as the module call, which stays fp32
+            sized = isinstance(mod, nn.modules.conv._ConvTransposeNd) and \
+                (len(node.args) > 1 or node.kwargs.get("output_size") is not None)
+            if fn is not None and getattr(mod, "padding_mode", "zeros") == "zeros" and not sized:
                 old_name = node.name
                 with g.inserting_before(node):
                     w = g.get_attr(f"{node.target}.weight")
                     b = g.get_attr(f"{node.target}.bias") if mod.bias is not None else None
                     if fn is F.linear:
                         new = g.call_function(fn, (node.args[0], w, b))
+                    elif isinstance(mod, nn.modules.conv._ConvTransposeNd):
+                        new = g.call_function(fn, (node.args[0], w, b, mod.stride, mod.padding,
+                                                   mod.output_padding, mod.groups, mod.dilation))
                     else:
                         new = g.call_function(fn, (node.args[0], w, b, mod.stride, mod.padding,
                                                    mod.dilation, mod.groups))
@@ -337,7 +364,7 @@ def _constant_value(gm: fx.GraphModule, node: Any, memo: dict[str, Any]) -> Any:
 
 
 def _fold_weight_paths(gm: fx.GraphModule) -> None:
-    """A linear or convolution whose weight or bias is computed from stored tensors only -- the
+    """A linear layer or (transposed) convolution whose weight or bias is computed from stored tensors only -- the
     slices of ``nn.MultiheadAttention``'s packed projection when query and key differ -- reads
     it as a stored attribute instead (a view of the parameter), as a layer's weight is read: the
     profiler and the passes round it as a weight, and the ONNX export, whose folder folds the same
@@ -346,7 +373,7 @@ def _fold_weight_paths(gm: fx.GraphModule) -> None:
     memo: dict[str, Any] = {}
     for node in list(g.nodes):
         kind = node.meta.get("autoprec_kind")
-        if node.op != "call_function" or not (kind == "linear" or kind in CONV_KINDS):
+        if node.op != "call_function" or kind not in BIAS_KINDS:  # weight at 1, bias at 2
             continue
         for pos in (1, 2):
             arg = node.args[pos] if len(node.args) > pos else None
@@ -471,8 +498,8 @@ def is_float_value(node: fx.Node) -> bool:
 
 
 def layer_weight_nodes(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
-    """(weight, bias) get_attr nodes of a linear/conv layer, (table, None) of a normalised
-    embedding lookup, or (None, None)."""
+    """(weight, bias) get_attr nodes of a linear/conv/transposed conv layer, (table, None) of a
+    normalised embedding lookup, or (None, None)."""
     kind = node.meta.get("autoprec_kind")
     if kind in LOOKUP_KINDS:
         # max_norm renormalises the table in place at each lookup: no pure lookup, the op stays fp32
@@ -480,7 +507,7 @@ def layer_weight_nodes(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
         plain = node.op == "call_function" and node.target is F.embedding and max_norm is None
         w = node.args[1] if plain else None
         return (w if isinstance(w, fx.Node) and w.op == "get_attr" else None), None
-    if kind in ("linear",) or str(kind).startswith("conv"):
+    if kind in BIAS_KINDS:
         args = list(node.args) + [None] * 3
         w, b = args[1], args[2]
         return (w if isinstance(w, fx.Node) and w.op == "get_attr" else None,
@@ -594,4 +621,6 @@ def _ties(gm: fx.GraphModule, graph: OpGraph) -> list[list[str]]:
 def layer_function(kind: str) -> Callable[..., torch.Tensor]:
     """The fp32 function that computes a layer of ``kind`` from its (possibly rounded) arguments."""
     return {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d,
-            "matmul": torch.matmul, "bmm": torch.bmm, "embedding": F.embedding}[kind]
+            "conv_transpose1d": F.conv_transpose1d, "conv_transpose2d": F.conv_transpose2d,
+            "conv_transpose3d": F.conv_transpose3d, "matmul": torch.matmul, "bmm": torch.bmm,
+            "embedding": F.embedding}[kind]

@@ -13,8 +13,9 @@ the plan"):
   default), the gradient of its output in E5M2 (a saturating cast, as Transformer Engine's and
   torchao's are: beyond the scale's range a value clamps to +-57344 rather than become inf)
   before the two backward GEMMs, each tensor with a
-  per-tensor scale (weights: per tensor, or one scale per output row with ``weight_scaling=
-  "rowwise"``, always from the weight's own amax). Activation and gradient scales are *current*
+  per-tensor scale (weights: per tensor, or one scale per output channel with ``weight_scaling=
+  "rowwise"``, a linear weight's rows and a transposed convolution's (group, column) pairs as in
+  inference, always from the weight's own amax). Activation and gradient scales are *current*
   (this tensor's amax) or *delayed* (:class:`ScaleState`: the max, or the most recent, of an amax
   history of the last ``amax_history`` steps, as Transformer Engine's DelayedScaling defines
   them, with a margin of ``2**margin``);
@@ -40,6 +41,7 @@ from torch import nn
 
 from autoprec.core.errors import UsageError
 from autoprec.core.formats import Precision
+from autoprec.core.fp8 import ROWS, Channels
 from autoprec.torch.quantize import channel_amax, fp8_scale, quantize, round_to, rounding_gradients
 
 FP8_SCALINGS = ("delayed", "current")
@@ -56,7 +58,7 @@ class Recipe:
     Engine's default) or "current" (each tensor's own amax). ``amax_history``: steps the history
     holds; ``amax_compute``: "max" over the history or its "most_recent" entry; ``margin``: the
     scale is ``2**margin`` times larger than the amax needs (headroom for growth);
-    ``weight_scaling``: one scale per weight tensor or per output row ("rowwise").
+    ``weight_scaling``: one scale per weight tensor or per output channel ("rowwise").
     """
 
     fp8_scaling: str = "delayed"
@@ -164,16 +166,17 @@ class Fp8Layer:
     def activation(self, j: int, x: torch.Tensor) -> torch.Tensor:
         return quantize(x, self.fmt, self.input_state(j).scale_for(x, self.numerics.recording))
 
-    def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
-        """The weight's scale from its own amax: a scalar, or one per output row ([N, 1])."""
+    def weight_scale(self, w: torch.Tensor, channels: Channels = ROWS) -> torch.Tensor:
+        """The weight's scale from its own amax: a scalar, or one per output channel ([N, 1] for
+        a linear weight; ``channels`` says where they lie, as the inference rule's do)."""
         if self.numerics.recipe.weight_scaling == "rowwise":
-            amax = channel_amax(w)
+            amax = channel_amax(w, channels)
         else:
             amax = w.detach().abs().amax()
         return fp8_scale(amax * float(2 ** self.numerics.recipe.margin), self.fmt)
 
-    def weight(self, w: torch.Tensor) -> torch.Tensor:
-        return quantize(w, self.fmt, self.weight_scale(w))
+    def weight(self, w: torch.Tensor, channels: Channels = ROWS) -> torch.Tensor:
+        return quantize(w, self.fmt, self.weight_scale(w, channels))
 
     def output_grad(self, y: torch.Tensor) -> torch.Tensor:
         return _GradFp8.apply(y, self.grad, self.numerics, self.site)

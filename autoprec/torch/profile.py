@@ -43,7 +43,7 @@ from autoprec.core.formats import DEFAULT_CANDIDATES, Precision
 from autoprec.core.kinds import LOOKUP_KINDS
 from autoprec.torch.quantize import quantize
 from autoprec.core.kinds import act_arg_positions
-from autoprec.torch.semantics import (LayerFormat, bias_view, emulate_layer, finish, lookup_rows, quantize_activation, quantize_weight, split_bias, weight_arg_position)
+from autoprec.torch.semantics import (LayerFormat, bias_view, emulate_layer, finish, lookup_rows, quantize_activation, quantize_weight, split_bias, weight_arg_position, weight_channels)
 from autoprec.core.sensitivity import LayerRanges, SensitivityProfile
 from autoprec.core.stats import NOT_FINITE, DeclaredKinds, ErrorSum, Outputs, Progress, RangeAccumulator, explain, output_name
 from autoprec.torch.passes.assign_formats import follow_roundings
@@ -335,7 +335,7 @@ def _collect_ranges(info: _LayerInfo, args: tuple[Any, ...], out: torch.Tensor,
         lst[j].add(_np(args[pos]))
     lst[len(info.act_pos)].add(_np(out))
     if info.weight_pos is not None and lst[-1].count == 0:
-        lst[-1].add(_np(args[info.weight_pos]))
+        lst[-1].add(_np(args[info.weight_pos]), final=True)
 
 
 def _finish_ranges(infos: list[_LayerInfo], accs: dict[str, list[RangeAccumulator]]) -> dict[str, LayerRanges]:
@@ -403,7 +403,7 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Pre
                     args = fx.node.map_arg(info.node.args, lambda a: env[a.name])
                     kwargs = fx.node.map_arg(info.node.kwargs, lambda a: env[a.name])
                     if wq is None and info.weight_pos is not None and torch.is_tensor(args[info.weight_pos]):
-                        wq = quantize_weight(args[info.weight_pos], fmt)
+                        wq = quantize_weight(args[info.weight_pos], fmt, weight_channels(info.kind, args, kwargs))
                     val = emulate_layer(info.kind, args, kwargs, lf, weight_q=wq)
                     own.add(_np(env[info.node.name]), _np(val))
                     out, count = runner.rerun(env, info.node.name, val, roundings[(info.node.name, fmt)])
@@ -468,7 +468,9 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
     gen = torch.Generator().manual_seed(seed)
     accs: dict[str, list[RangeAccumulator]] = {}
     saved: list[dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]]] = []
-    wgrads: list[dict[str, torch.Tensor]] = []
+    # each layer's weight term (g_W . dW)^2 per format and batch, computed as the batch runs
+    wterms: dict[str, dict[Precision, list[float]]] = {i.node.name: {f: [] for f in fmts} for i in infos
+                                                       if i.weight_batch_term}
     followed = sorted({n for r in roundings.values() for n in r})
     fsaved: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
     out_name = runner.nodes[-1].name
@@ -526,7 +528,7 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
                                                               for t in ins], out.detach(),
                                  out.grad if out.grad is not None else torch.zeros_like(out))
                           for name, (ins, out) in taps.items()})
-            wgrads.append({info.node.name: _weight_grad(runner, info) for info in infos if info.weight_batch_term})
+            _add_weight_terms(runner, infos, fmts, wterms)
             fsaved.append({n: (env[n].detach(), env[n].grad if env[n].grad is not None else torch.zeros_like(env[n]))
                            for n in followed if torch.is_tensor(env[n]) and env[n].requires_grad})
             if progress:
@@ -542,11 +544,9 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
         for li, info in enumerate(infos):
             name = info.node.name
             amaxes = tuple(r.amax for r in ranges[name].inputs)
-            w = _weight_value(runner, info) if info.weight_batch_term else None
             errors[name] = {}
             for fmt in fmts:
                 total = 0.0
-                dw = _rounding_delta(w, quantize_weight(w, fmt)) if w is not None else None
                 for bi, per in enumerate(saved):
                     ins, gins, out, gout = per[name]
                     batch = _batch_size(batches[bi])
@@ -561,8 +561,8 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
                             d = _per_sample_dot(g, _rounding_delta(v, quantize(v, rf)), batch)
                             term = term + d if d.shape == term.shape else term.sum() + d.sum()
                     total += float((term ** 2).sum())
-                    if dw is not None:
-                        total += float((wgrads[bi][name] * dw).sum(dtype=torch.float64)) ** 2
+                    if name in wterms:
+                        total += wterms[name][fmt][bi]
                 if math.isnan(total) or math.isinf(total):
                     errors[name][fmt] = math.inf
                 elif weights is None:  # one output, unscaled probe
@@ -667,12 +667,25 @@ def _weight_value(runner: GraphRunner, info: _LayerInfo) -> torch.Tensor | None:
     return runner.value_of(w, {}, lambda a: None).detach() if w is not None else None
 
 
-def _weight_grad(runner: GraphRunner, info: _LayerInfo) -> torch.Tensor:
-    w = _weight_node(info)
-    p = runner.value_of(w, {}, lambda a: None) if w is not None else None
-    if p is None or p.grad is None:
-        return torch.zeros(()) if p is None else torch.zeros_like(p)
-    return p.grad.detach().clone()
+def _add_weight_terms(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Precision, ...],
+                      wterms: dict[str, dict[Precision, list[float]]]) -> None:
+    """Append one batch's weight term (g_W . dW)^2 of each layer in ``wterms`` and format: computed
+    while the batch's weight gradients are there, so that no batch's gradients are kept (they are
+    the size of the model: 0.5 GB a batch for GPT-2 at 124M parameters)."""
+    with torch.no_grad():
+        for info in infos:
+            if info.node.name not in wterms:
+                continue
+            w = _weight_value(runner, info)
+            p = runner.value_of(_weight_node(info), {}, lambda a: None) if w is not None else None
+            channels = weight_channels(info.kind, info.node.args, info.node.kwargs)
+            # no gradient (the layer reaches no output that counts): zeros, so an overflow still shows
+            g = None if p is None else p.grad if p.grad is not None else torch.zeros_like(p)
+            for fmt in fmts:
+                term = 0.0
+                if w is not None and g is not None:
+                    term = float((g * _rounding_delta(w, quantize_weight(w, fmt, channels))).sum(dtype=torch.float64)) ** 2
+                wterms[info.node.name][fmt].append(term)
 
 
 # --- explanations -------------------------------------------------------------------------------

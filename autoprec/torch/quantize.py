@@ -6,7 +6,8 @@ round to nearest even, subnormals kept, fp16/bf16/E5M2 overflow to inf, E4M3FN s
 
 fp8 formats take a scale: ``x`` is divided by it, rounded, and multiplied back, so the scale maps
 the tensor's range onto the format's. Scales are per tensor (a scalar) or per output channel
-(a tensor broadcastable against ``x``, e.g. shape [C_out, 1] for a linear weight).
+(a tensor broadcastable against ``x``, e.g. shape [C_out, 1] for a linear weight; a transposed
+convolution's output channels lie on another axis, :class:`autoprec.core.fp8.Channels`).
 
 Gradients. Outside training a rounding passes its gradient straight through (the identity), which
 is all the profiler's first-order estimate and a user's fine-tuning of the emulation need. While
@@ -30,6 +31,7 @@ from typing import Iterator, Protocol
 import torch
 
 from autoprec.core.formats import Precision
+from autoprec.core.fp8 import ROWS, Channels
 
 
 def round_to(x: torch.Tensor, p: Precision) -> torch.Tensor:
@@ -163,7 +165,14 @@ def fp8_scale(amax: torch.Tensor | float, p: Precision = Precision.FP8_E4M3) -> 
     return torch.where(ok, a / p.max, torch.ones_like(a))
 
 
-def channel_amax(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel amax of a weight (dim 0), shaped to broadcast against ``w``."""
-    flat = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
-    return flat.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+def channel_amax(w: torch.Tensor, channels: Channels = ROWS) -> torch.Tensor:
+    """Per-output-channel amax of a weight, shaped to broadcast against ``w``: along dim 0, or a
+    transposed convolution's (group, column) pairs (:class:`autoprec.core.fp8.Channels`, whose numpy
+    twin computes the same values)."""
+    a = w.detach().abs()
+    if channels.axis == 0:
+        flat = a.reshape(w.shape[0], -1).amax(dim=1)
+        return flat.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+    rows, cols, g = w.shape[0], w.shape[1], channels.groups
+    per = a.reshape(g, rows // g, cols, -1).amax(dim=(1, 3))  # [groups, C_out/groups]
+    return per.repeat_interleave(rows // g, dim=0).reshape((rows, cols) + (1,) * (w.dim() - 2))

@@ -1,18 +1,20 @@
 """The numerics of one compute layer in a given format: the single definition every part shares.
 
-A layer (linear, conv, matmul/bmm) in format P (DESIGN.md):
+A layer (linear, conv, transposed conv, matmul/bmm) in format P (DESIGN.md):
 - its activation inputs are rounded to P (fp8: per-tensor static scale from calibration amax),
-- its weight is rounded to P (fp8: per-output-channel scale from the weight's own amax),
+- its weight is rounded to P (fp8: per-output-channel scale from the weight's own amax; a
+  transposed convolution's output channels are the (group, column) pairs of its [C_in,
+  C_out/groups, k...] weight, :func:`weight_channels`),
 - the product is computed and accumulated in fp32,
 - the output is rounded to P for 16-bit formats, to bf16 for fp8 (an fp8 GEMM writes bf16).
 
-A bias (linear, conv) is added as a deployed graph adds it (:func:`finish`). In a 16-bit format the
-product is rounded to P, then the bias, rounded to P, is added and the sum rounded to P again:
-``round_P(round_P(x @ W) + round_P(b))``. ONNX types say so -- a 16-bit MatMul/Gemm/Conv writes P,
-and the Add after it reads and writes P -- so every provider computes it (the ONNX export moves a
-16-bit Gemm's or Conv's bias into such an Add: a fused bias would round once on some kernels and
-twice on others). An fp8 layer computes on dequantized fp32 operands: its bias is added in fp32
-and the sum rounded once, to bf16.
+A bias (linear, conv, transposed conv) is added as a deployed graph adds it (:func:`finish`). In a
+16-bit format the product is rounded to P, then the bias, rounded to P, is added and the sum rounded
+to P again: ``round_P(round_P(x @ W) + round_P(b))``. ONNX types say so -- a 16-bit
+MatMul/Gemm/Conv/ConvTranspose writes P, and the Add after it reads and writes P -- so every provider
+computes it (the ONNX export moves a 16-bit Gemm's or (transposed) Conv's bias into such an Add: a
+fused bias would round once on some kernels and twice on others). An fp8 layer computes on
+dequantized fp32 operands: its bias is added in fp32 and the sum rounded once, to bf16.
 
 An embedding lookup is the same rule with no activation input: in a 16-bit format P it returns
 round_P(W)[idx], the table rounded to P and the rows copied exactly (its output rounding is then
@@ -39,7 +41,9 @@ import torch
 
 from autoprec.torch.capture import layer_function
 from autoprec.core.formats import Precision
-from autoprec.core.kinds import BIAS_KINDS, LOOKUP_KINDS, act_arg_positions, weight_arg_position
+from autoprec.core.fp8 import ROWS, Channels
+from autoprec.core.kinds import (BIAS_KINDS, LOOKUP_KINDS, act_arg_positions, groups_arg_position,
+    weight_arg_position, weight_channel_axis)
 from autoprec.torch.quantize import RoundingObserver, channel_amax, fp8_scale, quantize
 
 _BIAS_ARG = {kind: 2 for kind in BIAS_KINDS}
@@ -67,8 +71,9 @@ class Fp8Recipe(Protocol):
     def activation(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """Activation input ``j`` quantized to the forward fp8 format."""
 
-    def weight(self, w: torch.Tensor) -> torch.Tensor:
-        """The weight quantized to the forward fp8 format."""
+    def weight(self, w: torch.Tensor, channels: Channels = ROWS) -> torch.Tensor:
+        """The weight quantized to the forward fp8 format (``channels``: where its output
+        channels lie, for scales per channel)."""
 
     def output_grad(self, y: torch.Tensor) -> torch.Tensor:
         """``y`` unchanged; its gradient quantized to the backward fp8 format (E5M2)."""
@@ -82,10 +87,22 @@ class TrainingNumerics(RoundingObserver, Protocol):
         """The scaling state of fp8 layer ``site`` (computing in ``fmt``) for this step."""
 
 
-def quantize_weight(w: torch.Tensor, fmt: Precision) -> torch.Tensor:
-    """Round a weight to ``fmt``; fp8 uses one scale per output channel (dim 0)."""
+def weight_channels(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Channels:
+    """Where the weight of a layer call of ``kind`` holds its output channels: axis 0, or a
+    transposed convolution's axis 1 with its groups (an int argument of the call)."""
+    axis = weight_channel_axis(kind)
+    if axis == 0:
+        return ROWS
+    pos = groups_arg_position(kind)
+    groups = kwargs.get("groups", args[pos] if pos is not None and len(args) > pos else 1)
+    return Channels(axis, int(groups))
+
+
+def quantize_weight(w: torch.Tensor, fmt: Precision, channels: Channels = ROWS) -> torch.Tensor:
+    """Round a weight to ``fmt``; fp8 uses one scale per output channel (``channels``: dim 0 but
+    for a transposed convolution, :func:`weight_channels`)."""
     if fmt.needs_scale:
-        return quantize(w, fmt, fp8_scale(channel_amax(w), fmt))
+        return quantize(w, fmt, fp8_scale(channel_amax(w, channels), fmt))
     return quantize(w, fmt)
 
 
@@ -110,7 +127,7 @@ def bias_view(kind: str, bias: torch.Tensor) -> torch.Tensor:
     channel axis of a convolution's (the one before its spatial axes, batched or not)."""
     if kind == "linear":
         return bias
-    return bias.reshape(-1, *([1] * int(kind[-2])))  # conv1d / conv2d / conv3d
+    return bias.reshape(-1, *([1] * int(kind[-2])))  # conv1d ... conv_transpose3d: the spatial rank
 
 
 def finish(kind: str, product: torch.Tensor, bias: torch.Tensor | None, fmt: Precision,
@@ -156,9 +173,10 @@ def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: 
                   weight_q: torch.Tensor | None = None, recipe: Fp8Recipe | None = None) -> torch.Tensor:
     """Compute a layer from its fp32 arguments with the rounding of ``lf`` (fp32 arithmetic).
 
-    ``weight_q``: the weight already rounded by :func:`quantize_weight` (callers that run one
-    layer on many batches round it once). ``recipe``: a training fp8 layer's scaling, used instead
-    of the calibrated amax and the per-channel weight scales.
+    ``weight_q``: the weight already rounded by :func:`quantize_weight` with the layer's
+    :func:`weight_channels` (callers that run one layer on many batches round it once).
+    ``recipe``: a training fp8 layer's scaling, used instead of the calibrated amax and the
+    per-channel weight scales.
     """
     if recipe is not None and not lf.fmt.is_fp8:
         raise ValueError(f"an fp8 recipe was given for a layer in {lf.fmt}")
@@ -176,6 +194,7 @@ def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: 
         if weight_q is not None:
             a[wpos] = weight_q
         else:
-            a[wpos] = recipe.weight(a[wpos]) if recipe else quantize_weight(a[wpos], lf.fmt)
+            channels = weight_channels(kind, args, kwargs)
+            a[wpos] = recipe.weight(a[wpos], channels) if recipe else quantize_weight(a[wpos], lf.fmt, channels)
     a2, kw, bias = split_bias(kind, tuple(a), kwargs)
     return finish(kind, fn(*a2, **kw), bias, lf.fmt, recipe)

@@ -194,7 +194,7 @@ def test_labels_choose_the_metric() -> None:
     mse = OnnxModel.load(mlp_opset13(), {"x": x}, np.zeros((20, 3), np.float32)).metric()
     assert (acc.name, acc.higher_is_better, mse.name, mse.higher_is_better) == ("accuracy", True, "mse", False)
     model = OnnxModel.load(mlp_opset13(), {"x": x}).analysis.model
-    y = OnnxModel.load(mlp_opset13(), {"x": x}).outputs(model)[0]
+    (y,), = OnnxModel.load(mlp_opset13(), {"x": x}).outputs(model)
     assert acc.measure(model) == float(np.mean(y.argmax(-1) == np.arange(20) % 3))
     assert mse.measure(model) == pytest.approx(float(np.mean(y.astype(np.float64) ** 2)))
     with pytest.raises(UsageError, match="need class scores on the last output axis"):
@@ -242,7 +242,7 @@ def test_legacy_export_emulation_agrees_with_torch_emulation(which: str, request
         want = apply_plan(cap, plan, torch_amax)(x).detach().numpy()
         onnx_plan = {by_scope[k]: f for k, f in plan.items()}
         onnx_amax = {by_scope[k]: a for k, a in torch_amax.items()}
-        got = om.outputs(om.build(onnx_plan, onnx_amax), [{"input": x.numpy()}])[0]
+        (got,), = om.outputs(om.build(onnx_plan, onnx_amax), [{"input": x.numpy()}])
         rel = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert rel <= fmt.eps, (fmt, rel)
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.995, fmt
@@ -257,8 +257,8 @@ def test_profile_trial_is_the_applied_plan(legacy_cnn: tuple[Path, Path, Path]) 
     layer = om.analysis.graph.layer_names()[1]
     assert prof.mode == "exact" and set(prof.errors) == set(om.analysis.graph.layer_names())
     batches = om.calibration()
-    ref = [torch.from_numpy(a) for a in om.outputs(om.analysis.model, batches)]
-    got = [torch.from_numpy(a) for a in om.outputs(om.build({layer: E4M3}, act_amax_from_profile(prof)), batches)]
+    ref = [torch.from_numpy(a) for a, in om.outputs(om.analysis.model, batches)]
+    got = [torch.from_numpy(a) for a, in om.outputs(om.build({layer: E4M3}, act_amax_from_profile(prof)), batches)]
     lp = [torch.log_softmax(r.double(), -1) for r in ref]
     kl = sum(float((p.exp() * (p - torch.log_softmax(g.double(), -1))).sum()) for p, g in zip(lp, got))
     n = sum(r.shape[0] for r in ref)
@@ -276,8 +276,8 @@ def test_profile_onnx_trials_tables_in_fp8(tiny_lm: torch.nn.Module) -> None:
     for t in tables:
         assert 0 < prof.errors[t][BF16] < prof.errors[t][E4M3] < math.inf, t
     batches = om.calibration()
-    ref = [torch.from_numpy(a) for a in om.outputs(om.analysis.model, batches)]
-    got = [torch.from_numpy(a) for a in om.outputs(om.build({tables[0]: E4M3}, None), batches)]
+    ref = [torch.from_numpy(a) for a, in om.outputs(om.analysis.model, batches)]
+    got = [torch.from_numpy(a) for a, in om.outputs(om.build({tables[0]: E4M3}, None), batches)]
     lp = [torch.log_softmax(r.double(), -1) for r in ref]
     kl = sum(float((p.exp() * (p - torch.log_softmax(g.double(), -1))).sum()) for p, g in zip(lp, got))
     n = sum(r.shape[:-1].numel() for r in ref)
@@ -477,10 +477,10 @@ def test_a_scalar_input_is_fed_to_every_run(cond: bool) -> None:
     """An If's condition is a rank-0 input: given once, it goes with every batch of samples."""
     x = np.random.default_rng(4).standard_normal((300, 8)).astype(np.float32)
     om = OnnxModel.load(if_model(), {"x": x, "c": np.array(cond)})
-    assert set(om.scalars) == {"c"} and len(om.batches()) == 2
+    assert set(om.whole) == {"c"} and len(om.batches()) == 2
     assert all(b["c"].shape == () for b in om.batches())
     ys = om.outputs(om.analysis.model)  # every run is fed the condition
-    assert sum(len(y) for y in ys) == 300 and om.metric().measure(om.analysis.model) == 1.0
+    assert sum(len(y) for y, in ys) == 300 and om.metric().measure(om.analysis.model) == 1.0
     # its only products are inside the If, which stays fp32: nothing to tune, and tune says why
     with pytest.raises(UsageError, match=r"no layer whose format can be chosen.*branch: control flow \(If\)"):
         tune_onnx(if_model(), {"x": x, "c": np.array(cond)}, fidelity_budget="1%")

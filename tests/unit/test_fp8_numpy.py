@@ -30,6 +30,24 @@ def test_scales_and_codes_match_torch_bit_for_bit(fmt):
     assert np.array_equal(codes_np.view(np.uint8), bits_t)
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_transposed_conv_channel_amax_matches_torch(groups):
+    """A transposed convolution's [C_in, C_out/groups, k...] weight: one amax per (group, column),
+    the same in numpy and torch, and each the amax of that output channel's weights."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((6, 4, 3, 2)) * np.exp(rng.uniform(-6, 6, (6, 4, 1, 1)))).astype(np.float32)
+    channels = fp8.Channels(axis=1, groups=groups)
+    got = fp8.channel_amax(w, channels)
+    assert got.shape == (6, 4, 1, 1)
+    assert np.array_equal(got, quantize.channel_amax(torch.from_numpy(w), channels).numpy())
+    rows = 6 // groups
+    for g in range(groups):
+        for j in range(4):
+            assert (got[g * rows:(g + 1) * rows, j] == np.abs(w[g * rows:(g + 1) * rows, j]).max()).all()
+    with pytest.raises(ValueError):
+        fp8.Channels(axis=0, groups=2)  # groups split axis 0 only for channels on axis 1
+
+
 @pytest.mark.parametrize("amax", [0.0, -1.0, float("nan"), float("inf"), 1e-30, 3.0, 1e30])
 def test_scalar_scales_match_torch(amax):
     for fmt in FP8:

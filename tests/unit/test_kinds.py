@@ -9,19 +9,22 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from autoprec.core.kinds import (ATEN_ALIASES, ATEN_RANKED_KINDS, BIAS_KINDS, CONV_KINDS, EXACT_FOLLOW_KINDS,
+from autoprec.core.kinds import (ATEN_ALIASES, ATEN_RANKED_KINDS, ATEN_TRANSPOSED_KINDS, BIAS_KINDS, CONV_KINDS,
+                                 CONV_TRANSPOSE_KINDS, EXACT_FOLLOW_KINDS,
                                  FOLLOW_KINDS, KINDS, LAYER_CLASSES, LAYER_KINDS, LOOKUP_KINDS, NEVER_KINDS,
                                  ONNX_CONTRIB_KINDS, ONNX_KINDS, ONNX_RANKED_KINDS, SPATIAL_RANKS, TORCH_MODULE_KINDS,
                                  VIEW_KINDS,
-                                 FlopsRule, OpKind, aten_kind, flops, layer_class, onnx_kind, policy_of,
-                                 torch_module_kind)
+                                 FlopsRule, OpKind, aten_kind, flops, groups_arg_position, layer_class, onnx_kind,
+                                 policy_of, torch_module_kind, weight_channel_axis)
 from autoprec.core.opgraph import Policy
 
 
 def test_the_frozensets_are_views_of_the_registry() -> None:
-    assert LAYER_KINDS == {"linear", "conv1d", "conv2d", "conv3d", "matmul", "bmm", "embedding"}
+    assert CONV_TRANSPOSE_KINDS == {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+    assert LAYER_KINDS == {"linear", "conv1d", "conv2d", "conv3d", "matmul", "bmm", "embedding"} | CONV_TRANSPOSE_KINDS
+    # a batch norm folds after a convolution only (CONV_KINDS), not after a transposed one
     assert LOOKUP_KINDS == {"embedding"} and CONV_KINDS == {"conv1d", "conv2d", "conv3d"}
-    assert BIAS_KINDS == {"linear"} | CONV_KINDS
+    assert BIAS_KINDS == {"linear"} | CONV_KINDS | CONV_TRANSPOSE_KINDS
     assert LAYER_KINDS == {k.name for k in KINDS.values() if k.policy is Policy.ALWAYS}
     assert FOLLOW_KINDS == {k.name for k in KINDS.values() if k.policy is Policy.FOLLOW}
     assert EXACT_FOLLOW_KINDS <= FOLLOW_KINDS and NEVER_KINDS.isdisjoint(FOLLOW_KINDS | LAYER_KINDS)
@@ -30,8 +33,8 @@ def test_the_frozensets_are_views_of_the_registry() -> None:
     assert {"reshape", "permute", "dropout", "getattr", "size"} <= VIEW_KINDS and "cat" not in VIEW_KINDS
     assert {"softmax", "layer_norm", "exp", "sum", "cross_entropy"} <= NEVER_KINDS
     # opaque kinds stay fp32 as unknown ops do, and are not called numerically sensitive
-    assert policy_of("loop") is policy_of("conv_transpose2d") is Policy.NEVER
-    assert {"loop", "maximum", "conv_transpose2d", "max_pool3d"}.isdisjoint(NEVER_KINDS)
+    assert policy_of("loop") is policy_of("lstm") is Policy.NEVER
+    assert {"loop", "maximum", "lstm", "max_pool3d"}.isdisjoint(NEVER_KINDS)
 
 
 def test_policies_and_layer_classes() -> None:
@@ -41,7 +44,12 @@ def test_policies_and_layer_classes() -> None:
     assert policy_of("sin") is policy_of("module:Custom") is Policy.NEVER  # unknown: fp32, the safe default
     assert {k: layer_class(k) for k in sorted(LAYER_KINDS)} == {
         "bmm": "matmul", "conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "embedding": "embedding",
-        "linear": "linear", "matmul": "matmul"}
+        "linear": "linear", "matmul": "matmul", "conv_transpose1d": "conv_transpose",
+        "conv_transpose2d": "conv_transpose", "conv_transpose3d": "conv_transpose"}
+    # a transposed convolution's weight is [C_in, C_out/groups, k...]: output channels on axis 1,
+    # its groups (F.conv_transpose2d's argument 6) splitting axis 0
+    assert [weight_channel_axis(k) for k in ("linear", "conv2d", "embedding", "conv_transpose2d")] == [0, 0, 0, 1]
+    assert groups_arg_position("conv_transpose1d") == 6 and groups_arg_position("conv2d") is None
     assert layer_class("relu") is None and layer_class("sin") is None
     assert {layer_class(k) for k in LAYER_KINDS} == set(LAYER_CLASSES)
 
@@ -70,7 +78,7 @@ def test_every_spelling_names_a_registry_kind() -> None:
                **{f"com.microsoft {op}": k for op, k in ONNX_CONTRIB_KINDS.items()},
                **{f"aten {op}": k for op, k in ATEN_ALIASES.items()},
                **{f"torch.nn.{name}": k for name, k in TORCH_MODULE_KINDS.items()}}
-    for table in (ONNX_RANKED_KINDS, ATEN_RANKED_KINDS):
+    for table in (ONNX_RANKED_KINDS, ATEN_RANKED_KINDS, ATEN_TRANSPOSED_KINDS):
         spelled.update({f"{op} at rank {n}": t.format(n) for op, t in table.items() for n in SPATIAL_RANKS})
     unknown = {where: k for where, k in spelled.items() if k not in KINDS}
     assert not unknown
@@ -96,6 +104,10 @@ def test_aten_spellings() -> None:
     assert [aten_kind("aten.convolution.default", r) for r in (3, 4, 5, None)] == [
         "conv1d", "conv2d", "conv3d", "conv2d"]
     assert aten_kind("convolution", 3) == "conv1d"  # the schema name capture reads
+    # the ONNX exporter writes every convolution as aten.convolution: a ConvTranspose is transposed
+    assert [aten_kind("aten.convolution.default", r, transposed=True) for r in (3, 4, None)] == [
+        "conv_transpose1d", "conv_transpose2d", "conv_transpose2d"]
+    assert aten_kind("aten.conv_transpose2d.input") == "conv_transpose2d"
     assert {t: aten_kind(t) for t in ("aten._unsafe_view.default", "aten.permute_copy.default",
                                       "aten.native_layer_norm.default", "aten.sym_size.int", "aten.addmm.default",
                                       "aten.transpose.int", "aten.mean.dim", "relu_")} == {

@@ -148,8 +148,9 @@ class InsertCasts(OnnxPass):
                 continue
             if self.mode == "emulate":
                 if bias_add:  # the product and the bias, each rounded to the layer's format
-                    n.input[k] = self._round_input(u, fmt, n)
-                    self._modified = True
+                    if internal or self._value_format(u) is not fmt:  # (a bias another layer wrote in it is)
+                        n.input[k] = self._round_input(u, fmt, n)
+                        self._modified = True
                     continue
                 if internal or fmt is FP32 or policy not in (Policy.ALWAYS, Policy.FOLLOW):
                     continue

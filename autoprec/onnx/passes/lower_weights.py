@@ -11,6 +11,10 @@ The fp32 initializer a layer reads is replaced, not cast at run time:
 - fp8 layers: the weight becomes fp8 codes with one scale per output channel (amax / max of that
   channel, as semantics does) and a ``DequantizeLinear`` (axis = the output-channel axis) feeds the
   layer in fp32. The codes times the scales are bit for bit the torch emulation's rounded weight.
+  A ConvTranspose's weight is [C_in, C_out/group, k...]: one group's scales lie along axis 1; with
+  several groups, output channel (g, j) is column j of group g's rows, so the scales vary along
+  both axes and the DequantizeLinear is a blocked one (opset 21: axis 0, ``block_size`` C_in/group,
+  a scale of shape [group, C_out/group, k...], each repeated over the kernel's positions).
   An fp8 embedding table is the same with axis 0 (its rows): ONNX Gather admits no fp8 type, so the
   Gather looks its rows up in the dequantized fp32 table, and InsertCasts rounds them to bf16.
 
@@ -28,11 +32,12 @@ from onnx import TensorProto
 
 from autoprec.ort.providers import kernel
 from autoprec.core.formats import Precision
-from autoprec.core.fp8 import channel_amax, fp8_codes, fp8_scale
-from autoprec.core.kinds import weight_arg_position
+from autoprec.core.errors import PlanError
+from autoprec.core.fp8 import ROWS, Channels, channel_amax, fp8_codes, fp8_scale
+from autoprec.core.kinds import weight_arg_position, weight_channel_axis
 from autoprec.core.passes import PassError, PassResult
 from autoprec.onnx.passes.base import (FORMAT, GROUP, INSERTED, KIND, LAYER, POLICY, REASON, ROLE,
-    ROLE_CORE, SCOPE, VALUE_FORMAT, GraphIndex, OnnxPass, admits, all_names, get_meta,
+    ROLE_CORE, SCOPE, VALUE_FORMAT, GraphIndex, OnnxPass, admits, all_names, attr, get_meta,
     make_tensor, node_format, rounded_array, set_meta, set_nodes, unique_name, weight_read, weight_slot)
 
 FP32 = Precision.FP32
@@ -57,11 +62,42 @@ def compute_precision(node: onnx.NodeProto, opset: int, fmt: Precision, mode: st
     return fmt
 
 
-def fp8_weight(w_torch_layout: np.ndarray, fmt: Precision) -> tuple[np.ndarray, np.ndarray]:
-    """(codes in the torch layout as ``fmt``'s numpy dtype, per-output-channel fp32 scales)."""
+#: the opset whose DequantizeLinear takes blocked scales (``block_size``)
+BLOCKED_DQ_OPSET = 21
+
+
+def fp8_weight(w_torch_layout: np.ndarray, fmt: Precision, channels: Channels = ROWS
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(codes in the torch layout as ``fmt``'s numpy dtype, per-output-channel fp32 scales shaped
+    to broadcast against them: [C, 1, ...], or [C_in, C_out/groups, 1, ...] for a transposed
+    convolution)."""
     w = np.ascontiguousarray(w_torch_layout, dtype=np.float32)
-    scale = fp8_scale(channel_amax(w), fmt)  # shape [C, 1, ...]
-    return fp8_codes(w, scale, fmt), scale.reshape(-1).astype(np.float32)
+    scale = fp8_scale(channel_amax(w, channels), fmt)
+    return fp8_codes(w, scale, fmt), scale
+
+
+def dequantize_scale(scale: np.ndarray, shape: tuple[int, ...], channels: Channels
+                     ) -> tuple[np.ndarray, dict[str, int]]:
+    """The scale input and attributes of the DequantizeLinear that turns codes of ``shape`` (the
+    torch layout) back into the weight, given :func:`fp8_weight`'s broadcastable ``scale``: per
+    axis (1-D along the output-channel axis), or blocked along axis 0 for a transposed convolution
+    with several groups (one block per group; ONNX wants the scale at the codes' rank, so each is
+    repeated over the kernel's positions)."""
+    if channels.axis == 0:
+        return scale.reshape(-1), {"axis": 0}
+    rows, cols = shape[0], shape[1]
+    block = rows // channels.groups
+    if channels.groups == 1:  # every row holds the same scales: one per column
+        return scale[0].reshape(-1), {"axis": 1}
+    blocked = np.broadcast_to(scale[::block], (channels.groups, cols, *shape[2:]))
+    return np.ascontiguousarray(blocked), {"axis": 0, "block_size": block}
+
+
+def weight_channels(node: onnx.NodeProto) -> Channels:
+    """Where the weight of a layer's core node holds its output channels: axis 0, but a
+    ConvTranspose's axis 1 with its ``group`` attribute (its weight is [C_in, C_out/group, k...])."""
+    axis = weight_channel_axis(get_meta(node, KIND) or "")
+    return ROWS if axis == 0 else Channels(axis, int(attr(node, "group", 1)))
 
 
 def _reads_weight(node: onnx.NodeProto, fmt: Precision | None) -> bool:
@@ -88,9 +124,10 @@ class LowerWeights(OnnxPass):
         idx = GraphIndex(model)
         taken = all_names(model)
         made: dict[tuple[str, Precision], str] = {}  # (fp32 initializer, 16-bit format) -> stored name
-        # (fp32 initializer, fp8 format, transposed) -> (codes, scale, axis): a table that a Gather
-        # reads by rows and a MatMul reads by columns needs two sets of scales
-        made8: dict[tuple[str, Precision, bool], tuple[str, str, int]] = {}
+        # (fp32 initializer, fp8 format, transposed, channels) -> (codes, scale, DequantizeLinear
+        # attributes): a table that a Gather reads by rows and a MatMul reads by columns needs two
+        # sets of scales
+        made8: dict[tuple[str, Precision, bool, Channels], tuple[str, str, dict[str, int]]] = {}
         before: dict[int, list[onnx.NodeProto]] = {}  # id(reader) -> inserted nodes that feed it
         for n in idx.nodes:
             fmt = node_format(n)
@@ -100,12 +137,17 @@ class LowerWeights(OnnxPass):
             w_name = read.initializer
             w = idx.array(w_name).astype(np.float32)
             if fmt.is_fp8:
-                key8 = (w_name, fmt, read.transposed)
+                channels = weight_channels(n)
+                if channels.groups > 1 and idx.opset < BLOCKED_DQ_OPSET:
+                    raise PlanError(f"{n.name}: the fp8 weight of a ConvTranspose with {channels.groups} groups "
+                                    f"has one scale per (group, output channel), which needs the blocked "
+                                    f"DequantizeLinear of opset {BLOCKED_DQ_OPSET} (this graph: opset {idx.opset})")
+                key8 = (w_name, fmt, read.transposed, channels)
                 if key8 not in made8:
-                    made8[key8] = self._fp8_initializers(model, taken, w_name, w, read.transposed, fmt)
-                codes, scale, axis = made8[key8]
+                    made8[key8] = self._fp8_initializers(model, taken, w_name, w, read.transposed, fmt, channels)
+                codes, scale, dq_attrs = made8[key8]
                 dq = onnx.helper.make_node("DequantizeLinear", [codes, scale], [unique_name(taken, f"{w_name}_dq")],
-                                           name=unique_name(taken, f"{n.name}_weight_dq"), axis=axis)
+                                           name=unique_name(taken, f"{n.name}_weight_dq"), **dq_attrs)
                 self._annotate(dq, n, f"{fmt} weight: codes x per-output-channel scale -> fp32")
                 before.setdefault(id(read.reader), []).append(dq)
                 read.reader.input[read.slot] = dq.output[0]
@@ -134,17 +176,19 @@ class LowerWeights(OnnxPass):
 
     @staticmethod
     def _fp8_initializers(model: onnx.ModelProto, taken: set[str], w_name: str, w: np.ndarray, transposed: bool,
-                          fmt: Precision) -> tuple[str, str, int]:
-        """(codes, scale, axis) initializers of an fp8 weight. No zero point: an fp8 one can only be 0,
-        DequantizeLinear takes the type from the codes, and a stored zero would cost a byte a channel."""
-        codes, scale = fp8_weight(w.T if transposed else w, fmt)
-        if transposed:
-            codes = np.ascontiguousarray(codes.T)
-        axis = 1 if transposed else 0
+                          fmt: Precision, channels: Channels) -> tuple[str, str, dict[str, int]]:
+        """(codes, scale) initializers of an fp8 weight and its DequantizeLinear's attributes. No
+        zero point: an fp8 one can only be 0, DequantizeLinear takes the type from the codes, and a
+        stored zero would cost a byte a channel."""
+        codes, scale = fp8_weight(w.T if transposed else w, fmt, channels)
+        if transposed:  # a MatMul's [in, out]: the output channels are its columns
+            codes, stored, dq_attrs = np.ascontiguousarray(codes.T), scale.reshape(-1), {"axis": 1}
+        else:
+            stored, dq_attrs = dequantize_scale(scale, codes.shape, channels)
         c = make_tensor(unique_name(taken, f"{w_name}_{fmt.value}"), codes, fmt.onnx_type)
-        s = make_tensor(unique_name(taken, f"{w_name}_scale"), scale, TensorProto.FLOAT)
+        s = make_tensor(unique_name(taken, f"{w_name}_scale"), stored.astype(np.float32), TensorProto.FLOAT)
         model.graph.initializer.extend([c, s])
-        return c.name, s.name, axis
+        return c.name, s.name, dq_attrs
 
     @staticmethod
     def _annotate(new: onnx.NodeProto, layer_node: onnx.NodeProto, reason: str) -> None:

@@ -7,18 +7,19 @@ the set of ONNX nodes translated from one FX node: ``aten.linear`` on a 3-D inpu
 
 Each group gets the same op kind the torch capture would give it (autoprec.torch.capture): when the
 model was captured with torch.fx, ops inside a torch.nn leaf module (nn.ReLU, nn.AdaptiveAvgPool2d)
-take the module's kind, as fx sees one call_module node; otherwise the ATen op's kind.
+take the module's kind, as fx sees one call_module node; otherwise the ATen op's kind (the exporter
+records every convolution as ``aten.convolution``: a ConvTranspose node's is a transposed one).
 
 Layers are matched, never guessed from names: the captured layers and the ONNX groups of a layer
-kind are bucketed by (module scope, linear | conv | matmul | embedding) and paired in execution
-order; a bucket must hold the same number on both sides, and each linear/conv/embedding pair must
-read the same weight tensor (the ONNX initializer, transposed where the exporter transposed it,
-equals the captured parameter bit for bit). An embedding is the ``Gather`` that reads its table as
+kind are bucketed by (module scope, layer class: linear | conv | conv_transpose | matmul | embedding)
+and paired in execution order; a bucket must hold the same number on both sides, and each pair of
+layers with a weight must read the same weight tensor (the ONNX initializer, transposed where the
+exporter transposed it, equals the captured parameter bit for bit). An embedding is the ``Gather`` that reads its table as
 input 0 (``torch_to_onnx`` keeps lookups of constant positions from being folded away). A plan
 layer in a low-precision format that cannot be paired is a PlanError naming it.
 
 Writes node metadata GROUP, KIND and SCOPE on every node, LAYER on the nodes of matched groups and
-ROLE=core on each layer's MatMul/Gemm/Conv/Gather node.
+ROLE=core on each layer's MatMul/Gemm/Conv/ConvTranspose/Gather node.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
 PRODUCT_OPS = frozenset({"Gemm", "MatMul", "Conv"})
 
 #: the ONNX op that is a layer's core node, per layer class: its product, or an embedding's lookup
-CORE_OPS = {"linear": PRODUCT_OPS, "conv": PRODUCT_OPS, "matmul": PRODUCT_OPS, "embedding": frozenset({"Gather"})}
+CORE_OPS = {"linear": PRODUCT_OPS, "conv": PRODUCT_OPS, "conv_transpose": frozenset({"ConvTranspose"}),
+            "matmul": PRODUCT_OPS, "embedding": frozenset({"Gather"})}
 
 
 
@@ -89,7 +91,8 @@ def node_origin(node: onnx.NodeProto, capture_method: str, rank: int | None = No
         return NodeOrigin(f"onnx:{node.name}", onnx_kind(node.op_type, node.domain, rank), "")
     group = scopes[-1]
     scope = scopes[-2] if len(scopes) >= 2 else ""
-    kind = aten_kind(classes[-1]) if classes else onnx_kind(node.op_type, node.domain, rank)
+    transposed = node.op_type == "ConvTranspose" and node.domain in ("", "ai.onnx")
+    kind = aten_kind(classes[-1], rank, transposed) if classes else onnx_kind(node.op_type, node.domain, rank)
     if capture_method == "fx" and len(classes) == len(scopes):
         # the outermost torch.nn leaf module below the root is one call_module node to fx
         for i in range(1, len(classes) - 1):
@@ -133,7 +136,7 @@ class LayerMatch:
 
     layer: str
     group: str
-    core: str  # name of the MatMul/Gemm/Conv/Gather node
+    core: str  # name of the MatMul/Gemm/Conv/ConvTranspose/Gather node
     weight: str | None  # initializer holding the weight, for linear/conv/embedding layers
     weight_transposed: bool  # the initializer is the torch weight transposed (MatMul, Gemm transB=0)
 

@@ -39,10 +39,13 @@ class Rewrite(ir.passes.InPlacePass):
 
 
 def apply_to_proto(rewrite: Rewrite, model: onnx.ModelProto) -> RewriteResult:
-    """Run ``rewrite`` on ``model`` in place (through onnx_ir) and return its result."""
+    """Run ``rewrite`` on ``model`` in place (through onnx_ir) and return its result. An unchanged
+    model is left as it is: copying the result in would keep a second copy of every weight in the
+    model's protobuf arena (see :func:`autoprec.onnx.passes.base.compacted`)."""
     ir_model = ir.serde.deserialize_model(model)
     result = rewrite(ir_model)
-    model.CopyFrom(ir.serde.serialize_model(ir_model))
+    if result.modified:
+        model.CopyFrom(ir.serde.serialize_model(ir_model))
     return result
 
 

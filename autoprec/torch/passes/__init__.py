@@ -52,7 +52,7 @@ def plan_passes(captured: Captured, assignment: Mapping[str, Precision],
 
 def apply_plan(captured: Captured, assignment: Mapping[str, Precision | str],
                act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "emulate",
-               dynamic_fp8: bool = False) -> fx.GraphModule:
+               dynamic_fp8: bool = False, share_weights: bool = False) -> fx.GraphModule:
     """A copy of ``captured.gm`` that runs each layer in its planned format.
 
     ``assignment`` maps layer node names to formats; layers it leaves out stay fp32, and names the
@@ -69,12 +69,20 @@ def apply_plan(captured: Captured, assignment: Mapping[str, Precision | str],
 
     The captured module is never modified. The result keeps the captured parameter names (fp32
     masters), runs on any batch size and trains.
+
+    ``share_weights`` (emulate mode only): the result reads the captured module's own parameters and
+    buffers instead of copies of them. For evaluating a plan (a tune's trials): a copy per trial
+    would hold a second set of a large model's weights (0.5 GB for GPT-2 at 124M parameters).
+    Training the result would then train the captured module.
     """
+    if share_weights and mode != "emulate":
+        raise ValueError("share_weights is for emulate mode: native mode converts its copy's tensors")
     plan = {name: parse_precision(p) for name, p in assignment.items()}
     passes = plan_passes(captured, plan, act_amax, mode, dynamic_fp8)
     with warnings.catch_warnings():  # deep-copying torch.export modules warns about pytree specs
         warnings.simplefilter("ignore", FutureWarning)
-        gm = copy.deepcopy(captured.gm)
+        shared = [*captured.gm.parameters(), *captured.gm.buffers()] if share_weights else []
+        gm = copy.deepcopy(captured.gm, {id(t): t for t in shared})
     result = PassManager(passes).run(gm)
     if not result.modified:
         result.graph.recompile()

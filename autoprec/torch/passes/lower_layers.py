@@ -29,6 +29,9 @@ _LOWERABLE = {
     "conv1d": {F.conv1d, torch.conv1d, _aten.conv1d.default},
     "conv2d": {F.conv2d, torch.conv2d, _aten.conv2d.default},
     "conv3d": {F.conv3d, torch.conv3d, _aten.conv3d.default},
+    "conv_transpose1d": {F.conv_transpose1d, torch.conv_transpose1d, _aten.conv_transpose1d.default},
+    "conv_transpose2d": {F.conv_transpose2d, torch.conv_transpose2d, _aten.conv_transpose2d.input},
+    "conv_transpose3d": {F.conv_transpose3d, torch.conv_transpose3d, _aten.conv_transpose3d.input},
     "matmul": {torch.matmul, operator.matmul, _aten.matmul.default, _aten.mm.default, "matmul", "mm"},
     "bmm": {torch.bmm, _aten.bmm.default, "bmm"},
     "embedding": {F.embedding},  # capture normalises nn.Embedding and aten.embedding to it

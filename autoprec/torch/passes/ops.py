@@ -16,8 +16,8 @@ native (``native=True``)
     activation cast is a quantize-dequantize (fp32 tensor of
     E4M3 values times the static scale); the fp8 linear layer after it re-derives the fp8 codes
     (exact, see :func:`fp8_codes`) and runs ``torch._scaled_mm`` with fp32 accumulation, writing
-    bf16. fp8 conv, matmul and bmm have no fp8 kernel in torch: native mode emulates those layers'
-    numerics and writes a real bf16 tensor, as does an fp8 embedding lookup.
+    bf16. fp8 conv, transposed conv, matmul and bmm have no fp8 kernel in torch: native mode emulates
+    those layers' numerics and writes a real bf16 tensor, as does an fp8 embedding lookup.
 
 While training numerics are active (:func:`autoprec.torch.quantize.rounding_gradients`, emulate mode)
 every rounding also rounds its gradient and reports both to the monitor under its ``site`` (the
@@ -159,6 +159,31 @@ def lowp_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _layer("conv3d", (x, weight, bias, stride, padding, dilation, groups), {}, fmt, amax, native, site)
 
 
+def lowp_conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
+                          padding: Any = 0, output_padding: Any = 0, groups: int = 1, dilation: Any = 1, *,
+                          fmt: Precision, amax: Sequence[float] | None = None, native: bool = False,
+                          site: str = "") -> torch.Tensor:
+    """``F.conv_transpose1d`` in ``fmt`` (its argument order: output_padding and groups before dilation)."""
+    return _layer("conv_transpose1d", (x, weight, bias, stride, padding, output_padding, groups, dilation), {},
+                  fmt, amax, native, site)
+
+
+def lowp_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
+                          padding: Any = 0, output_padding: Any = 0, groups: int = 1, dilation: Any = 1, *,
+                          fmt: Precision, amax: Sequence[float] | None = None, native: bool = False,
+                          site: str = "") -> torch.Tensor:
+    return _layer("conv_transpose2d", (x, weight, bias, stride, padding, output_padding, groups, dilation), {},
+                  fmt, amax, native, site)
+
+
+def lowp_conv_transpose3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
+                          padding: Any = 0, output_padding: Any = 0, groups: int = 1, dilation: Any = 1, *,
+                          fmt: Precision, amax: Sequence[float] | None = None, native: bool = False,
+                          site: str = "") -> torch.Tensor:
+    return _layer("conv_transpose3d", (x, weight, bias, stride, padding, output_padding, groups, dilation), {},
+                  fmt, amax, native, site)
+
+
 def lowp_matmul(a: torch.Tensor, b: torch.Tensor, *, fmt: Precision, amax: Sequence[float] | None = None,
                 native: bool = False, site: str = "") -> torch.Tensor:
     """``a @ b`` in ``fmt`` (both operands are activations: each has its own fp8 scale)."""
@@ -188,7 +213,9 @@ def lowp_embedding(indices: torch.Tensor, weight: torch.Tensor, padding_idx: int
 
 #: layer kind -> the function a lowered layer calls
 LAYER_OPS = {"linear": lowp_linear, "conv1d": lowp_conv1d, "conv2d": lowp_conv2d, "conv3d": lowp_conv3d,
-             "matmul": lowp_matmul, "bmm": lowp_bmm, "embedding": lowp_embedding}
+             "conv_transpose1d": lowp_conv_transpose1d, "conv_transpose2d": lowp_conv_transpose2d,
+             "conv_transpose3d": lowp_conv_transpose3d, "matmul": lowp_matmul, "bmm": lowp_bmm,
+             "embedding": lowp_embedding}
 
 
 def _amax(amax: Sequence[float] | None, i: int) -> float:
