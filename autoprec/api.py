@@ -32,6 +32,7 @@ from autoprec.cost.model import CostModel
 from autoprec.cost.roofline import RooflineCostModel
 from autoprec.core.errors import AutoprecError, ModelSpecError, UsageError, first_line
 from autoprec.core.formats import DEFAULT_CANDIDATES, Precision, parse_precisions
+from autoprec.core.kinds import LAYER_CLASSES
 from autoprec.core.metrics import DropBudget, Metric
 from autoprec.metrics import model_metric
 from autoprec.onnx.model import OnnxModel, profile_onnx
@@ -367,8 +368,8 @@ def _need_layers(graph: OpGraph, fixed: Mapping[str, str] | None = None) -> None
         return
     first = next(iter(sorted((fixed or {}).items())), None)
     why = f"; {len(fixed or {})} op(s) stay fp32, e.g. {first[0]}: {first[1]}" if first else ""
-    raise UsageError(f"{graph.model_name} has no layer whose format can be chosen (linear, convolution, matmul "
-                     f"with a constant weight, or an embedding table): nothing to tune{why}")
+    raise UsageError(f"{graph.model_name} has no layer whose format can be chosen (the layer classes: "
+                     f"{', '.join(LAYER_CLASSES)}): nothing to tune{why}")
 
 
 def _check_batch(batch: int) -> None:
