@@ -20,21 +20,25 @@ import functools
 import io
 
 import math
+import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import onnx
 
 from autoprec.torch.capture import Captured, capture
 from autoprec.cost.model import CostModel
 from autoprec.cost.roofline import RooflineCostModel
 from autoprec.core.errors import AutoprecError, ModelSpecError, UsageError, first_line
-from autoprec.core.formats import DEFAULT_CANDIDATES, Precision, parse_precisions
+from autoprec.core.formats import DEFAULT_CANDIDATES, Precision, parse_precision, parse_precisions
 from autoprec.core.kinds import LAYER_CLASSES
 from autoprec.core.metrics import DropBudget, Metric
 from autoprec.metrics import model_metric
+from autoprec.onnx.apply import set_io_format
+from autoprec.onnx.passes.io_format import IO_FORMATS
 from autoprec.onnx.model import OnnxModel, profile_onnx
 from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import PrecisionPlan
@@ -147,6 +151,12 @@ class TorchTunable:
         self._fp32 = _Fp32Export(spec, net, weight_sums)
         self._onnx_check, self._timing = onnx_check, timing
         self.cache: ResultCache | None = None  # where the fp32 metric and the profile were kept
+        self.io = Precision.FP32
+
+    def deploy_io(self, io: Precision) -> None:
+        """Deploy with floating inputs and outputs in ``io``: every plan is priced, measured and
+        written so (:meth:`autoprec.core.opgraph.OpGraph.with_io`)."""
+        self.io, self.graph = io, self.captured.graph.with_io(io)
 
     @classmethod
     def load(cls, spec: ModelSpec, formats: tuple[Precision, ...], metric: Metric | None, profile_mode: str,
@@ -171,7 +181,7 @@ class TorchTunable:
         if kept is not None:
             reference, t_eval = float(kept["value"]), float(kept["seconds"])
         else:
-            reference, t_eval = _evaluate_fp32(metric, captured.gm)
+            reference, t_eval, metric = _evaluate_fp32(metric, captured.gm)
             if store is not None and spec.path.is_file():  # evaluate() lives in the file: its bytes are in the key
                 store.put("reference", {"value": reference, "seconds": t_eval})
         prof = profile(captured, batches, formats=formats, mode=profile_mode, output_kind=spec.output_kind,
@@ -188,11 +198,12 @@ class TorchTunable:
 
     def module(self, assignment: Mapping[str, Precision]) -> Any:
         """The torch emulation of the plan: the capture rewritten by the torch passes."""
-        return apply_plan(self.captured, assignment, self._amax)
+        return apply_plan(self.captured, assignment, self._amax, io=self.io)
 
     def measure(self, assignment: Mapping[str, Precision]) -> float:
         """The metric of the plan's torch emulation, which reads the captured weights (no copy per trial)."""
-        return float(self.metric.measure(apply_plan(self.captured, assignment, self._amax, share_weights=True)))
+        return float(self.metric.measure(apply_plan(self.captured, assignment, self._amax, share_weights=True,
+                                                    io=self.io)))
 
     def measure_on_onnx(self, assignment: Mapping[str, Precision]) -> float | None:
         """The metric of ONNX Runtime's CPU session of the plan's emulation graph, as a
@@ -223,14 +234,15 @@ class TorchTunable:
         from autoprec.onnx.graph import graph_inputs
         from autoprec.ort.runtime import repeat_to
 
-        arrays = [repeat_to(t.numpy(), batch) for t in self.spec.example_inputs()]
+        arrays = [_in_io(repeat_to(t.numpy(), batch), self.io) for t in self.spec.example_inputs()]
         return dict(zip([i.name for i in graph_inputs(self._fp32())], arrays)), batch
 
     def onnx_model(self, assignment: Mapping[str, Precision], mode: str = "deploy",
                    provider: str | None = None) -> onnx.ModelProto:
         from autoprec.deploy.export import apply_plan_onnx
 
-        return apply_plan_onnx(self._fp32(), self.captured, assignment, self._amax, mode, provider=provider)
+        return set_io_format(apply_plan_onnx(self._fp32(), self.captured, assignment, self._amax, mode,
+                                             provider=provider), self.io)
 
 
 class OnnxTunable:
@@ -247,13 +259,18 @@ class OnnxTunable:
         self.name, self.graph, self.op_types = om.analysis.graph.model_name, om.analysis.graph, om.analysis.op_types
         self._amax = act_amax_from_profile(prof)
         self._timing = timing
+        self.io = Precision.FP32
+
+    def deploy_io(self, io: Precision) -> None:
+        """See :meth:`TorchTunable.deploy_io`."""
+        self.io, self.graph = io, self.om.analysis.graph.with_io(io)
 
     @classmethod
     def load(cls, om: OnnxModel, formats: tuple[Precision, ...], metric: Metric, progress: Progress | None, *,
              timing: bool) -> OnnxTunable:
         """Evaluate the fp32 model (an error stops here) and profile it, exactly: ONNX Runtime has
         no backward pass for the fast estimate."""
-        reference, t_eval = _evaluate_fp32(metric, om.analysis.model)
+        reference, t_eval, metric = _evaluate_fp32(metric, om.analysis.model)
         return cls(om, metric, reference, t_eval, profile_onnx(om, formats, progress), timing=timing)
 
     def measure(self, assignment: Mapping[str, Precision]) -> float:
@@ -269,14 +286,19 @@ class OnnxTunable:
             return None
         from autoprec.ort.runtime import repeat_to
 
-        first = self.om.batches()[0]
+        first = {k: _in_io(v, self.io) for k, v in self.om.batches()[0].items()}
         if self.om.fixed_batch:
             return first, self.om.batch
         return {**first, **{k: repeat_to(v, batch) for k, v in first.items() if k in self.om.feeds}}, batch
 
     def onnx_model(self, assignment: Mapping[str, Precision], mode: str = "deploy",
                    provider: str | None = None) -> onnx.ModelProto:
-        return self.om.build(assignment, self._amax, mode, provider)
+        return set_io_format(self.om.build(assignment, self._amax, mode, provider), self.io)
+
+
+def _in_io(array: Any, io: Precision) -> Any:
+    """A timing feed as a graph with ``io`` inputs takes it: float arrays in fp16 for fp16 I/O."""
+    return array.astype(np.float16) if io is Precision.FP16 and array.dtype == np.float32 else array
 
 
 def tune(model: Any, budget: str | float | None = None, *, fidelity_budget: str | float | None = None,
@@ -286,7 +308,8 @@ def tune(model: Any, budget: str | float | None = None, *, fidelity_budget: str 
          batch: int = DEPLOY_BATCH, provider: str | None = None, progress: Progress | None = None,
          timing: bool = True, onnx_check: bool = True, example_inputs: Any = None,
          calibration: Iterable[Any] | None = None, evaluate: Callable[[Any], float] | None = None,
-         metric_name: str | None = None, higher_is_better: bool = True, cache: bool = True) -> TuneResult:
+         metric_name: str | None = None, higher_is_better: bool = True, cache: bool = True,
+         io: str | Precision = "fp32") -> TuneResult:
     """Find the fastest per-layer plan whose *measured* metric drop stays within the budget.
 
     ``model``: a model file (models/README.md), a ModelSpec, or a live ``nn.Module`` with
@@ -313,8 +336,13 @@ def tune(model: Any, budget: str | float | None = None, *, fidelity_budget: str 
     Off, the model is never exported to ONNX during the search.
     ``cache``: reuse the fp32 metric and the profile of an earlier run of the same model, data,
     code and settings, and keep this run's (:mod:`autoprec.core.cache`; a killed tune resumes).
+    ``io``: the format of the deployed graph's floating inputs and outputs, fp32 or fp16 (a serving
+    stack that holds its tensors in fp16). With fp16 every plan is measured on inputs rounded to
+    fp16 and outputs handed on in fp16, and priced without the fp32 copy of a 16-bit output (which
+    at a large batch of language-model logits is most of the deployed memory).
     """
     _check_batch(batch)
+    io_fmt = _io_format(io)
     started = time.perf_counter()
     spec = as_spec(model, example_inputs, calibration, evaluate, metric_name, higher_is_better)
     drop_budget = _choose_budget(spec.name, spec.evaluate is not None or metric is not None,
@@ -322,6 +350,7 @@ def tune(model: Any, budget: str | float | None = None, *, fidelity_budget: str 
     fmts = parse_precisions(formats) if formats is not None else DEFAULT_CANDIDATES
     tunable = TorchTunable.load(spec, fmts, metric, profile_mode, progress, onnx_check=onnx_check, timing=timing,
                                 cache=cache)
+    tunable.deploy_io(io_fmt)
     out = run_tune(tunable, drop_budget, fmts, target=target, objective=objective, strategy=strategy, keep=keep,
                    force=force, cost_model=cost_model, batch=batch, provider=provider, started=started)
     return TuneResult(out.plan, tunable.profile, tunable.graph, tunable.metric, out.summary, out.uniforms, out.pareto,
@@ -334,17 +363,19 @@ def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: s
               target: str = "h100", objective: str = "latency", formats: Iterable[str | Precision] | None = None,
               strategy: str | Strategy = "milp", keep: Iterable[str] = (), force: Iterable[str] = (),
               cost_model: CostModel | None = None, metric: Metric | None = None, batch: int = DEPLOY_BATCH,
-              provider: str | None = None, progress: Progress | None = None, timing: bool = True) -> TuneResult:
+              provider: str | None = None, progress: Progress | None = None, timing: bool = True,
+              io: str | Precision = "fp32") -> TuneResult:
     """:func:`tune` for a model given as an .onnx file, measured on ONNX Runtime.
 
     ``data``: an .npz with the model's inputs (see :mod:`autoprec.onnx.model`); ``labels``: an
     .npy, or the name of an array in ``data``. With labels the budget is a drop of accuracy
     (integer labels) or of mean squared error (float labels); without them, a ``fidelity_budget``
     on agreement with the fp32 model. ``metric.measure`` takes an ONNX ModelProto.
-    Profiling is exact (ONNX Runtime has no backward pass for the fast estimate). ``timing``: as
-    :func:`tune`'s.
+    Profiling is exact (ONNX Runtime has no backward pass for the fast estimate). ``timing`` and
+    ``io``: as :func:`tune`'s.
     """
     _check_batch(batch)
+    io_fmt = _io_format(io)
     started = time.perf_counter()
     om = OnnxModel.load(model, data, labels)
     _need_layers(om.analysis.graph, om.analysis.reasons)
@@ -354,6 +385,7 @@ def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: s
                                  how="--labels")
     fmts = parse_precisions(formats) if formats is not None else DEFAULT_CANDIDATES
     tunable = OnnxTunable.load(om, fmts, metric, progress, timing=timing)
+    tunable.deploy_io(io_fmt)
     out = run_tune(tunable, drop_budget, fmts, target=target, objective=objective, strategy=strategy, keep=keep,
                    force=force, cost_model=cost_model, batch=batch, provider=provider, started=started)
     return TuneResult(out.plan, tunable.profile, tunable.graph, metric, out.summary, out.uniforms, out.pareto,
@@ -370,6 +402,15 @@ def _need_layers(graph: OpGraph, fixed: Mapping[str, str] | None = None) -> None
     why = f"; {len(fixed or {})} op(s) stay fp32, e.g. {first[0]}: {first[1]}" if first else ""
     raise UsageError(f"{graph.model_name} has no layer whose format can be chosen (the layer classes: "
                      f"{', '.join(LAYER_CLASSES)}): nothing to tune{why}")
+
+
+def _io_format(io: str | Precision) -> Precision:
+    """The I/O format a tune deploys with: fp32 or fp16 (ONNX Runtime's Python API has no bf16)."""
+    fmt = parse_precision(io) if isinstance(io, str) else io
+    if fmt not in IO_FORMATS:
+        raise UsageError(f"--io must be fp32 or fp16, not {fmt}: ONNX Runtime's Python API has no numpy type "
+                         "for bf16 or fp8 inputs and outputs")
+    return fmt
 
 
 def _check_batch(batch: int) -> None:
@@ -436,19 +477,35 @@ def _check_batches(spec: ModelSpec, captured: Captured, batches: list[tuple[Any,
                                      f"{type(exc).__name__}: {first_line(exc, 200)}") from exc
 
 
-def _evaluate_fp32(metric: Metric, fp32_model: Any) -> tuple[float, float]:
-    """The fp32 metric and the seconds one evaluation takes; stop early if it cannot be had."""
-    t = time.perf_counter()
-    try:
-        value = float(metric.measure(fp32_model))
-    except AutoprecError:
-        raise
-    except Exception as exc:
-        raise ModelSpecError(f"the fp32 model cannot be evaluated, so there is nothing to keep within a budget: "
-                             f"{metric.name} raised {type(exc).__name__}: {first_line(exc, 160)}") from exc
-    if not math.isfinite(value):
-        raise ModelSpecError(f"the fp32 model's {metric.name} is {value}: fix the model's metric before tuning")
-    return value, time.perf_counter() - t
+#: fp32 evaluations timed for the unit tune's cost is reported in (their median): one timing of a
+#: first call wobbled 2.4x between runs of the same tune on a shared machine
+FP32_TIMING_RUNS = 3
+
+
+def _evaluate_fp32(metric: Metric, fp32_model: Any) -> tuple[float, float, Metric]:
+    """The fp32 metric, the median seconds of :data:`FP32_TIMING_RUNS` evaluations, and the metric
+    with a warning added if the evaluations disagree (a drop measured against a moving reference
+    means little); stop early if the metric cannot be had."""
+    values, seconds = [], []
+    for _ in range(FP32_TIMING_RUNS):
+        t = time.perf_counter()
+        try:
+            value = float(metric.measure(fp32_model))
+        except AutoprecError:
+            raise
+        except Exception as exc:
+            raise ModelSpecError(f"the fp32 model cannot be evaluated, so there is nothing to keep within a budget: "
+                                 f"{metric.name} raised {type(exc).__name__}: {first_line(exc, 160)}") from exc
+        seconds.append(time.perf_counter() - t)
+        if not math.isfinite(value):
+            raise ModelSpecError(f"the fp32 model's {metric.name} is {value}: fix the model's metric before tuning")
+        values.append(value)
+    if len(set(values)) > 1:
+        moving = (f"the fp32 model's {metric.name} changed between evaluations ({', '.join(f'{v:.6g}' for v in values)}): "
+                  "evaluate() is not deterministic (dropout left on, sampled data?), so plans are judged against "
+                  "noise; the first value is the reference")
+        metric = replace(metric, warning=f"{metric.warning}; {moving}" if metric.warning else moving)
+    return values[0], statistics.median(seconds), metric
 
 
 class _Fp32Export:

@@ -163,7 +163,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
             common = dict(fidelity_budget=args.fidelity_budget, target=args.target, objective=args.objective,
                           formats=args.formats, strategy=args.strategy, keep=args.keep, force=args.force,
-                          batch=args.batch, provider=args.provider, progress=progress, timing=not args.no_timing)
+                          batch=args.batch, provider=args.provider, progress=progress, timing=not args.no_timing,
+                          io=args.io)
             if onnx_input:
                 if args.profile_mode == "fast":
                     raise UsageError(_EXACT_ONLY.format(flag="--profile-mode"))
@@ -231,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = train(args.model, args.plan, formats=args.formats, epochs=args.epochs, out=out_dir,
                            resume=args.resume, init=args.init, recipe=recipe, loss_scaling=args.loss_scaling,
                            promotion=promotion, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                           monitor=not args.no_monitor, mode="native" if args.native else "emulate",
+                           monitor=not args.no_monitor, monitor_every=args.monitor_every, mode="native" if args.native else "emulate",
                            device=args.device, progress=progress, ranks=ranks)
     finally:
         if ranks.world > 1:
@@ -256,8 +257,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from autoprec.deploy.export import export_onnx
+    from autoprec.core.formats import Precision
     from autoprec.core.io import writable_file
+    from autoprec.deploy.export import export_onnx
+    from autoprec.onnx.apply import plan_io
 
     _need_data(args)
     writable_file(args.output)
@@ -277,8 +280,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                           io=args.io, provider=args.provider)
     what = ("emulation graph: fp32 compute with every rounding explicit, for ONNX Runtime's CPU provider"
             if args.emulation else "deployment graph: 16-bit tensors and fp8 Q/DQ, for the CUDA / TensorRT providers")
-    if args.io != "fp32":
-        what += f"; its inputs and outputs are {args.io}"
+    io = plan_io(args.plan, args.io)
+    if io is not Precision.FP32:
+        what += f"; its inputs and outputs are {io}"
     if args.provider and not args.emulation:
         what += f"; ops {args.provider} has no 16-bit kernel for compute in fp32 between casts"
     _console().print(f"Wrote {out} ({out.stat().st_size / 1e6:.2f} MB), the {what}.", highlight=False)
@@ -358,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                                               "with fp32 (logits) or relative L2 error (values); default 1%%")
     tu.add_argument("--target", default="h100", help="hardware target for the cost model: h100, a100, l4, generic")
     tu.add_argument("--objective", choices=("latency", "memory"), default="latency")
+    tu.add_argument("--io", default="fp32", choices=("fp32", "fp16"),
+                    help="format of the deployed model's inputs and outputs (default fp32; fp16: every plan is "
+                         "measured on inputs rounded to fp16 and returns fp16, with no fp32 copy of a 16-bit output; "
+                         "the tuned .onnx takes and returns fp16, and `autoprec export` writes it so)")
     tu.add_argument("--batch", type=int, default=1024,
                     help="deployment batch (samples per call) the cost model prices (default 1024)")
     tu.add_argument("--formats", default=None, help="candidate formats (default: bf16,fp16,fp8_e4m3)")
@@ -415,10 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fp8 weights: one scale per tensor (default) or per output row")
     tr.add_argument("--promote-threshold", type=float, default=0.01,
                     help="promote a layer whose roundings lose more than this fraction of their values (0.01) ...")
-    tr.add_argument("--promote-patience", type=int, default=5, help="... in this many consecutive steps (5)")
+    tr.add_argument("--promote-patience", type=int, default=5, help="... in this many consecutive counted steps (5; see --monitor-every)")
     tr.add_argument("--no-promote", action="store_true", help="never change the plan during training")
     tr.add_argument("--no-monitor", action="store_true", help="do not count overflows and underflows (no "
                                                               "numerics.csv, no promotions)")
+    tr.add_argument("--monitor-every", type=int, default=None, metavar="K",
+                    help="count the first step and then one in K (default 10; 1 counts every step, at about twice "
+                         "an emulated step's time on a CPU); promotions wait for PATIENCE bad counted steps")
     tr.add_argument("--native", action="store_true",
                     help="compute on real bf16/fp16 tensors (a GPU's speed) instead of the emulation; fp8 layers "
                          "keep the emulated recipe")
@@ -443,9 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ONNX Runtime provider the deployment graph is for (cpu, cuda, tensorrt): a node it has no "
                          "kernel for in its 16-bit format computes in fp32 between casts, with the plan's rounding "
                          "(default: ONNX's schemas decide; `tune --provider` does this for the files it writes)")
-    ex.add_argument("--io", default="fp32", choices=("fp32", "fp16"),
-                    help="format of the deployment graph's inputs and outputs (default fp32; fp16 for a serving "
-                         "stack that holds its tensors in fp16: the inputs are then rounded to fp16 by the caller)")
+    ex.add_argument("--io", default=None, choices=("fp32", "fp16"),
+                    help="format of the deployment graph's inputs and outputs (default: the plan's, from `tune --io`, "
+                         "else fp32; fp16 for a serving stack that holds its tensors in fp16: the inputs are then "
+                         "rounded to fp16 by the caller)")
     ex.set_defaults(func=cmd_export)
 
     ve = sub.add_parser("verify", help="metric through ONNX Runtime and parity with the torch emulation")

@@ -22,7 +22,9 @@ from autoprec.core.sensitivity import SensitivityProfile
 
 @dataclass(frozen=True)
 class UniformResult:
-    """A uniform plan (every layer in one format, where allowed) and its measured metric drop."""
+    """A simple plan a user could have written by hand, and its measured metric drop: a uniform
+    plan (every layer in ``format``, where allowed) or, with ``label``, another fixed recipe in that
+    format (torch.amp's op lists: ``autoprec.search.problem.SearchProblem.amp_assignment``)."""
 
     format: Precision
     speedup: float
@@ -30,6 +32,17 @@ class UniformResult:
     predicted_error: float
     measured_drop: float | None  # None when not measured
     within_budget: bool
+    label: str = ""  # "" for the uniform plan
+
+    @property
+    def name(self) -> str:
+        return self.label or f"all-{self.format}"
+
+    @property
+    def verdict(self) -> str:
+        """Whether it held the budget, as measured: yes, no, or not measured (a faster simple plan
+        already held it)."""
+        return "not measured" if self.measured_drop is None else "yes" if self.within_budget else "no"
 
 
 @dataclass(frozen=True)
@@ -95,10 +108,10 @@ class TuneSummary:
         out += [f"warning: {w}" for w in self.warnings]
         u = self.best_uniform
         if u is not None:
-            out.append(f"best uniform plan within budget: all-{u.format} at {u.speedup:.2f}x "
+            out.append(f"best simple plan within budget: {u.name} at {u.speedup:.2f}x "
                        f"(measured drop {u.measured_drop:.4g}); tuned plan is {self.speedup / u.speedup:.2f}x that")
         else:
-            out.append("no uniform low-precision plan meets the budget")
+            out.append("no simple plan (uniform, torch.amp's lists) meets the budget")
         if self.timing is not None:
             out.append(self.timing.line())
         checks = f" ({self.onnx_checks} also on ONNX Runtime)" if self.onnx_checks else ""
@@ -128,12 +141,14 @@ def write_report(out_dir: Path, plan: PrecisionPlan, profile: SensitivityProfile
     if summary.coverage is not None and summary.coverage.uncovered:
         lines += ["## What stays fp32", "", "Whatever the plan, these ops run in fp32 (the estimate prices them so):",
                   "", *summary.coverage.table(), ""]
-    lines += ["## Uniform plans", "", "| format | est. speedup | memory | predicted error | measured drop | within budget |",
+    lines += ["## Simple plans", "", "Uniform plans and torch.amp's op lists (compute layers in a 16-bit format, "
+              "embedding lookups fp32), measured fastest first until one holds the budget:", "",
+              "| plan | est. speedup | memory | predicted error | measured drop | within budget |",
               "|---|---|---|---|---|---|"]
     for u in uniforms:
         md = "-" if u.measured_drop is None else f"{u.measured_drop:.4g}"
-        lines.append(f"| {u.format} | {u.speedup:.2f}x | {100 * u.memory_ratio:.0f}% | {_e(u.predicted_error)} "
-                     f"| {md} | {'yes' if u.within_budget else 'no'} |")
+        lines.append(f"| {u.name} | {u.speedup:.2f}x | {100 * u.memory_ratio:.0f}% | {_e(u.predicted_error)} "
+                     f"| {md} | {u.verdict} |")
     lines += ["", "## Verification steps", "", "| error budget | predicted error | measured drop | est. cost | accepted |",
               "|---|---|---|---|---|"]
     for s in plan.steps:
@@ -210,7 +225,7 @@ def plot_pareto(path: Path, points: Sequence[ParetoPoint], plan: PrecisionPlan,
     for u in uniforms:
         if u.predicted_error > 0 and math.isfinite(u.predicted_error):
             ax.scatter([u.speedup], [u.predicted_error], marker="s", color="grey")
-            ax.annotate(f"all-{u.format}", (u.speedup, u.predicted_error), fontsize=7)
+            ax.annotate(u.name, (u.speedup, u.predicted_error), fontsize=7)
     if plan.predicted_error > 0:
         ax.scatter([plan.speedup], [plan.predicted_error], marker="*", s=160, color="red", label="chosen", zorder=5)
     ax.set_xlabel(f"estimated speedup on {plan.target} vs fp32")

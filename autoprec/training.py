@@ -11,9 +11,11 @@ the fp8 HYBRID recipe, and a monitor that counts what every rounding lost. Aroun
 - loss scaling with torch's own :class:`torch.amp.GradScaler` whenever the plan has fp16 layers
   (a step with inf/NaN gradients is skipped and the scale backs off; it grows after 2000 good
   steps); without fp16 a step with non-finite gradients is skipped too, unscaled;
+- the monitor counts one step in ``monitor_every`` (:data:`MONITOR_EVERY`): counting costs about
+  as much again as the emulated roundings it watches, so a sampled monitor is one that can stay on;
 - adaptive precision (:class:`PromotionPolicy`): a layer whose roundings lose more than
-  ``threshold`` of their values to overflow or underflow for ``patience`` steps in a row is
-  promoted (fp8 -> bf16, fp16 -> bf16, bf16 -> fp32) and the promotion is written into the plan
+  ``threshold`` of their values to overflow or underflow in ``patience`` monitored steps in a row
+  is promoted (fp8 -> bf16, fp16 -> bf16, bf16 -> fp32) and the promotion is written into the plan
   with its step and reason; gradient overflow counts only without a loss scaler (with one, it is
   the scaler's business). A FOLLOW op's roundings count for the layers whose format it follows;
 - records in the output folder: train.csv (per step: loss, learning rate, loss scale, skipped,
@@ -68,6 +70,9 @@ PROMOTE_TO = {Precision.FP8_E4M3: Precision.BF16, Precision.FP8_E5M2: Precision.
 LOSS_SCALING = ("auto", "on", "off")
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
+#: the monitor counts one training step in this many (the first, then every k-th): counting on every
+#: step costs about as much again as an emulated step on a CPU, one in ten about a tenth of that
+MONITOR_EVERY = 10
 
 Progress = Callable[[int, int, str], None]
 
@@ -101,6 +106,7 @@ class TrainConfig:
     promotion: PromotionPolicy | None = field(default_factory=PromotionPolicy)
     checkpoint_every: int = 0  # steps between checkpoints (0: at each epoch's end only)
     monitor: bool = True
+    monitor_every: int = MONITOR_EVERY
     mode: str = "emulate"  # "native": real bf16/fp16 tensors (a GPU's speed; fp8 layers stay emulated)
 
     def __post_init__(self) -> None:
@@ -112,6 +118,8 @@ class TrainConfig:
             raise UsageError(f"unknown loss scaling {self.loss_scaling!r}: use {', '.join(LOSS_SCALING)}")
         if self.checkpoint_every < 0:
             raise UsageError(f"--checkpoint-every must be >= 0 steps, not {self.checkpoint_every}")
+        if not isinstance(self.monitor_every, int) or self.monitor_every < 1:
+            raise UsageError(f"--monitor-every must be a positive whole number of steps, not {self.monitor_every!r}")
         if self.mode not in ("emulate", "native"):
             raise UsageError(f"unknown training mode {self.mode!r}: use emulate or native")
 
@@ -121,7 +129,8 @@ class TrainConfig:
                 "recipe": self.recipe.to_dict(), "loss_scaling": self.loss_scaling,
                 "promotion": None if self.promotion is None else
                 {"threshold": self.promotion.threshold, "patience": self.promotion.patience},
-                "checkpoint_every": self.checkpoint_every, "monitor": self.monitor, "mode": self.mode}
+                "checkpoint_every": self.checkpoint_every, "monitor": self.monitor,
+                "monitor_every": self.monitor_every, "mode": self.mode}
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -163,7 +172,9 @@ def layer_owners(graph: OpGraph) -> dict[str, frozenset[str]]:
 def priced_plan(graph: OpGraph, assignment: Mapping[str, Precision], base: PrecisionPlan | None,
                 promotions: Sequence[Promotion], label: str) -> PrecisionPlan:
     """The plan training ends with: ``base`` (the tuned plan, or a uniform one named ``label``) with
-    the promoted layers' formats and reasons changed and the estimates recomputed for them."""
+    the promoted layers' formats and reasons changed and the estimates recomputed for them. The
+    plan's I/O format (``tune --io``) is a deployment's and carries over: training reads its batches
+    as they come."""
     from autoprec.cost.memory import deployed_memory
     from autoprec.cost.roofline import cost_model
 
@@ -187,20 +198,22 @@ def priced_plan(graph: OpGraph, assignment: Mapping[str, Precision], base: Preci
         decisions.append(LayerDecision(op.name, op.scope, op.kind, fmt, reason,
                                        prev.predicted_error if prev is not None and prev.format is fmt else 0.0,
                                        model.layer_cost(op, fmt)))
+    io = base.io if base else FP32
+    fp32_graph, graph = graph.with_io(FP32), graph.with_io(io)
     b = model.breakdown(graph, assignment)
-    fp32 = model.breakdown(graph, {})
+    fp32 = model.breakdown(fp32_graph, {})
     budget = base.budget if base else Budget(float("inf"), "metric_drop")
     return PrecisionPlan(
         model_name=graph.model_name, fingerprint=graph.fingerprint(), target=target, objective=objective,
         budget=budget, decisions=tuple(decisions), strategy=base.strategy if base else label,
         cost=b.total, fp32_cost=fp32.total, cast_cost=b.casts, memory_bytes=deployed_memory(graph, assignment),
-        fp32_memory_bytes=deployed_memory(graph, {}),
+        fp32_memory_bytes=deployed_memory(fp32_graph, {}),
         predicted_error=base.predicted_error if base and not promotions else 0.0,
         pins=base.pins if base else (), measured={}, steps=base.steps if base else (),
         alternatives=base.alternatives if base else (),
         notes=(base.notes if base else ()) + (("trained with autoprec train; estimates are for the plan after its "
                                               "promotions",) if promotions else ()),
-        promotions=tuple(promotions))
+        promotions=tuple(promotions), io=io)
 
 
 def bound_graph(captured: Captured, assignment: Mapping[str, Precision], mode: str = "emulate") -> nn.Module:
@@ -220,17 +233,21 @@ def bound_graph(captured: Captured, assignment: Mapping[str, Precision], mode: s
 
 
 def plan_module(model: nn.Module, plan: PrecisionPlan | Mapping[str, Precision | str], example_inputs: Any,
-                recipe: Recipe | None = None, monitor: bool = True, mode: str = "emulate") -> PlanModule:
+                recipe: Recipe | None = None, monitor: bool = True, mode: str = "emulate",
+                monitor_every: int | None = None) -> PlanModule:
     """``model`` rewritten by ``plan`` for a training loop of the user's own: its forward and backward
     have the plan's numerics, its parameters are ``model``'s (trained in place). Call
     ``module.end_step()`` after each optimizer step (delayed fp8 scales, the monitor's counts), and
-    scale the loss with ``torch.amp.GradScaler`` when the plan has fp16 layers."""
+    scale the loss with ``torch.amp.GradScaler`` when the plan has fp16 layers. The monitor counts
+    one step in ``monitor_every`` (the first, then every k-th; 1: every step; default
+    :data:`MONITOR_EVERY`)."""
     from autoprec.torch.spec import as_tuple
 
     assignment = plan.assignment if isinstance(plan, PrecisionPlan) else \
         {k: parse_precision(v) for k, v in plan.items()}
     captured = capture(model, as_tuple(example_inputs), name=type(model).__name__, fold_norms=False)
-    module = PlanModule(bound_graph(captured, assignment, mode), Numerics(recipe, monitor=monitor))
+    every = MONITOR_EVERY if monitor_every is None else monitor_every
+    module = PlanModule(bound_graph(captured, assignment, mode), Numerics(recipe, monitor=monitor, every=every))
     module.train()
     return module
 
@@ -342,7 +359,7 @@ class Trainer:
         check_assignment(self.captured.graph, assignment)
         self.assignment = {k: v for k, v in assignment.items()}
         self.owners = layer_owners(self.captured.graph)
-        self.numerics = Numerics(config.recipe, monitor=config.monitor)
+        self.numerics = Numerics(config.recipe, monitor=config.monitor, every=config.monitor_every)
         self.module = PlanModule(self._graph_module(), self.numerics)
         self.net: nn.Module = self.module
         if self.ranks.world > 1:
@@ -458,8 +475,10 @@ class Trainer:
             for member in self._tie_of(layer):
                 src = self.assignment[member]
                 dst = PROMOTE_TO[src]
+                every = self.config.monitor_every
+                steps = "steps" if every == 1 else f"monitored steps (one in {every})"
                 reason = (f"lost more than {policy.threshold:g} of its values in {policy.patience} consecutive "
-                          f"steps (last: {why})")
+                          f"{steps} (last: {why})")
                 self.assignment[member] = dst
                 self.bad_steps.pop(member, None)
                 self.numerics.drop_layer(member)
@@ -788,7 +807,7 @@ def train(model: Any, plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str
           out: str | os.PathLike[str] | None = None, resume: bool = False,
           init: str = "scratch", recipe: Recipe | None = None, loss_scaling: str = "auto",
           promotion: PromotionPolicy | None = PromotionPolicy(), checkpoint_every: int = 0, seed: int = 0,
-          monitor: bool = True, mode: str = "emulate", device: str | None = None,
+          monitor: bool = True, monitor_every: int | None = None, mode: str = "emulate", device: str | None = None,
           progress: Progress | None = None, ranks: Ranks | None = None) -> TrainResult:
     """Train ``model`` with a plan's numerics; what ``autoprec train`` does.
 
@@ -799,6 +818,9 @@ def train(model: Any, plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str
     in place) with ``data`` (a list or DataLoader of batches), ``loss`` and ``example_inputs``.
     ``plan``: plan.json from ``autoprec tune``, a PrecisionPlan or a layer -> format mapping; or
     ``formats="fp16"`` for the uniform plan. The result's plan records every promotion.
+    ``monitor_every``: the monitor counts the first step and then one in this many (1: every step;
+    default :data:`MONITOR_EVERY`);
+    promotions wait for ``promotion.patience`` bad monitored steps in a row.
     ``mode="native"`` computes on real bf16/fp16 tensors (the speed of a GPU; its backward rounds
     as torch's kernels do, which the emulation matches within one unit in the last place; fp8 layers
     keep the emulated recipe); ``device`` ("cuda", "cuda:1") moves the model and every batch there
@@ -866,7 +888,8 @@ def train(model: Any, plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str
                          warmup_steps=int(file_defaults.get("warmup_steps", 0)),
                          clip=file_defaults.get("clip", 1.0), seed=seed, recipe=recipe or Recipe(),
                          loss_scaling=loss_scaling, promotion=promotion, checkpoint_every=checkpoint_every,
-                         monitor=monitor, mode=mode)
+                         monitor=monitor, monitor_every=MONITOR_EVERY if monitor_every is None else monitor_every,
+                         mode=mode)
     if device is None and ranks.world > 1 and torch.cuda.is_available():
         device = f"cuda:{torch.cuda.current_device()}"
     if device is not None:

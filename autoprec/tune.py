@@ -153,7 +153,7 @@ def run_tune(model: Tunable, budget: DropBudget, formats: tuple[Precision, ...],
     search_evals = len(measured)
     # a built-in strategy's plan gives way to a faster measured uniform plan; a user's strategy is
     # only compared against them (its choices may encode constraints we cannot see)
-    plan, uniforms = _against_uniform(problem, plan, evaluate, allowed, adopt=isinstance(strategy, str))
+    plan, uniforms = _against_simple(problem, plan, evaluate, allowed, adopt=isinstance(strategy, str))
     timed = None
     if provider and objective == "latency":
         plan, timed = _against_latency(problem, plan, uniforms, model, provider, batch, adopt=isinstance(strategy, str))
@@ -178,26 +178,36 @@ def run_tune(model: Tunable, budget: DropBudget, formats: tuple[Precision, ...],
     return TuneOutcome(plan, summary, uniforms, pareto)
 
 
-def _against_uniform(problem: SearchProblem, plan: PrecisionPlan, drop_of: Callable[[Assignment], float],
-                     allowed: float, adopt: bool) -> tuple[PrecisionPlan, list[UniformResult]]:
-    """Uniform plans (every layer in one format where it is allowed), fastest first, measured until
-    one meets the budget. If that one is faster than the searched plan (and ``adopt``), it becomes the plan: the
-    additive error model can be pessimistic, and a measured faster plan wins. (Uniform plans honour
-    exclusions, pins and ties, see SearchProblem.uniform_assignment.)"""
+def _against_simple(problem: SearchProblem, plan: PrecisionPlan, drop_of: Callable[[Assignment], float],
+                    allowed: float, adopt: bool) -> tuple[PrecisionPlan, list[UniformResult]]:
+    """The simple plans a user could write without a search: uniform plans (every layer in one
+    format where it is allowed) and torch.amp's op lists in each 16-bit format (products 16-bit,
+    embedding lookups fp32), each distinct assignment once, fastest first, measured until one meets
+    the budget (the rest are reported as not measured). If that one is faster than the searched plan
+    (and ``adopt``), it becomes the plan: the additive error model can be pessimistic, and a measured
+    faster plan wins. (They honour exclusions, pins and ties: SearchProblem.uniform_assignment.)"""
     uniform = get_strategy("uniform")
+    cands = sorted({f for fs in problem.candidates.values() for f in fs}, key=lambda f: f.rank)
+    simple = [(f, "", problem.uniform_assignment(f)) for f in cands]
+    simple += [(f, f"torch.amp {f}", problem.amp_assignment(f)) for f in cands if f.bits == 16]
+    seen: set[tuple] = set()
+    plans = []
+    for f, label, assignment in simple:
+        if _key(assignment) not in seen:
+            seen.add(_key(assignment))
+            plans.append((f, label, problem.make_plan(assignment, math.inf, uniform.name)))
     results: list[UniformResult] = []
     found = False
-    cands = sorted({f for fs in problem.candidates.values() for f in fs}, key=lambda f: f.rank)
-    plans = [(f, problem.make_plan(problem.uniform_assignment(f), math.inf, uniform.name)) for f in cands]
-    for f, up in sorted(plans, key=lambda x: -x[1].speedup):
+    for f, label, up in sorted(plans, key=lambda x: -x[2].speedup):
         drop = None
         if not found:
             drop = drop_of(up.assignment)
             found = drop <= allowed
         results.append(UniformResult(f, up.speedup, _ratio(up.memory_bytes, up.fp32_memory_bytes),
-                                     up.predicted_error, drop, drop is not None and drop <= allowed))
+                                     up.predicted_error, drop, drop is not None and drop <= allowed, label))
         if adopt and drop is not None and drop <= allowed and up.speedup > plan.speedup:
-            plan = replace(problem.make_plan(up.assignment, math.inf, f"{plan.strategy}+uniform"),
+            how = "amp" if label else "uniform"
+            plan = replace(problem.make_plan(up.assignment, math.inf, f"{plan.strategy}+{how}"),
                            budget=plan.budget, steps=plan.steps, measured=plan.measured)
     return plan, results
 

@@ -2,10 +2,13 @@
 
 Runs ``autoprec tune benchmarks/models/gpt2_124m.py --fidelity-budget 1%`` (2 calibration batches of
 2 x 64 tokens) in a child process and prints its peak resident memory (the child's ru_maxrss), its
-wall time and the tuning time in fp32 evaluations as the tune reports it. The goal (issue "Real
-models"): peak RSS at most 3 GB on a 2-core CPU machine; the fp32 weights alone are 0.5 GB.
+wall time and the tuning time in fp32 evaluations as the tune reports it, with the tune's summary
+lines (the plan's estimated speedup and deployed memory). The goal (issue "Real models"): peak RSS at
+most 3 GB on a 2-core CPU machine; the fp32 weights alone are 0.5 GB. ``--io fp16`` tunes for a
+deployment that returns fp16 logits (``autoprec tune --io``): at the priced batch of 1024 x 64 tokens
+the fp32 copy of 16-bit logits is most of the deployed memory.
 
-    python benchmarks/gpt2_scale.py [--out DIR]
+    python benchmarks/gpt2_scale.py [--out DIR] [--io fp32|fp16]
 """
 
 from __future__ import annotations
@@ -26,17 +29,19 @@ MODEL = ROOT / "benchmarks" / "models" / "gpt2_124m.py"
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="output folder of the tune (default: a temporary one)")
+    ap.add_argument("--io", choices=("fp32", "fp16"), default="fp32", help="the tune's --io (default fp32)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or str(Path(tmp) / "gpt2")
-        cmd = [sys.executable, "-m", "autoprec.cli", "tune", str(MODEL), "--fidelity-budget", "1%", "--out", out]
+        cmd = [sys.executable, "-m", "autoprec.cli", "tune", str(MODEL), "--fidelity-budget", "1%", "--io", args.io,
+               "--out", out]
         t0 = time.perf_counter()
         run = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     text = " ".join(run.stdout.split())
     evals = re.search(r"= ([0-9.]+) fp32 evaluations", text)
-    print(f"autoprec tune gpt2_124m (124M parameters, fp32 weights 0.50 GB): exit {run.returncode}")
+    print(f"autoprec tune gpt2_124m --io {args.io} (124M parameters, fp32 weights 0.50 GB): exit {run.returncode}")
     print(f"peak RSS {peak_kb / 1024 ** 2:.2f} GB (goal <= 3 GB); wall {wall:.0f} s; "
           f"tuning = {evals.group(1) if evals else '?'} fp32 evaluations")
     for line in run.stdout.splitlines():

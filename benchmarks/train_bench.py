@@ -2,16 +2,17 @@
 
     .venv/bin/python benchmarks/train_bench.py [models/x.py ...] [--budget 0.5%] [--epochs N] [--max-steps N]
                                                [--monitor-epochs 1] [--monitor-steps 20] [--repeats 3]
-                                               [--seed 0] [--quick]
+                                               [--seed 0] [--quick] [--monitor-only]
 
 For each model (default: digits_cnn, then char_transformer) the plan is tuned at the budget
 (:func:`autoprec.api.tune`, on the model's pretrained weights). Then:
 
 - the numerics monitor's cost: the tuned plan trained from scratch for ``--monitor-epochs`` (1) over
-  the first ``--monitor-steps`` (20) batches of the model file's train_data(), with ``monitor=True``
-  and ``monitor=False`` (the same numerics, without counting what each rounding lost), ``--repeats``
-  (3) runs of each, interleaved on/off, the same seed; printed: the median wall time of each and
-  their ratio (on / off). A fixed number of steps keeps this part short on a CPU, where one epoch
+  the first ``--monitor-steps`` (20) batches of the model file's train_data(), with the monitor off
+  (the same numerics, without counting what each rounding lost), counting every step
+  (``monitor_every=1``) and counting its default one step in MONITOR_EVERY (10; what ``autoprec
+  train`` does), ``--repeats`` (3) runs of each, interleaved, the same seed; printed: the median
+  wall time of each and their ratios to the run without the monitor. A fixed number of steps keeps this part short on a CPU, where one epoch
   of char_transformer under its plan takes many minutes. Without the monitor nothing counts the
   losses, so nothing is promoted: the two runs compute the same only up to the first promotion
   (steps 115 and 226 of char_transformer's and digits_cnn's plans at seed 0, after these 20 steps);
@@ -37,7 +38,8 @@ A full run takes long on a 2-core CPU: char_transformer's fp32 run (5 epochs of 
 20 minutes on a busy 2-core machine, and its plan run ~20 minutes per epoch. ``--quick`` (a smoke
 run): 1 epoch of at most 20 steps per training run, and 1 repeat of each monitor run. Nothing is
 downloaded (the zoo's data is scikit-learn's bundled digits and this interpreter's standard
-library). Exits 0 when every run completed.
+library). ``--monitor-only`` times the monitor and skips the fp32 against plan runs. Exits 0 when
+every run completed.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 from autoprec.api import tune  # noqa: E402
 from autoprec.core.metrics import DropBudget, metric_drop  # noqa: E402
 from autoprec.torch.spec import load_model_spec  # noqa: E402
-from autoprec.training import seed_everything, train  # noqa: E402
+from autoprec.training import MONITOR_EVERY, seed_everything, train  # noqa: E402
 
 MODELS = ("digits_cnn", "char_transformer")  # the quick one first: its rows come early
 
@@ -107,6 +109,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs of each monitor setting; the median is used (default 3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="1 epoch of at most 20 steps per run, 1 repeat per monitor setting")
+    ap.add_argument("--monitor-only", action="store_true", help="time the monitor only (no fp32 against plan runs)")
     args = ap.parse_args(argv)
     epochs = 1 if args.quick else args.epochs
     max_steps = min(20, args.max_steps or 20) if args.quick else args.max_steps
@@ -117,8 +120,10 @@ def main(argv: list[str]) -> int:
     train_lines = ["| model | plan formats | epochs (steps) | metric fp32 run | metric plan run | rel. drop / budget "
                    "| within | skipped steps | promotions | train s fp32 | train s plan | plan / fp32 |",
                    "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    monitor_lines = ["| model | epochs (steps) | runs | median s monitor on | median s monitor off | on / off |",
-                     "|---|---|---|---|---|---|"]
+    monitor_lines = ["| model | epochs (steps) | runs | median s monitor off | median s every step | median s one "
+                     f"in {MONITOR_EVERY} (default) | every step / off | one in {MONITOR_EVERY} / off |",
+                     "|---|---|---|---|---|---|---|---|"]
+    settings = {"off": {"monitor": False}, "every": {"monitor_every": 1}, "default": {"monitor_every": MONITOR_EVERY}}
     status = 0
     try:
         for name in args.models:
@@ -132,18 +137,21 @@ def main(argv: list[str]) -> int:
             counts = ", ".join(f"{k} {v}" for k, v in plan.format_counts().items())
             print(f"{spec.name}: tuned at {args.budget} in {time.perf_counter() - t0:.0f} s: {counts}", flush=True)
 
-            times: dict[bool, list[float]] = {True: [], False: []}
+            times: dict[str, list[float]] = {k: [] for k in settings}
             steps = 0
             for _ in range(repeats):
-                for on in (True, False):
+                for key, kw in settings.items():
                     r, t = timed(path, plan, epochs=args.monitor_epochs, max_steps=args.monitor_steps, seed=args.seed,
-                                 monitor=on)
-                    times[on].append(t)
+                                 **kw)
+                    times[key].append(t)
                     steps = len(r.rows)
-            on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
-            monitor_lines.append(f"| {spec.name} | {args.monitor_epochs} ({steps}) | {repeats} + {repeats} "
-                                 f"| {on_s:.1f} | {off_s:.1f} | {on_s / off_s:.3f}x |")
+            med = {k: statistics.median(v) for k, v in times.items()}
+            monitor_lines.append(f"| {spec.name} | {args.monitor_epochs} ({steps}) | {repeats} x 3 | {med['off']:.1f} "
+                                 f"| {med['every']:.1f} | {med['default']:.1f} | {med['every'] / med['off']:.3f}x "
+                                 f"| {med['default'] / med['off']:.3f}x |")
             print(monitor_lines[-1], flush=True)
+            if args.monitor_only:
+                continue
 
             fp32, t_fp32 = timed(path, formats="fp32", epochs=epochs, max_steps=max_steps, seed=args.seed)
             print(f"{spec.name}: fp32 run: {len(fp32.rows)} steps in {t_fp32:.1f} s, {spec.metric} {fp32.metric:.4f}",

@@ -12,7 +12,10 @@ and the cost model all consume this, so what is priced is what is emulated and d
 - a FOLLOW op computes in the widest value format of its floating inputs, so it never runs in fp8;
   a parameter, a buffer or a graph input is an fp32 input. Its result is rounded when it runs in 16
   bits and computes new values (:data:`~autoprec.core.kinds.EXACT_FOLLOW_KINDS` do not);
-- a NEVER op and the graph's output read and compute fp32;
+- a NEVER op reads and computes fp32; the graph's output reads its values in the graph's I/O
+  format (``graph.io``: fp32, or fp16 where the deployment takes and returns fp16);
+- a floating graph input is in the I/O format: with fp16 I/O it is rounded to fp16 (the caller's
+  fp32 data is rounded once, at the input), and an fp16 layer reads it without a cast;
 - placeholders, parameters and shape arithmetic are fp32 and read nothing that needs a cast.
 
 Imports no torch.
@@ -31,8 +34,7 @@ from autoprec.core.opgraph import OpGraph, OpNode, Policy
 FP32 = Precision.FP32
 
 #: reasons of the nodes whose format no plan changes, by their kind (op: fp32 for any other NONE)
-_FIXED_REASONS = {"placeholder": "model input", "get_attr": "parameter: fp32 master, cast at use",
-                  "output": "graph outputs are fp32"}
+_FIXED_REASONS = {"placeholder": "model input", "get_attr": "parameter: fp32 master, cast at use"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class Lowering:
         return iter(self.decisions)
 
     def rounded(self) -> dict[str, Precision]:
-        """The FOLLOW ops whose results the plan rounds, with the format they are rounded to."""
+        """The FOLLOW ops whose results the plan rounds (and, with 16-bit I/O, the graph inputs),
+        with the format they are rounded to."""
         return {n: d.compute for n, d in self.decisions.items() if d.rounds}
 
 
@@ -89,9 +92,9 @@ def reads_values(op: OpNode) -> bool:
 
 
 def read_format(op: OpNode, decision: NodeDecision) -> Precision:
-    """The format ``op`` reads its floating inputs in: its compute format, fp32 for a NEVER op and
-    the graph's output (the rule the cost model's and the passes' casts follow)."""
-    if op.policy is Policy.ALWAYS or op.policy is Policy.FOLLOW:
+    """The format ``op`` reads its floating inputs in: its compute format (for the graph's output,
+    the I/O format), fp32 for a NEVER op (the rule the cost model's and the passes' casts follow)."""
+    if op.policy is Policy.ALWAYS or op.policy is Policy.FOLLOW or op.kind == "output":
         return decision.compute
     return FP32
 
@@ -181,6 +184,11 @@ def _decide(graph: OpGraph, op: OpNode, assignment: Mapping[str, Precision], dec
             why = "widest of its inputs " + ", ".join(f"{labels.get(a, a)} ({f})" for a, f in zip(ins, fmts))
         rounds = best is not FP32 and op.kind not in EXACT_FOLLOW_KINDS
         return NodeDecision(best, best, why, rounds)
+    io = graph.io
+    if op.kind == "output":
+        return NodeDecision(io, io, f"graph outputs are {io}")
+    if op.kind == "placeholder" and op.float_out and io is not FP32:
+        return NodeDecision(io, io, f"model input, given in {io} (inputs and outputs in {io})", rounds=True)
     return NodeDecision(FP32, FP32, reasons.get(op.name) or _FIXED_REASONS.get(op.kind, "not a tensor op"))
 
 

@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 import networkx as nx
 
+from autoprec.core.formats import Precision
+
 
 class Policy(enum.Enum):
     """How an op takes part in mixed precision (DESIGN.md, numerical semantics)."""
@@ -86,7 +88,9 @@ class OpGraph:
     """Ops in execution order plus data-flow edges (producer -> consumer, with element counts).
 
     ``ties`` lists groups of layers that must share one format (e.g. the q/k/v projections of one
-    attention, which read the same input and feed the same product).
+    attention, which read the same input and feed the same product). ``io`` is the format of the
+    deployed graph's floating inputs and outputs (:meth:`with_io`): fp32, or fp16 for a serving
+    stack that holds its tensors in fp16.
     """
 
     nodes: list[OpNode]
@@ -94,6 +98,7 @@ class OpGraph:
     model_name: str = ""
     ties: list[list[str]] = field(default_factory=list)
     batch: int = 0  # batch size of the example inputs the counts were taken at (0: unknown)
+    io: Precision = Precision.FP32  # format of the floating graph inputs and outputs
     graph: nx.DiGraph = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -170,7 +175,14 @@ class OpGraph:
         scaled = [replace(n, flops=round(n.flops * f), act_in_elems=round(n.act_in_elems * f),
                           act_out_elems=round(n.act_out_elems * f)) if n.name in live else n
                   for n in self.nodes]
-        return OpGraph(scaled, list(self.edges), self.model_name, [list(t) for t in self.ties], batch)
+        return OpGraph(scaled, list(self.edges), self.model_name, [list(t) for t in self.ties], batch, self.io)
+
+    def with_io(self, io: Precision) -> "OpGraph":
+        """The same graph deployed with floating inputs and outputs in ``io``: the lowering then
+        rounds each input to it and hands each output on in it (no fp32 copy of a 16-bit result)."""
+        if io is self.io:
+            return self
+        return OpGraph(list(self.nodes), list(self.edges), self.model_name, [list(t) for t in self.ties], self.batch, io)
 
     def total_flops(self) -> int:
         return sum(n.flops for n in self.nodes)
@@ -190,6 +202,7 @@ class OpGraph:
             "edges": [list(e) for e in self.edges],
             "ties": [list(t) for t in self.ties],
             "batch": self.batch,
+            "io": self.io.value,
         }
 
     @classmethod
@@ -200,6 +213,7 @@ class OpGraph:
             model_name=d.get("model_name", ""),
             ties=[list(t) for t in d.get("ties", [])],
             batch=int(d.get("batch", 0)),
+            io=Precision(d.get("io", Precision.FP32.value)),
         )
 
     def to_json(self) -> str:

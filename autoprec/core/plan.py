@@ -66,6 +66,8 @@ PLAN_DOCUMENT = Document("plan", PLAN_VERSION, PlanError, Obj(
         "alternatives": ListOf(Obj({"label": Str(), "predicted_error": _ERROR, "cost": _COST,
                                     "within_budget": Bool()})),
         "notes": ListOf(Str()),
+        # the deployed graph's floating inputs and outputs (tune --io): what export writes by default
+        "io": OneOf(("fp32", "fp16")),
         # what training changed (autoprec train): the layers it promoted, when and why
         "promotions": ListOf(Obj({"layer": Str(nonempty=True), "from": FORMAT, "to": FORMAT,
                                   "step": Num(lo=0), "reason": Str()})),
@@ -251,6 +253,7 @@ class PrecisionPlan:
     alternatives: tuple[Alternative, ...] = ()
     notes: tuple[str, ...] = ()  # plan-wide remarks for the report (e.g. pins over budget)
     promotions: tuple[Promotion, ...] = ()  # layers training widened, in the order it did
+    io: Precision = Precision.FP32  # format of the deployed graph's floating inputs and outputs
 
     # --- views -------------------------------------------------------------------------------
     @property
@@ -307,6 +310,7 @@ class PrecisionPlan:
             "alternatives": [a.to_dict() for a in self.alternatives],
             "notes": list(self.notes),
             "promotions": [p.to_dict() for p in self.promotions],
+            "io": self.io.value,
             "decisions": [d.to_dict() for d in self.decisions],
         }
 
@@ -335,6 +339,7 @@ class PrecisionPlan:
             alternatives=tuple(Alternative(**a) for a in d.get("alternatives", [])),
             notes=tuple(d.get("notes", [])),
             promotions=tuple(Promotion.from_dict(p) for p in d.get("promotions", [])),
+            io=Precision(d.get("io", Precision.FP32.value)),
         )
 
     def to_json(self) -> str:

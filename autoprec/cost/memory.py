@@ -6,8 +6,10 @@ per-channel scales left out as negligible; tensors no layer reads stay fp32), pl
 of activations alive at once when the ops run in graph order. A value is alive from the op that
 writes it to its last reader; a cast's copy from just before its first reader to its last, its
 source until the cast (unless others read the source itself); a view (reshape, transpose) is no
-new memory, it keeps its source alive. So a plan that only narrows formats holds no more than
-all-fp32 except where a cast's copy briefly sits beside its source.
+new memory, it keeps its source alive; the graph's output is the values it reads, in the graph's
+I/O format (:meth:`~autoprec.core.opgraph.OpGraph.with_io`). So a plan that only narrows formats
+holds no more than all-fp32 except where a cast's copy briefly sits beside its source: with fp32
+I/O, the fp32 copy of a 16-bit output beside the 16-bit result (``tune --io fp16`` has none).
 
 This is not the search's "memory" objective (:class:`~autoprec.cost.roofline.RooflineCostModel`),
 which sums every written activation so that it stays additive over layers for the MILP; the peak
@@ -52,7 +54,7 @@ def peak_activation_bytes(graph: OpGraph, assignment: Mapping[str, Precision]) -
     alive: dict[str, tuple[int, int, int]] = {}  # key -> (first moment, last moment, bytes)
     for op in graph.nodes:
         i = order[op.name]
-        if op.kind != "get_attr" and op.kind not in VIEW_KINDS and op.act_out_elems:
+        if op.kind not in ("get_attr", "output") and op.kind not in VIEW_KINDS and op.act_out_elems:
             alive[op.name] = (2 * i + 1, 2 * i + 1, op.act_out_elems * low[op.name].value.bytes)
     for op in graph.nodes:
         for p in float_inputs(graph, op.name):

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import onnx
 
 from autoprec.onnx.rewrites.fold_batch_norms import FoldBatchNorms
+from autoprec.onnx.rewrites.fold_constants import fold_splits
 from autoprec.torch.attention import explicit_attention
 from autoprec.torch.recurrent import explicit_recurrence
 from autoprec.torch.bn_fold import foldable_norms
@@ -58,7 +59,7 @@ from autoprec.torch.semantics import needs_act_amax
 from autoprec.core.sensitivity import SensitivityProfile
 from autoprec.torch.spec import ModelSpec, load_model_spec
 from autoprec.onnx.passes.assign_formats import AssignFormats, param_names
-from autoprec.onnx.apply import load_assignment, run_plan_passes, set_io_format
+from autoprec.onnx.apply import load_assignment, plan_io, run_plan_passes, set_io_format
 from autoprec.onnx.passes.base import OnnxPass, infer_types
 from autoprec.onnx.passes.insert_casts import InsertCasts
 from autoprec.onnx.passes.keep_roundings import KeepRoundings
@@ -130,40 +131,6 @@ def _keep_lookups(node: onnx_ir.Node) -> bool | None:
     return False if node.op_type == "Gather" and classes and aten_kind(classes[-1]) == "embedding" else None
 
 
-def _fold_splits(graph: onnx_ir.Graph) -> None:
-    """A ``Split`` of a stored tensor becomes one initializer per part.
-
-    nn.MultiheadAttention cuts its packed projection into the query's and the key/value's weights
-    when query and key differ; folded, each part is the initializer its MatMul reads, as the capture
-    reads it (:func:`autoprec.torch.capture._fold_weight_paths`). onnxscript's folder leaves ops with
-    several outputs alone, and a Split only moves data, so numpy's split is exact. Parts are views
-    of the stored tensor's array until serialised."""
-    import numpy as np
-    from onnx_ir import Value, tensor
-    from onnx_ir.convenience import replace_all_uses_with
-
-    for node in list(graph):
-        if node.op_type != "Split" or node.domain != "" or node.inputs[0] is None \
-                or node.inputs[0].const_value is None:
-            continue
-        sizes_in = node.inputs[1] if len(node.inputs) > 1 else None
-        if sizes_in is not None and sizes_in.const_value is None:
-            continue
-        data = node.inputs[0].const_value.numpy()
-        axis = node.attributes.get_int("axis", 0) % data.ndim
-        n = len(node.outputs)
-        if sizes_in is not None:
-            sizes = [int(v) for v in sizes_in.const_value.numpy().reshape(-1)]
-        else:  # num_outputs: equal parts, the last one smaller
-            step = -(-data.shape[axis] // n)
-            sizes = [min(step, data.shape[axis] - i * step) for i in range(n)]
-        parts = np.split(data, np.cumsum(sizes)[:-1], axis=axis)
-        for out, part in zip(node.outputs, parts):
-            value = Value(name=f"{out.name}_folded", const_value=tensor(np.ascontiguousarray(part)))
-            graph.register_initializer(value)
-            replace_all_uses_with(out, value)
-
-
 def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """The fp32 model as ONNX: dynamo exporter, dynamic batch, constants folded, inference batch
     norms folded into their convolutions as :func:`autoprec.torch.capture.capture` folds them, nothing
@@ -192,7 +159,7 @@ def torch_to_onnx(model: Any, example_inputs: tuple[Any, ...], opset: int = DEFA
             raise ExportError("torch.onnx.export returned no program")
         ir_model = program.model
         fold_constants_ir(ir_model, should_fold=_keep_lookups)
-        _fold_splits(ir_model.graph)  # then fold what reads the parts (a Transpose)
+        fold_splits(ir_model.graph)  # then fold what reads the parts (a Transpose)
         fold_constants_ir(ir_model, should_fold=_keep_lookups)
         RemoveUnusedNodesPass()(ir_model)
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(ir_model)
@@ -293,22 +260,23 @@ def export_onnx(spec_or_model_file: ModelSpec | str | os.PathLike[str],
                 plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any] | None,
                 profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None,
                 out_path: str | os.PathLike[str], opset: int = DEFAULT_OPSET, emulation: bool = False,
-                io: Precision | str = FP32, provider: str | None = None) -> Path:
+                io: Precision | str | None = None, provider: str | None = None) -> Path:
     """Export the model file's model with ``plan`` applied to ``out_path`` (written atomically).
 
     ``emulation=False`` writes the deployment graph (16-bit tensors, fp8 Q/DQ) for CUDA / TensorRT;
     ``emulation=True`` the fp32 graph with explicit rounding that ORT's CPU provider runs faithfully.
-    ``io``: the format of the deployment graph's inputs and outputs (:func:`set_io_format`).
+    ``io``: the format of the deployment graph's inputs and outputs (:func:`set_io_format`); default:
+    the plan's (``tune --io``), fp32 for a plan without one.
     ``provider``: the provider the deployment graph is for (:func:`build_onnx`).
     """
     model, _ = build_onnx(spec_or_model_file, plan, profile, opset, "emulate" if emulation else "deploy", provider)
-    return atomic_write_bytes(Path(out_path), set_io_format(model, io).SerializeToString())
+    return atomic_write_bytes(Path(out_path), set_io_format(model, plan_io(plan, io)).SerializeToString())
 
 
 def export_analysed(onnx_file: str | os.PathLike[str], data: str | os.PathLike[str] | Mapping[str, Any],
                     plan: PrecisionPlan | str | os.PathLike[str],
                     profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, Any] | None,
-                    out_path: str | os.PathLike[str], emulation: bool = False, io: Precision | str = FP32,
+                    out_path: str | os.PathLike[str], emulation: bool = False, io: Precision | str | None = None,
                     provider: str | None = None) -> Path:
     """:func:`export_onnx` for a model given as an .onnx file: apply a plan `autoprec tune` made
     for it. ``data`` (its inputs, as for tuning) sizes the symbolic dimensions the plan was made at."""
@@ -323,5 +291,5 @@ def export_analysed(onnx_file: str | os.PathLike[str], data: str | os.PathLike[s
         raise PlanError("the plan has fp8 layers: give the profile.json of the tune run (--profile) for their "
                         "calibrated activation scales")
     model = om.build(plan.assignment, amax, "emulate" if emulation else "deploy", provider)
-    return atomic_write_bytes(Path(out_path), set_io_format(model, io).SerializeToString())
+    return atomic_write_bytes(Path(out_path), set_io_format(model, plan_io(plan, io)).SerializeToString())
 

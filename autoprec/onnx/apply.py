@@ -142,6 +142,19 @@ def set_io_format(model: onnx.ModelProto, io: Precision | str) -> onnx.ModelProt
     return model
 
 
+def plan_io(plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any] | None,
+            io: Precision | str | None) -> Precision:
+    """The I/O format to write: ``io`` when given, else the one the plan was tuned for (``tune
+    --io``; fp32 for a mapping, no plan, or a plan.json from before the field)."""
+    if io is not None:
+        return parse_precision(io)
+    if isinstance(plan, PrecisionPlan):
+        return plan.io
+    if plan is None or isinstance(plan, Mapping):
+        return FP32
+    return PrecisionPlan.load(plan).io
+
+
 def load_assignment(plan: PrecisionPlan | str | os.PathLike[str] | Mapping[str, Any] | None) -> dict[str, Precision]:
     """The layer -> format assignment of a plan given as a PrecisionPlan, a mapping or a plan.json
     path (None: no plan, every layer fp32)."""

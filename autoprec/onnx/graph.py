@@ -468,8 +468,8 @@ def build_opgraph(model: onnx.ModelProto, values: Mapping[str, ConcreteValue],
             src = next((i for i in node.input if i and i not in inits), None)
             if src is not None:
                 ties.setdefault((src, kind, values[weight].shape or ()), []).append(node.name)
-    # the graph's outputs are read in fp32 (a deployment graph casts a 16-bit result back), as the
-    # torch capture's output node is
+    # the graph's outputs are read in its I/O format (fp32: a deployment graph casts a 16-bit result
+    # back; OpGraph.with_io), as the torch capture's output node is
     taken = {n.name for n in nodes}
     out_name = next(c for c in ("output", *(f"output_{i}" for i in range(1, len(taken) + 2))) if c not in taken)
     outs = [o.name for o in g.output]

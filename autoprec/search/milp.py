@@ -135,8 +135,8 @@ class MilpStrategy:
                 forms.append(_Form.of_unit(u, opts[u], x))
             elif vm.follow[i] and vm.inputs[i]:
                 forms.append(_Form.join([forms[j] for j in vm.inputs[i]], m, i))
-            else:
-                forms.append(_Form.const(FP32))
+            else:  # fixed: fp32, or the graph's I/O format for its floating inputs and output
+                forms.append(_Form.const(vm.fixed_format[i][1]))
         for i in range(len(vm.ops)):  # FOLLOW ops in their format
             if vm.follow[i]:
                 op = vm.ops[i]
@@ -152,7 +152,8 @@ class MilpStrategy:
                 if vm.unit[r] >= 0:
                     readers.append(_Form.of_unit(vm.unit[r], opts[vm.unit[r]], x, compute=True))
                 else:
-                    readers.append(forms[r] if vm.follow[r] else _Form.const(FP32))
+                    readers.append(forms[r] if vm.follow[r] else _Form.const(vm.fixed_format[r][0] if vm.is_output[r]
+                                                                            else FP32))
             if readers:
                 MilpStrategy._casts(c, m, forms[j], readers, vm.elems[j], cscale)
 

@@ -16,6 +16,7 @@ from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 from autoprec.core.errors import UsageError
 from autoprec.core.formats import Precision, parse_precision, wider
+from autoprec.core.kinds import LOOKUP_KINDS
 from autoprec.core.lowering import float_inputs, reads_values
 from autoprec.core.opgraph import OpGraph, OpNode, Policy
 from autoprec.core.plan import Alternative, Budget, LayerDecision, Pin, PrecisionPlan
@@ -103,6 +104,16 @@ class SearchProblem:
         c = self.compiled
         return c.to_layers(c.uniform(f))
 
+    def amp_assignment(self, f: Precision) -> dict[str, Precision]:
+        """torch.amp's assignment in the 16-bit format ``f``: autocast runs products (linear, conv,
+        matmul) in ``f`` and leaves an embedding lookup in its table's fp32; here every unit with no
+        lookup in ``f`` where allowed, the others at their widest allowed format. The simple plan a
+        torch user gets without a search."""
+        c = self.compiled
+        return c.to_layers([f if f in u.formats and not any(self.graph[n].kind in LOOKUP_KINDS
+                                                                   for n in u.layers)
+                            else c.widest[ui] for ui, u in enumerate(c.units)])
+
     def make_plan(self, assignment: Mapping[str, Precision], budget: float, strategy: str,
                   alternatives: Sequence[Alternative] = (), notes: Sequence[str] = ()) -> PrecisionPlan:
         """Turn a layer -> format assignment into a plan with reasons, costs and errors."""
@@ -137,7 +148,8 @@ class ValueModel:
     The same rules as :func:`autoprec.core.lowering.lower` (a test holds the two equal), compiled
     for speed: nodes in graph order, each a layer of a unit, a FOLLOW op (the widest of its floating
     inputs), or fixed at fp32; each floating value with the readers that read its values, each in
-    its compute format (fp32 for NEVER ops and the graph's output).
+    its compute format (fp32 for NEVER ops; the graph's I/O format for its output, and the value of
+    its floating inputs).
     """
 
     def __init__(self, graph: OpGraph, unit_of: Mapping[str, int], cm: CostModel) -> None:
@@ -146,6 +158,12 @@ class ValueModel:
         index = {op.name: i for i, op in enumerate(self.ops)}
         self.unit = [unit_of.get(op.name, -1) if op.is_layer else -1 for op in self.ops]
         self.follow = [op.policy is Policy.FOLLOW for op in self.ops]
+        io = graph.io
+        # the (compute, value) format of every other node: the graph's I/O format for its output and
+        # floating inputs, fp32 for the rest
+        self.fixed_format = [(io, io) if op.kind == "output" or (op.kind == "placeholder" and op.float_out)
+                             else (FP32, FP32) for op in self.ops]
+        self.is_output = [op.kind == "output" for op in self.ops]
         self.inputs = [[index[p] for p in float_inputs(graph, op.name)] for op in self.ops]
         self.readers: list[list[int]] = [[] for _ in self.ops]
         for i, op in enumerate(self.ops):
@@ -199,10 +217,10 @@ class ValueModel:
             for j in self.inputs[i][1:]:
                 best = wider(best, done[j][1])
             return best, best
-        return FP32, FP32
+        return self.fixed_format[i]
 
     def _read(self, i: int, formats: Sequence[tuple[Precision, Precision]]) -> Precision:
-        return formats[i][0] if self.unit[i] >= 0 or self.follow[i] else FP32
+        return formats[i][0] if self.unit[i] >= 0 or self.follow[i] or self.is_output[i] else FP32
 
     def _node_cost(self, i: int, formats: Sequence[tuple[Precision, Precision]]) -> float:
         if not self.follow[i]:
@@ -415,9 +433,10 @@ class CompiledProblem:
     # --- plans ---------------------------------------------------------------------------------
     @cached_property
     def fp32_reference(self) -> tuple[float, float]:
-        """(cost, deployed memory bytes) of the all-fp32 model, the baseline of every plan's speedup
-        and memory figure (:func:`autoprec.cost.memory.deployed_memory`)."""
-        return self.p.cost_model.plan_cost(self.p.graph, {}), deployed_memory(self.p.graph, {})
+        """(cost, deployed memory bytes) of the all-fp32 model with fp32 inputs and outputs, the
+        baseline of every plan's speedup and memory figure (:func:`autoprec.cost.memory.deployed_memory`)."""
+        fp32 = self.p.graph.with_io(Precision.FP32)
+        return self.p.cost_model.plan_cost(fp32, {}), deployed_memory(fp32, {})
 
     def plan(self, assignment: Mapping[str, Precision], budget: float, strategy: str,
              alternatives: tuple[Alternative, ...], notes: tuple[str, ...]) -> PrecisionPlan:
@@ -440,7 +459,7 @@ class CompiledProblem:
             decisions=decisions, strategy=strategy, cost=b.total, fp32_cost=self.fp32_reference[0],
             cast_cost=b.casts, memory_bytes=deployed_memory(graph, layer_fmt),
             fp32_memory_bytes=self.fp32_reference[1], predicted_error=total_err, pins=p.pins,
-            alternatives=alternatives, notes=notes)
+            alternatives=alternatives, notes=notes, io=graph.io)
 
     def reasons(self, fmt: list[Precision], budget: float, strategy: str, total_err: float) -> dict[str, str]:
         """A readable reason per layer: pin, exclusion, budget or cost."""

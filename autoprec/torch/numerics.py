@@ -217,14 +217,21 @@ class SiteStep:
 class Numerics:
     """The training numerics of one plan: the fp8 recipe's state per layer and the monitor.
 
-    ``monitor=False`` skips the counting (the numerics are the same). ``recording`` is set by
-    :class:`PlanModule` from its training flag: evaluation reads the scales but neither records
-    amax nor counts. Implements :class:`autoprec.torch.semantics.TrainingNumerics`.
+    ``monitor=False`` skips the counting (the numerics are the same). ``every=k`` counts one
+    training step in k (the first, then every k-th): counting costs about as much again as the
+    emulated roundings it watches, so a sampled monitor is what can stay on (the fp8 recipe's amax is
+    recorded at every step regardless). ``recording`` is set by :class:`PlanModule` from its
+    training flag: evaluation reads the scales but neither records amax nor counts. Implements
+    :class:`autoprec.torch.semantics.TrainingNumerics`.
     """
 
-    def __init__(self, recipe: Recipe | None = None, monitor: bool = True) -> None:
+    def __init__(self, recipe: Recipe | None = None, monitor: bool = True, every: int = 1) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise UsageError(f"the monitor counts every k-th step with k >= 1, not {every!r}")
         self.recipe = recipe or Recipe()
         self.monitor = monitor
+        self.every = every
+        self.steps = 0  # steps ended so far: which of them the monitor counts
         self.recording = True
         self.layers: dict[str, Fp8Layer] = {}
         self._acc: dict[str, list[tuple[bool, torch.Tensor, torch.Tensor]]] = {}
@@ -244,7 +251,7 @@ class Numerics:
         to zero and was not zero (zeros of ``rounded`` less zeros of ``scaled``); overflow is looked
         for only when the amax passes the format's max; the counts are kept as tensors per rounding
         and summed once, at :meth:`end_step`."""
-        if not (self.monitor and self.recording):
+        if not self.counting:
             return
         with torch.no_grad():
             lo, hi = torch.aminmax(scaled) if scaled.numel() else (scaled.new_zeros(()), scaled.new_zeros(()))
@@ -263,7 +270,7 @@ class Numerics:
     def observe_result(self, site: str, values: torch.Tensor, fmt: Precision, grad: bool) -> None:
         """Count a native 16-bit result whose rounding happened inside a kernel: its non-finite
         values are overflows; its underflows cannot be seen (native mode counts none)."""
-        if not (self.monitor and self.recording) or not values.is_floating_point():
+        if not self.counting or not values.is_floating_point():
             return
         with torch.no_grad():
             v = values.detach()
@@ -272,6 +279,11 @@ class Numerics:
             finite = v.float().abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
             amax = finite.amax() if finite.numel() else finite.new_zeros(())
             self._record(site, grad, torch.stack([over, over.new_zeros(()), nonzero]), amax)
+
+    @property
+    def counting(self) -> bool:
+        """Whether this step's roundings are counted: a monitored training step."""
+        return self.monitor and self.recording and self.steps % self.every == 0
 
     def _record(self, site: str, grad: bool, counts: torch.Tensor, amax: torch.Tensor) -> None:
         """Keep one rounding's (overflow, underflow, non-zero) counts and amax for :meth:`end_step`."""
@@ -289,6 +301,7 @@ class Numerics:
                 s.step_amax = a.clone()
         for s in states:
             s.end_step()
+        self.steps += 1
         sites = sorted(self._acc)
         if not sites:
             return {}
@@ -307,13 +320,14 @@ class Numerics:
 
     def state_dict(self) -> dict[str, Any]:
         """The recipe's scaling state, for checkpoints (a resumed run scales exactly as before)."""
-        return {"recipe": self.recipe.to_dict(),
+        return {"recipe": self.recipe.to_dict(), "steps": self.steps,
                 "layers": {site: {"fmt": layer.fmt.value,
                                   "states": {k: s.state_dict() for k, s in layer.states().items()}}
                            for site, layer in sorted(self.layers.items())}}
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         self.recipe = Recipe.from_dict(d["recipe"])
+        self.steps = int(d.get("steps", 0))
         self.layers = {}
         for site, entry in d["layers"].items():
             layer = self.fp8_recipe(site, Precision(entry["fmt"]))

@@ -47,7 +47,7 @@ def test_cli_tune_writes_plan_profile_report_and_plots(cnn_run: tuple[Path, int]
     assert m["evaluations"] <= 2 + 3  # 2 + ceil(log2(5 layers))
     assert all(d.reason for d in plan.decisions)
     report = (out / "report.md").read_text()
-    assert "## Layers" in report and "## Uniform plans" in report
+    assert "## Layers" in report and "## Simple plans" in report
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
     # the tuned model as ONNX: the deployment graph is what `autoprec export` writes, byte for byte
     tuned = onnx.load(out / "digits_cnn.tuned.onnx")

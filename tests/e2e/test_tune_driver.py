@@ -145,3 +145,42 @@ def test_timing_uses_the_deployment_graphs_and_is_skipped_without_feeds(monkeypa
     t = out.summary.timing
     assert t is not None and t.batch == 64 and t.chosen == "all-fp32" and out.plan.strategy.endswith("+timed")
     assert set(out.plan.assignment.values()) == {P.FP32} and out.plan.measured["drop"] == 0.0
+
+
+class _EmbeddingModel(FakeModel):
+    """The chain behind an embedding lookup that loses 10% of the metric in any format but fp32."""
+
+    def __init__(self) -> None:
+        super().__init__({P.BF16: 1e-3, P.FP16: 5e-4, P.FP8_E4M3: 0.02, P.FP8_E5M2: 0.02})
+        chain, _ = _chain()
+        dim = 4096
+        emb = OpNode("emb", "embedding", "emb", Policy.ALWAYS, weight_elems=dim * dim, act_out_elems=dim * dim)
+        nodes = [chain.nodes[0], emb, *chain.nodes[1:]]
+        edges = [("x", "emb"), ("emb", "l0"), *[e for e in chain.edges if e[0] != "x"]]
+        self.graph = OpGraph(nodes, edges, "chain")
+        errors = {n: {P.BF16: 2e-4, P.FP16: 1e-4, P.FP8_E4M3: 1e-3, P.FP8_E5M2: 2e-3} for n in self.graph.layer_names()}
+        self.profile = SensitivityProfile("chain", self.graph.fingerprint(), "exact", "kl", (P.FP32, *LOW), errors)
+
+    @staticmethod
+    def _value(assignment: Mapping[str, Precision], loss: Mapping[Precision, float]) -> float:
+        lookup = 0.0 if assignment.get("emb", P.FP32) is P.FP32 else 0.1
+        return 1.0 - lookup - sum(loss.get(f, 0.0) for n, f in assignment.items() if n != "emb")
+
+
+def test_torch_amp_s_lists_are_a_simple_plan_and_unmeasured_ones_say_so() -> None:
+    """Uniform plans lose 10% at the lookup; torch.amp's (products 16-bit, the lookup fp32) holds the
+    budget. Simple plans are measured fastest first until one holds: the slower ones are reported as
+    not measured, never as over budget."""
+    model = _EmbeddingModel()
+    out = _run(model, "1%")
+    by_name = {u.name: u for u in out.uniforms}
+    assert {"all-bf16", "all-fp16", "all-fp8_e4m3", "all-fp8_e5m2", "torch.amp fp16", "torch.amp bf16"} == set(by_name)
+    amp = by_name["torch.amp bf16"]  # priced as fast as fp16's: the first of the two is measured
+    assert amp.measured_drop == pytest.approx(3 * 1e-3) and amp.verdict == "yes"
+    assert out.summary.best_uniform is amp and "best simple plan within budget: torch.amp bf16" in \
+        " ".join(out.summary.lines())
+    faster = [u for u in out.uniforms if u.speedup > amp.speedup]
+    assert faster and all(u.verdict == "no" and u.measured_drop >= 0.1 for u in faster)
+    slower = [u for u in out.uniforms if u.speedup <= amp.speedup and u is not amp]
+    assert slower and all(u.measured_drop is None and u.verdict == "not measured" for u in slower)
+    assert out.plan.assignment["emb"] is P.FP32 and out.plan.speedup >= amp.speedup

@@ -77,3 +77,21 @@ def test_only_fp16_inputs_and_outputs(exact_cnn) -> None:
     assert set_io_format(model, "fp32") is model
     with pytest.raises(UsageError, match="no numpy type for bf16"):
         set_io_format(model, BF16)
+
+
+@pytest.mark.parametrize("plan", [PLAN, {"c1": BF16, "c2": FP16}, {}], ids=["fp16-out", "fp32-out", "fp32"])
+def test_the_torch_emulation_with_fp16_io_is_the_onnx_emulation(exact_cnn, plan) -> None:
+    """One meaning of fp16 I/O on both paths: the lowering's (torch passes: the inputs rounded where
+    the graph starts, the output handed on in fp16, rounded from an fp32 result) and IOFormat's on the
+    ONNX emulation graph, bit for bit, whatever format the output's producer has."""
+    x = exact_cnn.inputs[0] + 0.3
+    emulation = set_io_format(apply_plan_onnx(exact_cnn.fp32, exact_cnn.captured, plan, mode="emulate"), FP16)
+    got = open_session(emulation.SerializeToString(), "cpu")(x)[0]
+    gm = apply_plan(exact_cnn.captured, plan, io=FP16)
+    with torch.no_grad():
+        want = gm(x).numpy()
+    assert np.array_equal(got, want)
+    inp = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    assert [u.kwargs["fmt"] for u in inp.users] == [FP16]  # one rounding where the graph starts, read by all
+    if not plan:  # all-fp32 layers: the fp16 ends alone move the result
+        assert not np.array_equal(want, apply_plan(exact_cnn.captured, plan)(x).detach().numpy())

@@ -83,7 +83,8 @@ def test_fp16_without_loss_scaling_underflows_and_stalls_with_scaling_it_trains(
 def test_fp16_underflow_is_counted_per_layer(tmp_path: Path) -> None:
     data = _regression(4, 1.0)
     torch.manual_seed(0)
-    _run(_Mlp(), data, _tiny_loss, "fp16", loss_scaling="off", promotion=None, epochs=1, out=tmp_path)
+    _run(_Mlp(), data, _tiny_loss, "fp16", loss_scaling="off", promotion=None, epochs=1, out=tmp_path,
+         monitor_every=1)
     rows = list(csv.DictReader(open(tmp_path / "numerics.csv")))
     fc2 = [r for r in rows if r["site"] == "fc2"]
     assert len(fc2) == 4
@@ -92,6 +93,20 @@ def test_fp16_underflow_is_counted_per_layer(tmp_path: Path) -> None:
     assert all(float(r["bwd_underflow"]) == float(r["bwd_nonzero"]) == 32 for r in fc2)
     assert all(float(r["bwd_nonzero"]) == 0 for r in rows if r["site"] == "fc1")
     assert all(float(r["fwd_overflow"]) == 0 for r in rows)
+
+
+def test_the_monitor_counts_one_step_in_monitor_every_and_promotes_on_those(tmp_path: Path) -> None:
+    # every step of this run loses fc2's whole gradient to fp16 underflow; counting one step in 3
+    # sees steps 1, 4, 7, 10, and the third bad counted step (step 7) promotes fc2
+    data = _regression(10, 1.0)
+    result = _run(_Mlp(), data, _tiny_loss, "fp16", loss_scaling="off", promotion=PromotionPolicy(0.5, 3),
+                  epochs=1, out=tmp_path, monitor_every=3)
+    counted = sorted({int(r["step"]) for r in csv.DictReader(open(tmp_path / "numerics.csv"))})
+    assert counted == [1, 4, 7, 10]
+    assert [(p.layer, p.step) for p in result.promotions] == [("fc2", 7)]
+    assert "3 consecutive monitored steps (one in 3)" in result.promotions[0].reason
+    with pytest.raises(UsageError, match="monitor-every"):
+        _run(_Mlp(), data, _tiny_loss, "fp16", monitor_every=0)
 
 
 def test_fp16_overflow_mid_training_promotes_the_layer_and_the_run_finishes(tmp_path: Path) -> None:
@@ -144,7 +159,7 @@ def test_the_tuned_module_drops_into_a_users_own_loop() -> None:
     module = plan_module(net, {"fc1": "bf16", "fc2": "fp16"}, example_inputs=data[0][0])
     opt = torch.optim.SGD(net.parameters(), lr=0.05)  # the user's own parameters
     scaler = torch.amp.GradScaler("cpu")
-    losses = []
+    losses, counted = [], []
     for _ in range(3):
         for batch in data:
             loss = _mse(module, batch)
@@ -154,7 +169,10 @@ def test_the_tuned_module_drops_into_a_users_own_loop() -> None:
             scaler.update()
             stats = module.end_step()
             losses.append(float(loss.detach()))
-    assert set(stats) >= {"fc1", "fc2"}
+            counted.append(set(stats))
+    # the monitor counted steps 1 and 11 of the 18 (one in MONITOR_EVERY = 10)
+    assert [i + 1 for i, sites in enumerate(counted) if sites] == [1, 11]
+    assert all(counted[i] >= {"fc1", "fc2"} for i in (0, 10))
     assert losses[-1] < 0.5 * losses[0]
     # the user's model trained in place, and the module reads its parameters
     assert module.graph_module.fc1.weight is net.fc1.weight

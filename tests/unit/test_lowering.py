@@ -91,11 +91,12 @@ def test_a_16_bit_follow_op_rounds_unless_it_only_moves_values():
         check_assignment(g, {"nope": P.BF16})
 
 
-@pytest.mark.parametrize("depth", [3, 8])
-def test_the_search_prices_every_plan_as_the_lowering_does(depth):
+@pytest.mark.parametrize("depth,embed,io", [(3, True, P.FP32), (8, True, P.FP32), (3, False, P.FP16), (8, True, P.FP16)])
+def test_the_search_prices_every_plan_as_the_lowering_does(depth, embed, io):
     """The compiled problem (total_cost, delta_cost) and the MILP's objective equal the cost model's
-    price of the lowering, on random plans over a residual stream."""
-    g = residual_mlp(depth, embed=True)
+    price of the lowering, on random plans over a residual stream (with fp16 I/O too: without the
+    embedding, the fp16 input joins the stream's first FOLLOW ops)."""
+    g = residual_mlp(depth, embed=embed).with_io(io)
     cm = RooflineCostModel("h100")
     problem = SearchProblem.build(g, _profile(g), cm, budget=1.0)
     c = problem.compiled
@@ -133,3 +134,27 @@ def test_casts_and_the_milp_grow_linearly_with_depth():
         assert not plan.notes, plan.notes  # optimality proven
     for small, big in zip(sizes[10], sizes[100]):
         assert big <= 12 * small, sizes  # linear: 10x the depth, about 10x the size
+
+
+def test_fp16_io_rounds_the_inputs_and_hands_the_outputs_on_in_fp16():
+    """With fp16 I/O a graph input is an fp16 value (rounded where the graph starts): an fp16 layer
+    reads it as it is, an fp32 one through a widening cast; the output reads fp16, so an fp16 result
+    needs no cast and a bf16 one is cast to fp16. The search prices the same casts."""
+    n = 1000
+    nodes = [OpNode("x", "placeholder", "", Policy.NONE, act_out_elems=n), OpNode("ids", "placeholder", "", Policy.NONE),
+             _layer("a", n), _layer("b", n), _op("add", "add", Policy.FOLLOW, n), OpNode("out", "output", "", Policy.NONE)]
+    g = OpGraph(nodes, [("x", "a"), ("x", "b"), ("a", "add"), ("b", "add"), ("add", "out")], "io", batch=1)
+    io16 = g.with_io(P.FP16)
+    for plan, casts in (({"a": P.FP16, "b": P.FP16}, set()),
+                        ({"a": P.FP16}, {("x", P.FP32), ("a", P.FP32), ("add", P.FP16)}),
+                        ({"a": P.BF16, "b": P.BF16}, {("x", P.BF16), ("add", P.FP16)})):
+        low = lower(io16, plan)
+        assert (low["x"].value, low["x"].rounds) == (P.FP16, True) and low.rounded()["x"] is P.FP16
+        assert low["ids"].value is P.FP32 and not low["ids"].rounds  # an integer input stays as it is
+        assert low["out"].compute is P.FP16 and low["out"].reason == "graph outputs are fp16"
+        assert {(c.value, c.to) for c in low.casts} == casts, plan
+        cm = RooflineCostModel("h100")
+        c = SearchProblem.build(io16, _profile(io16), cm, budget=1.0).compiled
+        assert c.total_cost(c.from_layers(plan)) == pytest.approx(cm.plan_cost(io16, plan))
+    # fp32 I/O (the default): the input is fp32 and an fp16 result is cast back for the output
+    assert {(c.value, c.to) for c in lower(g, {"a": P.FP16, "b": P.FP16}).casts} == {("x", P.FP16), ("add", P.FP32)}

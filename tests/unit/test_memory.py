@@ -69,3 +69,43 @@ def test_a_cast_in_front_of_softmax_frees_its_16_bit_source() -> None:
     fp32 = peak_activation_bytes(g, {})
     assert fp32 == 3 * n * 4  # x, the scores and the softmax at once
     assert peak_activation_bytes(g, {"qk": P.BF16, "av": P.BF16}) <= fp32
+
+
+def _logits_lm(out_elems: int) -> OpGraph:
+    """x -> fc -> head -> output, the output node sized as capture sizes it (the logits it reads)."""
+    nodes = [
+        OpNode("x", "placeholder", "", Policy.NONE, act_out_elems=100),
+        _layer("fc", 100, 100, w=10, weight="fc.w"),
+        _layer("head", 100, 1000, w=10, weight="head.w"),
+        OpNode("out", "output", "", Policy.NONE, act_in_elems=1000, act_out_elems=out_elems),
+    ]
+    return OpGraph(nodes, [("x", "fc"), ("fc", "head"), ("head", "out")], "lm")
+
+
+def test_the_output_is_the_values_it_reads_not_another_tensor() -> None:
+    # the logits are counted once, however the frontend sized the output node
+    assert peak_activation_bytes(_logits_lm(1000), {}) == peak_activation_bytes(_logits_lm(0), {}) == (100 + 1000) * 4
+
+
+def test_fp16_io_drops_the_fp32_copy_of_a_16_bit_output() -> None:
+    g = _logits_lm(1000)
+    half = {"fc": P.FP16, "head": P.FP16}
+    fp32 = peak_activation_bytes(g, {})
+    # fp32 outputs: the fp16 logits and their fp32 copy are alive together, above fp32's peak
+    assert peak_activation_bytes(g, half) == 1000 * 2 + 1000 * 4 > fp32
+    # fp16 outputs: the input arrives in fp16 and the fp16 logits are the output
+    io16 = g.with_io(P.FP16)
+    assert peak_activation_bytes(io16, half) == (100 + 1000) * 2
+    for fmt in (P.BF16, P.FP16, P.FP8_E4M3):  # every narrowing plan within fp32's memory
+        assert deployed_memory(io16, {n: fmt for n in g.layer_names()}) <= deployed_memory(g, {}), fmt
+    # fp32 layers with fp16 I/O: the fp16 copy of the fp32 logits for the output sits beside them
+    assert peak_activation_bytes(io16, {}) == 1000 * 4 + 1000 * 2
+
+
+def test_the_io_format_is_part_of_the_graph() -> None:
+    g = _logits_lm(1000).with_io(P.FP16)
+    g.batch = 2
+    assert g.io is P.FP16 and g.at_batch(8).io is P.FP16
+    assert OpGraph.from_dict(g.to_dict()).io is P.FP16
+    assert OpGraph.from_dict({k: v for k, v in g.to_dict().items() if k != "io"}).io is P.FP32  # older files
+    assert g.with_io(P.FP16) is g and g.fingerprint() == _logits_lm(1000).fingerprint()

@@ -167,3 +167,33 @@ def fold_constants(model: onnx.ModelProto) -> int:
     """Fold ``model``'s constants in place (:class:`FoldConstants`); returns how many top-level
     nodes are gone."""
     return apply_to_proto(FoldConstants(), model).count
+
+
+def fold_splits(graph: ir.Graph) -> None:
+    """A ``Split`` of a stored tensor becomes one initializer per part.
+
+    nn.MultiheadAttention cuts its packed projection into the query's and the key/value's weights
+    when query and key differ; folded, each part is the initializer its MatMul reads, as the capture
+    reads it (:func:`autoprec.torch.capture._fold_weight_paths`). onnxscript's folder leaves ops with
+    several outputs alone, and a Split only moves data, so numpy's split is exact. Parts are views
+    of the stored tensor's array until serialised."""
+    for node in list(graph):
+        if node.op_type != "Split" or node.domain != "" or node.inputs[0] is None \
+                or node.inputs[0].const_value is None:
+            continue
+        sizes_in = node.inputs[1] if len(node.inputs) > 1 else None
+        if sizes_in is not None and sizes_in.const_value is None:
+            continue
+        data = node.inputs[0].const_value.numpy()
+        axis = node.attributes.get_int("axis", 0) % data.ndim
+        n = len(node.outputs)
+        if sizes_in is not None:
+            sizes = [int(v) for v in sizes_in.const_value.numpy().reshape(-1)]
+        else:  # num_outputs: equal parts, the last one smaller
+            step = -(-data.shape[axis] // n)
+            sizes = [min(step, data.shape[axis] - i * step) for i in range(n)]
+        parts = np.split(data, np.cumsum(sizes)[:-1], axis=axis)
+        for out, part in zip(node.outputs, parts):
+            value = ir.Value(name=f"{out.name}_folded", const_value=ir.tensor(np.ascontiguousarray(part)))
+            graph.register_initializer(value)
+            ir.convenience.replace_all_uses_with(out, value)

@@ -41,18 +41,18 @@ def act_amax_from_profile(profile: SensitivityProfile) -> dict[str, tuple[float,
 
 def plan_passes(captured: Captured, assignment: Mapping[str, Precision],
                 act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "emulate",
-                dynamic_fp8: bool = False) -> list[Pass]:
+                dynamic_fp8: bool = False, io: Precision = Precision.FP32) -> list[Pass]:
     """The pass sequence :func:`apply_plan` runs (for callers who want to run or inspect it)."""
     if mode not in MODES:
         raise UsageError(f"unknown apply mode {mode!r}: use 'emulate' (fp32 tensors, exact rounding) or 'native'")
     native = mode == "native"
-    return [AssignFormats(captured.graph, assignment, act_amax, dynamic_fp8), LowerLayers(native),
-            InsertCasts(captured.graph, native)]
+    graph = captured.graph.with_io(io)
+    return [AssignFormats(graph, assignment, act_amax, dynamic_fp8), LowerLayers(native), InsertCasts(graph, native)]
 
 
 def apply_plan(captured: Captured, assignment: Mapping[str, Precision | str],
                act_amax: Mapping[str, tuple[float, ...]] | None = None, mode: str = "emulate",
-               dynamic_fp8: bool = False, share_weights: bool = False) -> fx.GraphModule:
+               dynamic_fp8: bool = False, share_weights: bool = False, io: Precision = Precision.FP32) -> fx.GraphModule:
     """A copy of ``captured.gm`` that runs each layer in its planned format.
 
     ``assignment`` maps layer node names to formats; layers it leaves out stay fp32, and names the
@@ -74,11 +74,15 @@ def apply_plan(captured: Captured, assignment: Mapping[str, Precision | str],
     buffers instead of copies of them. For evaluating a plan (a tune's trials): a copy per trial
     would hold a second set of a large model's weights (0.5 GB for GPT-2 at 124M parameters).
     Training the result would then train the captured module.
+
+    ``io``: the format of the deployed graph's floating inputs and outputs (``autoprec tune/export
+    --io``): with fp16 each input is rounded to fp16 where the graph starts and each output is handed
+    on in fp16, as the deployed file takes and returns them.
     """
     if share_weights and mode != "emulate":
         raise ValueError("share_weights is for emulate mode: native mode converts its copy's tensors")
     plan = {name: parse_precision(p) for name, p in assignment.items()}
-    passes = plan_passes(captured, plan, act_amax, mode, dynamic_fp8)
+    passes = plan_passes(captured, plan, act_amax, mode, dynamic_fp8, io)
     with warnings.catch_warnings():  # deep-copying torch.export modules warns about pytree specs
         warnings.simplefilter("ignore", FutureWarning)
         shared = [*captured.gm.parameters(), *captured.gm.buffers()] if share_weights else []

@@ -9,7 +9,8 @@ For each floating value and each format some consumer needs it in, one ``cast`` 
 - a FOLLOW op, NEVER op or fp32 layer: every floating input in its own format (for NEVER ops and
   fp32 layers that is fp32: widening is exact, the identity in emulate mode and a real ``.float()``
   in native mode, but the node records the boundary);
-- the graph output: fp32;
+- the graph output: the graph's I/O format (fp32, or fp16 for a deployment with fp16 I/O, whose
+  floating inputs are rounded to fp16 where the graph starts);
 - other consumers (shape queries such as ``x.shape``): the value as it is.
 
 No cast is ever made to the format a value already has (fp8 activations always need one: no value
@@ -51,7 +52,7 @@ def is_round(node: fx.Node) -> bool:
 def needs(graph: OpGraph, consumer: fx.Node, value: fx.Node) -> tuple[Precision, float | None] | None:
     """(format, fp8 amax) in which ``consumer`` reads ``value``; None: as it is."""
     if consumer.op == "output":
-        return FP32, None
+        return consumer.meta[FORMAT], None
     pol = policy(graph, consumer)
     fmt = consumer.meta[FORMAT]
     if pol is Policy.ALWAYS and fmt is not FP32:
@@ -122,13 +123,17 @@ class InsertCasts(Pass):
 
     def _round_node(self, g: fx.Graph, node: fx.Node) -> fx.Node:
         fmt = node.meta[FORMAT]
-        with g.inserting_after(node):
+        # a graph input is rounded after the last input, so the inputs stay the function's arguments
+        at = max((n for n in g.nodes if n.op == "placeholder"), key=list(g.nodes).index) \
+            if node.op == "placeholder" else node
+        with g.inserting_after(at):
             r = g.create_node("call_function", round_output, (node,),
                               {"fmt": fmt, "native": self.native, "site": node.name},
                               name=f"{node.name}_{fmt.value}")
         node.replace_all_uses_with(r, delete_user_cb=lambda u: u is not r)
-        self._annotate(r, node, fmt, "round",
-                       f"{node.meta.get(KIND)} runs in {fmt}: fp32 result stored in {fmt}",
+        what = f"input given in {fmt}" if node.op == "placeholder" else \
+            f"{node.meta.get(KIND)} runs in {fmt}: fp32 result stored in {fmt}"
+        self._annotate(r, node, fmt, "round", what,
                        node.meta.get(SCOPE, ""))
         return r
 
