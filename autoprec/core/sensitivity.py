@@ -53,7 +53,9 @@ PROFILE_DOCUMENT = Document("profile", PROFILE_VERSION, ProfileError, Obj(
     optional={"ranges": MapOf(Obj(required={"inputs": ListOf(_RANGE), "output": _RANGE},
                                   optional={"weight": Nullable(_RANGE)})),
               "local_errors": _ERRORS, "flags": MapOf(ListOf(Str())), "samples": Int(lo=0),
-              "cost_passes": Num(lo=0), "rerun_fraction": _FRACTION, "seconds": Num(lo=0)},
+              "cost_passes": Num(lo=0), "rerun_fraction": _FRACTION, "seconds": Num(lo=0),
+              "calibration": Obj(optional={"scale": Num(lo=0), "trials": ListOf(Obj({
+                  "layer": Str(nonempty=True), "format": FORMAT, "fast": _ERROR, "exact": _ERROR}))})},
     keys_of={"ranges": "errors", "local_errors": "errors", "flags": "errors"},
 ), unversioned=1)
 
@@ -116,6 +118,10 @@ class SensitivityProfile:
     cost_passes: float = 0.0  # wall time in units of one fp32 forward pass over the calibration data
     rerun_fraction: float = 0.0  # exact mode: mean fraction of graph nodes recomputed per trial
     seconds: float = 0.0
+    #: fast mode: the factor its estimates were multiplied by to put them on the exact profile's
+    #: scale ("scale"), and the exact trials it was taken from ("trials": layer, format, the fast
+    #: estimate before scaling, the exact error); empty for an exact profile
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def layers(self) -> list[str]:
         return list(self.errors)
@@ -151,6 +157,7 @@ class SensitivityProfile:
             "cost_passes": self.cost_passes,
             "rerun_fraction": self.rerun_fraction,
             "seconds": self.seconds,
+            "calibration": dict(self.calibration),
         }
 
     @classmethod
@@ -173,6 +180,7 @@ class SensitivityProfile:
             cost_passes=float(d.get("cost_passes", 0.0)),
             rerun_fraction=float(d.get("rerun_fraction", 0.0)),
             seconds=float(d.get("seconds", 0.0)),
+            calibration=dict(d.get("calibration", {})),
         )
 
     def to_json(self) -> str:

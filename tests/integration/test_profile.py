@@ -180,3 +180,32 @@ def test_fast_mode_counts_a_tables_rounding_once(tiny_lm: nn.Module) -> None:
     fast = profile(c, batches, mode="fast", formats=(BF16, FP16, E4M3))
     for fmt in (BF16, FP16, E4M3):
         assert 0.7 <= fast.errors["tok"][fmt] / exact.errors["tok"][fmt] <= 1.4, fmt
+
+
+def test_the_fast_profile_is_put_on_the_exact_profile_s_scale() -> None:
+    """digits_resnet's fast estimates were 5,400x smaller than its exact errors: calibrated on exact
+    trials of its three most sensitive fp8 layers, each format's total (the error of a uniform plan)
+    and the trial layers themselves are within 2x of the exact profile, the ranking unchanged."""
+    from pathlib import Path
+
+    from autoprec.torch.profile import CALIBRATION_TRIALS
+    from autoprec.torch.spec import load_model_spec
+
+    spec = load_model_spec(Path(__file__).resolve().parents[2] / "models" / "digits_resnet.py")
+    c = capture(spec.model(), spec.example_inputs(), name=spec.name)
+    batches = spec.calibration_data()
+    ex = profile(c, batches, mode="exact", output_kind=spec.output_kind)
+    fa = profile(c, batches, mode="fast", output_kind=spec.output_kind)
+    cal = fa.calibration
+    assert cal["scale"] > 100 and len(cal["trials"]) == CALIBRATION_TRIALS
+    fp8 = [t for t in cal["trials"] if t["format"] == "fp8_e4m3"]
+    assert len(fp8) == CALIBRATION_TRIALS
+    for t in fp8:  # the trials are exact runs: the exact profile's numbers
+        assert math.isclose(t["exact"], ex.errors[t["layer"]][E4M3], rel_tol=1e-9)
+        assert 0.5 <= fa.errors[t["layer"]][E4M3] / t["exact"] <= 2
+    for f in fa.formats:
+        total_fast = sum(fa.errors[n][f] for n in fa.errors)
+        total_exact = sum(ex.errors[n][f] for n in ex.errors)
+        assert 0.5 <= total_fast / total_exact <= 2, f
+    assert SensitivityProfile.from_json(fa.to_json()).calibration == cal
+    assert ex.calibration == {}
