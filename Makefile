@@ -11,6 +11,8 @@ test: setup
 	.venv/bin/python -m pytest -q -n 2
 
 bench: setup
+	.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
+	.venv/bin/python benchmarks/peers_bench.py
 	.venv/bin/python benchmarks/profile_bench.py
 	.venv/bin/python benchmarks/tune_bench.py
 	.venv/bin/python benchmarks/deploy_bench.py

@@ -232,7 +232,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = train(args.model, args.plan, formats=args.formats, epochs=args.epochs, out=out_dir,
                            resume=args.resume, init=args.init, recipe=recipe, loss_scaling=args.loss_scaling,
                            promotion=promotion, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                           monitor=not args.no_monitor, monitor_every=args.monitor_every, mode="native" if args.native else "emulate",
+                           monitor=not args.no_monitor, monitor_every=args.monitor_every,
+                           mode="native" if args.native else "emulate",
                            device=args.device, progress=progress, ranks=ranks)
     finally:
         if ranks.world > 1:
@@ -423,12 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fp8 weights: one scale per tensor (default) or per output row")
     tr.add_argument("--promote-threshold", type=float, default=0.01,
                     help="promote a layer whose roundings lose more than this fraction of their values (0.01) ...")
-    tr.add_argument("--promote-patience", type=int, default=5, help="... in this many consecutive counted steps (5; see --monitor-every)")
+    tr.add_argument("--promote-patience", type=int, default=5,
+                    help="... in this many consecutive counted steps (5; see --monitor-every)")
     tr.add_argument("--no-promote", action="store_true", help="never change the plan during training")
     tr.add_argument("--no-monitor", action="store_true", help="do not count overflows and underflows (no "
                                                               "numerics.csv, no promotions)")
     tr.add_argument("--monitor-every", type=int, default=None, metavar="K",
-                    help="count the first step and then one in K (default 10; 1 counts every step, at about twice "
+                    help="count the first step and then one in K (default 10; 1 counts every step, at about 1.5x "
                          "an emulated step's time on a CPU); promotions wait for PATIENCE bad counted steps")
     tr.add_argument("--native", action="store_true",
                     help="compute on real bf16/fp16 tensors (a GPU's speed) instead of the emulation; fp8 layers "

@@ -4,13 +4,16 @@
 
 Prints a markdown table: Spearman rank correlation between fast and exact errors over all
 (layer, format) pairs with finite errors (goal >= 0.8), and each mode's wall time in units of one
-fp32 forward pass over the calibration data (goals: exact <= L x formats / 2, fast <= 3). Wall
+fp32 forward pass over the calibration data (goals: exact <= L x formats / 2, fast <= 3), and the
+scale of the fast profile: the factor its calibration multiplied the first-order estimates by, and
+the median over layers of fast / exact error per format after it (goal: within 0.5-2x). Wall
 times on a shared 2-core machine wobble by ~10%; the FLOP-free ratios are what to compare.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -38,7 +41,14 @@ def bench(path: Path) -> dict[str, object]:
              if math.isfinite(e) and math.isfinite(fast.errors[n][f])]  # inf: the format overflows there
     rho = spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic if len(pairs) > 2 else float("nan")
     n_layers = len(exact.errors)
+    medians = []
+    for f in exact.formats:
+        ratios = [fast.errors[n][f] / exact.errors[n][f] for n in exact.errors
+                  if 0 < exact.errors[n][f] < math.inf and 0 < fast.errors[n][f] < math.inf]
+        if ratios:
+            medians.append(f"{f.value} {statistics.median(ratios):.2f}")
     return {
+        "scale": fast.calibration.get("scale", 1.0), "medians": ", ".join(medians),
         "model": spec.name, "layers": n_layers, "formats": len(exact.formats), "capture": captured.method,
         "spearman": rho, "exact_passes": exact.cost_passes, "exact_goal": n_layers * len(exact.formats) / 2,
         "rerun": exact.rerun_fraction, "fast_passes": fast.cost_passes,
@@ -50,12 +60,13 @@ def main(paths: list[str]) -> str:
     rows = [bench(Path(p)) for p in (paths or zoo())]
     lines = [
         "| model | capture | layers | Spearman fast~exact (goal >= 0.8) | exact passes | exact goal (L*F/2) "
-        "| mean re-run share | fast passes (goal <= 3) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mean re-run share | fast passes (goal <= 3) | fast calibration factor | median fast / exact (goal 0.5-2) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['capture']} | {r['layers']} | {r['spearman']:.3f} | {r['exact_passes']:.1f} "
-                     f"| {r['exact_goal']:.1f} | {100 * r['rerun']:.0f}% | {r['fast_passes']:.1f} |")
+                     f"| {r['exact_goal']:.1f} | {100 * r['rerun']:.0f}% | {r['fast_passes']:.1f} | {r['scale']:.3g} "
+                     f"| {r['medians']} |")
     return "\n".join(lines)
 
 
