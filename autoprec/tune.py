@@ -188,8 +188,8 @@ def _against_simple(problem: SearchProblem, plan: PrecisionPlan, drop_of: Callab
     faster plan wins. (They honour exclusions, pins and ties: SearchProblem.uniform_assignment.)"""
     uniform = get_strategy("uniform")
     cands = sorted({f for fs in problem.candidates.values() for f in fs}, key=lambda f: f.rank)
-    simple = [(f, "", problem.uniform_assignment(f)) for f in cands]
-    simple += [(f, f"torch.amp {f}", problem.amp_assignment(f)) for f in cands if f.bits == 16]
+    labels = [(f, "") for f in cands] + [(f, f"{AMP} {f}") for f in cands if f.bits == 16]
+    simple = [(f, label, _simple_assignment(problem, f, label)) for f, label in labels]
     seen: set[tuple] = set()
     plans = []
     for f, label, assignment in simple:
@@ -210,6 +210,15 @@ def _against_simple(problem: SearchProblem, plan: PrecisionPlan, drop_of: Callab
             plan = replace(problem.make_plan(up.assignment, math.inf, f"{plan.strategy}+{how}"),
                            budget=plan.budget, steps=plan.steps, measured=plan.measured)
     return plan, results
+
+
+#: the label of torch.amp's op lists among the simple plans
+AMP = "torch.amp"
+
+
+def _simple_assignment(problem: SearchProblem, f: Precision, label: str) -> Assignment:
+    """The simple plan named by ``label`` in format ``f``: torch.amp's lists, or the uniform plan ("")."""
+    return problem.amp_assignment(f) if label.startswith(AMP) else problem.uniform_assignment(f)
 
 
 def _against_latency(problem: SearchProblem, plan: PrecisionPlan, uniforms: list[UniformResult], model: Tunable,
@@ -236,7 +245,7 @@ def _against_latency(problem: SearchProblem, plan: PrecisionPlan, uniforms: list
     candidates = {"tuned": dict(plan.assignment)}
     best = max((u for u in uniforms if u.within_budget), key=lambda u: u.speedup, default=None)
     if best is not None:
-        candidates[f"all-{best.format}"] = problem.uniform_assignment(best.format)
+        candidates[best.name] = _simple_assignment(problem, best.format, best.label)
     candidates["all-fp32"] = problem.uniform_assignment(Precision.FP32)
     unique: dict[str, dict[str, Precision]] = {}
     for name, assignment in candidates.items():

@@ -151,9 +151,9 @@ class MilpStrategy:
                     continue  # a FOLLOW op of this one source: same format, never a cast
                 if vm.unit[r] >= 0:
                     readers.append(_Form.of_unit(vm.unit[r], opts[vm.unit[r]], x, compute=True))
-                else:
-                    readers.append(forms[r] if vm.follow[r] else _Form.const(vm.fixed_format[r][0] if vm.is_output[r]
-                                                                            else FP32))
+                else:  # a FOLLOW op in its format; the output in the I/O format; any other op fp32
+                    fixed = vm.fixed_format[r][0] if vm.is_output[r] else FP32
+                    readers.append(forms[r] if vm.follow[r] else _Form.const(fixed))
             if readers:
                 MilpStrategy._casts(c, m, forms[j], readers, vm.elems[j], cscale)
 

@@ -147,7 +147,7 @@ class ValueModel:
 
     The same rules as :func:`autoprec.core.lowering.lower` (a test holds the two equal), compiled
     for speed: nodes in graph order, each a layer of a unit, a FOLLOW op (the widest of its floating
-    inputs), or fixed at fp32; each floating value with the readers that read its values, each in
+    inputs), or fixed (fp32, or the I/O format); each floating value with the readers that read its values, each in
     its compute format (fp32 for NEVER ops; the graph's I/O format for its output, and the value of
     its floating inputs).
     """
