@@ -6,9 +6,11 @@ wall time and the tuning time in fp32 evaluations as the tune reports it, with t
 lines (the plan's estimated speedup and deployed memory). The goal (issue "Real models"): peak RSS at
 most 3 GB on a 2-core CPU machine; the fp32 weights alone are 0.5 GB. ``--io fp16`` tunes for a
 deployment that returns fp16 logits (``autoprec tune --io``): at the priced batch of 1024 x 64 tokens
-the fp32 copy of 16-bit logits is most of the deployed memory.
+the fp32 copy of 16-bit logits is most of the deployed memory. ``--memory-only`` skips the tune and
+prints the deployed memory of the all-fp16 plan with fp32 and with fp16 I/O
+(:func:`autoprec.cost.memory.deployed_memory` of the captured graph at batch 1024).
 
-    python benchmarks/gpt2_scale.py [--out DIR] [--io fp32|fp16]
+    python benchmarks/gpt2_scale.py [--out DIR] [--io fp32|fp16] [--memory-only]
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="output folder of the tune (default: a temporary one)")
     ap.add_argument("--io", choices=("fp32", "fp16"), default="fp32", help="the tune's --io (default fp32)")
+    ap.add_argument("--memory-only", action="store_true", help="only the all-fp16 plan's deployed memory per I/O format")
     args = ap.parse_args()
+    if args.memory_only:
+        return memory_by_io()
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or str(Path(tmp) / "gpt2")
         cmd = [sys.executable, "-m", "autoprec.cli", "tune", str(MODEL), "--fidelity-budget", "1%", "--io", args.io,
@@ -50,6 +55,25 @@ def main() -> int:
     if run.returncode:
         print(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "(no stderr)")
     return run.returncode
+
+
+def memory_by_io() -> int:
+    """The all-fp16 plan's deployed memory against all-fp32 at batch 1024, with fp32 and fp16 I/O."""
+    sys.path.insert(0, str(MODEL.parent))
+    import gpt2_124m
+
+    from autoprec.core.formats import Precision
+    from autoprec.cost.memory import deployed_memory
+    from autoprec.torch.capture import capture
+
+    graph = capture(gpt2_124m.model(), gpt2_124m.example_inputs(), name="gpt2_124m").graph.at_batch(1024)
+    fp32 = deployed_memory(graph, {})
+    half = {op.name: Precision.FP16 for op in graph.layers()}
+    for io in (Precision.FP32, Precision.FP16):
+        ratio = deployed_memory(graph.with_io(io), half) / fp32
+        print(f"all-fp16 with {io} inputs and outputs: deployed memory {100 * ratio:.1f}% of all-fp32 "
+              f"({fp32 / 1e9:.1f} GB) at batch 1024")
+    return 0
 
 
 if __name__ == "__main__":
