@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-monitor", action="store_true", help="do not count overflows and underflows (no "
                                                               "numerics.csv, no promotions)")
     tr.add_argument("--monitor-every", type=int, default=None, metavar="K",
-                    help="count the first step and then one in K (default 10; 1 counts every step, at 1.5-2x "
+                    help="count the first step and then one in K (default 10; 1 counts every step, at 1.5-5.8x "
                          "an emulated step's time on a CPU); promotions wait for PATIENCE bad counted steps")
     tr.add_argument("--native", action="store_true",
                     help="compute on real bf16/fp16 tensors (a GPU's speed) instead of the emulation; fp8 layers "

@@ -247,7 +247,7 @@ class Numerics:
                 saturating: bool = False) -> None:
         """Count one rounding (``saturating``: the values were clamped to the format's max first).
 
-        Three passes over the tensor (on a CPU 1.5-2x an emulated step's time when every
+        Three passes over the tensor (on a CPU 1.5-5.8x an emulated step's time when every
         step is counted: the trainer counts one in ``every``). A value underflowed when it rounded
         to zero and was not zero (zeros of ``rounded`` less zeros of ``scaled``); overflow is looked
         for only when the amax passes the format's max; the counts are kept as tensors per rounding
