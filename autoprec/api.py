@@ -143,14 +143,14 @@ class TorchTunable:
 
     def __init__(self, spec: ModelSpec, captured: Captured, metric: Metric, reference: float, eval_seconds: float,
                  prof: SensitivityProfile, *, onnx_check: bool, timing: bool, net: Any = None,
-                 weight_sums: Mapping[str, float] | None = None) -> None:
+                 weight_sums: Mapping[str, float] | None = None, cache: ResultCache | None = None) -> None:
         self.spec, self.captured, self.metric, self.profile = spec, captured, metric, prof
         self.reference, self.eval_seconds = reference, eval_seconds
         self.name, self.graph, self.op_types = spec.name, captured.graph, None
         self._amax = act_amax_from_profile(prof)
-        self._fp32 = _Fp32Export(spec, net, weight_sums)
+        self._fp32 = _Fp32Export(spec, net, weight_sums, cache)
         self._onnx_check, self._timing = onnx_check, timing
-        self.cache: ResultCache | None = None  # where the fp32 metric and the profile were kept
+        self.cache = cache  # where the fp32 metric, the profile and the fp32 export are kept
         self.io = Precision.FP32
 
     def deploy_io(self, io: Precision) -> None:
@@ -187,10 +187,9 @@ class TorchTunable:
         prof = profile(captured, batches, formats=formats, mode=profile_mode, output_kind=spec.output_kind,
                        outputs=spec.outputs, progress=progress, time_reference=False, cache=store)
         release_memory()  # the profile's saved activations and gradients
-        tunable = cls(spec, captured, metric, reference, t_eval, prof, onnx_check=onnx_check, timing=timing,
-                      net=net, weight_sums=sums)  # the model the capture reads: the fp32 export is of it
-        tunable.cache = store
-        return tunable
+        # net: the model the capture reads, which the fp32 export is made from
+        return cls(spec, captured, metric, reference, t_eval, prof, onnx_check=onnx_check, timing=timing, net=net,
+                   weight_sums=sums, cache=store)
 
     @property
     def export_seconds(self) -> float:
@@ -508,6 +507,9 @@ def _evaluate_fp32(metric: Metric, fp32_model: Any) -> tuple[float, float, Metri
     return values[0], statistics.median(seconds), metric
 
 
+_PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto past 2 GB cannot be serialized whole, so it is not cached
+
+
 class _Fp32Export:
     """The model's fp32 ONNX export (torch.onnx), made on the first call and kept, with the seconds
     it took: tune reports them apart, since writing the tuned model needs the export anyway.
@@ -515,27 +517,42 @@ class _Fp32Export:
     ``net``: the module the capture was made from (the capture shares its parameters, so exporting
     it holds no second copy of the weights); None: the model file's ``model()``. ``sums``: ``net``'s
     :func:`weight_sums`, which a second ``model()`` must match before anything is exported
-    (:func:`_same_weights`)."""
+    (:func:`_same_weights`). ``cache``: the tune's profile cache, whose key holds the captured graph,
+    weights and autoprec's code; the export is kept there (under torch's version: its exporter writes
+    it), so a second tune of the same model reads it back instead of exporting (3-9 s on the zoo).
+    A cached export was made by a run that passed the weights check with these very weights."""
 
-    def __init__(self, spec: ModelSpec, net: Any = None, sums: Mapping[str, float] | None = None) -> None:
+    def __init__(self, spec: ModelSpec, net: Any = None, sums: Mapping[str, float] | None = None,
+                 cache: ResultCache | None = None) -> None:
         self._spec = spec
         self._net = net
         self._sums = sums
+        self._cache = cache
         self._model: Any = None
         self.seconds = 0.0
 
     def __call__(self) -> Any:
         if self._model is None:
+            import torch
+
             from autoprec.deploy.export import torch_to_onnx
 
             t = time.perf_counter()
-            if self._sums is not None:  # one model at a time: the check's copy is gone before the export
-                _same_weights(self._spec, self._sums, self._spec.model())
-                release_memory()
-            net = self._net if self._net is not None else self._spec.model()
-            self._model = torch_to_onnx(net, self._spec.example_inputs())
-            del net
-            release_memory()  # the exporter's graphs, before a plan is built from the export
+            key = f"fp32_export-torch{torch.__version__}"
+            kept = self._cache.get_bytes(key) if self._cache is not None else None
+            if kept is not None:
+                self._model = onnx.load_from_string(kept)
+                del kept
+            else:
+                if self._sums is not None:  # one model at a time: the check's copy is gone before the export
+                    _same_weights(self._spec, self._sums, self._spec.model())
+                    release_memory()
+                net = self._net if self._net is not None else self._spec.model()
+                self._model = torch_to_onnx(net, self._spec.example_inputs())
+                del net
+                release_memory()  # the exporter's graphs, before a plan is built from the export
+                if self._cache is not None and self._model.ByteSize() < _PROTOBUF_LIMIT:
+                    self._cache.put_bytes(key, self._model.SerializeToString())
             self.seconds = time.perf_counter() - t
         return self._model
 

@@ -20,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import write_section  # noqa: E402
 from autoprec.torch import semantics  # noqa: E402
 from autoprec.torch.capture import capture  # noqa: E402
 from autoprec.core.formats import Precision  # noqa: E402
@@ -48,7 +49,8 @@ def _outputs(module: torch.nn.Module, batches: list, rule) -> torch.Tensor:
 
 
 def main(argv: list[str]) -> int:
-    print("| model | format | rel L2 (one rounding vs autoprec's) | top-1 agreement |\n|---|---|---|---|")
+    lines = ["| model | format | rel L2 (one rounding vs autoprec's) | top-1 agreement |", "|---|---|---|---|"]
+    print("\n".join(lines))
     for name in argv or MODELS:
         spec = load_model_spec(ROOT / "models" / f"{name}.py")
         cap = capture(spec.model(), spec.example_inputs(), name=spec.name)
@@ -58,7 +60,9 @@ def main(argv: list[str]) -> int:
             ours, other = _outputs(module, batches, semantics.finish), _outputs(module, batches, _single_rounding)
             rel = float((other - ours).norm() / ours.norm())
             top1 = float((other.argmax(-1) == ours.argmax(-1)).float().mean())
-            print(f"| {name} | {fmt.value} | {rel:.2e} | {100 * top1:.2f}% |")
+            lines.append(f"| {name} | {fmt.value} | {rel:.2e} | {100 * top1:.2f}% |")
+            print(lines[-1], flush=True)
+    write_section("bias_rounding", "Bias rounding: one rounding against autoprec's rule", "\n".join(lines))
     return 0
 
 

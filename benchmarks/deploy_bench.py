@@ -42,6 +42,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import write_section  # noqa: E402
 from autoprec.api import DEPLOY_BATCH, tune  # noqa: E402
 from autoprec.deploy.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
 from autoprec.core.formats import Precision  # noqa: E402
@@ -198,6 +199,7 @@ def main(argv: list[str]) -> int:
             print(f"{rows[-1]['model']}: done ({rows[-1]['tune_s']:.1f} s tuning)", file=sys.stderr, flush=True)
     text = table(rows, args.budget, cuda)
     print(text)
+    write_section("deploy", "Deploy: tune, export and check through ONNX Runtime", text)
     if args.out:
         atomic_write_text(args.out, text + "\n")
     bad = [r for r in rows if not (r["checker"] and r["parity"] and r["within"] is not False)]

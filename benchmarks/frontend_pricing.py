@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import write_section  # noqa: E402
 from autoprec.core.formats import Precision  # noqa: E402
 from autoprec.cost.roofline import RooflineCostModel  # noqa: E402
 from autoprec.deploy.export import torch_to_onnx  # noqa: E402
@@ -39,7 +40,9 @@ def _speedups(graph, cm: RooflineCostModel) -> dict[Precision, float]:
 
 def main(names: list[str]) -> None:
     cm = RooflineCostModel("h100")
-    print(f"{'model':18} {'format':9} {'layers t/o':>10} {'torch graph':>11} {'onnx graph':>10} {'ratio':>6}")
+    lines = ["| model | format | layers torch / onnx | est. speedup, torch graph | onnx graph | onnx / torch |",
+             "|---|---|---|---|---|---|"]
+    print("\n".join(lines))
     for name in names:
         spec = load_model_spec(ROOT / "models" / f"{name}.py")
         model, example = spec.model(), spec.example_inputs()
@@ -49,7 +52,9 @@ def main(names: list[str]) -> None:
         t, o = _speedups(captured.graph, cm), _speedups(analysis.graph, cm)
         layers = f"{len(captured.graph.layer_names())}/{len(analysis.graph.layer_names())}"
         for f in FORMATS:
-            print(f"{name:18} {f.value:9} {layers:>10} {t[f]:>10.3f}x {o[f]:>9.3f}x {o[f] / t[f]:>6.3f}")
+            lines.append(f"| {name} | {f.value} | {layers} | {t[f]:.3f}x | {o[f]:.3f}x | {o[f] / t[f]:.3f} |")
+            print(lines[-1], flush=True)
+    write_section("frontend_pricing", "One plan priced from a model file and from its ONNX export", "\n".join(lines))
 
 
 if __name__ == "__main__":

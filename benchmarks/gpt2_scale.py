@@ -26,6 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "benchmarks" / "models" / "gpt2_124m.py"
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import write_section  # noqa: E402
 
 
 def main() -> int:
@@ -46,14 +49,15 @@ def main() -> int:
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     text = " ".join(run.stdout.split())
     evals = re.search(r"= ([0-9.]+) fp32 evaluations", text)
-    print(f"autoprec tune gpt2_124m --io {args.io} (124M parameters, fp32 weights 0.50 GB): exit {run.returncode}")
-    print(f"peak RSS {peak_kb / 1024 ** 2:.2f} GB (goal <= 3 GB); wall {wall:.0f} s; "
-          f"tuning = {evals.group(1) if evals else '?'} fp32 evaluations")
-    for line in run.stdout.splitlines():
-        if line.startswith(("estimated speedup", "coverage:", "formats:")):
-            print(line)
+    lines = [f"autoprec tune gpt2_124m --io {args.io} (124M parameters, fp32 weights 0.50 GB): exit {run.returncode}",
+             f"peak RSS {peak_kb / 1024 ** 2:.2f} GB (goal <= 3 GB); wall {wall:.0f} s; "
+             f"tuning = {evals.group(1) if evals else '?'} fp32 evaluations"]
+    lines += [line for line in run.stdout.splitlines() if line.startswith(("estimated speedup", "coverage:", "formats:"))]
     if run.returncode:
-        print(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "(no stderr)")
+        lines.append(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "(no stderr)")
+    print("\n".join(lines))
+    write_section(f"gpt2_scale_io_{args.io}", f"GPT-2 124M through autoprec tune, {args.io} I/O",
+                  "\n".join(f"- {line}" for line in lines))
     return run.returncode
 
 
@@ -69,10 +73,13 @@ def memory_by_io() -> int:
     graph = capture(gpt2_124m.model(), gpt2_124m.example_inputs(), name="gpt2_124m").graph.at_batch(1024)
     fp32 = deployed_memory(graph, {})
     half = {op.name: Precision.FP16 for op in graph.layers()}
+    lines = []
     for io in (Precision.FP32, Precision.FP16):
         ratio = deployed_memory(graph.with_io(io), half) / fp32
-        print(f"all-fp16 with {io} inputs and outputs: deployed memory {100 * ratio:.1f}% of all-fp32 "
-              f"({fp32 / 1e9:.1f} GB) at batch 1024")
+        lines.append(f"all-fp16 with {io} inputs and outputs: deployed memory {100 * ratio:.1f}% of all-fp32 "
+                     f"({fp32 / 1e9:.1f} GB) at batch 1024")
+        print(lines[-1])
+    write_section("gpt2_memory", "GPT-2 124M: deployed memory by I/O format", "\n".join(f"- {line}" for line in lines))
     return 0
 
 

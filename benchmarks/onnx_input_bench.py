@@ -31,6 +31,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import write_section  # noqa: E402
 from autoprec.api import tune_onnx  # noqa: E402
 from autoprec.core.io import atomic_write_bytes  # noqa: E402
 from autoprec.ort.runtime import cuda_available, latencies_ms, set_runtime_log  # noqa: E402
@@ -101,4 +102,5 @@ if __name__ == "__main__":
     table, passed = main(sys.argv[1:])
     print()
     print(table)
+    write_section("onnx_input", "ONNX input: models written by another exporter", table)
     sys.exit(0 if passed else 1)

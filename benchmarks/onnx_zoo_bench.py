@@ -43,6 +43,7 @@ from onnx import numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import write_section  # noqa: E402
 from autoprec.onnx.graph import graph_inputs  # noqa: E402
 
 DATA = Path(onnx.__file__).resolve().parent / "backend" / "test" / "data"
@@ -173,8 +174,8 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     todo = [c for c in cases() if not (args.quick and c.name in SLOW)
             and (args.only is None or re.search(args.only, f"{c.suite}/{c.name}"))]
-    print("| suite | model | outcome | plan layers | convs tuned / present | wall s |")
-    print("|---|---|---|---|---|---|")
+    lines = ["| suite | model | outcome | plan layers | convs tuned / present | wall s |", "|---|---|---|---|---|---|"]
+    print("\n".join(lines))
     total = time.perf_counter()
     crashes, unplanned = [], []
     counts = {"tuned": 0, "nothing": 0, "CRASH": 0}
@@ -188,13 +189,16 @@ def main(argv: list[str]) -> int:
         outcome = {"tuned": "tuned", "nothing": f"nothing to tune: {o.message}", "CRASH": f"CRASH: {o.message}"}[o.status]
         layers = "-" if o.layers is None else str(o.layers)
         convs = f"{'-' if o.convs_tuned is None else o.convs_tuned} / {o.convs_present}"
-        print(f"| {case.suite} | {case.name} | {outcome.replace('|', '/')} | {layers} | {convs} | {o.seconds:.1f} |",
-              flush=True)
-    print(f"\n{len(todo)} models in {time.perf_counter() - total:.0f} s: {counts['tuned']} tuned, "
-          f"{counts['nothing']} with nothing to tune, {counts['CRASH']} crashes"
-          + (f" ({', '.join(crashes)})" if crashes else "")
-          + (f"; light models with convolutions the analyser kept out of the plan: {', '.join(unplanned)}"
-             if unplanned else ""))
+        lines.append(f"| {case.suite} | {case.name} | {outcome.replace('|', '/')} | {layers} | {convs} "
+                     f"| {o.seconds:.1f} |")
+        print(lines[-1], flush=True)
+    lines.append(f"\n{len(todo)} models in {time.perf_counter() - total:.0f} s: {counts['tuned']} tuned, "
+                 f"{counts['nothing']} with nothing to tune, {counts['CRASH']} crashes"
+                 + (f" ({', '.join(crashes)})" if crashes else "")
+                 + (f"; light models with convolutions the analyser kept out of the plan: {', '.join(unplanned)}"
+                    if unplanned else ""))
+    print(lines[-1])
+    write_section("onnx_zoo", "ONNX files from the wild: the onnx package's backend test models", "\n".join(lines))
     return 1 if crashes or unplanned else 0
 
 

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import write_section  # noqa: E402
 from autoprec.core.io import atomic_write_text  # noqa: E402
 from autoprec.ort.runtime import latencies_ms, parse_providers, probe_provider, set_runtime_log  # noqa: E402
 
@@ -55,7 +56,9 @@ def main(argv: list[str]) -> int:
     want = parse_providers(args.provider)[0]
     got, why = probe_provider(args.provider)
     if got != want:
-        print(f"{args.provider}: not available here ({why}); nothing measured")
+        text = f"{args.provider}: not available here ({why}); nothing measured"
+        print(text)
+        write_section("ort_overhead", "ONNX Runtime's cost per node", text)
         return 0
     feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)}
     lines = [f"ONNX Runtime per-node cost on {want}: chains of Relus, {', '.join(map(str, LENGTHS))} nodes on a "
@@ -69,6 +72,7 @@ def main(argv: list[str]) -> int:
                      f"| {per_run:.1f} | {' / '.join(f'{m:.3f}' for m in ms)} |")
     text = "\n".join(lines)
     print(text)
+    write_section("ort_overhead", "ONNX Runtime's cost per node", text)
     if args.out:
         atomic_write_text(args.out, text + "\n")
     return 0

@@ -23,6 +23,7 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import write_section  # noqa: E402
 from autoprec.api import capture, load_model_spec, profile  # noqa: E402
 from autoprec.core.formats import DEFAULT_CANDIDATES  # noqa: E402
 
@@ -71,4 +72,6 @@ def main(paths: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    print(main(sys.argv[1:]))
+    out = main(sys.argv[1:])
+    print(out)
+    write_section("profile", "Profile: fast against exact, and the cost of each", out)

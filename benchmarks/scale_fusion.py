@@ -21,6 +21,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import write_section  # noqa: E402
 from autoprec.torch.capture import capture  # noqa: E402
 from autoprec.deploy.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
 from autoprec.core.formats import Precision  # noqa: E402
@@ -55,8 +56,8 @@ def without_scale_rounding(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int
 
 def main(argv: list[str]) -> int:
     names = argv or list(MODELS)
-    print("| model | format | scaled products | rel L2 | top-1 agreement |")
-    print("|---|---|---|---|---|")
+    lines = ["| model | format | scaled products | rel L2 | top-1 agreement |", "|---|---|---|---|---|"]
+    print("\n".join(lines))
     for name in names:
         spec = load_model_spec(ROOT / "models" / f"{Path(name).stem}.py")
         module = spec.model()
@@ -70,7 +71,9 @@ def main(argv: list[str]) -> int:
             b = np.concatenate([open_session(fused.SerializeToString(), "cpu")(x)[0] for x in batches])
             rel = float(np.linalg.norm(a - b) / np.linalg.norm(a))
             top1 = float((a.argmax(-1) == b.argmax(-1)).mean())
-            print(f"| {spec.name} | {fmt.value} | {found} | {rel:.3g} | {100 * top1:.2f}% |")
+            lines.append(f"| {spec.name} | {fmt.value} | {found} | {rel:.3g} | {100 * top1:.2f}% |")
+            print(lines[-1], flush=True)
+    write_section("scale_fusion", "Scale fusion: what ONNX Runtime's MatMulScaleFusion would move", "\n".join(lines))
     return 0
 
 

@@ -55,6 +55,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import write_section  # noqa: E402
 from autoprec.api import tune  # noqa: E402
 from autoprec.core.metrics import DropBudget, metric_drop  # noqa: E402
 from autoprec.torch.spec import load_model_spec  # noqa: E402
@@ -176,14 +177,15 @@ def main(argv: list[str]) -> int:
         print("\ninterrupted: the tables hold what was measured so far", flush=True)
         status = 130
 
+    text = "\n".join([
+        f"Training from scratch, fp32 against the plan tuned at {args.budget} (seed {args.seed}"
+        f"{f', at most {max_steps} steps per epoch' if max_steps else ''}):", "", *train_lines, "",
+        f"The numerics monitor's cost (the tuned plan, first {args.monitor_steps} batches per epoch, median wall "
+        "time of the train() calls):", "", *monitor_lines])
     print()
-    print(f"Training from scratch, fp32 against the plan tuned at {args.budget} (seed {args.seed}"
-          f"{f', at most {max_steps} steps per epoch' if max_steps else ''}):")
-    print("\n".join(train_lines))
-    print()
-    print(f"The numerics monitor's cost (the tuned plan, first {args.monitor_steps} batches per epoch, median wall "
-          "time of the train() calls):")
-    print("\n".join(monitor_lines))
+    print(text)
+    if status == 0:  # an interrupted run's tables are printed but do not replace the last full section
+        write_section("train", "Training with the plan", text)
     return status
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import write_section  # noqa: E402
 from autoprec.api import tune  # noqa: E402
 from autoprec.search.loop import max_measurements  # noqa: E402
 from autoprec.torch.spec import load_model_spec  # noqa: E402
@@ -64,4 +65,5 @@ if __name__ == "__main__":
     out = main(sys.argv[1:])
     print()
     print(out)
+    write_section("tune", "Tune: every zoo model at three budgets", out)
     sys.exit(0 if "| NO |" not in out and "NO" not in out.split("\n", 2)[-1] else 1)

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from autoprec.core.io import atomic_write_text
+from autoprec.core.io import atomic_write_bytes, atomic_write_text
 
 CACHE_ENV = "AUTOPREC_CACHE"
 _OFF = ("off", "0", "no", "false", "")
@@ -99,6 +99,32 @@ class ResultCache:
             atomic_write_text(self.folder / f"{name}.json", json.dumps(entry, sort_keys=True))
         except Exception:  # a full or read-only cache never fails the run it serves
             pass
+
+    def get_bytes(self, name: str) -> bytes | None:
+        """The bytes stored under ``name`` by :meth:`put_bytes`; None (a miss) when there are none or
+        they do not match the digest their entry recorded."""
+        entry = self.get(name)
+        if entry is None:
+            return None
+        try:
+            data = (self.folder / f"{name}.bin").read_bytes()
+        except OSError:
+            data = None
+        if data is None or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            self.hits -= 1
+            self.misses += 1
+            self.corrupt += 1
+            return None
+        return data
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        """Store ``data`` (a file too large or too binary for JSON: a serialized model) under ``name``:
+        the bytes first, then the entry with their digest, so a kill between the two leaves a miss."""
+        try:
+            atomic_write_bytes(self.folder / f"{name}.bin", data)
+        except Exception:  # as put(): the cache never fails the run it serves
+            return
+        self.put(name, {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
 
     def line(self) -> str:
         """What the cache did, for the summary."""
