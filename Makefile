@@ -10,17 +10,8 @@ demo: setup
 test: setup
 	.venv/bin/python -m pytest -q -n 2
 
+# every benchmark, then BENCHMARKS.md from their sections (hours on a 2-core CPU; see benchmarks/write_benchmarks.py)
 bench: setup
 	.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
-	.venv/bin/python benchmarks/peers_bench.py
-	.venv/bin/python benchmarks/profile_bench.py
-	.venv/bin/python benchmarks/tune_bench.py
-	.venv/bin/python benchmarks/deploy_bench.py
-	.venv/bin/python benchmarks/onnx_input_bench.py
-	.venv/bin/python benchmarks/bias_rounding.py
-	.venv/bin/python benchmarks/scale_fusion.py
-	.venv/bin/python benchmarks/ort_overhead.py
-	.venv/bin/python benchmarks/frontend_pricing.py
-	.venv/bin/python benchmarks/gpt2_scale.py
-	.venv/bin/python benchmarks/onnx_zoo_bench.py
-	.venv/bin/python benchmarks/train_bench.py
+	./scripts/setup_modelopt.sh
+	.venv/bin/python benchmarks/write_benchmarks.py

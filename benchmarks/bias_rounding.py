@@ -31,8 +31,10 @@ from autoprec.torch.passes import apply_plan  # noqa: E402
 MODELS = ("cancer_mlp", "digits_cnn", "char_transformer")
 
 
-def _single_rounding(kind: str, product: torch.Tensor, bias: torch.Tensor | None, fmt: Precision) -> torch.Tensor:
-    """round(product + bias) with the bias in fp32: the rule autoprec does not use."""
+def _single_rounding(kind: str, product: torch.Tensor, bias: torch.Tensor | None, fmt: Precision,
+                     recipe: object = None) -> torch.Tensor:
+    """round(product + bias) with the bias in fp32: the rule autoprec does not use (``recipe``, the
+    training fp8 recipe :func:`semantics.finish` also takes, is None outside training)."""
     return quantize(product if bias is None else product + semantics.bias_view(kind, bias), fmt.compute_output)
 
 

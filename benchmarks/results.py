@@ -73,6 +73,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{mem}; Python {platform.python_version()}, {', '.join(versions)}"
 
 
+def _load() -> str:
+    """The 15-minute load average: above the core count, other work shared the machine, and the
+    wall-time figures (tuning time in fp32 evaluations, the profile's passes) are the less certain."""
+    try:
+        return f"{os.getloadavg()[2]:.1f}"
+    except OSError:
+        return "unknown"
+
+
 def write_section(name: str, title: str, body: str, plots: tuple[str, ...] = ()) -> Path:
     """Write ``results/<name>.md``: ``title``, how it was run, ``body`` (markdown) and links to ``plots``
     (stems given to :func:`plot_path`). The file is written whole or not at all."""
@@ -84,7 +93,7 @@ def write_section(name: str, title: str, body: str, plots: tuple[str, ...] = ())
         "",
         f"`python {rel}{' ' + argv if argv else ''}` at commit {commit()}, "
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {time.perf_counter() - _START:.0f} s wall.  ",
-        f"Machine: {machine()}.",
+        f"Machine: {machine()}; load average over the last 15 minutes at the end: {_load()}.",
         "",
     ]
     links = [f"![{p}](benchmarks/results/{p}.png)" for p in plots]

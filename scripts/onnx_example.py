@@ -1,13 +1,13 @@
 """Write zoo models as .onnx files made by *other* software, with their data, for `autoprec tune x.onnx`.
 
-    python scripts/onnx_example.py OUT_DIR [digits_cnn|char_transformer ...]
+    python scripts/onnx_example.py OUT_DIR [digits_cnn|char_transformer|digits_resnet|cancer_mlp|resnet18 ...]
 
 Each model is written by torch's legacy TorchScript exporter (``dynamo=False``) at opset 13 -- not
 by autoprec's exporter: names like ``/conv1/Conv``, weights as initializers read through
 Gemm/MatMul, layer norm decomposed into ReduceMean/Sub/Pow/Sqrt/Div (no LayerNormalization
 before opset 17), and no autoprec metadata. Beside ``<name>.onnx`` it writes ``<name>.npz`` (the
 model's held-out inputs, one array named after the graph input) and ``<name>_labels.npy`` (their
-labels: classes, or next-token ids), so that
+labels: classes, next-token ids, or for resnet18, which has none, the fp32 model's own top-1), so that
 
     autoprec tune OUT_DIR/digits_cnn.onnx --data OUT_DIR/digits_cnn.npz --labels OUT_DIR/digits_cnn_labels.npy
 
@@ -38,9 +38,31 @@ from autoprec.torch.spec import load_model_spec  # noqa: E402
 OPSET = 13
 
 
-def _digits_data() -> tuple[np.ndarray, np.ndarray]:
-    _, _, x_te, y_te = zoo_common.digits()
+def _digits_data(size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    _, _, x_te, y_te = zoo_common.digits(size)
     return x_te.numpy(), y_te.numpy()
+
+
+def _digits_resnet_data() -> tuple[np.ndarray, np.ndarray]:
+    import digits_resnet
+
+    return _digits_data(digits_resnet.IMAGE_SIZE)
+
+
+def _cancer_data() -> tuple[np.ndarray, np.ndarray]:
+    _, _, x_te, y_te, _, _ = zoo_common.breast_cancer()
+    return x_te.numpy(), y_te.numpy()
+
+
+def _resnet18_data() -> tuple[np.ndarray, np.ndarray]:
+    """resnet18 has no labels (seeded random weights): its 32 calibration images, labelled by the fp32
+    model's own top-1, so accuracy on them is fidelity, as `autoprec tune --fidelity-budget` measures."""
+    import resnet18
+
+    x = torch.cat(resnet18.calibration_data())
+    with torch.no_grad():
+        y = resnet18.model()(x).argmax(-1)
+    return x.numpy(), y.numpy()
 
 
 def _lm_data() -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +73,9 @@ def _lm_data() -> tuple[np.ndarray, np.ndarray]:
 
 
 #: model name -> its held-out (inputs, labels)
-DATA: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {"digits_cnn": _digits_data, "char_transformer": _lm_data}
+DATA: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
+    "digits_cnn": _digits_data, "char_transformer": _lm_data, "digits_resnet": _digits_resnet_data,
+    "cancer_mlp": _cancer_data, "resnet18": _resnet18_data}
 
 
 def write_example(name: str, out_dir: Path) -> tuple[Path, Path, Path]:

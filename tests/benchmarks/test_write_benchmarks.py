@@ -22,7 +22,7 @@ def test_a_section_names_its_command_commit_and_machine_and_links_its_plots(fold
     assert path == folder / "scaling.md"
     assert text.startswith("## Scaling\n")
     assert f"at commit {results.commit()}," in text
-    assert f"Machine: {results.machine()}." in text
+    assert f"Machine: {results.machine()}; load average" in text
     assert "\n\n| L | s |\n|---|---|\n| 10 | 1.0 |\n" in text  # the table starts after a blank line
     assert "![scaling](benchmarks/results/scaling.png)" in text
     assert [p.name for p in folder.iterdir()] == ["scaling.md"]  # no temporary file left behind
