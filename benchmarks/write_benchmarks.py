@@ -10,7 +10,8 @@ a benchmark has not written yet reads "not run yet" with the command that writes
 that fails in this run is named at the top, beside the commit its section (possibly an older one)
 comes from. ``--only``/``--skip`` run a subset and keep the other sections as they are, so one slow
 benchmark can be re-run alone and the file re-assembled. A full run takes hours on a 2-core CPU:
-the zoo of ONNX test models and the training runs dominate. Exit status: 0 when every benchmark run
+the zoo of ONNX test models and the training runs dominate. benchmarks/analysis.md, the reading of
+the figures written by hand, follows the table of sections. Exit status: 0 when every benchmark run
 exited 0.
 """
 
@@ -47,6 +48,7 @@ class Bench:
 #: The benchmarks in the order BENCHMARKS.md shows them: the comparison with the peers first.
 BENCHES: tuple[Bench, ...] = (
     Bench("peers", ("benchmarks/peers_bench.py",)),
+    Bench("resnet18_gap", ("benchmarks/resnet18_gap.py",)),
     Bench("scaling", ("benchmarks/scaling_bench.py",)),
     Bench("prediction", ("benchmarks/prediction_bench.py",)),
     Bench("profile", ("benchmarks/profile_bench.py",)),
@@ -63,6 +65,10 @@ BENCHES: tuple[Bench, ...] = (
     Bench("scale_fusion", ("benchmarks/scale_fusion.py",)),
     Bench("ort_overhead", ("benchmarks/ort_overhead.py",)),
 )
+
+#: The reading of the figures, written by hand (what the numbers mean, where a peer wins and why):
+#: placed after the table of sections.
+ANALYSIS = ROOT / "benchmarks" / "analysis.md"
 
 _HEADER = """# Benchmarks
 
@@ -107,7 +113,9 @@ def assemble(statuses: dict[str, tuple[int, float]], out: Path) -> str:
         anchor = f'<a id="{b.section}"></a>\n\n'
         bodies.append(anchor + (text.rstrip() if text else f"## {b.section}\n\nNot run yet: `{b.command}`."))
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    head = (_HEADER + f"\nAssembled at commit {commit()}, {stamp}, on: {machine()}.\n\n" + "\n".join(rows) + "\n")
+    analysis = ANALYSIS.read_text().strip() + "\n" if ANALYSIS.exists() else ""
+    head = (_HEADER + f"\nAssembled at commit {commit()}, {stamp}, on: {machine()}.\n\n" + "\n".join(rows) + "\n"
+            + ("\n" + analysis if analysis else ""))
     text = head + "\n" + "\n\n".join(bodies) + "\n"
     atomic_write_text(out, text)
     return text

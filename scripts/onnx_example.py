@@ -1,6 +1,6 @@
 """Write zoo models as .onnx files made by *other* software, with their data, for `autoprec tune x.onnx`.
 
-    python scripts/onnx_example.py OUT_DIR [digits_cnn|char_transformer|digits_resnet|cancer_mlp|resnet18 ...]
+    python scripts/onnx_example.py OUT_DIR [digits_cnn|char_transformer|digits_resnet|cancer_mlp|resnet18|digits_cnn_large ...]
 
 Each model is written by torch's legacy TorchScript exporter (``dynamo=False``) at opset 13 -- not
 by autoprec's exporter: names like ``/conv1/Conv``, weights as initializers read through
@@ -11,7 +11,8 @@ labels: classes, next-token ids, or for resnet18, which has none, the fp32 model
 
     autoprec tune OUT_DIR/digits_cnn.onnx --data OUT_DIR/digits_cnn.npz --labels OUT_DIR/digits_cnn_labels.npy
 
-tunes an ONNX model end to end. The files are written atomically.
+tunes an ONNX model end to end. The files are written atomically. digits_cnn_large is
+benchmarks/models/digits_cnn_large.py: digits_cnn rescaled so that fp16 overflows in some layers.
 """
 
 from __future__ import annotations
@@ -75,12 +76,13 @@ def _lm_data() -> tuple[np.ndarray, np.ndarray]:
 #: model name -> its held-out (inputs, labels)
 DATA: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
     "digits_cnn": _digits_data, "char_transformer": _lm_data, "digits_resnet": _digits_resnet_data,
-    "cancer_mlp": _cancer_data, "resnet18": _resnet18_data}
+    "cancer_mlp": _cancer_data, "resnet18": _resnet18_data, "digits_cnn_large": _digits_data}
 
 
 def write_example(name: str, out_dir: Path) -> tuple[Path, Path, Path]:
     """Export ``name`` with the legacy exporter and write (model.onnx, data.npz, labels.npy)."""
-    spec = load_model_spec(MODELS_DIR / f"{name}.py")
+    path = MODELS_DIR / f"{name}.py"
+    spec = load_model_spec(path if path.exists() else ROOT / "benchmarks" / "models" / f"{name}.py")
     model = spec.model().eval()
     example = spec.example_inputs()
     buf = io.BytesIO()
