@@ -244,7 +244,6 @@ class Probe:
     """What one tune spent, gathered by wrapping autoprec's functions for the length of the tune."""
 
     solves: list[tuple[float, int, int, int]] = field(default_factory=list)  # (s, status, vars, rows) per HiGHS call
-    milp_build_s: float = 0.0  # building the MILP models (python), apart from HiGHS
     graph_runs: int = 0  # full runs of the captured graph over one calibration batch (profile)
     rerun_nodes: int = 0  # nodes the exact trials recomputed (profile's calibration)
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the tune
@@ -253,6 +252,11 @@ class Probe:
     def hits(self) -> int:
         """HiGHS calls stopped by the time limit (scipy's milp status 1: iteration or time limit)."""
         return sum(1 for _, status, _, _ in self.solves if status == 1)
+
+    @property
+    def milp_build_s(self) -> float:
+        """Building the MILP models (python), apart from HiGHS."""
+        return self.phases.get("milp build", 0.0)
 
     def add(self, phase: str, seconds: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + seconds
@@ -301,16 +305,6 @@ def instrumented() -> Iterator[Probe]:
             return res
         return wrapper
 
-    def build_wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                probe.milp_build_s += time.perf_counter() - t
-        return wrapper
-
     def run_wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -326,22 +320,13 @@ def instrumented() -> Iterator[Probe]:
             return out, count
         return wrapper
 
-    def load_wrap(fn: Callable[..., Any]) -> Callable[..., Any]:  # a classmethod: wrap the bound one
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                probe.add("load", time.perf_counter() - t)
-        return staticmethod(wrapper)
-
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(milp_mod._Model, "solve", solve_wrap))
-        stack.enter_context(_patched(MilpStrategy, "_model", build_wrap))
+        stack.enter_context(_patched(MilpStrategy, "_model", _timed(probe, "milp build")))
         stack.enter_context(_patched(profile_mod.GraphRunner, "run", run_wrap))
         stack.enter_context(_patched(profile_mod.GraphRunner, "rerun", rerun_wrap))
-        stack.enter_context(_patched(api.TorchTunable, "load", load_wrap))
+        # a classmethod: the bound one is wrapped and set back as a staticmethod
+        stack.enter_context(_patched(api.TorchTunable, "load", lambda fn: staticmethod(_timed(probe, "load")(fn))))
         stack.enter_context(_patched(api, "profile", _timed(probe, "profile")))
         stack.enter_context(_patched(tune_driver, "tune_loop", _timed(probe, "search")))
         stack.enter_context(_patched(tune_driver, "_against_simple", _timed(probe, "simple plans")))
@@ -424,46 +409,16 @@ def has_fp16(model: Any) -> bool:
 
 
 def emulate_fp16(model: Any) -> Any:
-    """An fp32 graph computing what ``model`` (a graph with fp16 values) computes on a GPU: each node
-    that writes an fp16 value computes it in fp32 and rounds it (a Cast to fp16 and back, overflow to
-    inf included); fp16 initializers and constants become fp32 (exact), a Cast to fp16 becomes that
-    rounding. (benchmarks/peers_bench.py does the same for its peers; kept here so that this
-    benchmark's figures do not move with that file.)"""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    """An fp32 graph computing what ``model`` (a graph with fp16 values) computes on a GPU, every
+    fp16 value rounded (overflow to inf included): peers_bench.py's honest evaluation of a peer."""
+    import importlib.util
 
-    def widened(t: Any) -> Any:
-        return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
-
-    m = onnx.shape_inference.infer_shapes(model)
-    g = m.graph
-    half = {v.name for v in [*g.value_info, *g.output, *g.input] if v.type.tensor_type.elem_type == TensorProto.FLOAT16}
-    for init in g.initializer:
-        if init.data_type == TensorProto.FLOAT16:
-            half.discard(init.name)
-            init.CopyFrom(widened(init))
-    nodes = []
-    for node in g.node:
-        for a in node.attribute:
-            if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT16:
-                a.i = TensorProto.FLOAT
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT16:
-                a.t.CopyFrom(widened(a.t))
-        rounded = [out for out in node.output if out in half]
-        for k, out in enumerate(node.output):
-            if out in half:
-                node.output[k] = f"{out}__fp32"
-        nodes.append(node)
-        for out in rounded:
-            nodes.append(helper.make_node("Cast", [f"{out}__fp32"], [f"{out}__fp16"], to=TensorProto.FLOAT16))
-            nodes.append(helper.make_node("Cast", [f"{out}__fp16"], [out], to=TensorProto.FLOAT))
-    del g.node[:]
-    g.node.extend(nodes)
-    for v in [*g.input, *g.output]:
-        if v.type.tensor_type.elem_type == TensorProto.FLOAT16:
-            v.type.tensor_type.elem_type = TensorProto.FLOAT
-    del g.value_info[:]
-    return m
+    spec = importlib.util.spec_from_file_location("peers_bench", ROOT / "benchmarks" / "peers_bench.py")
+    peers = sys.modules.get("peers_bench") or importlib.util.module_from_spec(spec)
+    if "peers_bench" not in sys.modules:
+        sys.modules["peers_bench"] = peers  # its dataclasses need their module registered
+        spec.loader.exec_module(peers)  # type: ignore[union-attr]
+    return peers.emulate_low_precision(model)
 
 
 def run_rounded(model: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
