@@ -16,6 +16,8 @@ from autoprec.search.registry import get_strategy
 TARGET_FILL = 0.9
 #: Stop refining once the known-good and known-bad error budgets are this close (relative).
 BRACKET_TOL = 0.02
+#: Stop once no plan between the known-good and known-bad budgets can be this much cheaper (relative).
+GAIN_TOL = 0.01
 
 
 def max_measurements(n_layers: int) -> int:
@@ -44,11 +46,15 @@ def tune_loop(
     - After each measurement, k = measured drop / predicted error is the exchange rate, and the
       next error budget is TARGET_FILL * budget_metric / k (a secant step aimed just inside).
     - Every measured plan brackets the answer: within budget makes its error budget known-good,
-      over budget known-bad; a step that leaves the bracket bisects it instead. Error budget 0
+      over budget known-bad; a step that leaves the bracket bisects it instead (geometrically
+      once its lower end is above 0: error budgets span orders of magnitude). Error budget 0
       (all fp32, or the forced pins' formats: drop 0 by definition, never measured) is the
       first known-good point, so there is always a verified plan to fall back on.
     - Budgets above the strategy's unconstrained optimum change nothing and are clipped; a plan
       seen before is not measured again.
+    - A cheaper plan needs more error budget, so no budget below the known-bad one finds a plan
+      cheaper than the known-bad plan (exact for the MILP, whose optimal cost falls with the
+      budget): once that plan is within GAIN_TOL of the best measured one, the loop stops.
 
     ``measure`` runs at most ``max_evals`` times (default 2 + ceil(log2(L)), L layers). The
     result is the cheapest plan measured within budget, with ``steps`` (error budget, predicted,
@@ -65,6 +71,7 @@ def tune_loop(
     widest = tuple(best.assignment.items())
     ceiling = strat.solve(problem, math.inf).predicted_error
     good_b, bad_b = 0.0, math.inf
+    bad_cost = 0.0  # the cost of the plan at bad_b: no plan below bad_b is cheaper
     seen: dict[tuple, float] = {widest: 0.0}
     steps: list[TuneStep] = []
     evals = 0
@@ -74,7 +81,8 @@ def tune_loop(
         if it and not good_b < b < bad_b:
             if not math.isfinite(bad_b):
                 break
-            b = (good_b + bad_b) / 2
+            # error budgets span orders of magnitude: halve the bracket's ratio once it has one
+            b = math.sqrt(good_b * bad_b) if good_b > 0 else bad_b / 2
         plan = strat.solve(problem, b)
         key = tuple(plan.assignment.items())
         fresh = key not in seen
@@ -90,10 +98,12 @@ def tune_loop(
             good_b = max(good_b, b)
             if plan.cost < best.cost:
                 best, best_drop = plan, drop
-        else:
-            bad_b = min(bad_b, b)
+        elif b < bad_b:
+            bad_b, bad_cost = b, plan.cost
         if good_b >= ceiling or (bad_b - good_b) <= BRACKET_TOL * bad_b:
             break
+        if best.cost - bad_cost <= GAIN_TOL * best.cost:
+            break  # what the open bracket could still gain is below GAIN_TOL
         if not ok and plan.predicted_error == 0:
             break  # formats the profile calls harmless hurt: no error budget can repair that
         if plan.predicted_error > 0 and drop > 0:

@@ -9,6 +9,7 @@ whose allowed formats are the intersection of its members'. Imports no torch.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -174,26 +175,18 @@ class ValueModel:
         self._follow_cost: dict[tuple[int, Precision], float] = {}
         self._cast_cost: dict[tuple[int, Precision, Precision], float] = {}
         self._last: tuple[tuple[Precision, ...], list[tuple[Precision, Precision]]] | None = None
-        n_units = 1 + max(self.unit, default=-1)
-        # the nodes a unit's choice can reach: its layers and the FOLLOW ops downstream of them
-        # through FOLLOW ops only (in graph order), and the values whose casts they change
-        self.reach: list[list[int]] = [[] for _ in range(n_units)]
-        self.touched: list[list[int]] = [[] for _ in range(n_units)]
-        consumers: list[list[int]] = [[] for _ in self.ops]
+        # per unit its layers, and per node the FOLLOW ops that take their format from its value:
+        # a unit's move re-decides only nodes whose inputs' formats changed (a residual stream
+        # reaches every later add, but a move rarely changes more than the next few)
+        self.members: list[list[int]] = [[] for _ in range(1 + max(self.unit, default=-1))]
+        for i, v in enumerate(self.unit):
+            if v >= 0:
+                self.members[v].append(i)
+        self.followers: list[list[int]] = [[] for _ in self.ops]
         for i in range(len(self.ops)):
-            for j in self.inputs[i]:
-                consumers[j].append(i)
-        for u in range(n_units):
-            seen = {i for i, v in enumerate(self.unit) if v == u}
-            todo = sorted(seen)
-            while todo:
-                i = todo.pop()
-                for k in consumers[i]:
-                    if self.follow[k] and k not in seen:
-                        seen.add(k)
-                        todo.append(k)
-            self.reach[u] = sorted(seen)
-            self.touched[u] = sorted(seen | {j for i in seen for j in self.inputs[i]})
+            if self.follow[i]:
+                for j in dict.fromkeys(self.inputs[i]):
+                    self.followers[j].append(i)
 
     # --- evaluation ---------------------------------------------------------------------------
     def formats(self, fmt: Sequence[Precision]) -> list[tuple[Precision, Precision]]:
@@ -251,24 +244,39 @@ class ValueModel:
         return sum(self.cm.fixed_cost(op) for op in self.ops if not op.is_layer and op.policy is not Policy.FOLLOW)
 
     def delta(self, fmt: list[Precision], u: int, new: Precision) -> float:
-        """Change of :meth:`cost` when unit ``u`` alone switches to ``new`` (only what it reaches)."""
+        """Change of :meth:`cost` when unit ``u`` alone switches to ``new``: its layers, then in graph
+        order the FOLLOW ops whose inputs' value formats changed, and the casts of the values they
+        write or read (nothing else changes)."""
         before = self.formats(fmt)
         after = list(before)
+        changed: list[int] = []
         old = fmt[u]
         fmt[u] = new
         try:
-            for i in self.reach[u]:
+            todo = list(self.members[u])
+            queued = set(todo)
+            while todo:
+                i = heapq.heappop(todo)  # graph order: a FOLLOW op's inputs are decided before it
                 after[i] = self._decide(i, fmt, after)
+                if after[i] == before[i]:
+                    continue
+                changed.append(i)
+                if after[i][1] != before[i][1]:
+                    for k in self.followers[i]:
+                        if k not in queued:
+                            queued.add(k)
+                            heapq.heappush(todo, k)
         finally:
             fmt[u] = old
-        return (sum(self._node_cost(i, after) - self._node_cost(i, before) for i in self.reach[u])
-                + sum(self._casts(j, after) - self._casts(j, before) for j in self.touched[u] if self.readers[j]))
+        values = {j for i in changed for j in (i, *self.inputs[i]) if self.readers[j]}
+        return (sum(self._node_cost(i, after) - self._node_cost(i, before) for i in changed)
+                + sum(self._casts(j, after) - self._casts(j, before) for j in sorted(values)))
 
     def reads_no_dearer(self, u: int, g: Precision, f: Precision) -> bool:
         """Whether the layers of unit ``u`` read their inputs in ``g`` at no higher cast cost than
         in ``f`` whatever the inputs' formats, with no other reader that could share a cast into
         ``f`` or ``g`` (a shared cast may favour either)."""
-        for i in (k for k, v in enumerate(self.unit) if v == u):
+        for i in self.members[u]:
             for j in self.inputs[i]:
                 if any(r != i and (self.unit[r] >= 0 or self.follow[r] or FP32 in (f, g)) for r in self.readers[j]):
                     return False
@@ -287,10 +295,9 @@ class CompiledProblem:
     The cost of an assignment is the cost model's :meth:`~autoprec.cost.model.CostModel.breakdown`
     of the lowering (:mod:`autoprec.core.lowering`): units' layer costs, every FOLLOW op at the
     format it computes in, fixed ops, and one cast per (value, format) a reader wants. It is
-    computed here node by node (:meth:`total_cost`), and only over the nodes a unit's choice can
-    reach when one unit moves (:meth:`delta_cost`): a layer's choice reaches the FOLLOW ops that
-    take its value's format, through FOLLOW ops only, and the casts of the values they and the
-    layer read.
+    computed here node by node (:meth:`total_cost`), and only over the nodes a unit's choice
+    changes when one unit moves (:meth:`delta_cost`): its layers, the FOLLOW ops whose inputs'
+    formats change (through FOLLOW ops only), and the casts of the values they write and read.
     """
 
     def __init__(self, p: SearchProblem) -> None:

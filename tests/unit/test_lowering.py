@@ -105,11 +105,13 @@ def test_the_search_prices_every_plan_as_the_lowering_does(depth, embed, io):
         plan = {n: rng.choice((P.FP32, *LOW)) for n in g.layer_names()}
         fmt = c.from_layers(plan)
         assert c.total_cost(fmt) == pytest.approx(cm.plan_cost(g, plan), rel=1e-12)
-        u = rng.randrange(len(c.units))
-        new = rng.choice(c.units[u].formats)
-        moved = list(fmt)
-        moved[u] = new
-        assert c.total_cost(fmt) + c.delta_cost(fmt, u, new) == pytest.approx(c.total_cost(moved), rel=1e-12)
+        # every move from it: delta_cost re-prices only what changes, and must miss nothing
+        for u, unit in enumerate(c.units):
+            for new in unit.formats:
+                moved = list(fmt)
+                moved[u] = new
+                assert (c.total_cost(fmt) + c.delta_cost(fmt, u, new)
+                        == pytest.approx(c.total_cost(moved), rel=1e-12, abs=1e-12 * c.total_cost(moved)))
     # the MILP's optimum at any budget is the cheapest plan the cost model knows of among these
     for budget in (0.0, 5e-4, 1.0):
         plan = MilpStrategy().solve(problem, budget)

@@ -18,6 +18,7 @@ from autoprec.core.errors import UsageError
 from autoprec.core.formats import Precision
 from autoprec.core.opgraph import OpGraph, OpNode, Policy
 from autoprec.core.plan import parse_pin
+from autoprec.search import loop
 from autoprec.search.loop import max_measurements, tune_loop
 from autoprec.search.milp import silenced_c_stdout
 from autoprec.search.pareto import pareto_sweep
@@ -374,6 +375,39 @@ def test_tune_loop_repairs_with_few_measurements():
     assert plan.measured["drop"] <= 1e-2
     assert plan.speedup > 1
     assert [s.measured_drop for s in plan.steps if s.measured_drop is not None] == drops
+
+
+def test_tune_loop_stops_when_the_bracket_can_gain_little(monkeypatch):
+    """A big layer and, behind a pooling op, a small one whose low formats the real model cannot
+    take: once the measured-bad plan is within GAIN_TOL of the best good one, no budget between
+    them can pay for another measurement, and the loop stops there."""
+    nodes = [OpNode("x", "input", "", Policy.NONE, act_out_elems=8192 * 8192)]
+    big, small = 8192 * 8192, 1024 * 512
+    nodes += [OpNode("l0", "linear", "b.0", Policy.ALWAYS, flops=2 * 8192 * big, weight_elems=8192 * 8192,
+                     act_in_elems=big, act_out_elems=big),
+              OpNode("pool", "mean", "b.0", Policy.NEVER, act_in_elems=big, act_out_elems=small),
+              OpNode("l1", "linear", "b.1", Policy.ALWAYS, flops=2 * 1024 * small, weight_elems=1024 * 1024,
+                     act_in_elems=small, act_out_elems=small),
+              OpNode("output", "output", "", Policy.NONE)]
+    graph = OpGraph(nodes, [("x", "l0"), ("l0", "pool"), ("pool", "l1"), ("l1", "output")], "lopsided")
+    errors = {"l0": {P.BF16: 1e-4, P.FP16: 1e-4, P.FP8_E4M3: 1e-3, P.FP8_E5M2: 2e-3},
+              "l1": {P.BF16: 5e-3, P.FP16: 5e-3, P.FP8_E4M3: 2e-2, P.FP8_E5M2: 3e-2}}
+    prob = problem(graph, SensitivityProfile("lopsided", graph.fingerprint(), "exact", "kl", (P.FP32, *LOW), errors),
+                   budget=1.0)
+    top, kept = solve(prob, "milp", 1.0), solve(prob, "milp", 4e-3)
+    assert top.assignment["l1"] is not P.FP32 and kept.assignment == {"l0": P.FP8_E4M3, "l1": P.FP32}
+    assert kept.cost - top.cost <= loop.GAIN_TOL * kept.cost  # all l1 could save
+
+    def run() -> tuple[int, object]:
+        drops = []
+        plan = tune_loop(prob, "milp", lambda p: drops.append(2 * p.predicted_error) or drops[-1], 1e-2)
+        return len(drops), plan
+
+    n, plan = run()
+    assert n == 2 and plan.assignment == kept.assignment
+    monkeypatch.setattr(loop, "GAIN_TOL", 0.0)  # without the stop it measures again for nothing
+    n_without, plan_without = run()
+    assert n_without > n and plan_without.assignment == plan.assignment
 
 
 def test_tune_loop_without_measurements_is_fp32():
