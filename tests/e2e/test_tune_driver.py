@@ -108,10 +108,22 @@ def test_a_plan_is_measured_and_beats_the_uniform_plans_within_budget() -> None:
     assert out.summary.onnx_checks == 0 and out.summary.timing is None and out.pareto
 
 
+def test_only_the_plan_the_search_settles_on_runs_on_onnx_runtime() -> None:
+    """Where the model's emulation and ONNX Runtime agree, the search decides on the first alone and
+    ONNX Runtime runs one plan: the one it returns."""
+    loss = {P.BF16: 1e-3, P.FP16: 1e-3, P.FP8_E4M3: 0.02, P.FP8_E5M2: 0.02}
+    model = FakeModel(loss, onnx_loss=loss)
+    out = _run(model)
+    assert len(model.measured) > 1 and model.on_onnx == [out.plan.assignment]
+    assert out.summary.onnx_checks == 1 and out.plan.measured["metric_onnx"] == out.plan.measured["metric_tuned"]
+    assert not out.plan.notes
+
+
 def test_onnx_runtime_s_drop_counts_where_the_model_has_one() -> None:
-    """fp8 is free on the model's own emulation and costly on ONNX Runtime: the driver takes the
-    worse of the two, asks ONNX Runtime only about plans that round and pass the first measure, and
-    reports ONNX Runtime's figure."""
+    """fp8 is free on the model's own emulation and costly on ONNX Runtime: the plan the search
+    settles on fails there, so it searches again taking the worse of the two (asking ONNX Runtime
+    only about plans that round and pass the first measure), says so, and reports ONNX Runtime's
+    figure."""
     free = {P.BF16: 1e-3, P.FP16: 1e-3}
     loose = _run(FakeModel(free))
     assert set(loose.plan.assignment.values()) <= FP8  # all-fp8 passes on the emulation alone
@@ -122,6 +134,7 @@ def test_onnx_runtime_s_drop_counts_where_the_model_has_one() -> None:
     assert m["metric_onnx"] == model._value(out.plan.assignment, model.onnx_loss) == out.summary.metric_onnx
     assert m["onnx_checks"] == out.summary.onnx_checks == len({tuple(sorted(a.items())) for a in model.on_onnx})
     assert model.on_onnx and all(set(a.values()) != {P.FP32} for a in model.on_onnx)
+    assert any("ONNX Runtime's run of the fp8" in n and "ran again" in n for n in out.plan.notes)
 
 
 def test_timing_uses_the_deployment_graphs_and_is_skipped_without_feeds(monkeypatch: pytest.MonkeyPatch) -> None:
