@@ -144,7 +144,9 @@ def emulate_low_precision(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray], optimize: bool = True) -> np.ndarray:
+def run_cpu(model: onnx.ModelProto, feed: dict[str, np.ndarray], optimize: bool = True) -> np.ndarray:
+    """``model``'s first output on ONNX Runtime's CPU provider (``optimize=False``: no graph
+    optimization, so no Cast pair of an emulated rounding is removed)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -231,7 +233,7 @@ def _self_check(fp32_acc: float, acc: Callable[[np.ndarray], float], peer: onnx.
                 feed: dict[str, np.ndarray]) -> str:
     """The peer's graph run as is on ONNX Runtime's CPU provider: its drop, or why there is none."""
     try:
-        return f"{fp32_acc - acc(_run(peer, feed)):.4f}"
+        return f"{fp32_acc - acc(run_cpu(peer, feed)):.4f}"
     except Exception as e:  # ONNX Runtime raises its own classes; a bf16 graph lacks CPU kernels
         return "does not run on ORT CPU" if "NOT_IMPLEMENTED" in str(e) else f"fails on ORT CPU ({type(e).__name__})"
 
@@ -245,7 +247,7 @@ def bench(name: str, budget: str, tmp: Path, autocast: bool) -> ModelResult:
     acc = _accuracy(labels)
     model = onnx.load(str(onnx_path))
     feed = {"input": x}
-    fp32_acc = acc(_run(model, feed))
+    fp32_acc = acc(run_cpu(model, feed))
     allowed = DropBudget.parse(budget).allowed_drop(fp32_acc)
     out = ModelResult(name, fp32_acc, fp32_acc - allowed)
 
@@ -273,7 +275,7 @@ def bench(name: str, budget: str, tmp: Path, autocast: bool) -> ModelResult:
                                     drop=u.measured_drop))
 
     def peer_row(label: str, peer: onnx.ModelProto, self_check: str, seconds: float, runs: int) -> None:
-        honest_drop = fp32_acc - acc(_run(emulate_low_precision(peer), feed, optimize=False))
+        honest_drop = fp32_acc - acc(run_cpu(emulate_low_precision(peer), feed, optimize=False))
         assignment = low_layers(peer, layers)
         speedup = fp32_cost / cm.plan_cost(graph, assignment)
         holds = honest_drop <= allowed

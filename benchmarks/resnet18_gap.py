@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from autoprec.core.formats import Precision  # noqa: E402
 from autoprec.onnx.model import OnnxModel  # noqa: E402
+from benchmarks.peers_bench import emulate_low_precision, run_cpu  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402
 
 
@@ -49,14 +50,13 @@ def _load(name: str, path: Path) -> ModuleType:
 def main() -> int:
     from onnxconverter_common import float16
 
-    peers = _load("peers_bench", ROOT / "benchmarks" / "peers_bench.py")
     examples = _load("onnx_example", ROOT / "scripts" / "onnx_example.py")
     lines = ["| graph | format | images whose class changes | their fp32 top-2 margins |", "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, data_path, labels_path = examples.write_example("resnet18", Path(tmp))
         om = OnnxModel.load(onnx_path, data_path, labels_path)
         x, labels = np.load(data_path)["input"], np.load(labels_path)
-        fp32 = peers._run(om.analysis.model, {"input": x})
+        fp32 = run_cpu(om.analysis.model, {"input": x})
         top2 = np.sort(fp32, axis=-1)[:, -2:]
         margins = top2[:, 1] - top2[:, 0]
         layers = om.analysis.graph.layer_names()
@@ -67,9 +67,9 @@ def main() -> int:
                 converted = (float16.convert_float_to_float16(om.analysis.model, keep_io_types=True)
                              if fmt is Precision.FP16 else None)
             if converted is not None:
-                graphs["the converter's graph, one rounding per node"] = peers.emulate_low_precision(converted)
+                graphs["the converter's graph, one rounding per node"] = emulate_low_precision(converted)
             for label, graph in graphs.items():
-                out = peers._run(graph, {"input": x}, optimize=False)
+                out = run_cpu(graph, {"input": x}, optimize=False)
                 flips = np.nonzero(out.argmax(-1) != labels)[0]
                 lines.append(f"| {label} | {fmt.value} | {', '.join(map(str, flips)) or 'none'} "
                              f"| {', '.join(f'{margins[i]:.3f}' for i in flips) or '-'} |")

@@ -411,14 +411,9 @@ def has_fp16(model: Any) -> bool:
 def emulate_fp16(model: Any) -> Any:
     """An fp32 graph computing what ``model`` (a graph with fp16 values) computes on a GPU, every
     fp16 value rounded (overflow to inf included): peers_bench.py's honest evaluation of a peer."""
-    import importlib.util
+    from benchmarks.peers_bench import emulate_low_precision
 
-    spec = importlib.util.spec_from_file_location("peers_bench", ROOT / "benchmarks" / "peers_bench.py")
-    peers = sys.modules.get("peers_bench") or importlib.util.module_from_spec(spec)
-    if "peers_bench" not in sys.modules:
-        sys.modules["peers_bench"] = peers  # its dataclasses need their module registered
-        spec.loader.exec_module(peers)  # type: ignore[union-attr]
-    return peers.emulate_low_precision(model)
+    return emulate_low_precision(model)
 
 
 def run_rounded(model: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
