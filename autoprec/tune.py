@@ -166,13 +166,15 @@ def run_tune(model: Tunable, budget: DropBudget, formats: tuple[Precision, ...],
         d = onnx_drop(plan.assignment)
         if d is None or d <= allowed:
             return None
-        return (f"ONNX Runtime's run of the {_summary(plan.assignment)} plan lost {d:.4g}, over the allowed "
+        formats = ", ".join(f"{f} x{n}" for f, n in plan.format_counts().items())
+        return (f"ONNX Runtime's run of the {formats} plan lost {d:.4g}, over the allowed "
                 f"{allowed:.4g}, where its torch emulation lost {evaluate(plan.assignment):.4g}")
 
     # The search decides on the model's own emulation, and only the plan it settles on is also run on
     # ONNX Runtime: the two agree to rounding in all but rare cases (the oracle tests hold them
     # equal). Where they disagree, the search runs again with every plan judged by the worse of the two.
-    # a built-in strategy's plan gives way to a faster measured simple plan; a user's strategy is
+    #
+    # A built-in strategy's plan gives way to a faster measured simple plan; a user's strategy is
     # only compared with them (its choices may encode constraints we cannot see)
     adopt = isinstance(strategy, str)
     plan = tune_loop(problem, strategy, lambda p: evaluate(p.assignment), allowed)
@@ -319,14 +321,6 @@ def _with_onnx_drop(u: UniformResult, on_onnx: Mapping[tuple, float], problem: S
         return u
     drop = max(u.measured_drop, metric.drop(reference, on_onnx[key]))
     return replace(u, measured_drop=drop, within_budget=drop <= allowed)
-
-
-def _summary(assignment: Assignment) -> str:
-    """``bf16 x8, fp32 x1``: how many layers a plan puts in each format."""
-    counts: dict[str, int] = {}
-    for f in sorted(assignment.values(), key=lambda f: f.rank):
-        counts[f.value] = counts.get(f.value, 0) + 1
-    return ", ".join(f"{k} x{n}" for k, n in counts.items())
 
 
 def _sweep_budgets(prof: SensitivityProfile, n: int = 10) -> list[float]:
