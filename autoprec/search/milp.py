@@ -105,7 +105,9 @@ class MilpStrategy:
         proven = res.status == 0
         escale = sum(max(u.error.values()) for u in c.units) / 1e3 or 1.0
         err = {i: c.units[ui].error[f] / escale for (ui, f), i in x.items()}
-        if any(err.values()):  # second pass: least error among the (near-)cheapest plans
+        # second pass: least error among the (near-)cheapest plans. Only after a proven optimum: an
+        # unproven one is HiGHS running out of time, and a tie-break would spend as long again.
+        if proven and any(err.values()):
             m.row({i: v for i, v in enumerate(m.cost) if v}, -np.inf, res.fun + self.COST_TOL * max(abs(res.fun), 1.0))
             res = m.solve(objective=err, **opt) or res
         return [fs[0] if len(fs) == 1 else max(fs, key=lambda f: (res.x[x[(ui, f)]], -f.rank))

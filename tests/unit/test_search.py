@@ -20,7 +20,8 @@ from autoprec.core.opgraph import OpGraph, OpNode, Policy
 from autoprec.core.plan import parse_pin
 from autoprec.search import loop
 from autoprec.search.loop import max_measurements, tune_loop
-from autoprec.search.milp import silenced_c_stdout
+from autoprec.search import milp
+from autoprec.search.milp import MilpStrategy, silenced_c_stdout
 from autoprec.search.pareto import pareto_sweep
 from autoprec.search.problem import SearchProblem
 from autoprec.search.registry import get_strategy, solve
@@ -328,6 +329,28 @@ def test_milp_lowers_a_chain_greedy_cannot():
     milp, greedy = solve(prob, "milp"), solve(prob, "greedy")
     assert milp.cost < greedy.cost
     assert milp.speedup > 1
+
+
+def test_an_unproven_optimum_is_not_tie_broken(monkeypatch):
+    """Where HiGHS runs out of time (status 1, its best plan kept), the second pass, a tie-break
+    among plans as cheap, is skipped: it would spend as long again. The plan says it is unproven."""
+    graph, profile = chain(8, seed_errors=True, dim=8192, tokens=2048)
+    prob = problem(graph, profile, budget=1.0)
+    calls = []
+    real = milp._Model.solve
+
+    def out_of_time(self, *args, **kwargs):
+        calls.append(kwargs.get("objective"))
+        res = real(self, *args, **kwargs)
+        res.status = 1  # what scipy reports when the time limit stops HiGHS
+        return res
+
+    proven = MilpStrategy().solve(prob, 5e-3)
+    monkeypatch.setattr(milp._Model, "solve", out_of_time)
+    plan = MilpStrategy().solve(prob, 5e-3)
+    assert calls == [None]  # the cost pass only
+    assert any("optimality not proven" in n for n in plan.notes) and not proven.notes
+    assert plan.cost == pytest.approx(proven.cost) and plan.predicted_error <= 5e-3
 
 
 def test_unknown_strategy_is_one_line():
