@@ -50,7 +50,7 @@ from autoprec.report import TuneSummary, UniformResult
 from autoprec.search.pareto import ParetoPoint
 from autoprec.search.problem import SearchProblem, Strategy
 from autoprec.search.registry import solve
-from autoprec.torch.semantics import needs_act_amax
+from autoprec.torch.semantics import needs_act_amax, reuse_weight_rounding
 from autoprec.core.sensitivity import SensitivityProfile
 from autoprec.torch.spec import ModelSpec, load_model_spec, model_spec
 from autoprec.torch.passes import act_amax_from_profile, apply_plan
@@ -200,9 +200,11 @@ class TorchTunable:
         return apply_plan(self.captured, assignment, self._amax, io=self.io)
 
     def measure(self, assignment: Mapping[str, Precision]) -> float:
-        """The metric of the plan's torch emulation, which reads the captured weights (no copy per trial)."""
-        return float(self.metric.measure(apply_plan(self.captured, assignment, self._amax, share_weights=True,
-                                                    io=self.io)))
+        """The metric of the plan's torch emulation, which reads the captured weights (no copy per trial)
+        and rounds each fp8 weight once for all the batches the metric runs."""
+        module = apply_plan(self.captured, assignment, self._amax, share_weights=True, io=self.io)
+        with reuse_weight_rounding():
+            return float(self.metric.measure(module))
 
     def measure_on_onnx(self, assignment: Mapping[str, Precision]) -> float | None:
         """The metric of ONNX Runtime's CPU session of the plan's emulation graph, as a

@@ -52,6 +52,7 @@ BENCHES: tuple[Bench, ...] = (
     Bench("scaling", ("benchmarks/scaling_bench.py",)),
     Bench("prediction", ("benchmarks/prediction_bench.py",)),
     Bench("profile", ("benchmarks/profile_bench.py",)),
+    Bench("emulation", ("benchmarks/emulation_bench.py",)),
     Bench("tune", ("benchmarks/tune_bench.py",)),
     Bench("deploy", ("benchmarks/deploy_bench.py",)),
     Bench("onnx_input", ("benchmarks/onnx_input_bench.py",)),

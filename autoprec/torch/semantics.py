@@ -34,8 +34,11 @@ computation into the rewritten graph, and oracle tests hold the two to the same 
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -44,7 +47,8 @@ from autoprec.core.formats import Precision
 from autoprec.core.fp8 import ROWS, Channels
 from autoprec.core.kinds import (BIAS_KINDS, LOOKUP_KINDS, act_arg_positions, groups_arg_position,
     weight_arg_position, weight_channel_axis)
-from autoprec.torch.quantize import RoundingObserver, channel_amax, fp8_scale, quantize
+from autoprec.torch.quantize import (RoundingObserver, channel_amax, fp8_scale, quantize, static_scale,
+    training_observer)
 
 _BIAS_ARG = {kind: 2 for kind in BIAS_KINDS}
 
@@ -98,12 +102,52 @@ def weight_channels(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     return Channels(axis, int(groups))
 
 
+#: fp8 layer weights already rounded in this context (:func:`reuse_weight_rounding`): id(weight) ->
+#: (a weak reference to it, its version, format and channels, the rounded tensor); None outside it
+_ROUNDED_WEIGHTS: ContextVar[dict[int, tuple[Any, tuple[Any, ...], torch.Tensor]] | None] = \
+    ContextVar("autoprec_rounded_weights", default=None)
+
+
+@contextlib.contextmanager
+def reuse_weight_rounding() -> Iterator[None]:
+    """Round each fp8 layer weight once in this context, not at every call of its layer.
+
+    For evaluating a plan over many batches (a tune's measurement): an fp8 weight's rounding (its
+    per-channel amax and scales, then about a dozen passes) is the same on every batch, and on a
+    small model costs as much as the activations' roundings. The rounded copy is reused while the
+    weight is the same tensor, unchanged (its ``_version`` counts in-place updates), and no
+    gradient is recorded for it; the copies go with the context (at most one fp32 copy of the fp8
+    layers' weights more while it lasts). 16-bit weights are not kept: their rounding is two
+    passes, as reading a kept copy back would be.
+    """
+    token = _ROUNDED_WEIGHTS.set({})
+    try:
+        yield
+    finally:
+        _ROUNDED_WEIGHTS.reset(token)
+
+
 def quantize_weight(w: torch.Tensor, fmt: Precision, channels: Channels = ROWS) -> torch.Tensor:
     """Round a weight to ``fmt``; fp8 uses one scale per output channel (``channels``: dim 0 but
     for a transposed convolution, :func:`weight_channels`)."""
     if fmt.needs_scale:
         return quantize(w, fmt, fp8_scale(channel_amax(w, channels), fmt))
     return quantize(w, fmt)
+
+
+def _layer_weight(w: torch.Tensor, fmt: Precision, channels: Channels) -> torch.Tensor:
+    """:func:`quantize_weight` of a layer's weight, kept for reuse inside :func:`reuse_weight_rounding`."""
+    kept = _ROUNDED_WEIGHTS.get()
+    if kept is None or not fmt.needs_scale or (torch.is_grad_enabled() and w.requires_grad) \
+            or training_observer() is not None:
+        return quantize_weight(w, fmt, channels)
+    key = (w._version, fmt, channels)
+    hit = kept.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == key:
+        return hit[2]
+    q = quantize_weight(w, fmt, channels)
+    kept[id(w)] = (weakref.ref(w), key, q)
+    return q
 
 
 def split_bias(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -164,19 +208,23 @@ def lookup_rows(rows: torch.Tensor, fmt: Precision) -> torch.Tensor:
 def quantize_activation(x: torch.Tensor, fmt: Precision, amax: float | None) -> torch.Tensor:
     """Round an activation to ``fmt``; fp8 without a calibrated amax uses the tensor's own (dynamic)."""
     if fmt.needs_scale:
-        a = x.detach().abs().amax() if amax is None else amax
-        return quantize(x, fmt, fp8_scale(a, fmt).to(x.device))
+        scale = fp8_scale(x.detach().abs().amax(), fmt) if amax is None else static_scale(float(amax), fmt, x.device)
+        return quantize(x, fmt, scale)
     return quantize(x, fmt)
 
 
 def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: LayerFormat,
-                  weight_q: torch.Tensor | None = None, recipe: Fp8Recipe | None = None) -> torch.Tensor:
+                  weight_q: torch.Tensor | None = None, recipe: Fp8Recipe | None = None,
+                  inputs_rounded: bool = False) -> torch.Tensor:
     """Compute a layer from its fp32 arguments with the rounding of ``lf`` (fp32 arithmetic).
 
     ``weight_q``: the weight already rounded by :func:`quantize_weight` with the layer's
     :func:`weight_channels` (callers that run one layer on many batches round it once).
     ``recipe``: a training fp8 layer's scaling, used instead of the calibrated amax and the
     per-channel weight scales.
+    ``inputs_rounded``: the activation inputs already hold values of ``lf`` (with its static fp8
+    scales): rounding them again would give the same bits (each rounding is idempotent), so they
+    are used as they are. Ignored with a ``recipe``, which scales the inputs itself.
     """
     if recipe is not None and not lf.fmt.is_fp8:
         raise ValueError(f"an fp8 recipe was given for a layer in {lf.fmt}")
@@ -186,7 +234,7 @@ def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: 
     if kind in LOOKUP_KINDS and weight_q is None:  # the rows it copies, not the whole table
         return lookup_rows(fn(*args, **kwargs), lf.fmt)
     a = list(args)
-    for j, pos in enumerate(act_arg_positions(kind)):
+    for j, pos in enumerate(() if inputs_rounded and recipe is None else act_arg_positions(kind)):
         if torch.is_tensor(a[pos]):
             a[pos] = recipe.activation(j, a[pos]) if recipe else quantize_activation(a[pos], lf.fmt, lf.amax_for(j))
     wpos = weight_arg_position(kind)
@@ -195,6 +243,6 @@ def emulate_layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], lf: 
             a[wpos] = weight_q
         else:
             channels = weight_channels(kind, args, kwargs)
-            a[wpos] = recipe.weight(a[wpos], channels) if recipe else quantize_weight(a[wpos], lf.fmt, channels)
+            a[wpos] = recipe.weight(a[wpos], channels) if recipe else _layer_weight(a[wpos], lf.fmt, channels)
     a2, kw, bias = split_bias(kind, tuple(a), kwargs)
     return finish(kind, fn(*a2, **kw), bias, lf.fmt, recipe)

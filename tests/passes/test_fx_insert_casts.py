@@ -110,3 +110,33 @@ def test_postcondition_catches_chains_and_missing_casts(attn_case) -> None:
     gm = PassManager([AssignFormats(c.graph, {"q": BF16}, amax), LowerLayers()]).run(copy.deepcopy(c.gm)).graph
     with pytest.raises(PassError, match="q reads ln"):
         ins.ensures(gm)  # the layer reads the fp32 ln output without its bf16 cast
+
+
+def test_layers_fed_by_casts_skip_rounding_their_inputs_again(attn_case, cnn_case, oracles, monkeypatch) -> None:
+    """InsertCasts marks each lowered layer whose activation inputs it gave in its format
+    ``rounded=True``; the marked layers use them as they are. The graph computes the reference's
+    bits (each layer rounding its inputs from scratch) and the unmarked graph's, with fewer roundings."""
+    import autoprec.torch.quantize as q
+    calls = []
+    real = q.round_scaled
+    monkeypatch.setattr(q, "round_scaled", lambda x, p, s: calls.append(p) or real(x, p, s))
+    for (c, amax), shape in ((attn_case, (3, 8, 32)), (cnn_case, (3, 1, 8, 8))):
+        layers = c.graph.layer_names()
+        plans = [{n: E4M3 for n in layers}, {n: BF16 for n in layers}] + ([PLAN_A] if "fc1" in layers else [])
+        for plan in plans:
+            gm = _apply(c, plan, amax)
+            lowered = [n for n in gm.graph.nodes if n.name in plan]
+            assert lowered and all(n.kwargs.get("rounded") is True for n in lowered)
+            unmarked = copy.deepcopy(gm)
+            for n in unmarked.graph.nodes:
+                if n.name in plan:
+                    n.update_kwarg("rounded", False)
+            unmarked.recompile()
+            x = oracles.randn(shape)
+            with torch.no_grad():
+                calls.clear()
+                y = gm(x)
+                fewer = len(calls)
+                calls.clear()
+                assert torch.equal(y, unmarked(x)) and fewer < len(calls)
+                assert torch.equal(y, oracles.reference(c, plan, amax, (x,)))

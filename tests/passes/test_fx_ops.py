@@ -25,7 +25,7 @@ def _wide_tensor(seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=str)
 def test_static_fp8_quantize_is_idempotent(fmt) -> None:
-    """A layer may re-round an input its cast already rounded: q(q(x)) must equal q(x) exactly."""
+    """A layer need not re-round an input its cast already rounded: q(q(x)) must equal q(x) exactly."""
     for seed in range(4):
         x = _wide_tensor(seed)
         for amax in (1e-6, 3.7e-3, 0.9, 1.0, 7.31, 448.0, 6.1e4, 2.5e7):
@@ -111,3 +111,36 @@ def test_an_fp8_layer_adds_its_bias_in_fp32_and_rounds_once(oracles) -> None:
     xq = quantize_activation(x, E4M3, 3.0)
     want = quantize(torch.nn.functional.linear(xq, quantize_weight(w, E4M3), b), BF16)
     assert torch.equal(emulate_layer("linear", (x, w, b), {}, lf), want)
+
+
+def test_fp8_weights_are_rounded_once_inside_reuse_weight_rounding(attn_case, monkeypatch) -> None:
+    """Inside reuse_weight_rounding an fp8 layer's weight is rounded on its first call only and the
+    result is the same bits; an in-place update of the weight is seen, and a weight that records
+    gradients is rounded at every call, as outside the context."""
+    import autoprec.torch.semantics as sem
+    from autoprec.torch.passes import apply_plan
+
+    c, amax = attn_case
+    plan = {name: E4M3 for name in c.graph.layer_names()}
+    gm = apply_plan(c, plan, amax)
+    calls: list[int] = []
+    real = sem.quantize_weight
+    monkeypatch.setattr(sem, "quantize_weight", lambda w, f, ch=sem.ROWS: calls.append(1) or real(w, f, ch))
+    x = torch.randn(3, 8, 32)
+    with torch.no_grad():
+        plain = gm(x)
+        per_call = len(calls)
+        assert per_call > 0
+        with sem.reuse_weight_rounding():
+            calls.clear()
+            first, again = gm(x), gm(x)
+            assert len(calls) == per_call and torch.equal(first, plain) and torch.equal(again, plain)
+            gm.get_parameter(c.node("q").args[1].target).mul_(0.5)
+            changed = gm(x)
+            assert len(calls) == per_call + 1 and not torch.equal(changed, plain)
+        calls.clear()
+        assert torch.equal(gm(x), changed) and len(calls) == per_call
+    with sem.reuse_weight_rounding():
+        calls.clear()
+        gm(x), gm(x)
+        assert len(calls) == 2 * per_call  # gradients recorded: nothing kept

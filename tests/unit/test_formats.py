@@ -127,21 +127,32 @@ def test_per_tensor_scale_matches_scaled_reference() -> None:
     assert np.abs(out).max() <= amax * (1 + 1e-6)
 
 
-def test_e4m3_read_from_its_code_table_is_the_conversion_bit_for_bit() -> None:
-    """E4M3 values are read from a table of its 256 codes on the CPU, a per-tensor scale folded into
-    the table: the same bits as ml_dtypes' rounding times the scale, for every code, the saturating
-    and special values, and a non-contiguous (transposed) input keeping its shape."""
+@pytest.mark.parametrize("with_nan", [False, True])
+def test_e4m3_read_back_by_moving_bits_is_the_conversion_bit_for_bit(with_nan: bool) -> None:
+    """E4M3 codes are read back on the CPU by moving their bits into an fp16's, a scale folded into
+    the one multiplication after: the same bits as ml_dtypes' rounding times the scale, for every
+    code, the saturating and special values (a tensor holding NaN goes through torch's conversion),
+    scales whose products are fp32 subnormals, per-channel scales, and a non-contiguous input."""
     codes = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-    special = np.array([np.nan, np.inf, -np.inf, 448.0, 449.0, 464.0, -1e30, 0.0, -0.0, 2.0 ** -10, 3 * 2.0 ** -11],
-                       dtype=np.float32)
+    special = np.array([np.inf, -np.inf, 448.0, 449.0, 464.0, -1e30, 0.0, -0.0, 2.0 ** -10, 3 * 2.0 ** -11,
+                        -(2.0 ** -10), 1e-30, -1e-30], dtype=np.float32)
     rng = np.random.default_rng(1)
-    x = np.concatenate([codes, special, (rng.standard_normal(1197) * 100).astype(np.float32)]).reshape(24, 61)
+    x = np.concatenate([codes, special, (rng.standard_normal(1195) * 100).astype(np.float32)])
+    if not with_nan:
+        x = np.where(np.isnan(x), np.float32(1.0), x)
+    x = x.reshape(24, 61)
     t = torch.from_numpy(x).t()  # non-contiguous
     assert same_bits(quantize(t, Precision.FP8_E4M3).numpy(), reference(x.T, Precision.FP8_E4M3)).all()
-    for s in (0.37, 3.0e-3, 1.0):
+    for s in (0.37, 3.0e-3, 1.0, 1e-40, 7.0e35):
         out = quantize(t, Precision.FP8_E4M3, torch.tensor(s, dtype=torch.float32)).numpy()
-        ref = reference((x.T / np.float32(s)).astype(np.float32), Precision.FP8_E4M3) * np.float32(s)
-        assert out.shape == (61, 24) and same_bits(out, ref.astype(np.float32)).all()
+        with np.errstate(over="ignore"):  # x / 1e-40 overflows where the rounding saturates anyway
+            ref = reference((x.T / np.float32(s)).astype(np.float32), Precision.FP8_E4M3) * np.float32(s)
+        assert out.shape == (61, 24) and same_bits(out, ref.astype(np.float32)).all(), s
+    rows = np.logspace(-30, 30, 61).astype(np.float32)[:, None]
+    out = quantize(t, Precision.FP8_E4M3, torch.from_numpy(rows)).numpy()
+    with np.errstate(over="ignore"):
+        ref = reference((x.T / rows).astype(np.float32), Precision.FP8_E4M3) * rows
+    assert same_bits(out, ref.astype(np.float32)).all()
 
 
 def test_per_channel_weight_scale() -> None:

@@ -20,6 +20,11 @@ A FOLLOW op in a 16-bit format computes in fp32 on its (16-bit) inputs and store
 that format: a ``round_output`` node follows it, unless the op cannot create new values (views,
 selections, ReLU, max-pooling, negation: ``autoprec.core.kinds.EXACT_FOLLOW_KINDS``), where
 rounding would be the identity.
+
+A lowered layer whose activation inputs all end up in its format (:func:`reads_rounded`) is marked
+``rounded=True``: the cast already rounded them, so the layer, outside training, does not round them
+again (the same bits: each rounding is idempotent; an fp8 graph's layers would otherwise round every
+activation twice).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from autoprec.core.passes import PassError, PassResult
 from autoprec.torch.passes.base import ACT_AMAX, FORMAT, INSERTED, KIND, REASON, ROUNDS, SCOPE, VALUE_FORMAT, Pass
 from autoprec.torch.capture import is_float_value
 from autoprec.torch.passes.assign_formats import policy, value_format
+from autoprec.torch.passes.lower_layers import is_lowered
 from autoprec.torch.passes.ops import cast, round_output
 
 FP32 = Precision.FP32
@@ -67,6 +73,27 @@ def needs(graph: OpGraph, consumer: fx.Node, value: fx.Node) -> tuple[Precision,
     return None
 
 
+def reads_rounded(layer: fx.Node) -> bool:
+    """Whether every activation input of lowered ``layer`` holds values of its format already: a
+    cast to that format (fp8: with the layer's amax), or a value stored in it. Such a layer is
+    marked ``rounded=True`` and skips rounding them again (:mod:`autoprec.torch.passes.ops`)."""
+    fmt = layer.kwargs["fmt"]
+    amax = layer.kwargs.get("amax") or ()
+    for j, pos in enumerate(act_arg_positions(layer.meta[KIND])):
+        if pos >= len(layer.args):
+            continue
+        value = layer.args[pos]
+        if not isinstance(value, fx.Node):
+            return False
+        if fmt.is_fp8:
+            if not (is_cast(value) and value.kwargs["fmt"] is fmt
+                    and value.kwargs.get("amax") == (amax[j] if j < len(amax) else None)):
+                return False
+        elif VALUE_FORMAT not in value.meta or value_format(value) is not fmt:
+            return False
+    return True
+
+
 class InsertCasts(Pass):
     """Insert the shared edge casts and the output rounding of 16-bit FOLLOW ops."""
 
@@ -97,6 +124,9 @@ class InsertCasts(Pass):
                 modified = True
             if self._needs_rounding(node):
                 self._round_node(g, node)
+                modified = True
+            if is_lowered(node) and not node.kwargs.get("rounded") and reads_rounded(node):
+                node.update_kwarg("rounded", True)
                 modified = True
         return PassResult(gm, modified)
 

@@ -25,11 +25,16 @@ layer's node name; a cast's first reader; a FOLLOW op's own name), and an fp8 la
 operands by the training recipe instead of calibration: its fp8 casts pass values through and the
 layer quantizes them itself.
 
-Why a layer may re-round inputs a cast already rounded: rounding to a 16-bit format is idempotent,
-and so is the static fp8 quantize-dequantize (``q(q(x)) == q(x)``: ``fl(v*s)/s`` lies within 2^-23
-relative of the E4M3 value ``v``, far inside its rounding interval). So a layer computes the same
-bits whether or not a cast node precedes it, and the layer functions can simply call the shared
-definition of a layer's numerics.
+Why a layer need not re-round inputs a cast already rounded: rounding to a 16-bit format is
+idempotent, and so is the static fp8 quantize-dequantize (``q(q(x)) == q(x)``: ``fl(v*s)/s`` lies
+within 2^-23 relative of the E4M3 value ``v``, far inside its rounding interval). So a layer computes
+the same bits whether or not it rounds an input a cast node rounded, and :class:`InsertCasts
+<autoprec.torch.passes.insert_casts.InsertCasts>`, which gives every layer's activation inputs in its
+format, marks the layer ``rounded=True``: outside training it then skips those roundings (half of an
+fp8 graph's roundings; q, k and v share one cast). Called without the mark, a layer rounds its
+inputs itself, as the shared definition of a layer's numerics does. In training the mark is
+ignored: an fp8 cast passes its value through for the recipe to scale, and a 16-bit layer's own
+roundings are those whose backward rounds its input gradients.
 """
 
 from __future__ import annotations
@@ -128,7 +133,8 @@ def round_output(x: Any, *, fmt: Precision, native: bool = False, site: str = ""
 
 
 def lowp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                fmt: Precision, amax: Sequence[float] | None = None, native: bool = False, site: str = "") -> torch.Tensor:
+                fmt: Precision, amax: Sequence[float] | None = None, native: bool = False, site: str = "",
+                rounded: bool = False) -> torch.Tensor:
     """``F.linear`` in ``fmt``: inputs and weight rounded, fp32 accumulation, output rounded."""
     numerics = training_observer()
     if native and fmt.is_fp8 and numerics is not None and _scaled_mm_usable(x, weight, fmt):
@@ -138,67 +144,70 @@ def lowp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if native and fmt.is_fp8 and numerics is None and _scaled_mm_usable(x, weight, fmt):
         a = _amax(amax, 0) if amax else float(x.detach().abs().amax())  # dynamic: the tensor's own amax
         return _Fp8Linear.apply(x, weight, bias, a, fmt)
-    return _layer("linear", (x, weight, bias), {}, fmt, amax, native, site)
+    return _layer("linear", (x, weight, bias), {}, fmt, amax, native, site, rounded)
 
 
 def lowp_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
                 padding: Any = 0, dilation: Any = 1, groups: int = 1, *, fmt: Precision,
-                amax: Sequence[float] | None = None, native: bool = False, site: str = "") -> torch.Tensor:
-    return _layer("conv1d", (x, weight, bias, stride, padding, dilation, groups), {}, fmt, amax, native, site)
+                amax: Sequence[float] | None = None, native: bool = False, site: str = "",
+                rounded: bool = False) -> torch.Tensor:
+    return _layer("conv1d", (x, weight, bias, stride, padding, dilation, groups), {}, fmt, amax, native, site, rounded)
 
 
 def lowp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
                 padding: Any = 0, dilation: Any = 1, groups: int = 1, *, fmt: Precision,
-                amax: Sequence[float] | None = None, native: bool = False, site: str = "") -> torch.Tensor:
-    return _layer("conv2d", (x, weight, bias, stride, padding, dilation, groups), {}, fmt, amax, native, site)
+                amax: Sequence[float] | None = None, native: bool = False, site: str = "",
+                rounded: bool = False) -> torch.Tensor:
+    return _layer("conv2d", (x, weight, bias, stride, padding, dilation, groups), {}, fmt, amax, native, site, rounded)
 
 
 def lowp_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
                 padding: Any = 0, dilation: Any = 1, groups: int = 1, *, fmt: Precision,
-                amax: Sequence[float] | None = None, native: bool = False, site: str = "") -> torch.Tensor:
-    return _layer("conv3d", (x, weight, bias, stride, padding, dilation, groups), {}, fmt, amax, native, site)
+                amax: Sequence[float] | None = None, native: bool = False, site: str = "",
+                rounded: bool = False) -> torch.Tensor:
+    return _layer("conv3d", (x, weight, bias, stride, padding, dilation, groups), {}, fmt, amax, native, site, rounded)
 
 
 def lowp_conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
                           padding: Any = 0, output_padding: Any = 0, groups: int = 1, dilation: Any = 1, *,
                           fmt: Precision, amax: Sequence[float] | None = None, native: bool = False,
-                          site: str = "") -> torch.Tensor:
+                          site: str = "", rounded: bool = False) -> torch.Tensor:
     """``F.conv_transpose1d`` in ``fmt`` (its argument order: output_padding and groups before dilation)."""
     return _layer("conv_transpose1d", (x, weight, bias, stride, padding, output_padding, groups, dilation), {},
-                  fmt, amax, native, site)
+                  fmt, amax, native, site, rounded)
 
 
 def lowp_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
                           padding: Any = 0, output_padding: Any = 0, groups: int = 1, dilation: Any = 1, *,
                           fmt: Precision, amax: Sequence[float] | None = None, native: bool = False,
-                          site: str = "") -> torch.Tensor:
+                          site: str = "", rounded: bool = False) -> torch.Tensor:
     return _layer("conv_transpose2d", (x, weight, bias, stride, padding, output_padding, groups, dilation), {},
-                  fmt, amax, native, site)
+                  fmt, amax, native, site, rounded)
 
 
 def lowp_conv_transpose3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
                           padding: Any = 0, output_padding: Any = 0, groups: int = 1, dilation: Any = 1, *,
                           fmt: Precision, amax: Sequence[float] | None = None, native: bool = False,
-                          site: str = "") -> torch.Tensor:
+                          site: str = "", rounded: bool = False) -> torch.Tensor:
     return _layer("conv_transpose3d", (x, weight, bias, stride, padding, output_padding, groups, dilation), {},
-                  fmt, amax, native, site)
+                  fmt, amax, native, site, rounded)
 
 
 def lowp_matmul(a: torch.Tensor, b: torch.Tensor, *, fmt: Precision, amax: Sequence[float] | None = None,
-                native: bool = False, site: str = "") -> torch.Tensor:
+                native: bool = False, site: str = "", rounded: bool = False) -> torch.Tensor:
     """``a @ b`` in ``fmt`` (both operands are activations: each has its own fp8 scale)."""
-    return _layer("matmul", (a, b), {}, fmt, amax, native, site)
+    return _layer("matmul", (a, b), {}, fmt, amax, native, site, rounded)
 
 
 def lowp_bmm(a: torch.Tensor, b: torch.Tensor, *, fmt: Precision, amax: Sequence[float] | None = None,
-             native: bool = False, site: str = "") -> torch.Tensor:
-    return _layer("bmm", (a, b), {}, fmt, amax, native, site)
+             native: bool = False, site: str = "", rounded: bool = False) -> torch.Tensor:
+    return _layer("bmm", (a, b), {}, fmt, amax, native, site, rounded)
 
 
 def lowp_embedding(indices: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None,
                    max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
                    sparse: bool = False, *, fmt: Precision, amax: Sequence[float] | None = None,
-                   native: bool = False, site: str = "") -> torch.Tensor:
+                   native: bool = False, site: str = "", rounded: bool = False) -> torch.Tensor:
     """``F.embedding`` in ``fmt``: the rows of the table rounded to ``fmt`` (fp8: one scale per row,
     the rows then rounded to bf16, :mod:`autoprec.torch.semantics`).
 
@@ -208,7 +217,7 @@ def lowp_embedding(indices: torch.Tensor, weight: torch.Tensor, padding_idx: int
     as bf16). The gradient reaches the fp32 master table straight through the rounding in both modes.
     """
     return _layer("embedding", (indices, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse),
-                  {}, fmt, amax, native, site)
+                  {}, fmt, amax, native, site, rounded)
 
 
 #: layer kind -> the function a lowered layer calls
@@ -225,7 +234,10 @@ def _amax(amax: Sequence[float] | None, i: int) -> float:
 
 
 def _layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], fmt: Precision,
-           amax: Sequence[float] | None, native: bool, site: str = "") -> torch.Tensor:
+           amax: Sequence[float] | None, native: bool, site: str = "", rounded: bool = False) -> torch.Tensor:
+    """A lowered layer's call. ``rounded``: its activation inputs already hold values of ``fmt``
+    (:class:`~autoprec.torch.passes.insert_casts.InsertCasts` says so of every layer it gives casts),
+    so outside training the layer rounds only its weight and its result (module docstring)."""
     lf = LayerFormat(fmt, tuple(float(a) for a in amax) if amax else ())
     numerics: TrainingNumerics | None = training_observer()  # type: ignore[assignment]
     if numerics is not None and (not native or fmt.is_fp8):
@@ -237,11 +249,11 @@ def _layer(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], fmt: Precis
             y = emulate_layer(kind, fargs, kwargs, lf, recipe=recipe)
         return y.to(fmt.compute_output.torch_dtype) if native else y
     if not native:
-        return emulate_layer(kind, args, kwargs, lf)
+        return emulate_layer(kind, args, kwargs, lf, inputs_rounded=rounded)
     if fmt.is_fp8:
         # no fp8 kernel for this layer: its exact numerics, written as a real bf16 tensor
         fargs = tuple(_tree(lambda t: t.float(), a) for a in args)
-        return emulate_layer(kind, fargs, kwargs, lf).to(fmt.compute_output.torch_dtype)
+        return emulate_layer(kind, fargs, kwargs, lf, inputs_rounded=rounded).to(fmt.compute_output.torch_dtype)
     dt = fmt.torch_dtype
     if kind in LOOKUP_KINDS:  # round the rows it copies, not the whole table: the same values
         return layer_function(kind)(*args, **kwargs).to(dt)
