@@ -5,7 +5,9 @@
 For each (model, budget) it prints the tuned plan's metric in torch and on ONNX Runtime, its
 measured drop (the worse of the two) against the allowed drop (must be within), the estimated
 speedup of the tuned plan against the best simple plan that meets the budget (must be >=), the
-formats used, the full evaluations the search used (cap 2 + log2 L), and the tuning time in units
+formats used, the full evaluations the search used (cap 2 + log2 L), the tune's seconds and its
+unit, one fp32 evaluation (the median of the tune's three: on this shared machine it wobbles by
+tens of percent between runs, and every ratio with it), and the tuning time in units
 of one fp32 evaluation, whole and without the fp32 ONNX export (tune exports the model once to run
 the plan on ONNX Runtime; writing the tuned model needs that export anyway, and the peers, which
 take an .onnx file, start after it). Issue 19's goal: at most 15 fp32 evaluations on resnet18 and
@@ -37,7 +39,7 @@ def main(argv: list[str]) -> str:
     ap.add_argument("models", nargs="*")
     ap.add_argument("--budgets", default="0.1%,0.5%,2%")
     args = ap.parse_args(argv)
-    lines = [HEADER, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [HEADER, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     claims: list[str] = []
     for path in (args.models or zoo()):
         spec = load_model_spec(path)
@@ -56,8 +58,8 @@ def main(argv: list[str]) -> str:
                 f"| {s.drop:.4g} / {s.allowed_drop:.4g} "
                 f"| {'yes' if s.drop <= s.allowed_drop else 'NO'} | {plan.speedup:.2f}x "
                 f"| {f'{u.name} {u.speedup:.2f}x' if u else 'none'} | {'yes' if ok_u else 'NO'} | {counts} "
-                f"| {plan.measured['evaluations']} ({cap}) | {s.eval_passes:.1f} | {export:.1f} "
-                f"| {s.eval_passes - export:.1f} |")
+                f"| {plan.measured['evaluations']} ({cap}) | {s.seconds:.1f} | {s.seconds / s.eval_passes:.3g} "
+                f"| {s.eval_passes:.1f} | {export:.1f} | {s.eval_passes - export:.1f} |")
             print(lines[-1], flush=True)
             if spec.name in GOAL_MODELS:
                 ok = s.eval_passes - export <= GOAL_EVALS and plan.measured["evaluations"] <= cap
@@ -72,7 +74,8 @@ def main(argv: list[str]) -> str:
 GOAL_MODELS = ("resnet18", "char_transformer")
 GOAL_EVALS = 15
 HEADER = ("| model | budget | metric fp32 -> tuned (on ORT) | drop / allowed | within | est. speedup | best simple plan "
-          "| >= simple | formats | search evals (cap) | tune time (fp32 evals) | of it export | without export |")
+          "| >= simple | formats | search evals (cap) | tune s | one fp32 eval s | tune time (fp32 evals) | of it export "
+          "| without export |")
 
 
 if __name__ == "__main__":
