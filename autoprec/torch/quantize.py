@@ -223,7 +223,7 @@ def quantize(x: torch.Tensor, p: Precision, scale: torch.Tensor | float | None =
         return _RoundingBoth.apply(x, p, scale, state)
     if torch.is_grad_enabled() and x.requires_grad:
         return _StraightThrough.apply(x, p, scale)
-    return round_scaled(x, p, scale)  # no graph to record: a Function's call costs more than a small rounding
+    return round_scaled(x, p, scale)  # nothing to record: a Function's call costs more than a small rounding
 
 
 def fp8_scale(amax: torch.Tensor | float, p: Precision = Precision.FP8_E4M3) -> torch.Tensor:
