@@ -42,7 +42,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import write_section, zoo  # noqa: E402
 from autoprec.api import DEPLOY_BATCH, tune  # noqa: E402
 from autoprec.deploy.export import apply_plan_onnx, torch_to_onnx  # noqa: E402
 from autoprec.core.formats import Precision  # noqa: E402
@@ -56,10 +56,6 @@ from autoprec.onnx.passes.base import INSERTED, LAYER, GraphIndex, get_meta, wei
 
 LATENCY_BATCH = DEPLOY_BATCH  # the batch tune prices and times
 LATENCY_RUNS = 30
-
-
-def zoo() -> list[Path]:
-    return sorted(p for p in (ROOT / "models").glob("*.py") if p.stem not in ("train", "zoo_common"))
 
 
 def _checked(model: onnx.ModelProto) -> bool:

@@ -27,17 +27,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import write_section, zoo  # noqa: E402
 from autoprec.api import act_amax_from_profile, apply_plan, capture, load_model_spec, profile  # noqa: E402
 from autoprec.core.formats import Precision  # noqa: E402
 from autoprec.torch.semantics import reuse_weight_rounding  # noqa: E402
 
 FORMATS = (Precision.BF16, Precision.FP16, Precision.FP8_E4M3, Precision.FP8_E5M2)
 GOAL = 2.0
-
-
-def zoo() -> list[Path]:
-    return sorted(p for p in (ROOT / "models").glob("*.py") if p.stem not in ("train", "zoo_common"))
 
 
 def _run(module: Callable[..., Any], batches: list[tuple[Any, ...]]) -> float:

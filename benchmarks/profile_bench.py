@@ -23,13 +23,9 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import write_section, zoo  # noqa: E402
 from autoprec.api import capture, load_model_spec, profile  # noqa: E402
 from autoprec.core.formats import DEFAULT_CANDIDATES  # noqa: E402
-
-
-def zoo() -> list[Path]:
-    return sorted(p for p in (ROOT / "models").glob("*.py") if p.stem not in ("train", "zoo_common"))
 
 
 def bench(path: Path) -> dict[str, object]:

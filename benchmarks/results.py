@@ -22,6 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 _START = time.perf_counter()
 
 
+def zoo() -> list[Path]:
+    """The bundled zoo's model files (models/*.py but the training script and its shared helpers)."""
+    return sorted(p for p in (ROOT / "models").glob("*.py") if p.stem not in ("train", "zoo_common"))
+
+
 def results_dir() -> Path:
     """The folder the sections and plots go to (created)."""
     d = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results"))

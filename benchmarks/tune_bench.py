@@ -24,14 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import write_section, zoo  # noqa: E402
 from autoprec.api import tune  # noqa: E402
 from autoprec.search.loop import max_measurements  # noqa: E402
 from autoprec.torch.spec import load_model_spec  # noqa: E402
-
-
-def zoo() -> list[Path]:
-    return sorted(p for p in (ROOT / "models").glob("*.py") if p.stem not in ("train", "zoo_common"))
 
 
 def main(argv: list[str]) -> str:

@@ -51,16 +51,9 @@ def round_scaled(x: torch.Tensor, p: Precision, scale: torch.Tensor | None) -> t
     if scale is None:
         return round_to(x, p)
     y = x / scale
-    if _by_bits(p, y) and _finite_times_256(scale):
+    if _by_bits(p, y):
         return _round_e4m3(y.float(), scale, owned=True)
     return round_to(y, p) * scale
-
-
-def _finite_times_256(scale: torch.Tensor) -> bool:
-    """Whether 2**8 * ``scale`` is finite (no fp8 scale from a finite amax comes near fp32's max)."""
-    if scale.numel() == 1:
-        return math.isfinite(float(scale) * _E4M3_IN_FP16)
-    return bool(torch.isfinite(scale.float() * _E4M3_IN_FP16).all())
 
 
 def _stored(x: torch.Tensor, p: Precision) -> torch.Tensor:
@@ -91,19 +84,27 @@ def _round_e4m3(y: torch.Tensor, scale: torch.Tensor | None, owned: bool = False
     temporary of the caller's, which this may overwrite (each 16 MB buffer not allocated saves a
     pass's worth of page faults). A tensor holding NaN (whose codes :func:`_e4m3_values` cannot
     read) goes through torch's conversion: the sum of the saturated values, at most 448 each, is
-    NaN exactly when one of them is."""
+    NaN exactly when one of them is; so does a scale so large that 2**8 times it overflows (no fp8
+    scale of a finite amax comes near)."""
     p = Precision.FP8_E4M3
+    factor = _E4M3_IN_FP16 if scale is None else scale.float() * _E4M3_IN_FP16
     saturated = y.clamp_(-p.max, p.max) if owned else torch.clamp(y, -p.max, p.max)
     q = saturated.to(p.torch_dtype)
-    if bool(torch.isnan(saturated.sum())):
+    if bool(torch.isnan(saturated.sum())) or not _finite(factor):
         vals = q.float()
         return vals if scale is None else vals * scale
-    return _e4m3_values(q, scale, out=saturated)
+    return _e4m3_values(q, factor, out=saturated)
 
 
-def _e4m3_values(q: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """The fp32 values of E4M3 codes ``q`` (times ``scale``), by moving bits, not by conversion,
-    written into ``out`` (an fp32 tensor of ``q``'s shape).
+def _finite(factor: float | torch.Tensor) -> bool:
+    if not torch.is_tensor(factor):
+        return math.isfinite(factor)
+    return math.isfinite(float(factor)) if factor.numel() == 1 else bool(torch.isfinite(factor).all())
+
+
+def _e4m3_values(q: torch.Tensor, factor: float | torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The fp32 values of E4M3 codes ``q`` times ``factor / 2**8`` (the scale), by moving bits, not
+    by conversion, written into ``out`` (an fp32 tensor of ``q``'s shape).
 
     A code ``s eeee mmm`` sign-extended to int16 and shifted left by 7 is the fp16 with sign ``s``,
     exponent field ``0eeee`` and mantissa ``mmm0000000`` once the second copy of the sign (bit 14)
@@ -115,7 +116,6 @@ def _e4m3_values(q: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor)
     """
     h = q.view(torch.int8).to(torch.int16)
     h.bitwise_left_shift_(7).bitwise_and_(_CLEAR_BIT_14)
-    factor = _E4M3_IN_FP16 if scale is None else scale.float() * _E4M3_IN_FP16
     return out.copy_(h.view(torch.float16)).mul_(factor)
 
 
