@@ -188,14 +188,19 @@ class ErrorSum:
 
 @dataclass
 class RangeAccumulator:
-    """Range statistics of one tensor accumulated over batches."""
+    """Range statistics of one tensor accumulated over batches.
+
+    The fp8 counts need the final amax, known only after the last batch, so each batch's
+    magnitudes are kept until :meth:`finish`. Every count is one comparison against a threshold
+    found once (:func:`_last_below`) rather than a division of the whole tensor: a profile adds
+    every layer's inputs and output on every batch, and this is most of its statistics' cost."""
 
     amax: float = 0.0
     sumsq: float = 0.0
     count: int = 0
     over16: int = 0
     under16: int = 0
-    values: list[np.ndarray] = field(default_factory=list)  # kept for fp8 stats at the final amax
+    values: list[tuple[np.ndarray, float, int]] = field(default_factory=list)  # (magnitudes, amax, zeros) per batch
     final: bool = False  # added once as a whole (a weight): its fp8 counts are taken at once, no values kept
     fp8_counts: tuple[int, int, int] = (0, 0, 0)  # (saturated, flushed, non-zero) of a final tensor
 
@@ -205,27 +210,31 @@ class RangeAccumulator:
         copies of every weight were half a GPT-2-size fast profile's memory)."""
         if self.final or (final and self.count):
             raise ValueError("a final tensor is added once, and alone")
-        a = np.abs(np.asarray(x, dtype=np.float32))
+        a = np.abs(np.asarray(x, dtype=np.float32)).ravel()
         amax = float(a.max()) if a.size else 0.0
         if not math.isfinite(amax):  # rare: ignore non-finite values for the statistics
             a = np.where(np.isfinite(a), a, np.float32(0.0))
             amax = float(a.max())
         self.amax = max(self.amax, amax)
-        self.sumsq += float(np.sum(np.square(a, dtype=np.float64)))
-        self.count += a.size
-        self.over16 += int(np.count_nonzero(a > FP16.max))
-        # 0 < |x| < min normal, counted as (|x| < min normal) - (|x| == 0) without a third mask
-        self.under16 += int(np.count_nonzero(a < FP16.min_normal)) - (a.size - int(np.count_nonzero(a)))
-        if final:
-            self.final, self.fp8_counts = True, _fp8_counts(a, self.amax)
+        if 2.0**-30 <= amax <= 2.0**30:  # a float32 dot product (BLAS) neither overflows nor loses the sum
+            self.sumsq += float(np.dot(a, a))
         else:
-            self.values.append(a)
+            self.sumsq += float(np.sum(np.square(a, dtype=np.float64)))
+        self.count += a.size
+        if amax > FP16.max:
+            self.over16 += int(np.count_nonzero(a > FP16.max))
+        zeros = int(np.count_nonzero(a == 0))
+        self.under16 += int(np.count_nonzero(a < FP16.min_normal)) - zeros  # 0 < |x| < min normal
+        if final:
+            self.final, self.fp8_counts = True, _fp8_counts(a, amax, zeros, self.amax)
+        else:
+            self.values.append((a, amax, zeros))
 
     def finish(self) -> RangeStats:
         scale = float(fp8_scale(self.amax, E4M3))
         sat, flushed, nonzero = self.fp8_counts
-        for a in self.values:
-            s, f, nz = _fp8_counts(a, self.amax)
+        for a, top, zeros in self.values:
+            s, f, nz = _fp8_counts(a, top, zeros, self.amax)
             sat, flushed, nonzero = sat + s, flushed + f, nonzero + nz
         n = max(self.count, 1)
         self.values = []
@@ -240,13 +249,34 @@ class RangeAccumulator:
         )
 
 
-def _fp8_counts(a: np.ndarray, amax: float) -> tuple[int, int, int]:
-    """(saturated, flushed to zero, non-zero) elements of ``a`` (magnitudes) in E4M3 scaled by ``amax``."""
-    s = a / np.float32(float(fp8_scale(amax, E4M3)))
-    nz = int(np.count_nonzero(a))
-    # |x|/scale at or below half of E4M3's smallest subnormal (2^-9) rounds to zero (ties to even)
-    flushed = int(np.count_nonzero(s <= E4M3.min_subnormal / 2)) - (a.size - nz)  # zeros are not flushed
-    return int(np.count_nonzero(s > E4M3.max)), flushed, nz
+def _last_below(true_at: Callable[[np.float32], bool], guess: float) -> np.float32:
+    """The largest float32 magnitude x >= 0 where ``true_at`` holds, for a ``true_at`` that holds
+    from 0 up to some point and not beyond, starting from ``guess``, the point in exact arithmetic:
+    the float32 rounding of a quotient moves it by an ulp or two, so a few steps find it."""
+    up, down = np.float32(np.inf), np.float32(0)
+    x = np.float32(min(guess, float(np.finfo(np.float32).max)))
+    while not true_at(x):
+        x = np.nextafter(x, down)
+    while x < np.finfo(np.float32).max and true_at(np.nextafter(x, up)):
+        x = np.nextafter(x, up)
+    return x
+
+
+def _fp8_counts(a: np.ndarray, a_max: float, zeros: int, amax: float) -> tuple[int, int, int]:
+    """(saturated, flushed to zero, non-zero) elements of ``a`` (magnitudes: ``a_max`` the largest,
+    ``zeros`` of them 0) in E4M3 scaled by ``amax``: those whose float32 quotient |x| / scale is
+    above E4M3's max, and those at or below half of its smallest subnormal (2^-9), which round to
+    zero (ties to even)."""
+    nonzero = a.size - zeros
+    scale = np.float32(float(fp8_scale(amax, E4M3)))
+    if not scale > 0:  # an amax below ~3e-43 whose scale underflows: every non-zero quotient is inf
+        return nonzero, 0, nonzero
+    top, tiny = np.float32(E4M3.max), np.float32(E4M3.min_subnormal / 2)
+    kept = _last_below(lambda x: x / scale <= top, E4M3.max * float(scale))
+    flush = _last_below(lambda x: x / scale <= tiny, E4M3.min_subnormal / 2 * float(scale))
+    sat = int(np.count_nonzero(a > kept)) if a_max > kept else 0
+    flushed = int(np.count_nonzero(a <= flush)) - zeros  # zeros are not flushed
+    return sat, flushed, nonzero
 
 
 def _fmt_num(x: float) -> str:

@@ -283,10 +283,11 @@ def profile(
             runner, infos, fmts, batches, (outputs, output_kind), progress, roundings, cache)
         calibration: dict[str, Any] = {}
     else:
-        errors, ranges, measured, samples = _profile_fast(runner, infos, fmts, batches, (outputs, output_kind),
-                                                          progress, seed, roundings)
+        errors, ranges, measured, samples, envs = _profile_fast(runner, infos, fmts, batches, (outputs, output_kind),
+                                                                progress, seed, roundings)
         local, rerun_frac = {}, 0.0
-        errors, calibration = _calibrate(runner, infos, fmts, batches, (outputs, output_kind), roundings, errors)
+        errors, calibration = _calibrate(runner, infos, fmts, batches, (outputs, output_kind), roundings, errors,
+                                         (envs, ranges))
     seconds = time.perf_counter() - t0
     prof = SensitivityProfile(
         model_name=captured.graph.model_name,
@@ -361,9 +362,12 @@ _Roundings = dict[tuple[str, Precision], dict[str, Precision]]
 _Wanted = tuple[Sequence[str] | None, DeclaredKinds]
 
 
-def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Precision, ...],
-                   batches: list[tuple[Any, ...]], wanted: _Wanted, progress: Progress | None,
-                   roundings: _Roundings, cache: ResultCache | None = None):
+#: the fp32 pass exact trials start from: every node's value per batch, and the layers' ranges
+_Reference = tuple[list[dict[str, Any]], dict[str, LayerRanges]]
+
+
+def _reference(runner: GraphRunner, infos: list[_LayerInfo], batches: list[tuple[Any, ...]]) -> _Reference:
+    """One fp32 pass over ``batches`` keeping every node's value, and the range statistics of ``infos``."""
     accs: dict[str, list[RangeAccumulator]] = {}
     envs: list[dict[str, Any]] = []
     with torch.no_grad():
@@ -376,7 +380,16 @@ def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Pre
                 _collect_ranges(info, args, out, accs)
                 return out
             envs.append(runner.run(b, hook if infos else None))
-        ranges = _finish_ranges(infos, accs)
+    return envs, _finish_ranges(infos, accs)
+
+
+def _profile_exact(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Precision, ...],
+                   batches: list[tuple[Any, ...]], wanted: _Wanted, progress: Progress | None,
+                   roundings: _Roundings, cache: ResultCache | None = None, reference: _Reference | None = None):
+    """Exact trials of ``infos`` in ``fmts``; ``reference``: the fp32 pass they start from when one
+    was made already (the fast profile's, for its calibration trials), else it is made here."""
+    envs, ranges = reference if reference is not None else _reference(runner, infos, batches)
+    with torch.no_grad():
         out_name = runner.nodes[-1].name
         measured = model_outputs(runner.model_output(envs[0][out_name]), *wanted)
         outputs = [[_np(y) for y in selected_outputs(measured, env[out_name])] for env in envs]
@@ -437,7 +450,8 @@ CALIBRATION_TRIALS = 3
 
 def _calibrate(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Precision, ...],
                batches: list[tuple[Any, ...]], wanted: _Wanted, roundings: _Roundings,
-               errors: dict[str, dict[Precision, float]]) -> tuple[dict[str, dict[Precision, float]], dict[str, Any]]:
+               errors: dict[str, dict[Precision, float]],
+               reference: _Reference) -> tuple[dict[str, dict[Precision, float]], dict[str, Any]]:
     """The fast estimates multiplied by one factor that puts them on the exact profile's scale.
 
     The fast profile ranks layers well, but its absolute scale can be far off (5,400x too small on
@@ -446,13 +460,14 @@ def _calibrate(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Precisi
     sensitive in the narrowest format (largest errors: least noise) gives the factor, the geometric
     mean of exact / fast over the trials where both are positive; one factor keeps the ranking, and
     the search, which learns its exchange rate to the metric from measurements, decides the same.
-    Costs one reference pass over the batches plus the trials' partial re-runs."""
+    The trials start from the fast profile's own forward pass (``reference``), so they cost only
+    their partial re-runs."""
     fmt = max(fmts, key=lambda f: f.rank)
     ranked = sorted((i for i in infos if 0 < errors[i.node.name][fmt] < math.inf),
                     key=lambda i: (-errors[i.node.name][fmt], i.node.name))[:CALIBRATION_TRIALS]
     if not ranked:
         return errors, {"scale": 1.0, "trials": []}
-    exact, *_ = _profile_exact(runner, ranked, (fmt,), batches, wanted, None, roundings)
+    exact, *_ = _profile_exact(runner, ranked, (fmt,), batches, wanted, None, roundings, reference=reference)
     trials = [{"layer": i.node.name, "format": fmt.value, "fast": errors[i.node.name][fmt],
                "exact": exact[i.node.name][fmt]} for i in ranked]
     logs = [math.log(t["exact"] / t["fast"]) for t in trials if 0 < t["exact"] < math.inf]
@@ -516,6 +531,9 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
     gen = torch.Generator().manual_seed(seed)
     accs: dict[str, list[RangeAccumulator]] = {}
     saved: list[dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]]] = []
+    # every node's fp32 value per batch, for the calibration's exact trials: most are the layers'
+    # inputs and outputs kept below anyway (a detached tensor shares its storage)
+    envs: list[dict[str, Any]] = []
     # each layer's weight term (g_W . dW)^2 per format and batch, computed as the batch runs
     wterms: dict[str, dict[Precision, list[float]]] = {i.node.name: {f: [] for f in fmts} for i in infos
                                                        if i.weight_batch_term}
@@ -577,6 +595,7 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
                                  out.grad if out.grad is not None else torch.zeros_like(out))
                           for name, (ins, out) in taps.items()})
             _add_weight_terms(runner, infos, fmts, wterms)
+            envs.append({n: tree_map(lambda v: v.detach() if torch.is_tensor(v) else v, v) for n, v in env.items()})
             fsaved.append({n: (env[n].detach(), env[n].grad if env[n].grad is not None else torch.zeros_like(env[n]))
                            for n in followed if torch.is_tensor(env[n]) and env[n].requires_grad})
             if progress:
@@ -619,7 +638,7 @@ def _profile_fast(runner: GraphRunner, infos: list[_LayerInfo], fmts: tuple[Prec
             if progress:
                 progress(len(batches) + li + 1, len(batches) + len(infos), name)
     samples = sum(_batch_size(b) for b in batches)
-    return errors, ranges, measured, samples
+    return errors, ranges, measured, samples, envs
 
 
 def _normaliser(kind: str, y: torch.Tensor) -> float:
