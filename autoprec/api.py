@@ -42,7 +42,7 @@ from autoprec.onnx.passes.io_format import IO_FORMATS
 from autoprec.onnx.model import OnnxModel, profile_onnx
 from autoprec.core.opgraph import OpGraph
 from autoprec.core.plan import PrecisionPlan
-from autoprec.core.resources import release_memory
+from autoprec.core.resources import collect_new_only, release_memory
 from autoprec.core.stats import Progress
 from autoprec.torch.profile import profile, profile_cache
 from autoprec.core.cache import ResultCache
@@ -349,11 +349,12 @@ def tune(model: Any, budget: str | float | None = None, *, fidelity_budget: str 
     drop_budget = _choose_budget(spec.name, spec.evaluate is not None or metric is not None,
                                  spec.metric or "metric", budget, fidelity_budget)
     fmts = parse_precisions(formats) if formats is not None else DEFAULT_CANDIDATES
-    tunable = TorchTunable.load(spec, fmts, metric, profile_mode, progress, onnx_check=onnx_check, timing=timing,
-                                cache=cache)
-    tunable.deploy_io(io_fmt)
-    out = run_tune(tunable, drop_budget, fmts, target=target, objective=objective, strategy=strategy, keep=keep,
-                   force=force, cost_model=cost_model, batch=batch, provider=provider, started=started)
+    with collect_new_only():
+        tunable = TorchTunable.load(spec, fmts, metric, profile_mode, progress, onnx_check=onnx_check,
+                                    timing=timing, cache=cache)
+        tunable.deploy_io(io_fmt)
+        out = run_tune(tunable, drop_budget, fmts, target=target, objective=objective, strategy=strategy, keep=keep,
+                       force=force, cost_model=cost_model, batch=batch, provider=provider, started=started)
     return TuneResult(out.plan, tunable.profile, tunable.graph, tunable.metric, out.summary, out.uniforms, out.pareto,
                       captured=tunable.captured, spec=spec,
                       provider=provider, _tunable=tunable)
@@ -385,10 +386,11 @@ def tune_onnx(model: str | Path, data: str | Path | Mapping[str, Any], labels: s
     drop_budget = _choose_budget(om.analysis.graph.model_name, own_metric, metric.name, budget, fidelity_budget,
                                  how="--labels")
     fmts = parse_precisions(formats) if formats is not None else DEFAULT_CANDIDATES
-    tunable = OnnxTunable.load(om, fmts, metric, progress, timing=timing)
-    tunable.deploy_io(io_fmt)
-    out = run_tune(tunable, drop_budget, fmts, target=target, objective=objective, strategy=strategy, keep=keep,
-                   force=force, cost_model=cost_model, batch=batch, provider=provider, started=started)
+    with collect_new_only():
+        tunable = OnnxTunable.load(om, fmts, metric, progress, timing=timing)
+        tunable.deploy_io(io_fmt)
+        out = run_tune(tunable, drop_budget, fmts, target=target, objective=objective, strategy=strategy, keep=keep,
+                       force=force, cost_model=cost_model, batch=batch, provider=provider, started=started)
     return TuneResult(out.plan, tunable.profile, tunable.graph, metric, out.summary, out.uniforms, out.pareto,
                       onnx=om, provider=provider, _tunable=tunable)
 

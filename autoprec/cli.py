@@ -22,7 +22,7 @@ from rich.table import Table
 
 from autoprec.core.errors import AutoprecError, UsageError
 from autoprec.core.formats import DEFAULT_CANDIDATES, parse_precisions
-from autoprec.core.resources import release_memory
+from autoprec.core.resources import collect_new_only, release_memory
 from autoprec.ort.runtime import set_runtime_log
 
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
@@ -154,7 +154,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
         load_model_spec(args.model)
     # the folder is written as a unit: built beside dest, swapped in when complete (locked till then)
-    with OutputFolder(dest) as out_dir:
+    with OutputFolder(dest) as out_dir, collect_new_only():
         with _progress() as bar:
             task = bar.add_task("profile", total=None, what="")
 

@@ -141,7 +141,9 @@ def test_cost_never_rises_with_budget(model, bs):
             assert b.cost <= a.cost, name
         assert all(p.predicted_error <= p.budget * (1 + 1e-12) for p in points)
     costs = [solve(prob, "milp", b).cost for b in sorted(bs)]
-    assert all(b <= a * (1 + 1e-7) for a, b in zip(costs, costs[1:]))
+    # HiGHS accepts a binary within 1e-6 of 0/1, which a large cost coefficient turns into ~1e-6 of the
+    # total: two plans closer than that are a tie to it (found: 2.2e-7 apart on two 64-element casts)
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(costs, costs[1:]))
 
 
 @SETTINGS
