@@ -24,7 +24,8 @@ from autoprec.torch.profile import GraphRunner, profile
 from autoprec.torch.quantize import quantize
 from autoprec.torch.semantics import LayerFormat, emulate_layer
 from autoprec.torch.passes import act_amax_from_profile
-from autoprec.torch.passes.assign_formats import decide_formats, policy, follow_roundings
+from autoprec.core.lowering import single_layer_roundings
+from autoprec.torch.passes.assign_formats import decide_formats, policy
 
 FP32 = Precision.FP32
 
@@ -76,7 +77,7 @@ def profiler_trial(c: Captured, layer: str, fmt: Precision, amax: tuple[float, .
         args = fx.node.map_arg(node.args, lambda a: env[a.name])
         kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a.name])
         val = emulate_layer(node.meta["autoprec_kind"], args, kwargs, LayerFormat(fmt, amax))
-        out, _ = runner.rerun(env, layer, val, follow_roundings(c.graph, {layer: fmt}))
+        out, _ = runner.rerun(env, layer, val, single_layer_roundings(c.graph, [layer], [fmt])[(layer, fmt)])
         return runner.model_output(out)
 
 

@@ -14,10 +14,10 @@ from autoprec.core.kinds import act_arg_positions
 from autoprec.torch.capture import capture
 from autoprec.core.errors import PlanError, UsageError
 from autoprec.core.formats import Precision
+from autoprec.core.lowering import lower, single_layer_roundings
 from autoprec.torch.quantize import quantize
 from autoprec.torch.semantics import LayerFormat, emulate_layer
 from autoprec.torch.passes import apply_plan
-from autoprec.torch.passes.assign_formats import follow_roundings
 from autoprec.torch.passes.insert_casts import is_cast, is_round
 
 FP32, BF16, FP16, E4M3 = Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8_E4M3
@@ -32,6 +32,13 @@ ATTN_AGREE = ["q", "k", "v", "matmul", "matmul_1", "o", "fc2", "head"]
 CNN_AGREE = ["conv1", "conv2", "fc"]
 
 
+def _roundings(c, layer: str, fmt: Precision) -> dict[str, Precision]:
+    """The FOLLOW results the profiler's trial of (layer, fmt) rounds: those of the whole lowering."""
+    got = single_layer_roundings(c.graph, [layer], [fmt])[(layer, fmt)]
+    assert got == lower(c.graph, {layer: fmt}).rounded()
+    return got
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
 
@@ -42,7 +49,7 @@ def test_oracle_single_layer_equals_profiler_trial(attn_case, cnn_case, oracles,
         x = oracles.randn(shape)
         for layer in layers:
             expected = {"mul": fmt.compute_output} if layer == "matmul" else {}
-            assert follow_roundings(c.graph, {layer: fmt}) == expected, layer
+            assert _roundings(c, layer, fmt) == expected, layer
             gm = apply_plan(c, {layer: fmt}, amax)
             with torch.no_grad():
                 got = gm(x)
@@ -57,7 +64,7 @@ def test_oracle_where_follow_ops_compute(attn_case, split_case, oracles, fmt) ->
     and rounds their results; the profiler's trial rounds them too, so the two agree bit for bit."""
     for (c, amax), layer, op, shape in ((attn_case, "fc1", "gelu", (4, 8, 32)),
                                         (split_case, "l1", "add", (4, 16))):
-        assert follow_roundings(c.graph, {layer: fmt}) == {op: fmt.compute_output}
+        assert _roundings(c, layer, fmt) == {op: fmt.compute_output}
         x = oracles.randn(shape)
         with torch.no_grad():
             got = apply_plan(c, {layer: fmt}, amax)(x)

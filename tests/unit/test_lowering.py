@@ -9,7 +9,7 @@ import pytest
 
 from autoprec.core.errors import PlanError
 from autoprec.core.formats import Precision
-from autoprec.core.lowering import check_assignment, lower
+from autoprec.core.lowering import check_assignment, lower, single_layer_roundings
 from autoprec.core.opgraph import OpGraph, OpNode, Policy
 from autoprec.core.sensitivity import SensitivityProfile
 from autoprec.cost.roofline import RooflineCostModel
@@ -120,6 +120,21 @@ def test_the_search_prices_every_plan_as_the_lowering_does(depth, embed, io):
             uniform = problem.uniform_assignment(f)
             if c.total_error(c.from_layers(uniform)) <= budget:
                 assert plan.cost <= cm.plan_cost(g, uniform) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("embed,io", [(True, P.FP32), (False, P.FP16)])
+def test_single_layer_roundings_are_the_whole_lowerings(embed, io):
+    """Each layer's FOLLOW roundings in each format, decided again only downstream of the layer,
+    equal the whole lowering's (with fp16 I/O the stream's first ops round whatever the plan is)."""
+    g = residual_mlp(4, embed=embed).with_io(io)
+    got = single_layer_roundings(g, g.layer_names(), LOW)
+    assert set(got) == {(n, f) for n in g.layer_names() for f in LOW}
+    for (layer, fmt), rounded in got.items():
+        want = lower(g, {layer: fmt}).rounded()
+        assert rounded == want and list(rounded) == list(want), (layer, fmt)
+    # with fp16 I/O the first residual add reads the fp16 input and an fp16 fc0, so it rounds
+    # (test_apply_plan checks non-empty roundings of captured models against the lowering too)
+    assert any(got.values()) == (io is P.FP16)
 
 
 def test_casts_and_the_milp_grow_linearly_with_depth():

@@ -42,16 +42,6 @@ def decide_formats(gm: fx.GraphModule, graph: OpGraph,
     return {n.name: lowering.decisions.get(n.name, PARAMETER) for n in gm.graph.nodes}
 
 
-def follow_roundings(graph: OpGraph, assignment: Mapping[str, Precision]) -> dict[str, Precision]:
-    """FOLLOW ops whose results the plan stores in a 16-bit format (rounded), with that format.
-
-    For a single-layer assignment {L: P} these are the ops after L through which P's rounding
-    reaches further than the profiler's trial lets it (it runs them in fp32): the profiler rounds
-    the results of exactly these ops to agree with the applied plan.
-    """
-    return lower(graph, assignment).rounded()
-
-
 class AssignFormats(Pass):
     """Annotate every node with its format and the reason (changes no graph structure)."""
 
