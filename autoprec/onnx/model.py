@@ -381,6 +381,99 @@ def _layer_io(model: OnnxModel) -> list[_LayerIO]:
     return out
 
 
+def _node_key(n: onnx.NodeProto) -> tuple:
+    """What a node computes, without the annotations plan passes write on it."""
+    return (n.op_type, n.domain, tuple(n.input), tuple(n.output), tuple(a.SerializeToString() for a in n.attribute))
+
+
+class _Downstream:
+    """Runs a single-layer trial graph from where it departs from the fp32 graph.
+
+    A trial's graph is the fp32 graph with one layer's nodes rewritten (casts around it, a lowered
+    weight, rounded FOLLOW results after it); every other node computes the fp32 value it computed
+    before, under the same name. So only the nodes that differ and those downstream of them are run,
+    on the fp32 values of what they read (:attr:`needed`: for every layer, what the nodes from its own
+    onward read from before it, taken from the fp32 run). A graph with control flow (If, Loop, Scan,
+    whose bodies read outer values by name) is run whole, as is a trial whose cut reads a value
+    the fp32 run did not keep.
+    """
+
+    def __init__(self, fp32: onnx.ModelProto, io: Sequence[_LayerIO], groups: Mapping[str, str]) -> None:
+        """``groups``: each node's layer group (the analysis's), whose nodes a layer's format rewrites."""
+        g = fp32.graph
+        self.keys = {n.output[0]: _node_key(n) for n in g.node if n.output}
+        self.whole = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                         for n in g.node for a in n.attribute)
+        self.needed: tuple[str, ...] = ()
+        if self.whole:
+            return
+        inits = {t.name for t in g.initializer}
+        consumers: dict[str, list[int]] = {}
+        for i, n in enumerate(g.node):
+            for v in n.input:
+                consumers.setdefault(v, []).append(i)
+        members: dict[str, list[int]] = {}
+        for i, n in enumerate(g.node):
+            members.setdefault(groups.get(n.name, n.name), []).append(i)
+        needed: dict[str, None] = {}
+        for x in io:
+            part = _closure(g, members[x.name], consumers)
+            made = {o for i in part for o in g.node[i].output}
+            for i in part:
+                for v in g.node[i].input:
+                    if v and v not in made and v not in inits:
+                        needed[v] = None
+        self.needed = tuple(needed)
+
+    def run(self, trial: onnx.ModelProto, values: Sequence[Mapping[str, np.ndarray]], names: Sequence[str],
+            providers: Any) -> tuple[list[list[np.ndarray]], float]:
+        """Per batch, ``names`` as ``trial`` computes them, and the share of its nodes that ran."""
+        g = trial.graph
+        changed = {i for i, n in enumerate(g.node) if not n.output or self.keys.get(n.output[0]) != _node_key(n)}
+        consumers: dict[str, list[int]] = {}
+        for i, n in enumerate(g.node):
+            for v in n.input:
+                consumers.setdefault(v, []).append(i)
+        part = sorted(_closure(g, changed, consumers))
+        made = {o for i in part for o in g.node[i].output if o}
+        inits = {t.name: t for t in g.initializer}
+        reads = list(dict.fromkeys(v for i in part for v in g.node[i].input if v and v not in made and v not in inits))
+        declared = {o.name: o for o in g.output}
+        if self.whole or not all(v in values[0] for v in reads):
+            whole = onnx.ModelProto()
+            whole.CopyFrom(trial)
+            whole.graph.output.extend(onnx.ValueInfoProto(name=v) for v in names if v not in declared)
+            session = open_session(whole.SerializeToString(), providers)
+            return [session.run({k: b[k] for k in session.input_names}, list(names)) for b in values], 1.0
+        outs = [v for v in names if v in made]
+        used = {v for i in part for v in g.node[i].input}
+        sub = helper.make_model(
+            helper.make_graph([g.node[i] for i in part], g.name,
+                              [helper.make_tensor_value_info(v, helper.np_dtype_to_tensor_dtype(values[0][v].dtype), None)
+                               for v in reads],
+                              [declared[v] if v in declared else onnx.ValueInfoProto(name=v) for v in outs],
+                              [t for name, t in inits.items() if name in used]),
+            opset_imports=trial.opset_import, ir_version=trial.ir_version)
+        session = open_session(sub.SerializeToString(), providers)
+        results = []
+        for b in values:
+            got = dict(zip(outs, session.run({v: b[v] for v in reads}, outs)))
+            results.append([got[v] if v in got else b[v] for v in names])
+        return results, len(part) / max(len(g.node), 1)
+
+
+def _closure(g: onnx.GraphProto, start: Iterable[int], consumers: Mapping[str, list[int]]) -> set[int]:
+    """The nodes ``start`` and every node that reads, transitively, what they write."""
+    part, stack = set(), list(start)
+    while stack:
+        i = stack.pop()
+        if i in part:
+            continue
+        part.add(i)
+        stack.extend(c for o in g.node[i].output if o for c in consumers.get(o, ()))
+    return part
+
+
 def _weight_array(model: OnnxModel, name: str) -> np.ndarray:
     t = next(t for t in model.analysis.model.graph.initializer if t.name == name)
     return numpy_helper.to_array(t).astype(np.float32)
@@ -389,7 +482,10 @@ def _weight_array(model: OnnxModel, name: str) -> np.ndarray:
 def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDIDATES,
                  progress: Progress | None = None) -> SensitivityProfile:
     """Exact sensitivity of every layer in each of ``formats``, measured on ONNX Runtime (CPU) with
-    emulation graphs over the calibration samples: the sum of every floating output's error."""
+    emulation graphs over the calibration samples: the sum of every floating output's error.
+
+    Each trial runs only the part of its graph that the layer's format changes (:class:`_Downstream`):
+    the rest computes what the fp32 graph computed, so its values are fed from one fp32 run."""
     fmts = tuple(f for f in formats if f is not Precision.FP32)
     if not fmts:
         raise UsageError("no low-precision format to profile: give at least one of bf16, fp16, fp8")
@@ -397,7 +493,8 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
     batches = model.calibration()
     t_ref = model.time_reference(batches)
     t0 = time.perf_counter()
-    extra = list(dict.fromkeys(v for x in io for v in (*x.acts, x.output)))
+    cut = _Downstream(model.analysis.model, io, model.analysis.groups)
+    extra = list(dict.fromkeys([*(v for x in io for v in (*x.acts, x.output)), *cut.needed]))
     base = model.run(model.analysis.model, batches, extra)
     n_out = len(model.output_names)  # each run's results: the outputs, then the extra values
     pos = {v: i + n_out for i, v in enumerate(extra)}
@@ -418,18 +515,22 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
         raise UsageError(NOT_FINITE)
     measured = model.measured(refs[0])
     prepared = [[ErrorSum(k).reference(y) for k, y in zip(measured.kinds, ys)] for ys in refs]
+    values = [{**b, **{v: r[pos[v]] for v in cut.needed}, **dict(zip(model.output_names, r))}
+              for b, r in zip(batches, base)]
     amax = {x.name: tuple(s.amax for s in ranges[x.name].inputs) for x in io}
     errors: dict[str, dict[Precision, float]] = {}
     local: dict[str, dict[Precision, float]] = {}
-    total, done = len(io) * len(fmts), 0
+    total, done, rerun = len(io) * len(fmts), 0, 0.0
     for x in io:
         errors[x.name], local[x.name] = {}, {}
         own_ref = [np.asarray(r[pos[x.output]], dtype=np.float32) for r in base]
         for fmt in fmts:
             trial = model.build({x.name: fmt}, {x.name: amax[x.name]} if fmt.is_fp8 else None)
+            results, share = cut.run(trial, values, [*model.output_names, x.output], model.providers)
+            rerun += share
             accs = [ErrorSum(k) for k in measured.kinds]  # one per output: the error is their sum
             own = ErrorSum("values")
-            for bi, res in enumerate(model.run(trial, batches, [x.output])):
+            for bi, res in enumerate(results):
                 for acc, ref, new, prep in zip(accs, refs[bi], res, prepared[bi]):
                     acc.add(ref, np.asarray(new, dtype=np.float32), prep)
                 own.add(own_ref[bi], np.asarray(res[n_out], dtype=np.float32))
@@ -443,6 +544,7 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
     prof = SensitivityProfile(model_name=graph.model_name, fingerprint=graph.fingerprint(), mode="exact",
                               measure=measured.measure, formats=fmts, errors=errors, ranges=ranges,
                               local_errors=local, samples=sum(model.samples_in(b) for b in batches),
-                              cost_passes=seconds / t_ref if t_ref > 0 else 0.0, rerun_fraction=1.0, seconds=seconds)
+                              cost_passes=seconds / t_ref if t_ref > 0 else 0.0,
+                              rerun_fraction=rerun / max(total, 1), seconds=seconds)
     prof.flags = explain(prof)
     return prof

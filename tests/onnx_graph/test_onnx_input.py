@@ -266,6 +266,49 @@ def test_profile_trial_is_the_applied_plan(legacy_cnn: tuple[Path, Path, Path]) 
     assert all(0 < prof.errors[k][FP16] < prof.errors[k][E4M3] for k in prof.errors)
 
 
+def _trial_errors(om: OnnxModel, prof, fmts) -> dict[tuple[str, Precision], float]:
+    """Each single-layer trial run whole on ONNX Runtime: its mean KL against the fp32 outputs."""
+    batches = om.calibration()
+    ref = [torch.from_numpy(a) for a, in om.outputs(om.analysis.model, batches)]
+    lp = [torch.log_softmax(r.double(), -1) for r in ref]
+    n = sum(r.shape[:-1].numel() for r in ref)
+    amax = act_amax_from_profile(prof)
+    out = {}
+    for layer in om.analysis.graph.layer_names():
+        for fmt in fmts:
+            got = [torch.from_numpy(a) for a, in om.outputs(om.build({layer: fmt}, amax), batches)]
+            out[(layer, fmt)] = sum(float((p.exp() * (p - torch.log_softmax(g.double(), -1))).sum())
+                                    for p, g in zip(lp, got)) / n
+    return out
+
+
+def test_profile_onnx_runs_each_trial_from_where_it_departs() -> None:
+    """A trial runs only the nodes its layer's format changes and those after them, on the fp32 run's
+    values of what they read (the block's head re-runs one Gemm, not the block): the errors are
+    those of the whole trial graph. With control flow (an If reading outer values) trials run whole."""
+    feeds = {"x": np.random.default_rng(6).standard_normal((64, 6, 8)).astype(np.float32)}
+    om = OnnxModel.load(block_opset13(), feeds)
+    prof = profile_onnx(om, (BF16, E4M3))
+    assert 0 < prof.rerun_fraction < 1  # the layer norm before the first layer never re-runs
+    for (layer, fmt), want in _trial_errors(om, prof, (BF16, E4M3)).items():
+        assert prof.errors[layer][fmt] == pytest.approx(want, rel=1e-9), (layer, fmt)
+    n = helper.make_node
+    branch = [helper.make_graph([n("Relu", ["h"], ["t"])], "then", [], [vi("t", ["N", 4])]),
+              helper.make_graph([n("Neg", ["h"], ["t2"])], "else", [], [vi("t2", ["N", 4])])]
+    rng = np.random.default_rng(7)
+    model = make([n("MatMul", ["x", "w"], ["h"], name="mm"),
+                  n("If", ["c"], ["y0"], name="branch", then_branch=branch[0], else_branch=branch[1]),
+                  n("MatMul", ["y0", "w2"], ["y"], name="head")],
+                 [vi("x", ["N", 8]), vi("c", [], onnx.TensorProto.BOOL)], [vi("y", ["N", 3])],
+                 [init("w", rng.standard_normal((8, 4)).astype(np.float32)),
+                  init("w2", rng.standard_normal((4, 3)).astype(np.float32))])
+    om = OnnxModel.load(model, {"x": rng.standard_normal((16, 8)).astype(np.float32), "c": np.array(False)})
+    prof = profile_onnx(om, (BF16,))
+    assert prof.rerun_fraction == 1.0 and om.analysis.graph.layer_names()
+    for (layer, fmt), want in _trial_errors(om, prof, (BF16,)).items():
+        assert prof.errors[layer][fmt] == pytest.approx(want, rel=1e-9), (layer, fmt)
+
+
 def test_profile_onnx_trials_tables_in_fp8(tiny_lm: torch.nn.Module) -> None:
     """Embedding tables of an ONNX input are profiled in fp8 like every layer, and a table's trial is
     the model the plan {table: fp8} builds (no calibrated amax needed: it reads no activation)."""
