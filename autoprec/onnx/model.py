@@ -391,23 +391,25 @@ class _Downstream:
 
     A trial's graph is the fp32 graph with one layer's nodes rewritten (casts around it, a lowered
     weight, rounded FOLLOW results after it); every other node computes the fp32 value it computed
-    before, under the same name. So only the nodes that differ and those downstream of them are run,
-    on the fp32 values of what they read (:attr:`needed`: for every layer, what the nodes from its own
-    onward read from before it, taken from the fp32 run). A graph with control flow (If, Loop, Scan,
-    whose bodies read outer values by name) is run whole, as is a trial whose cut reads a value
-    the fp32 run did not keep.
+    before, under the same name. So only the nodes that differ (another op, inputs or attributes, or
+    an initializer read of another type or shape: the passes write rounded values under new names)
+    and those downstream of them are run, on the fp32 values of what they read (:attr:`needed`: for
+    every layer, what the nodes from its own onward read from before it, kept by the fp32 run). A
+    graph with control flow (If, Loop, Scan, whose bodies read outer values by name) is run whole, as
+    is a trial whose cut reads a value the fp32 run did not keep.
     """
 
     def __init__(self, fp32: onnx.ModelProto, io: Sequence[_LayerIO], groups: Mapping[str, str]) -> None:
         """``groups``: each node's layer group (the analysis's), whose nodes a layer's format rewrites."""
         g = fp32.graph
         self.keys = {n.output[0]: _node_key(n) for n in g.node if n.output}
+        self.inits = {t.name: (t.data_type, tuple(t.dims)) for t in g.initializer}
         self.whole = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                          for n in g.node for a in n.attribute)
         self.needed: tuple[str, ...] = ()
         if self.whole:
             return
-        inits = {t.name for t in g.initializer}
+        inits = {t.name for t in g.initializer} | {i.name for i in g.input}  # graph inputs: in every batch
         consumers: dict[str, list[int]] = {}
         for i, n in enumerate(g.node):
             for v in n.input:
@@ -429,7 +431,9 @@ class _Downstream:
             providers: Any) -> tuple[list[list[np.ndarray]], float]:
         """Per batch, ``names`` as ``trial`` computes them, and the share of its nodes that ran."""
         g = trial.graph
-        changed = {i for i, n in enumerate(g.node) if not n.output or self.keys.get(n.output[0]) != _node_key(n)}
+        other = {t.name for t in g.initializer if self.inits.get(t.name) != (t.data_type, tuple(t.dims))}
+        changed = {i for i, n in enumerate(g.node) if not n.output or self.keys.get(n.output[0]) != _node_key(n)
+                   or any(v in other for v in n.input)}
         consumers: dict[str, list[int]] = {}
         for i, n in enumerate(g.node):
             for v in n.input:
@@ -439,7 +443,7 @@ class _Downstream:
         inits = {t.name: t for t in g.initializer}
         reads = list(dict.fromkeys(v for i in part for v in g.node[i].input if v and v not in made and v not in inits))
         declared = {o.name: o for o in g.output}
-        if self.whole or not all(v in values[0] for v in reads):
+        if self.whole or not all(isinstance(values[0].get(v), np.ndarray) for v in reads):
             whole = onnx.ModelProto()
             whole.CopyFrom(trial)
             whole.graph.output.extend(onnx.ValueInfoProto(name=v) for v in names if v not in declared)
@@ -454,6 +458,7 @@ class _Downstream:
                               [declared[v] if v in declared else onnx.ValueInfoProto(name=v) for v in outs],
                               [t for name, t in inits.items() if name in used]),
             opset_imports=trial.opset_import, ir_version=trial.ir_version)
+        sub.functions.extend(trial.functions)  # model-local functions its nodes may call
         session = open_session(sub.SerializeToString(), providers)
         results = []
         for b in values:
