@@ -443,13 +443,13 @@ class _Downstream:
         inits = {t.name: t for t in g.initializer}
         reads = list(dict.fromkeys(v for i in part for v in g.node[i].input if v and v not in made and v not in inits))
         declared = {o.name: o for o in g.output}
-        if self.whole or not all(isinstance(values[0].get(v), np.ndarray) for v in reads):
+        outs = [v for v in names if v in made]
+        if self.whole or not outs or not all(isinstance(values[0].get(v), np.ndarray) for v in reads):
             whole = onnx.ModelProto()
             whole.CopyFrom(trial)
             whole.graph.output.extend(onnx.ValueInfoProto(name=v) for v in names if v not in declared)
             session = open_session(whole.SerializeToString(), providers)
             return [session.run({k: b[k] for k in session.input_names}, list(names)) for b in values], 1.0
-        outs = [v for v in names if v in made]
         used = {v for i in part for v in g.node[i].input}
         sub = helper.make_model(
             helper.make_graph([g.node[i] for i in part], g.name,
