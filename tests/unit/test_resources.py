@@ -36,18 +36,18 @@ def test_cycles_made_inside_are_collected_inside_and_older_ones_after():
 
 
 def test_a_freeze_found_is_left_as_found():
+    """An unfreeze empties the permanent generation; the count otherwise only drifts down as frozen
+    objects die by reference counting, so "still frozen" is a count above 0."""
     with collect_new_only():
-        frozen = gc.get_freeze_count()
-        assert frozen > 0
+        assert gc.get_freeze_count() > 0
         with collect_new_only():
             pass
-        assert gc.get_freeze_count() == frozen  # the inner block did not unfreeze the outer's
+        assert gc.get_freeze_count() > 0  # the inner block did not unfreeze the outer's
     assert gc.get_freeze_count() == 0
     gc.freeze()  # a caller's own freeze
     try:
-        mine = gc.get_freeze_count()
         with collect_new_only():
             pass
-        assert gc.get_freeze_count() == mine
+        assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
