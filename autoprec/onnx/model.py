@@ -396,7 +396,7 @@ class _Downstream:
     and those downstream of them are run, on the fp32 values of what they read (:attr:`needed`: for
     every layer, what the nodes from its own onward read from before it, kept by the fp32 run). A
     graph with control flow (If, Loop, Scan, whose bodies read outer values by name) is run whole, as
-    is a trial whose cut reads a value the fp32 run did not keep.
+    is a trial whose cut reads a value the fp32 run did not keep: :meth:`run` then returns None.
     """
 
     def __init__(self, fp32: onnx.ModelProto, io: Sequence[_LayerIO], groups: Mapping[str, str]) -> None:
@@ -409,11 +409,8 @@ class _Downstream:
         self.needed: tuple[str, ...] = ()
         if self.whole:
             return
-        inits = {t.name for t in g.initializer} | {i.name for i in g.input}  # graph inputs: in every batch
-        consumers: dict[str, list[int]] = {}
-        for i, n in enumerate(g.node):
-            for v in n.input:
-                consumers.setdefault(v, []).append(i)
+        given = {t.name for t in g.initializer} | {i.name for i in g.input}  # graph inputs: in every batch
+        consumers = _consumers(g)
         members: dict[str, list[int]] = {}
         for i, n in enumerate(g.node):
             members.setdefault(groups.get(n.name, n.name), []).append(i)
@@ -423,33 +420,28 @@ class _Downstream:
             made = {o for i in part for o in g.node[i].output}
             for i in part:
                 for v in g.node[i].input:
-                    if v and v not in made and v not in inits:
+                    if v and v not in made and v not in given:
                         needed[v] = None
         self.needed = tuple(needed)
 
     def run(self, trial: onnx.ModelProto, values: Sequence[Mapping[str, np.ndarray]], names: Sequence[str],
-            providers: Any) -> tuple[list[list[np.ndarray]], float]:
-        """Per batch, ``names`` as ``trial`` computes them, and the share of its nodes that ran."""
+            providers: Any) -> tuple[list[list[np.ndarray]], float] | None:
+        """Per batch, ``names`` as ``trial`` computes them, and the share of its nodes that ran; None
+        where the trial must run whole."""
+        if self.whole:
+            return None
         g = trial.graph
         other = {t.name for t in g.initializer if self.inits.get(t.name) != (t.data_type, tuple(t.dims))}
         changed = {i for i, n in enumerate(g.node) if not n.output or self.keys.get(n.output[0]) != _node_key(n)
                    or any(v in other for v in n.input)}
-        consumers: dict[str, list[int]] = {}
-        for i, n in enumerate(g.node):
-            for v in n.input:
-                consumers.setdefault(v, []).append(i)
-        part = sorted(_closure(g, changed, consumers))
+        part = sorted(_closure(g, changed, _consumers(g)))
         made = {o for i in part for o in g.node[i].output if o}
         inits = {t.name: t for t in g.initializer}
         reads = list(dict.fromkeys(v for i in part for v in g.node[i].input if v and v not in made and v not in inits))
-        declared = {o.name: o for o in g.output}
         outs = [v for v in names if v in made]
-        if self.whole or not outs or not all(isinstance(values[0].get(v), np.ndarray) for v in reads):
-            whole = onnx.ModelProto()
-            whole.CopyFrom(trial)
-            whole.graph.output.extend(onnx.ValueInfoProto(name=v) for v in names if v not in declared)
-            session = open_session(whole.SerializeToString(), providers)
-            return [session.run({k: b[k] for k in session.input_names}, list(names)) for b in values], 1.0
+        if not outs or not all(isinstance(values[0].get(v), np.ndarray) for v in reads):
+            return None
+        declared = {o.name: o for o in g.output}
         used = {v for i in part for v in g.node[i].input}
         sub = helper.make_model(
             helper.make_graph([g.node[i] for i in part], g.name,
@@ -465,6 +457,15 @@ class _Downstream:
             got = dict(zip(outs, session.run({v: b[v] for v in reads}, outs)))
             results.append([got[v] if v in got else b[v] for v in names])
         return results, len(part) / max(len(g.node), 1)
+
+
+def _consumers(g: onnx.GraphProto) -> dict[str, list[int]]:
+    """The nodes (by index) that read each value of ``g``."""
+    out: dict[str, list[int]] = {}
+    for i, n in enumerate(g.node):
+        for v in n.input:
+            out.setdefault(v, []).append(i)
+    return out
 
 
 def _closure(g: onnx.GraphProto, start: Iterable[int], consumers: Mapping[str, list[int]]) -> set[int]:
@@ -531,7 +532,8 @@ def profile_onnx(model: OnnxModel, formats: Iterable[Precision] = DEFAULT_CANDID
         own_ref = [np.asarray(r[pos[x.output]], dtype=np.float32) for r in base]
         for fmt in fmts:
             trial = model.build({x.name: fmt}, {x.name: amax[x.name]} if fmt.is_fp8 else None)
-            results, share = cut.run(trial, values, [*model.output_names, x.output], model.providers)
+            ran = cut.run(trial, values, [*model.output_names, x.output], model.providers)
+            results, share = ran if ran is not None else (model.run(trial, batches, [x.output]), 1.0)
             rerun += share
             accs = [ErrorSum(k) for k in measured.kinds]  # one per output: the error is their sum
             own = ErrorSum("values")
